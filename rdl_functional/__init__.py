@@ -1,0 +1,71 @@
+"""rdl_functional: a functional deep-learning core on PyTorch tensors.
+
+Every layer is a record of three pure functions, ``init`` / ``apply`` /
+``vjp``, over explicit parameter trees (nested dicts of tensors). Backward
+passes are written by hand; torch.autograd is never used.
+
+>>> import torch
+>>> import rdl_functional as rf
+>>> model = rf.compose(rf.linear(2, 25), rf.relu, rf.linear(25, 2), rf.tanh)
+>>> params = model.init(0)
+>>> loss, grads = rf.value_and_grad(model, rf.mse_loss)(params, torch.zeros(8, 2), torch.zeros(8, 2))
+>>> params = rf.sgd_step(params, grads, lr=0.1)
+"""
+
+from .autodiff import value_and_grad
+from .combinators import compose
+from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
+from .io import from_state_dict, load, save, to_state_dict
+from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
+from .losses import Loss, cross_entropy_loss, mse_loss
+from .optim import sgd_step
+from .experiment import DiscResult, DiscSettings, run_disc, seed_model
+from .train import History, accuracy, fit, predict
+from .tree import (
+    tree_difference,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_same_structure,
+    tree_unflatten,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DISC_CENTER",
+    "DISC_RADIUS",
+    "DiscResult",
+    "DiscSettings",
+    "History",
+    "Layer",
+    "Loss",
+    "accuracy",
+    "compose",
+    "cross_entropy_loss",
+    "disc_dataset",
+    "fit",
+    "from_state_dict",
+    "identity",
+    "leaky_relu",
+    "linear",
+    "load",
+    "mse_loss",
+    "one_hot",
+    "predict",
+    "run_disc",
+    "relu",
+    "save",
+    "seed_model",
+    "sgd_step",
+    "sigmoid",
+    "tanh",
+    "to_state_dict",
+    "tree_difference",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_same_structure",
+    "tree_unflatten",
+    "value_and_grad",
+]

@@ -1,0 +1,272 @@
+"""Layers: each one a record of three pure functions, ``init`` / ``apply`` / ``vjp``.
+
+The contract, stated once (the vocabulary is ``torch.func``'s)::
+
+    init(generator, *, dtype=torch.float32) -> params      a dict of tensors ({} if none)
+    apply(params, x) -> y                                   x: (batch, features)
+    vjp(params, x) -> (y, pullback)                         one forward pass
+        pullback(dy) -> (dparams, dx)                       dparams mirrors params
+
+A pullback closes over what its forward computed (the output ``y`` for the
+activations, ``x`` for linear), so nothing is computed twice. Nothing here
+mutates an argument, caches between calls, or touches the global RNG.
+
+Each backward formula is written beside its code. Where torch has a fused
+kernel for the formula (``threshold_backward``, ``tanh_backward``, ...) we call
+that kernel: it is one tensor op instead of three, and it is the very op that
+torch's autograd runs, so our float32 training trajectories match torch.nn's
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from ._random import as_generator
+
+Params = dict[str, Any]
+Pullback = Callable[[Tensor], tuple[Params, Tensor]]
+
+__all__ = [
+    "Layer",
+    "identity",
+    "leaky_relu",
+    "linear",
+    "relu",
+    "sigmoid",
+    "tanh",
+]
+
+_aten = torch.ops.aten
+_threshold_backward = _aten.threshold_backward.default
+_tanh_backward = _aten.tanh_backward.default
+_sigmoid_backward = _aten.sigmoid_backward.default
+_leaky_relu = _aten.leaky_relu.default
+_leaky_relu_backward = _aten.leaky_relu_backward.default
+
+
+@attrs.frozen
+class Layer:
+    """A layer: three pure functions over an explicit params tree.
+
+    ``layer(params, x)`` is ``layer.apply(params, x)``. Build layers with the
+    constructors (:func:`linear`, :func:`leaky_relu`, :func:`~rdl_functional.compose`)
+    or use the parameterless values (:data:`relu`, :data:`tanh`, ...).
+
+    Attributes:
+        init: ``(generator, *, dtype=torch.float32) -> params``.
+        apply: ``(params, x) -> y``.
+        vjp: ``(params, x) -> (y, pullback)`` with ``pullback(dy) -> (dparams, dx)``.
+        name: how the layer prints and how error messages name it.
+    """
+
+    init: Callable[..., Params]
+    apply: Callable[[Params, Tensor], Tensor]
+    vjp: Callable[[Params, Tensor], tuple[Tensor, Pullback]]
+    name: str = "layer"
+
+    def __call__(self, params: Params, x: Tensor) -> Tensor:
+        return self.apply(params, x)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _check_float_dtype(where: str, dtype: Any) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{where}: dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def _check_tensor(where: str, what: str, x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {what} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_cotangent(where: str, dy: Any, y: Tensor) -> None:
+    _check_tensor(where, "the cotangent dy", dy)
+    if dy.shape != y.shape:
+        raise ValueError(
+            f"{where}: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(y.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Parameterless, elementwise layers
+
+
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    return {}
+
+
+def _elementwise(
+    name: str,
+    forward: Callable[[Tensor], Tensor],
+    backward: Callable[[Tensor, Tensor, Tensor], Tensor],
+) -> Layer:
+    """A parameterless layer ``y = forward(x)`` with ``dx = backward(dy, x, y)``."""
+
+    def check(where: str, params: Params, x: Tensor) -> None:
+        if params:
+            raise ValueError(
+                f"{name}.{where}: {name} has no parameters, so params must be {{}}, "
+                f"got keys {sorted(params)} (are the params of another layer misplaced?)"
+            )
+        _check_tensor(f"{name}.{where}", "x", x)
+
+    def apply(params: Params, x: Tensor) -> Tensor:
+        check("apply", params, x)
+        return forward(x)
+
+    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        check("vjp", params, x)
+        y = forward(x)
+
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            _check_cotangent(f"{name} pullback", dy, y)
+            return {}, backward(dy, x, y)
+
+        return y, pullback
+
+    return Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
+
+
+relu = _elementwise(
+    "relu",
+    torch.relu,  # y = max(x, 0)
+    lambda dy, x, y: _threshold_backward(dy, y, 0),  # dx = dy ⊙ [y > 0]
+)
+
+tanh = _elementwise(
+    "tanh",
+    torch.tanh,
+    lambda dy, x, y: _tanh_backward(dy, y),  # dx = dy ⊙ (1 − y²)
+)
+
+sigmoid = _elementwise(
+    "sigmoid",
+    torch.sigmoid,  # y = 1 / (1 + e⁻ˣ)
+    lambda dy, x, y: _sigmoid_backward(dy, y),  # dx = dy ⊙ y ⊙ (1 − y)
+)
+
+# Identity returns new tensors, as every layer does, so that a caller who
+# writes into y (or dx) never writes into x (or dy).
+identity = _elementwise("identity", torch.clone, lambda dy, x, y: dy.clone())  # dx = dy
+
+
+def leaky_relu(negative_slope: float = 0.01) -> Layer:
+    """Leaky ReLU, ``y = x`` for ``x > 0`` else ``negative_slope · x``.
+
+    The backward pass is ``dx = dy`` where ``x > 0``, else ``negative_slope · dy``.
+
+    >>> import torch
+    >>> leaky_relu(0.1)({}, torch.tensor([[-2.0, 3.0]]))
+    tensor([[-0.2000,  3.0000]])
+    """
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"leaky_relu: negative_slope must be a number, got {type(negative_slope).__name__}")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"leaky_relu: negative_slope must be finite, got {negative_slope}")
+    slope = float(negative_slope)
+    return _elementwise(
+        f"leaky_relu({slope!r})",
+        lambda x: _leaky_relu(x, slope),
+        lambda dy, x, y: _leaky_relu_backward(dy, x, slope, False),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Linear
+
+
+def _check_features(name: str, **sizes: Any) -> None:
+    for arg, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {size!r}")
+
+
+def linear(in_features: int, out_features: int) -> Layer:
+    """A fully connected layer, ``y = x Wᵀ + b``, with torch.nn.Linear's layout.
+
+    Params: ``{"weight": (out_features, in_features), "bias": (out_features,)}``,
+    drawn as ``torch.nn.Linear`` draws them (uniform in ``±1/√in_features``;
+    given a generator in the same state, the very same numbers).
+
+    Input ``x``: ``(batch, in_features)``; output: ``(batch, out_features)``.
+    Backward: ``dW = dyᵀ x``, ``db = Σ_batch dy``, ``dx = dy W``.
+
+    >>> import torch
+    >>> layer = linear(3, 2)
+    >>> params = layer.init(torch.Generator().manual_seed(0))
+    >>> {k: tuple(v.shape) for k, v in params.items()}
+    {'weight': (2, 3), 'bias': (2,)}
+    >>> layer(params, torch.ones(5, 3)).shape
+    torch.Size([5, 2])
+    """
+    _check_features("linear", in_features=in_features, out_features=out_features)
+    name = f"linear({in_features}, {out_features})"
+    # torch.nn.Linear: kaiming_uniform_(weight, a=√5), then uniform_(bias, ±1/√fan_in);
+    # the bounds are computed in the same floating-point steps, so they agree to the bit.
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    weight_bound = math.sqrt(3.0) * (gain / math.sqrt(in_features))
+    bias_bound = 1 / math.sqrt(in_features)
+
+    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+        g = as_generator(generator, f"{name}.init")
+        _check_float_dtype(f"{name}.init", dtype)
+        weight = torch.empty(out_features, in_features, dtype=dtype)
+        bias = torch.empty(out_features, dtype=dtype)
+        return {
+            "weight": weight.uniform_(-weight_bound, weight_bound, generator=g),
+            "bias": bias.uniform_(-bias_bound, bias_bound, generator=g),
+        }
+
+    def unpack(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
+        where = f"{name}.{where}"
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError as missing:
+            raise ValueError(
+                f"{where}: params has no {missing} (expected keys 'weight', 'bias'; got {sorted(params)})"
+            ) from None
+        if len(params) != 2:
+            extra = sorted(set(params) - {"weight", "bias"})
+            raise ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
+        _check_tensor(where, "x", x)
+        if x.dim() != 2:
+            raise ValueError(f"{where}: x must have shape (batch, {in_features}), got {tuple(x.shape)}")
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"{where}: x has {x.shape[1]} features but weight expects {weight.shape[1]} "
+                f"(was the layer built as linear({x.shape[1]}, ...)?)"
+            )
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"{where}: x is {x.dtype} but weight is {weight.dtype} "
+                f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
+            )
+        return weight, bias
+
+    def apply(params: Params, x: Tensor) -> Tensor:
+        weight, bias = unpack("apply", params, x)
+        return torch.addmm(bias, x, weight.t())  # y = x Wᵀ + b, as torch.nn.functional.linear
+
+    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        weight, bias = unpack("vjp", params, x)
+        y = torch.addmm(bias, x, weight.t())
+
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            _check_cotangent(f"{name} pullback", dy, y)
+            # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
+            return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight)
+
+        return y, pullback
+
+    return Layer(init=init, apply=apply, vjp=vjp, name=name)

@@ -1,0 +1,197 @@
+"""Trees: nested dicts of tensors, and the few walks every other module needs.
+
+A *tree* is a leaf (a tensor, or any value that is not a mapping) or a dict
+from ``str`` keys to trees. Params, grads and optimizer state are trees. Every
+walk follows the first tree's own key order, so ``tree_map`` keeps the order
+of its input, as ``torch.func`` and ``torch.utils._pytree`` do.
+
+A *path* names one entry by its keys joined with dots: ``"2.bias"`` is
+``tree["2"]["bias"]``. The empty path ``""`` is the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+Tree = Any
+"""A leaf or a ``dict[str, Tree]``; spelled ``Any`` because Python's type
+system cannot say "nested dict" without recursion that checkers reject."""
+
+__all__ = [
+    "Tree",
+    "tree_difference",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_same_structure",
+    "tree_unflatten",
+]
+
+
+def _is_node(x: Any) -> bool:
+    # dict first: isinstance against the Mapping ABC is slow, and this runs per leaf per step.
+    return isinstance(x, dict) or (not isinstance(x, torch.Tensor) and isinstance(x, Mapping))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _where(path: str) -> str:
+    return f'at "{path}"' if path else "at the root"
+
+
+def _describe(x: Any) -> str:
+    if _is_node(x):
+        return "a dict"
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def tree_leaves(tree: Tree) -> list[Any]:
+    """Return the leaves of ``tree`` in key order.
+
+    >>> tree_leaves({"w": 1, "sub": {"b": 2}, "empty": {}})
+    [1, 2]
+    """
+    if not _is_node(tree):
+        return [tree]
+    return [leaf for child in tree.values() for leaf in tree_leaves(child)]
+
+
+def tree_flatten(tree: Tree) -> dict[str, Any]:
+    """Return ``{path: leaf}`` with dotted paths; empty dicts leave no entry.
+
+    This is the key layout of ``torch.nn.Module.state_dict()``. A lone leaf
+    flattens to ``{"": leaf}``.
+
+    >>> tree_flatten({"0": {"weight": 1, "bias": 2}, "1": {}})
+    {'0.weight': 1, '0.bias': 2}
+
+    Raises:
+        ValueError: a key is not a non-empty string without dots, so the
+            path could not be read back.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Tree, path: str) -> None:
+        if not _is_node(node):
+            flat[path] = node
+            return
+        for key, child in node.items():
+            if not isinstance(key, str) or not key or "." in key:
+                raise ValueError(
+                    f"tree_flatten: key {key!r} {_where(path)} must be a non-empty "
+                    "string without dots, so that dotted paths can be read back"
+                )
+            walk(child, _join(path, key))
+
+    walk(tree, "")
+    return flat
+
+
+def tree_unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Invert :func:`tree_flatten`: ``{"0.weight": w}`` becomes ``{"0": {"weight": w}}``.
+
+    >>> tree_unflatten({"0.weight": 1, "0.bias": 2, "2.weight": 3})
+    {'0': {'weight': 1, 'bias': 2}, '2': {'weight': 3}}
+
+    Raises:
+        ValueError: a path is empty, has an empty part, or is both a leaf and
+            the prefix of another path (``"0"`` and ``"0.weight"``).
+    """
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        parts = path.split(".") if isinstance(path, str) else [""]
+        if not all(parts):
+            raise ValueError(f"tree_unflatten: {path!r} is not a dotted path of non-empty keys")
+        node = tree
+        for depth, key in enumerate(parts[:-1]):
+            node = node.setdefault(key, {})
+            if not _is_node(node):
+                prefix = ".".join(parts[: depth + 1])
+                raise ValueError(f'tree_unflatten: "{prefix}" is a leaf and also the prefix of "{path}"')
+        if parts[-1] in node:
+            raise ValueError(f'tree_unflatten: "{path}" is a leaf and also the prefix of another path')
+        node[parts[-1]] = leaf
+    return tree
+
+
+def tree_difference(
+    tree: Tree,
+    other: Tree,
+    *,
+    names: tuple[str, str] = ("tree", "other"),
+    leaves: bool = False,
+) -> str | None:
+    """Describe the first place where ``other`` differs in structure from ``tree``.
+
+    Returns ``None`` when both have the same nested keys (order aside). With
+    ``leaves=True``, tensor leaves must also agree in shape and dtype.
+
+    >>> tree_difference({"0": {"w": 1, "b": 2}}, {"0": {"w": 1}}, names=("params", "grads"))
+    'grads has no entry at "0.b" that params has'
+    """
+    a_name, b_name = names
+
+    def walk(a: Tree, b: Tree, path: str) -> str | None:
+        a_node, b_node = _is_node(a), _is_node(b)
+        if a_node and b_node:
+            for key in a:
+                if key not in b:
+                    return f'{b_name} has no entry at "{_join(path, key)}" that {a_name} has'
+            for key in b:
+                if key not in a:
+                    return f'{b_name} has an entry at "{_join(path, key)}" that {a_name} lacks'
+            for key in a:
+                found = walk(a[key], b[key], _join(path, key))
+                if found:
+                    return found
+            return None
+        if a_node or b_node:
+            return f"{a_name} has {_describe(a)} {_where(path)} but {b_name} has {_describe(b)}"
+        if leaves and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return f"{a_name} has {_describe(a)} {_where(path)} but {b_name} has {_describe(b)}"
+        return None
+
+    return walk(tree, other, "")
+
+
+def tree_same_structure(tree: Tree, other: Tree) -> bool:
+    """True when both trees have the same nested keys (order aside).
+
+    >>> tree_same_structure({"a": 1, "b": {}}, {"b": {}, "a": 5})
+    True
+    """
+    return tree_difference(tree, other) is None
+
+
+def _map(fn: Callable[..., Any], tree: Tree, rest: tuple[Tree, ...]) -> Tree:
+    if _is_node(tree):
+        return {key: _map(fn, child, tuple(r[key] for r in rest)) for key, child in tree.items()}
+    return fn(tree, *rest)
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """Apply ``fn`` leaf by leaf, returning a new tree shaped like ``tree``.
+
+    With several trees, ``fn`` gets the leaves found at the same path in each;
+    all trees must have the same structure.
+
+    >>> tree_map(lambda a, b: a + b, {"w": 1, "s": {"b": 2}}, {"w": 10, "s": {"b": 20}})
+    {'w': 11, 's': {'b': 22}}
+
+    Raises:
+        ValueError: the trees differ in structure; the message names the first
+            differing path.
+    """
+    for i, other in enumerate(rest, start=1):
+        found = tree_difference(tree, other, names=("tree", f"trees[{i}]"))
+        if found:
+            raise ValueError(f"tree_map: {found}")
+    return _map(fn, tree, rest)

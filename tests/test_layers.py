@@ -1,0 +1,206 @@
+"""Every layer through one check: forward against torch.nn.functional, vjp against torch.func."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+from vjp_check import EXACT, check_vjp
+
+import rdl_functional as rf
+
+
+def _sequential_reference(params, x):
+    """The nested compose below, as a torch.nn model fed our params."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+        torch.nn.Linear(4, 2), torch.nn.Sigmoid(),
+    ).double()  # fmt: skip
+    return torch.func.functional_call(model, rf.to_state_dict(params), (x,))
+
+
+# name, layer, in_features, torch reference(params, x). Adding a layer is one line.
+LAYERS = [
+    ("linear", rf.linear(3, 4), 3, lambda p, x: F.linear(x, p["weight"], p["bias"])),
+    ("linear_1x1", rf.linear(1, 1), 1, lambda p, x: F.linear(x, p["weight"], p["bias"])),
+    ("relu", rf.relu, 3, lambda p, x: F.relu(x)),
+    ("tanh", rf.tanh, 3, lambda p, x: torch.tanh(x)),
+    ("sigmoid", rf.sigmoid, 3, lambda p, x: torch.sigmoid(x)),
+    ("identity", rf.identity, 3, lambda p, x: x),
+    ("leaky_relu", rf.leaky_relu(), 3, lambda p, x: F.leaky_relu(x)),
+    ("leaky_relu_0.2", rf.leaky_relu(0.2), 3, lambda p, x: F.leaky_relu(x, 0.2)),
+    (
+        "compose_nested",
+        rf.compose(rf.linear(3, 4), rf.tanh, rf.compose(rf.linear(4, 4), rf.relu), rf.linear(4, 2), rf.sigmoid),
+        3,
+        _sequential_reference,
+    ),
+    ("seed_model", rf.seed_model(), 2, None),
+]
+IDS = [case[0] for case in LAYERS]
+
+
+def _inputs(layer, in_features, batch, generator):
+    params = layer.init(generator, dtype=torch.float64)
+    # Scaled so that the activations see both signs and tanh's saturated tails.
+    x = 2 * torch.randn(batch, in_features, generator=generator, dtype=torch.float64)
+    return params, x
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "reference"), LAYERS, ids=IDS)
+def test_forward_matches_torch(name, layer, in_features, reference, generator):
+    params, x = _inputs(layer, in_features, 7, generator)
+    y = layer(params, x)
+    assert_close(y, layer.apply(params, x), rtol=0, atol=0)
+    if reference is not None:
+        assert_close(y, reference(params, x), **EXACT)
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "reference"), LAYERS, ids=IDS)
+def test_vjp_matches_torch_func(name, layer, in_features, reference, generator):
+    params, x = _inputs(layer, in_features, 7, generator)
+    check_vjp(layer.vjp, layer.apply, (params, x), generator)
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "reference"), LAYERS, ids=IDS)
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 9), seed=st.integers(0, 2**31))
+def test_vjp_matches_torch_func_for_any_batch(name, layer, in_features, reference, batch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    params, x = _inputs(layer, in_features, batch, generator)
+    check_vjp(layer.vjp, layer.apply, (params, x), generator)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 6), fan_in=st.integers(1, 8), fan_out=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_linear_vjp_for_any_shape(batch, fan_in, fan_out, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layer = rf.linear(fan_in, fan_out)
+    params, x = _inputs(layer, fan_in, batch, generator)
+    check_vjp(layer.vjp, layer.apply, (params, x), generator)
+
+
+# ---------------------------------------------------------------------------
+# init
+
+
+def test_linear_init_draws_what_torch_nn_linear_draws():
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        reference = torch.nn.Linear(25, 3)
+    params = rf.linear(25, 3).init(7)
+    assert torch.equal(params["weight"], reference.weight.detach())
+    assert torch.equal(params["bias"], reference.bias.detach())
+
+
+def test_linear_init_is_uniform_within_torch_bounds(generator):
+    params = rf.linear(400, 300).init(generator)
+    bound = 1 / math.sqrt(400)
+    for leaf in params.values():
+        assert leaf.abs().max() <= bound
+        assert leaf.abs().max() > 0.95 * bound
+    assert params["weight"].dtype == torch.float32
+
+
+def test_init_is_deterministic_for_a_generator_state_and_an_int_seed():
+    model = rf.seed_model()
+    a = model.init(torch.Generator().manual_seed(3))
+    b = model.init(3)
+    c = model.init(4)
+    assert all(torch.equal(x, y) for x, y in zip(rf.tree_leaves(a), rf.tree_leaves(b), strict=True))
+    assert not torch.equal(a["0"]["weight"], c["0"]["weight"])
+
+
+def test_init_advances_a_passed_generator(generator):
+    layer = rf.linear(2, 2)
+    first, second = layer.init(generator), layer.init(generator)
+    assert not torch.equal(first["weight"], second["weight"])
+
+
+def test_init_takes_a_dtype():
+    params = rf.seed_model().init(0, dtype=torch.float64)
+    assert {leaf.dtype for leaf in rf.tree_leaves(params)} == {torch.float64}
+
+
+def test_parameterless_layers_have_empty_params():
+    for layer in (rf.relu, rf.tanh, rf.sigmoid, rf.identity, rf.leaky_relu(0.3)):
+        assert layer.init(0) == {}
+
+
+def test_layers_print_by_name():
+    assert repr(rf.linear(2, 25)) == "linear(2, 25)"
+    assert repr(rf.compose(rf.linear(2, 3), rf.relu)) == "compose(linear(2, 3), relu)"
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def test_linear_feature_mismatch_names_both_numbers():
+    layer = rf.linear(3, 2)
+    with pytest.raises(ValueError, match=r"linear\(3, 2\)\.apply: x has 7 features but weight expects 3"):
+        layer(layer.init(0), torch.zeros(5, 7))
+
+
+def test_linear_rejects_input_that_is_not_a_matrix():
+    layer = rf.linear(3, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\), got \(3,\)"):
+        layer.vjp(layer.init(0), torch.zeros(3))
+
+
+def test_linear_names_a_missing_param_key():
+    layer = rf.linear(3, 2)
+    with pytest.raises(ValueError, match=r"params has no 'bias' \(expected keys 'weight', 'bias'; got \['weight'\]\)"):
+        layer({"weight": torch.zeros(2, 3)}, torch.zeros(1, 3))
+
+
+def test_linear_names_unexpected_param_keys():
+    layer = rf.linear(3, 2)
+    params = {**layer.init(0), "scale": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"unexpected keys \['scale'\]"):
+        layer(params, torch.zeros(1, 3))
+
+
+def test_linear_rejects_mixed_dtypes():
+    layer = rf.linear(3, 2)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but weight is torch.float32"):
+        layer(layer.init(0), torch.zeros(1, 3, dtype=torch.float64))
+
+
+def test_linear_rejects_bad_sizes():
+    with pytest.raises(ValueError, match=r"linear: out_features must be a positive int, got 0"):
+        rf.linear(2, 0)
+
+
+def test_init_rejects_a_non_generator():
+    with pytest.raises(TypeError, match=r"linear\(2, 2\)\.init: expected a torch.Generator or an int seed, got str"):
+        rf.linear(2, 2).init("0")
+
+
+def test_init_rejects_an_integer_dtype():
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype, got torch.int64"):
+        rf.linear(2, 2).init(0, dtype=torch.int64)
+
+
+def test_parameterless_layer_rejects_params():
+    with pytest.raises(ValueError, match=r"relu has no parameters, so params must be \{\}, got keys \['weight'\]"):
+        rf.relu({"weight": torch.zeros(1)}, torch.zeros(1, 1))
+
+
+def test_pullback_rejects_a_cotangent_of_the_wrong_shape():
+    _, pullback = rf.tanh.vjp({}, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"tanh pullback: dy has shape \(3, 2\) but the output y has shape \(2, 3\)"):
+        pullback(torch.zeros(3, 2))
+
+
+def test_leaky_relu_rejects_a_bad_slope():
+    with pytest.raises(ValueError, match=r"leaky_relu: negative_slope must be finite, got nan"):
+        rf.leaky_relu(float("nan"))
+    with pytest.raises(TypeError, match=r"negative_slope must be a number, got str"):
+        rf.leaky_relu("0.1")

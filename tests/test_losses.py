@@ -1,0 +1,95 @@
+"""Every loss through the same vjp check, and against torch.nn.functional."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from vjp_check import EXACT, check_vjp
+
+import rdl_functional as rf
+
+
+def _regression_target(pred, generator):
+    return torch.randn(pred.shape, generator=generator, dtype=pred.dtype)
+
+
+def _labels(pred, generator):
+    return torch.randint(0, pred.shape[1], (pred.shape[0],), generator=generator)
+
+
+# name, loss, pred scale, target maker, torch reference. Adding a loss is one line.
+LOSSES = [
+    ("mse", rf.mse_loss, 1.0, _regression_target, F.mse_loss),
+    ("cross_entropy", rf.cross_entropy_loss, 1.0, _labels, F.cross_entropy),
+    ("cross_entropy_large_logits", rf.cross_entropy_loss, 1e4, _labels, F.cross_entropy),
+]
+IDS = [case[0] for case in LOSSES]
+
+
+@pytest.mark.parametrize(("name", "loss", "scale", "make_target", "reference"), LOSSES, ids=IDS)
+@pytest.mark.parametrize("batch", [1, 6])
+def test_loss_matches_torch(name, loss, scale, make_target, reference, batch, generator):
+    pred = scale * torch.randn(batch, 3, generator=generator, dtype=torch.float64)
+    target = make_target(pred, generator)
+    value = loss(pred, target)
+    assert value.shape == ()
+    assert torch.isfinite(value)
+    assert_close(value, reference(pred, target), **EXACT)
+    assert_close(loss.vjp(pred, target)[0], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "loss", "scale", "make_target", "reference"), LOSSES, ids=IDS)
+@pytest.mark.parametrize("batch", [1, 6])
+def test_loss_vjp_matches_torch_func(name, loss, scale, make_target, reference, batch, generator):
+    pred = torch.randn(batch, 3, generator=generator, dtype=torch.float64)
+    target = make_target(pred, generator)
+    check_vjp(lambda p: loss.vjp(p, target), lambda p: loss.apply(p, target), (pred,), generator)
+
+
+@pytest.mark.parametrize(("name", "loss", "scale", "make_target", "reference"), LOSSES, ids=IDS)
+def test_loss_gradient_matches_torch_autograd(name, loss, scale, make_target, reference, generator):
+    pred = scale * torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    target = make_target(pred, generator)
+    expected = torch.func.grad(lambda p: reference(p, target))(pred)
+    _, pullback = loss.vjp(pred, target)
+    assert_close(pullback(torch.tensor(1.0, dtype=torch.float64)), expected, **EXACT)
+    assert torch.isfinite(pullback(1.0)).all()
+
+
+def test_mse_is_the_seed_reports_half_mean_squared_norm_for_two_outputs(generator):
+    pred, target = torch.rand(10, 2, generator=generator), torch.rand(10, 2, generator=generator)
+    seed_formula = ((pred - target) ** 2).sum(dim=1).sum() / (2 * 10)
+    assert_close(rf.mse_loss(pred, target), seed_formula)
+
+
+def test_mse_rejects_a_target_of_another_shape():
+    with pytest.raises(ValueError, match=r"mse_loss.apply: target has shape \(4,\) but pred has \(4, 2\)"):
+        rf.mse_loss(torch.zeros(4, 2), torch.zeros(4))
+
+
+def test_mse_rejects_a_target_of_another_dtype():
+    with pytest.raises(TypeError, match=r"mse_loss.vjp: target is torch.float64 but pred is torch.float32"):
+        rf.mse_loss.vjp(torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.float64))
+
+
+def test_cross_entropy_rejects_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
+        rf.cross_entropy_loss(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+def test_cross_entropy_rejects_float_labels():
+    with pytest.raises(TypeError, match=r"labels must be int64 class indices, got torch.float32"):
+        rf.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_cross_entropy_rejects_labels_of_another_length():
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\) to match the logits, got \(3,\)"):
+        rf.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))
+
+
+def test_loss_pullback_rejects_a_non_scalar_cotangent():
+    _, pullback = rf.mse_loss.vjp(torch.zeros(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"mse_loss pullback: the cotangent g must be a 0-dim tensor or a float, got \(2,\)"):
+        pullback(torch.ones(2))

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+
+def test_params_have_one_entry_per_layer_in_order():
+    params = rf.seed_model().init(0)
+    assert list(params) == [str(i) for i in range(8)]
+    assert params["1"] == {} and params["7"] == {}
+    assert {k: tuple(v.shape) for k, v in params["6"].items()} == {"weight": (2, 25), "bias": (2,)}
+
+
+def test_composes_nest():
+    inner = rf.compose(rf.linear(3, 3), rf.relu)
+    model = rf.compose(inner, rf.compose(inner, rf.linear(3, 1)))
+    params = model.init(0)
+    assert rf.to_state_dict(params).keys() == {"0.0.weight", "0.0.bias", "1.0.0.weight", "1.0.0.bias",
+                                               "1.1.weight", "1.1.bias"}
+    assert model(params, torch.zeros(2, 3)).shape == (2, 1)
+
+
+def test_entries_of_parameterless_layers_may_be_left_out():
+    model = rf.seed_model()
+    params = model.init(0)
+    sparse = {k: v for k, v in params.items() if v}
+    x = torch.rand(5, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(sparse, x), model(params, x))
+    _, pullback = model.vjp(sparse, x)
+    dparams, _ = pullback(torch.ones(5, 2))
+    assert list(dparams) == list(sparse)
+
+
+def test_compose_names_the_layer_of_a_nested_error():
+    model = rf.compose(rf.linear(2, 3), rf.compose(rf.relu, rf.linear(3, 1)))
+    params = model.init(0)
+    del params["1"]["1"]["bias"]
+    with pytest.raises(ValueError, match=r"^layer 1\.1: linear\(3, 1\)\.apply: params has no 'bias'"):
+        model(params, torch.zeros(2, 2))
+
+
+def test_compose_reports_a_feature_mismatch_with_the_layer_path():
+    model = rf.seed_model()
+    with pytest.raises(ValueError, match=r"^layer 0: linear\(2, 25\)\.vjp: x has 3 features but weight expects 2"):
+        model.vjp(model.init(0), torch.zeros(4, 3))
+
+
+def test_compose_rejects_unknown_entries():
+    model = rf.compose(rf.linear(2, 2), rf.relu)
+    params = {**model.init(0), "2": {}}
+    with pytest.raises(ValueError, match=r"params has entries \['2'\] but the model has 2 layers, keyed '0'..'1'"):
+        model(params, torch.zeros(1, 2))
+
+
+def test_compose_rejects_a_layer_that_is_not_a_layer():
+    with pytest.raises(TypeError, match=r"compose: argument 1 must be a Layer, got function"):
+        rf.compose(rf.relu, rf.linear)
+    with pytest.raises(ValueError, match=r"compose: expected at least one layer, got none"):
+        rf.compose()

@@ -1,0 +1,32 @@
+"""The library computes every gradient by hand: no autograd, no torch.func transforms, no torch.nn."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import rdl_functional
+
+PACKAGE = Path(rdl_functional.__file__).parent
+FORBIDDEN_ATTRIBUTES = {"backward", "requires_grad", "requires_grad_", "grad_fn", "autograd", "func", "nn"}
+
+
+def _uses(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRIBUTES:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            found += [f"line {node.lineno}: import {n}" for n in names if n.startswith(("torch.autograd", "torch.func",
+                                                                                          "torch.nn", "functorch"))]
+    return found
+
+
+def test_the_package_never_uses_autograd_torch_func_or_torch_nn():
+    offenders = {path.name: _uses(path.read_text()) for path in PACKAGE.rglob("*.py")}
+    assert {name: uses for name, uses in offenders.items() if uses} == {}
+
+
+def test_the_scan_would_see_a_use():
+    assert _uses("import torch\nloss.backward()\nx = torch.func.vjp(f, p)\nfrom torch.autograd import grad\n")

@@ -1,0 +1,65 @@
+"""Nothing the caller owns changes, and every result is a new tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+LAYERS = [rf.linear(3, 4), rf.relu, rf.tanh, rf.sigmoid, rf.identity, rf.leaky_relu(0.1),
+          rf.compose(rf.linear(3, 4), rf.relu, rf.linear(4, 3), rf.tanh)]
+
+
+def _clone(tree):
+    return rf.tree_map(lambda t: t.clone(), tree)
+
+
+def _assert_bit_identical(a, b):
+    assert rf.tree_difference(a, b, leaves=True) is None
+    for x, y in zip(rf.tree_leaves(a), rf.tree_leaves(b), strict=True):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def _storages(tree):
+    return {leaf.untyped_storage().data_ptr() for leaf in rf.tree_leaves(tree)}
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=repr)
+def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(layer, generator):
+    params = layer.init(generator)
+    x = torch.randn(5, 3, generator=generator)
+    dy = torch.randn(5, layer(params, x).shape[1], generator=generator)
+    before = _clone({"params": params, "x": x, "dy": dy})
+
+    y = layer.apply(params, x)
+    y2, pullback = layer.vjp(params, x)
+    dparams, dx = pullback(dy)
+
+    _assert_bit_identical({"params": params, "x": x, "dy": dy}, before)
+    inputs = _storages({"params": params, "x": x, "dy": dy})
+    assert not (_storages({"y": y, "y2": y2, "dparams": dparams, "dx": dx}) & inputs)
+
+
+def test_sgd_step_and_value_and_grad_change_nothing(generator):
+    model = rf.seed_model()
+    params = model.init(generator)
+    x, labels = rf.disc_dataset(20, generator)
+    target = rf.one_hot(labels, 2)
+    before = _clone({"params": params, "x": x, "target": target})
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+    grads_before = _clone(grads)
+    new = rf.sgd_step(params, grads, 0.1)
+    _assert_bit_identical({"params": params, "x": x, "target": target}, before)
+    _assert_bit_identical(grads, grads_before)
+    assert not (_storages(new) & _storages({"params": params, "grads": grads}))
+
+
+@pytest.mark.parametrize("loss", [rf.mse_loss, rf.cross_entropy_loss], ids=repr)
+def test_losses_change_nothing(loss, generator):
+    pred = torch.randn(4, 3, generator=generator)
+    target = torch.randn(4, 3, generator=generator) if loss is rf.mse_loss else torch.tensor([0, 2, 1, 1])
+    before = _clone({"pred": pred, "target": target})
+    _, pullback = loss.vjp(pred, target)
+    pullback(torch.tensor(1.0))
+    _assert_bit_identical({"pred": pred, "target": target}, before)

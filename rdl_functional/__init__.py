@@ -15,11 +15,11 @@ passes are written by hand; torch.autograd is never used.
 from .autodiff import value_and_grad
 from .combinators import compose
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
+from .experiment import DiscResult, DiscSettings, run_disc, seed_model
 from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import sgd_step
-from .experiment import DiscResult, DiscSettings, run_disc, seed_model
 from .train import History, accuracy, fit, predict
 from .tree import (
     tree_difference,
@@ -53,8 +53,8 @@ __all__ = [
     "mse_loss",
     "one_hot",
     "predict",
-    "run_disc",
     "relu",
+    "run_disc",
     "save",
     "seed_model",
     "sgd_step",

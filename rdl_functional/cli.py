@@ -71,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_HEADER = f"{'seed':>4}  {'train acc':>9}  {'test acc':>8}  {'test errors':>11}  {'train loss':>10}  {'test loss':>9}  {'time':>8}"
+_HEADER = (
+    f"{'seed':>4}  {'train acc':>9}  {'test acc':>8}  {'test errors':>11}  "
+    f"{'train loss':>10}  {'test loss':>9}  {'time':>8}"
+)
 
 
 def _row(result: DiscResult) -> str:

@@ -82,7 +82,9 @@ def compose(*layers: Layer) -> Layer:
 
     def check(where: str, params: Params) -> None:
         if not isinstance(params, Mapping):
-            raise TypeError(f"compose.{where}: params must be a dict keyed '0'..'{len(layers) - 1}', got {type(params).__name__}")
+            raise TypeError(
+                f"compose.{where}: params must be a dict keyed '0'..'{len(layers) - 1}', got {type(params).__name__}"
+            )
         if not params.keys() <= keys:
             extra = sorted(set(params) - keys)
             raise ValueError(

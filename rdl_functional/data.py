@@ -55,7 +55,8 @@ def one_hot(labels: Tensor, num_classes: int, *, dtype: torch.dtype = torch.floa
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"one_hot: num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    integer = isinstance(labels, Tensor) and not (labels.is_floating_point() or labels.is_complex())
+    if not integer or labels.dtype == torch.bool:
         what = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"one_hot: labels must be an integer tensor, got {what}")
     if labels.dim() != 1:

@@ -91,5 +91,6 @@ def test_cross_entropy_rejects_labels_of_another_length():
 
 def test_loss_pullback_rejects_a_non_scalar_cotangent():
     _, pullback = rf.mse_loss.vjp(torch.zeros(2, 2), torch.zeros(2, 2))
-    with pytest.raises(ValueError, match=r"mse_loss pullback: the cotangent g must be a 0-dim tensor or a float, got \(2,\)"):
+    message = r"mse_loss pullback: the cotangent g must be a 0-dim tensor or a float, got \(2,\)"
+    with pytest.raises(ValueError, match=message):
         pullback(torch.ones(2))

@@ -43,7 +43,8 @@ def test_map_keeps_structure_and_order():
 
 def test_map_over_several_trees_pairs_leaves_by_key_not_position():
     other = {"2": {"sub": {"w": 30}}, "1": {}, "0": {"bias": 20, "weight": 10}}
-    assert rf.tree_map(lambda a, b: a + b, TREE, other) == {"0": {"weight": 11, "bias": 22}, "1": {}, "2": {"sub": {"w": 33}}}
+    expected = {"0": {"weight": 11, "bias": 22}, "1": {}, "2": {"sub": {"w": 33}}}
+    assert rf.tree_map(lambda a, b: a + b, TREE, other) == expected
 
 
 def test_map_names_the_first_differing_path():

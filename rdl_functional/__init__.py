@@ -19,7 +19,7 @@ from .experiment import DiscResult, DiscSettings, run_disc, seed_model
 from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
-from .optim import sgd_step
+from .optim import Schedule, constant_schedule, linear_schedule, sgd_step
 from .train import History, accuracy, fit, predict
 from .tree import (
     tree_difference,
@@ -40,8 +40,10 @@ __all__ = [
     "History",
     "Layer",
     "Loss",
+    "Schedule",
     "accuracy",
     "compose",
+    "constant_schedule",
     "cross_entropy_loss",
     "disc_dataset",
     "fit",
@@ -49,6 +51,7 @@ __all__ = [
     "identity",
     "leaky_relu",
     "linear",
+    "linear_schedule",
     "load",
     "mse_loss",
     "one_hot",

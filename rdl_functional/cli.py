@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
-from .experiment import DEFAULTS, DiscResult, DiscSettings, run_disc
+from .experiment import DEFAULTS, SCHEDULES, DiscResult, DiscSettings, run_disc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="rdl-train",
         description=(
             "Train the seed report's model (a 2-25-25-25-2 MLP, ReLU hidden layers, Tanh output) "
-            "with plain SGD on MSE against one-hot targets, to tell whether points in [0,1]² lie "
+            "with plain SGD (no momentum; by default a learning rate that decays linearly to 0) "
+            "on MSE against one-hot targets, to tell whether points in [0,1]² lie "
             "inside the disc of radius 1/√(2π) centred at (0.5, 0.5). Prints the train and test "
             "accuracy, the test misclassifications, the losses and the wall time."
         ),
@@ -61,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
                         help="points per SGD step (default: %(default)s)")
     parser.add_argument("--lr", type=_learning_rate, default=DEFAULTS.lr,
-                        help="learning rate (default: %(default)s)")
+                        help="learning rate of the first step (default: %(default)s)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                        help="linear: the rate decays linearly to 0 over the run, so SGD settles instead of "
+                             "stopping wherever its gradient noise left it; constant: the same rate "
+                             "throughout (default: %(default)s)")
     parser.add_argument("--seed", type=_int_at_least(0), default=0,
                         help="seeds the data, the initial params and the shuffling (default: %(default)s)")
     parser.add_argument("--threads", type=_int_at_least(1), default=1,
@@ -89,10 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rdl-train`` and ``python -m rdl_functional``."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule)
+    rate = f"lr {settings.lr:g}" + (" decaying linearly to 0" if settings.schedule == "linear" else " (constant)")
     print(
         f"rdl-train {__version__}: 2-25-25-25-2 MLP (ReLU, Tanh output), MSE on one-hot targets, plain SGD\n"
-        f"{settings.epochs} epochs, batch size {settings.batch_size}, lr {settings.lr:g}, "
+        f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
         f"{settings.n_train} train / {settings.n_test} test points, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n"
     )

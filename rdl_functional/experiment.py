@@ -11,9 +11,10 @@ from .combinators import compose
 from .data import disc_dataset, one_hot
 from .layers import Layer, Params, linear, relu, tanh
 from .losses import mse_loss
+from .optim import Schedule, linear_schedule
 from .train import fit, predict
 
-__all__ = ["DEFAULTS", "DiscResult", "run_disc", "seed_model"]
+__all__ = ["DEFAULTS", "SCHEDULES", "DiscResult", "DiscSettings", "run_disc", "seed_model"]
 
 
 def seed_model() -> Layer:
@@ -26,15 +27,34 @@ def seed_model() -> Layer:
     )  # fmt: skip
 
 
+SCHEDULES = ("linear", "constant")
+
+
 @attrs.frozen
 class DiscSettings:
-    """How :func:`run_disc` trains: plain SGD on MSE against one-hot targets."""
+    """How :func:`run_disc` trains: plain SGD on MSE against one-hot targets.
+
+    Attributes:
+        epochs, batch_size: passes over the training set, and points per step.
+        lr: the learning rate; with ``schedule="linear"``, the first step's
+            rate, decaying linearly to 0 at the last step.
+        schedule: ``"linear"`` or ``"constant"``.
+        n_train, n_test: the sizes of the fresh training and test sets.
+    """
 
     epochs: int = 200
-    batch_size: int = 10
-    lr: float = 0.1
+    batch_size: int = 100
+    lr: float = 0.8
+    schedule: str = attrs.field(default="linear", validator=attrs.validators.in_(SCHEDULES))
     n_train: int = 1000
     n_test: int = 1000
+
+    def learning_rate(self) -> float | Schedule:
+        """The ``lr`` argument of :func:`~rdl_functional.fit` for these settings."""
+        if self.schedule == "constant":
+            return self.lr
+        steps = self.epochs * -(-self.n_train // self.batch_size)
+        return linear_schedule(self.lr, 0.0, max(steps, 1))
 
 
 DEFAULTS = DiscSettings()
@@ -70,7 +90,7 @@ def run_disc(seed: int, settings: DiscSettings = DEFAULTS) -> DiscResult:
     params = model.init(g)
     params, history = fit(
         model, mse_loss, params, x_train, one_hot(labels_train, 2),
-        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, generator=g,
+        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.learning_rate(), generator=g,
     )  # fmt: skip
     test_pred = model.apply(params, x_test)
     test_loss = mse_loss(test_pred, one_hot(labels_test, 2)).item()

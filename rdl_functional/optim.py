@@ -1,14 +1,18 @@
-"""Optimizers: pure maps from (params, grads) to new params."""
+"""Optimizers: pure maps from (params, grads) to new params, and learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from .tree import Tree, _map, tree_difference
 
-__all__ = ["sgd_step"]
+__all__ = ["Schedule", "constant_schedule", "linear_schedule", "sgd_step"]
+
+Schedule = Callable[[int], float]
+"""A learning rate as a function of the step count (0 for the first step), as in optax."""
 
 
 def _check_lr(lr: float) -> float:
@@ -41,3 +45,42 @@ def sgd_step(params: Tree, grads: Tree, lr: float) -> Tree:
     if found:
         raise ValueError(f"sgd_step: {found}")
     return _map(lambda p, g: torch.add(p, g, alpha=-lr), params, (grads,))
+
+
+def _check_real(where: str, name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {name} must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def constant_schedule(value: float) -> Schedule:
+    """The schedule that gives ``value`` at every step.
+
+    >>> constant_schedule(0.1)(1000)
+    0.1
+    """
+    value = _check_real("constant_schedule", "value", value)
+    return lambda count: value
+
+
+def linear_schedule(init_value: float, end_value: float, transition_steps: int) -> Schedule:
+    """Go linearly from ``init_value`` at step 0 to ``end_value`` at ``transition_steps``, then stay.
+
+    ``init_value + (end_value − init_value) · min(count, transition_steps) / transition_steps``,
+    the formula of ``optax.linear_schedule``. Decaying to 0 over a whole run
+    lets SGD take large steps early and settle at the end, instead of
+    stopping wherever its gradient noise has carried it.
+
+    >>> schedule = linear_schedule(0.8, 0.0, transition_steps=4)
+    >>> [schedule(k) for k in range(6)]
+    [0.8, 0.6000000000000001, 0.4, 0.19999999999999996, 0.0, 0.0]
+    """
+    init_value = _check_real("linear_schedule", "init_value", init_value)
+    end_value = _check_real("linear_schedule", "end_value", end_value)
+    if isinstance(transition_steps, bool) or not isinstance(transition_steps, int) or transition_steps < 1:
+        raise ValueError(f"linear_schedule: transition_steps must be an int ≥ 1, got {transition_steps!r}")
+
+    def schedule(count: int) -> float:
+        return init_value + (end_value - init_value) * min(count, transition_steps) / transition_steps
+
+    return schedule

@@ -10,7 +10,7 @@ from ._random import as_generator
 from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
-from .optim import _check_lr, sgd_step
+from .optim import Schedule, _check_lr, constant_schedule, sgd_step
 
 __all__ = ["History", "accuracy", "fit", "predict"]
 
@@ -53,7 +53,7 @@ def fit(
     *,
     epochs: int,
     batch_size: int,
-    lr: float,
+    lr: float | Schedule,
     generator: torch.Generator | int,
 ) -> tuple[Params, History]:
     """Train with plain SGD on shuffled minibatches; return the new params and a history.
@@ -68,25 +68,28 @@ def fit(
         params: the starting params (not changed).
         x: ``(n, features)`` inputs; target: ``(n, ...)`` what ``loss`` compares with.
         epochs: passes over the data, ≥ 0. batch_size: rows per step, ≥ 1.
-        lr: the learning rate, finite and ≥ 0.
+        lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
+            step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`.
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed, for shuffling.
     """
     _check_count("fit", "epochs", epochs, 0)
     _check_count("fit", "batch_size", batch_size, 1)
-    _check_lr(lr)
+    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr))
     if x.shape[:1] != target.shape[:1]:
         raise ValueError(f"fit: x has {x.shape[0]} rows but target has {target.shape[0]}")
     g = as_generator(generator, "fit")
     n = x.shape[0]
     step = value_and_grad(model, loss)
     train_loss = []
+    count = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
         values, sizes = [], []
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             value, grads = step(params, x[rows], target[rows])
-            params = sgd_step(params, grads, lr)
+            params = sgd_step(params, grads, schedule(count))
+            count += 1
             values.append(value)
             sizes.append(rows.shape[0])
         if values:

@@ -12,7 +12,7 @@ from rdl_functional.cli import main
 def test_rdl_train_prints_accuracy_errors_loss_and_time(capsys):
     assert main(["--epochs", "3", "--batch-size", "100", "--lr", "0.5", "--seed", "2"]) == 0
     out = capsys.readouterr().out
-    assert "3 epochs, batch size 100, lr 0.5" in out
+    assert "3 epochs, batch size 100, lr 0.5 decaying linearly to 0" in out
     header, row = out.strip().splitlines()[-2:]
     assert header.split() == ["seed", "train", "acc", "test", "acc", "test", "errors", "train", "loss", "test",
                               "loss", "time"]
@@ -41,6 +41,7 @@ def test_rdl_train_is_deterministic_for_a_seed(capsys):
         (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
         (["--seed", "x"], "argument --seed: expected a whole number, got 'x'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):

@@ -65,3 +65,24 @@ def test_sgd_step_rejects_grads_of_another_shape(generator):
     with pytest.raises(ValueError, match=r'params has a float32 tensor of shape \(2,\) at "6.bias" but grads has a '
                                          r"float32 tensor of shape \(1, 2\)"):
         rf.sgd_step(params, grads, 0.1)
+
+
+def test_linear_schedule_decays_to_its_end_value_and_stays():
+    schedule = rf.linear_schedule(0.8, 0.0, transition_steps=2000)
+    assert schedule(0) == 0.8
+    assert schedule(1000) == pytest.approx(0.4)
+    assert schedule(1999) == pytest.approx(0.8 / 2000)
+    assert schedule(2000) == schedule(10**6) == 0.0
+
+
+def test_constant_schedule_is_constant():
+    assert {rf.constant_schedule(0.3)(k) for k in (0, 1, 10**9)} == {0.3}
+
+
+def test_schedules_reject_bad_values():
+    with pytest.raises(ValueError, match=r"linear_schedule: transition_steps must be an int ≥ 1, got 0"):
+        rf.linear_schedule(0.1, 0.0, 0)
+    with pytest.raises(ValueError, match=r"linear_schedule: init_value must be a finite number ≥ 0, got nan"):
+        rf.linear_schedule(float("nan"), 0.0, 10)
+    with pytest.raises(ValueError, match=r"constant_schedule: value must be a finite number ≥ 0, got -1"):
+        rf.constant_schedule(-1)

@@ -2,18 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import torch_seed_model
 from safetensors.torch import save_file
 
 import rdl_functional as rf
-
-
-def _torch_seed_model() -> torch.nn.Sequential:
-    return torch.nn.Sequential(
-        torch.nn.Linear(2, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 2), torch.nn.Tanh(),
-    )  # fmt: skip
 
 
 def _x():
@@ -23,13 +15,13 @@ def _x():
 def test_state_dict_loads_strictly_into_the_equivalent_torch_model():
     model = rf.seed_model()
     params = model.init(0)
-    reference = _torch_seed_model()
+    reference = torch_seed_model()
     reference.load_state_dict(rf.to_state_dict(params), strict=True)
     assert torch.equal(reference(_x()).detach(), model(params, _x()))
 
 
 def test_a_torch_state_dict_runs_in_the_equivalent_model():
-    reference = _torch_seed_model()
+    reference = torch_seed_model()
     params = rf.from_state_dict(reference.state_dict())
     assert torch.equal(rf.seed_model()(params, _x()), reference(_x()).detach())
 
@@ -59,7 +51,7 @@ def test_save_handles_views_and_shared_tensors(tmp_path):
 
 
 def test_load_reads_a_plain_safetensors_state_dict(tmp_path):
-    reference = _torch_seed_model()
+    reference = torch_seed_model()
     save_file(reference.state_dict(), tmp_path / "torch.safetensors")
     params = rf.load(tmp_path / "torch.safetensors")
     assert torch.equal(rf.seed_model()(params, _x()), reference(_x()).detach())

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import torch_seed_model
 
 import rdl_functional as rf
-
-
-def _torch_seed_model() -> torch.nn.Sequential:
-    return torch.nn.Sequential(
-        torch.nn.Linear(2, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 2), torch.nn.Tanh(),
-    )  # fmt: skip
 
 
 def _train_both(dtype, steps, batch_size=10, lr=0.1):
@@ -24,7 +16,7 @@ def _train_both(dtype, steps, batch_size=10, lr=0.1):
     x, target = x.to(dtype), rf.one_hot(labels, 2, dtype=dtype)
     model = rf.seed_model()
     params = model.init(g, dtype=dtype)
-    reference = _torch_seed_model().to(dtype)
+    reference = torch_seed_model().to(dtype)
     reference.load_state_dict(rf.to_state_dict(params), strict=True)
     optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
     step = rf.value_and_grad(model, rf.mse_loss)

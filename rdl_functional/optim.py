@@ -15,11 +15,11 @@ Schedule = Callable[[int], float]
 """A learning rate as a function of the step count (0 for the first step), as in optax."""
 
 
-def _check_lr(lr: float) -> float:
+def _check_lr(lr: float, where: str = "sgd_step") -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"sgd_step: lr must be a float, got {type(lr).__name__}")
+        raise TypeError(f"{where}: lr must be a float or a schedule, got {type(lr).__name__}")
     if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"sgd_step: lr must be finite and ≥ 0, got {lr}")
+        raise ValueError(f"{where}: lr must be finite and ≥ 0, got {lr}")
     return float(lr)
 
 

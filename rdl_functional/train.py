@@ -74,7 +74,7 @@ def fit(
     """
     _check_count("fit", "epochs", epochs, 0)
     _check_count("fit", "batch_size", batch_size, 1)
-    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr))
+    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr, "fit"))
     if x.shape[:1] != target.shape[:1]:
         raise ValueError(f"fit: x has {x.shape[0]} rows but target has {target.shape[0]}")
     g = as_generator(generator, "fit")

@@ -50,6 +50,9 @@ def test_fit_rejects_bad_settings():
     with pytest.raises(ValueError, match=r"fit: batch_size must be an int ≥ 1, got 0"):
         rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=1, batch_size=0, lr=0.1,
                generator=0)
+    with pytest.raises(ValueError, match=r"fit: lr must be finite and ≥ 0, got -0.1"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=1, batch_size=2, lr=-0.1,
+               generator=0)
     with pytest.raises(ValueError, match=r"fit: x has 10 rows but target has 9"):
         rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2)[:9], epochs=1, batch_size=2, lr=0.1,
                generator=0)

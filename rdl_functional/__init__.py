@@ -20,6 +20,7 @@ from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import Schedule, constant_schedule, linear_schedule, sgd_step
+from .testing import VjpMismatch, VjpReport, check_vjp
 from .train import History, accuracy, fit, predict
 from .tree import (
     tree_difference,
@@ -41,7 +42,10 @@ __all__ = [
     "Layer",
     "Loss",
     "Schedule",
+    "VjpMismatch",
+    "VjpReport",
     "accuracy",
+    "check_vjp",
     "compose",
     "constant_schedule",
     "cross_entropy_loss",

@@ -1,53 +1,72 @@
-"""The shared check itself must fail on a wrong pullback, or it proves nothing."""
+"""rf.check_vjp, the one vjp check every layer and loss goes through, must fail on a wrong pullback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from vjp_check import check_vjp
 
 import rdl_functional as rf
 
 
-def _linear_with(pullback_bug):
-    layer = rf.linear(3, 2)
-
+def _with_pullback(layer, bug):
     def vjp(params, x):
         y, pullback = layer.vjp(params, x)
-        return y, lambda dy: pullback_bug(*pullback(dy))
+        return y, lambda dy: bug(*pullback(dy))
 
-    return layer, vjp
+    return rf.Layer(init=layer.init, apply=layer.apply, vjp=vjp, name=f"buggy {layer.name}")
 
 
 @pytest.mark.parametrize(
-    "bug",
+    ("bug", "row"),
     [
-        lambda dparams, dx: ({"weight": dparams["weight"], "bias": 2 * dparams["bias"]}, dx),
-        lambda dparams, dx: (dparams, dx.flip(0)),
-        lambda dparams, dx: ({"bias": dparams["bias"], "weight": dparams["weight"]}, dx),
+        (lambda dparams, dx: ({"weight": dparams["weight"], "bias": 2 * dparams["bias"]}, dx), "dparams.bias"),
+        (lambda dparams, dx: (dparams, dx.flip(0)), "dx"),
+        (lambda dparams, dx: ({"bias": dparams["bias"], "weight": dparams["weight"]}, dx), "dparams keys"),
     ],
     ids=["wrong_bias_grad", "rows_swapped", "key_order_changed"],
 )
-def test_check_vjp_catches_a_wrong_pullback(bug, generator):
-    layer, vjp = _linear_with(bug)
+def test_check_vjp_catches_a_wrong_pullback_and_names_it(bug, row, generator):
+    layer = _with_pullback(rf.linear(3, 2), bug)
     params = layer.init(generator, dtype=torch.float64)
     x = torch.randn(4, 3, generator=generator, dtype=torch.float64)
-    with pytest.raises(AssertionError):
-        check_vjp(vjp, layer.apply, (params, x), generator)
+    with pytest.raises(rf.VjpMismatch, match=rf"{row}.*FAIL") as raised:
+        rf.check_vjp(layer, params, x, generator=generator)
+    assert not raised.value.report.ok
+    assert str(raised.value).startswith("check_vjp(buggy linear(3, 2)) in float64: MISMATCH")
 
 
 def test_finite_differences_catch_what_autograd_of_the_same_forward_cannot(generator):
     """A forward whose own autograd agrees with a wrong pullback is caught by finite differences."""
     layer = rf.linear(3, 3)
-    params = layer.init(generator, dtype=torch.float64)
-    x = torch.randn(4, 3, generator=generator, dtype=torch.float64)
 
     def wrong_vjp(params, x):
         y, pullback = layer.vjp(params, x)
         return y, lambda dy: (pullback(dy)[0], dy.mm(params["weight"].t()))  # dx transposed
 
-    def consistent_apply(params, x):  # the wrong dx is exactly right for this (different) forward
+    def consistent_apply(params, x):  # the wrong dx is exactly right for this forward's autograd
         return torch.addmm(params["bias"], x.detach(), params["weight"].t()) + (x - x.detach()) @ params["weight"]
 
-    with pytest.raises(AssertionError, match="finite differences disagree"):
-        check_vjp(wrong_vjp, consistent_apply, (params, x), generator)
+    wrong = rf.Layer(init=layer.init, apply=consistent_apply, vjp=wrong_vjp, name="transposed")
+    with pytest.raises(rf.VjpMismatch, match=r"finite differences \(relative\).*FAIL"):
+        rf.check_vjp(wrong, layer.init(generator), torch.randn(4, 3, generator=generator), generator=generator)
+
+
+def test_check_vjp_returns_a_readable_report_and_converts_to_float64(generator):
+    report = rf.check_vjp(rf.seed_model(), rf.seed_model().init(generator), torch.rand(5, 2, generator=generator))
+    assert report.ok
+    text = str(report)
+    assert text.startswith("check_vjp(compose(linear(2, 25), relu,")
+    for row in ("y (vjp vs torch.func)", "dparams.0.weight", "dparams.6.bias", "dx", "finite differences"):
+        assert row in text
+
+
+def test_check_vjp_takes_a_loss_with_its_target(generator):
+    report = rf.check_vjp(rf.cross_entropy_loss, torch.randn(4, 3, generator=generator), torch.tensor([0, 2, 1, 0]))
+    assert [row[0] for row in report.rows][-2:] == ["dpred", "<v, Jᵀu> vs finite differences (relative)"]
+
+
+def test_check_vjp_rejects_what_it_cannot_check():
+    with pytest.raises(TypeError, match=r"check_vjp: expected a Layer or a Loss, got function"):
+        rf.check_vjp(lambda params, x: x, {}, torch.zeros(1))
+    with pytest.raises(TypeError, match=r"check_vjp: a Layer takes \(params, x\), got 1 arguments"):
+        rf.check_vjp(rf.relu, torch.zeros(1, 1))

@@ -15,13 +15,22 @@ passes are written by hand; torch.autograd is never used.
 from .autodiff import value_and_grad
 from .combinators import compose
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
-from .experiment import DiscResult, DiscSettings, run_disc, seed_model
+from .experiment import (
+    DiscData,
+    DiscResult,
+    DiscSettings,
+    check_params_fit,
+    draw_run,
+    logistic_model,
+    run_disc,
+    seed_model,
+)
 from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import Schedule, constant_schedule, linear_schedule, sgd_step
 from .testing import VjpMismatch, VjpReport, check_vjp
-from .train import History, accuracy, fit, predict
+from .train import History, accuracy, evaluate, fit, predict
 from .tree import (
     tree_difference,
     tree_flatten,
@@ -36,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DISC_CENTER",
     "DISC_RADIUS",
+    "DiscData",
     "DiscResult",
     "DiscSettings",
     "History",
@@ -45,11 +55,14 @@ __all__ = [
     "VjpMismatch",
     "VjpReport",
     "accuracy",
+    "check_params_fit",
     "check_vjp",
     "compose",
     "constant_schedule",
     "cross_entropy_loss",
     "disc_dataset",
+    "draw_run",
+    "evaluate",
     "fit",
     "from_state_dict",
     "identity",
@@ -57,6 +70,7 @@ __all__ = [
     "linear",
     "linear_schedule",
     "load",
+    "logistic_model",
     "mse_loss",
     "one_hot",
     "predict",

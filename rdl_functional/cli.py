@@ -1,29 +1,37 @@
-"""``rdl-train``: run the seed report's experiment from one command.
+"""``rdl-train``: the seed report's experiment from one command.
 
-Argument parsing and printing only; the experiment itself is
+Argument parsing, progress and printing only; the experiment itself is
 :func:`rdl_functional.run_disc`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 import torch
 
 from . import __version__
-from .experiment import DEFAULTS, SCHEDULES, DiscResult, DiscSettings, run_disc
+from ._files import atomic_write
+from .experiment import DEFAULTS, MODELS, SCHEDULES, DiscResult, DiscSettings, run_disc, summarize
+from .io import load
+from .layers import Params
+from .train import History
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """One line and exit code 2, not argparse's usage block."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -46,64 +54,273 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+def _seeds(text: str) -> list[int]:
+    """``"0-9"``, ``"3"`` or ``"0-4,8,10-11"``: seeds, ranges inclusive, no repeats."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-9 or 1,4,7, got {text!r}") from None
+        if low < 0 or high < low:
+            hint = f" (did you mean {high}-{low}?)" if high < low else ""
+            raise argparse.ArgumentTypeError(f"the seed range {part.strip()} is empty or negative{hint}")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
+    return seeds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rdl-train",
         description=(
             "Train the seed report's model (a 2-25-25-25-2 MLP, ReLU hidden layers, Tanh output) "
             "with plain SGD (no momentum; by default a learning rate that decays linearly to 0) "
-            "on MSE against one-hot targets, to tell whether points in [0,1]² lie "
-            "inside the disc of radius 1/√(2π) centred at (0.5, 0.5). Prints the train and test "
-            "accuracy, the test misclassifications, the losses and the wall time."
+            "on MSE against one-hot targets, to tell whether points in [0,1]² lie inside the disc "
+            "of radius 1/√(2π) centred at (0.5, 0.5). Prints the train and test accuracy, the test "
+            "misclassifications, the losses and the wall time of each run."
         ),
     )
-    parser.add_argument("--epochs", type=_int_at_least(0), default=DEFAULTS.epochs,
-                        help="passes over the training set (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
-                        help="points per SGD step (default: %(default)s)")
-    parser.add_argument("--lr", type=_learning_rate, default=DEFAULTS.lr,
-                        help="learning rate of the first step (default: %(default)s)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
-                        help="linear: the rate decays linearly to 0 over the run, so SGD settles instead of "
-                             "stopping wherever its gradient noise left it; constant: the same rate "
-                             "throughout (default: %(default)s)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0,
-                        help="seeds the data, the initial params and the shuffling (default: %(default)s)")
-    parser.add_argument("--threads", type=_int_at_least(1), default=1,
-                        help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
-                             "count keeps results reproducible (default: %(default)s)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
+                          help="mlp: the seed model, MSE on one-hot targets; logistic: one linear layer, "
+                               "cross-entropy (the baseline) (default: %(default)s)")
+    training.add_argument("--epochs", type=_int_at_least(0), default=DEFAULTS.epochs,
+                          help="passes over the training set (default: %(default)s)")
+    training.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
+                          help="points per SGD step (default: %(default)s)")
+    training.add_argument("--lr", type=_learning_rate, default=DEFAULTS.lr,
+                          help="learning rate of the first step (default: %(default)s)")
+    training.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
+                          help="linear: the rate decays linearly to 0 over the run, so SGD settles instead of "
+                               "stopping wherever its gradient noise left it; constant: the same rate "
+                               "throughout (default: %(default)s)")
+    seeds = training.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=_int_at_least(0), default=0,
+                       help="seeds the data, the initial params and the shuffling (default: %(default)s)")
+    seeds.add_argument("--seeds", type=_seeds, metavar="RANGE",
+                       help="one run per seed, e.g. 0-9 or 0-4,8; prints the median, mean ± std and worst")
+    training.add_argument("--init-from", metavar="PATH", type=Path,
+                          help="start from params saved by --save (or rf.save) instead of drawing them")
+    training.add_argument("--threads", type=_int_at_least(1), default=1,
+                          help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
+                               "count keeps results reproducible (default: %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--plots", metavar="DIR", type=Path,
+                        help="write dataset.png, history.png and decision-boundary.png to DIR (needs the "
+                             "[plot] extra)")
+    output.add_argument("--save", metavar="PATH", type=Path, help="write the trained params (safetensors)")
+    output.add_argument("--json", metavar="PATH", type=Path, help="write the runs and their summary as JSON")
+    output.add_argument("--compare-torch", action="store_true",
+                        help="also train the same MLP with torch.nn + autograd + torch.optim.SGD from the same "
+                             "params and batches, and compare accuracies, params and wall times")
+    output.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-_HEADER = (
-    f"{'seed':>4}  {'train acc':>9}  {'test acc':>8}  {'test errors':>11}  "
-    f"{'train loss':>10}  {'test loss':>9}  {'time':>8}"
-)
+# ---------------------------------------------------------------------------
+# Checks made before any training, so that a bad path costs nothing
 
 
-def _row(result: DiscResult) -> str:
-    return (
-        f"{result.seed:>4}  {result.train_accuracy:>9.1%}  {result.test_accuracy:>8.1%}  "
-        f"{result.test_errors:>11d}  {result.train_loss:>10.4f}  {result.test_loss:>9.4f}  "
-        f"{result.seconds:>6.2f} s"
+def _fail(message: str) -> NoReturn:
+    print(f"rdl-train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_output_file(flag: str, path: Path) -> None:
+    if path.is_dir():
+        _fail(f"{flag} {path}: is a folder, expected a file path")
+    if not path.parent.is_dir():
+        _fail(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        _fail(f"{flag} {path}: the folder {path.parent} is not writable")
+
+
+def _check_plot_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _fail(f"--plots {path}: cannot create the folder ({error.strerror or error})")
+    if not os.access(path, os.W_OK):
+        _fail(f"--plots {path}: the folder is not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail("--plots needs matplotlib: pip install 'rdl_functional[plot]'")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    single = args.seeds is None or len(args.seeds) == 1
+    for flag, value in (("--save", args.save), ("--plots", args.plots), ("--compare-torch", args.compare_torch)):
+        if value and not single:
+            _fail(f"{flag} describes one run; use --seed N rather than --seeds")
+    if args.compare_torch and args.model != "mlp":
+        _fail(f"--compare-torch trains the seed MLP; it does not apply to --model {args.model}")
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path is not None:
+            _check_output_file(flag, path)
+    if args.plots is not None:
+        _check_plot_dir(args.plots)
+
+
+def _initial_params(path: Path | None) -> Params | None:
+    if path is None:
+        return None
+    try:
+        return load(path)
+    except (OSError, ValueError) as error:
+        _fail(f"--init-from: {error}")
+
+
+# ---------------------------------------------------------------------------
+# Progress, on stderr
+
+
+def _progress(seed: int, epochs: int, quiet: bool, stream: TextIO) -> tuple[Callable | None, Callable[[], None]]:
+    """A fit callback that shows progress, and a function that closes it."""
+    if quiet or epochs == 0:
+        return None, lambda: None
+    if stream.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, desc=f"seed {seed}", unit="epoch", file=stream, leave=False, dynamic_ncols=True)
+
+        def update(epoch: int, params: Params, history: History) -> None:
+            bar.set_postfix_str(f"loss {history.train_loss[-1]:.4f}  train {history.train_accuracy[-1]:.1%}  "
+                                f"test {history.test_accuracy[-1]:.1%}", refresh=False)
+            bar.update(1)
+
+        return update, bar.close
+    every = max(1, epochs // 10)
+
+    def line(epoch: int, params: Params, history: History) -> None:
+        if epoch % every == 0 or epoch == epochs:
+            print(f"seed {seed}  epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {history.train_loss[-1]:.4f}  "
+                  f"train acc {history.train_accuracy[-1]:.1%}  test acc {history.test_accuracy[-1]:.1%}",
+                  file=stream, flush=True)
+
+    return line, lambda: None
+
+
+# ---------------------------------------------------------------------------
+# Tables, on stdout
+
+_COLUMNS = (("seed", 6), ("train acc", 9), ("test acc", 8), ("test errors", 11), ("train loss", 10),
+            ("test loss", 9), ("time", 8))
+
+
+def _row(label: str, figures: dict[str, float], percent_digits: int = 1) -> str:
+    cells = (
+        label,
+        f"{figures['train_accuracy']:.{percent_digits}%}",
+        f"{figures['test_accuracy']:.{percent_digits}%}",
+        f"{figures['test_errors']:g}" if label.isdigit() else f"{figures['test_errors']:.1f}",
+        f"{figures['train_loss']:.4f}",
+        f"{figures['test_loss']:.4f}",
+        f"{figures['seconds']:.2f} s",
     )
+    return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
+
+
+def _print_table(results: list[DiscResult], summary: dict[str, dict[str, float]] | None) -> None:
+    print("  ".join(f"{name:>{width}}" for name, width in _COLUMNS))
+    for result in results:
+        print(_row(str(result.seed), result.summary()))
+    if summary is not None:
+        print("  ".join("-" * width for _, width in _COLUMNS))
+        for statistic in ("median", "mean", "std", "worst"):
+            print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, 2))
+        test = summary["test_accuracy"]
+        print(f"\ntest accuracy over {len(results)} seeds: median {test['median']:.2%}, "
+              f"mean {test['mean']:.2%} ± {test['std']:.2%}, worst {test['worst']:.2%}")
+
+
+def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings: DiscSettings,
+                   summary: dict[str, Any] | None) -> None:
+    try:
+        if args.save is not None:
+            from .io import save
+
+            save(results[0].params, args.save)
+            print(f"saved the trained params to {args.save}")
+        if args.plots is not None:
+            _write_plots(args.plots, results[0], settings)
+        if args.json is not None:
+            document = {
+                "settings": {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
+                             "lr": settings.lr, "schedule": settings.schedule, "n_train": settings.n_train,
+                             "n_test": settings.n_test, "threads": torch.get_num_threads(),
+                             "torch": torch.__version__, "rdl_functional": __version__},
+                "runs": [result.summary() for result in results],
+                "summary": summary,
+            }
+            text = json.dumps(document, indent=2) + "\n"
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            print(f"wrote {args.json}")
+    except OSError as error:
+        _fail(f"cannot write {error.filename or 'the output'}: {error.strerror or error}")
+
+
+def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> None:
+    from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
+
+    data = result.data
+    name = settings.task.description.split(",")[0]
+    figures = {
+        "dataset.png": plot_dataset(data.x_train, data.labels_train,
+                                    title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
+        "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
+        "decision-boundary.png": plot_decision_boundary(settings.task.build(), result.params, data.x_test,
+                                                        data.labels_test),
+    }
+    for filename, figure in figures.items():
+        save_figure(figure, folder / filename)
+    print(f"wrote {', '.join(figures)} to {folder}")
+
+
+def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
+    from .torch_baseline import compare_with_torch
+
+    comparison = compare_with_torch(seed, settings)
+    print(f"\nthe same MLP trained by torch.nn + autograd + torch.optim.SGD, from the same params and batches:\n"
+          f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n"
+          f"  {'train accuracy':<22}{comparison.train_accuracy:>15.1%}{comparison.torch_train_accuracy:>11.1%}\n"
+          f"  {'test accuracy':<22}{comparison.test_accuracy:>15.1%}{comparison.torch_test_accuracy:>11.1%}\n"
+          f"  {'training wall time':<22}{comparison.seconds:>13.2f} s{comparison.torch_seconds:>9.2f} s\n"
+          f"  max |parameter difference|: {comparison.max_param_difference:.3g}"
+          f"  (time ratio {comparison.seconds / comparison.torch_seconds:.2f}×)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rdl-train`` and ``python -m rdl_functional``."""
     args = _parser().parse_args(argv)
+    _check_args(args)
+    init_params = _initial_params(args.init_from)
     torch.set_num_threads(args.threads)
-    settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule)
+    settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                            model=args.model)
     rate = f"lr {settings.lr:g}" + (" decaying linearly to 0" if settings.schedule == "linear" else " (constant)")
-    print(
-        f"rdl-train {__version__}: 2-25-25-25-2 MLP (ReLU, Tanh output), MSE on one-hot targets, plain SGD\n"
-        f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
-        f"{settings.n_train} train / {settings.n_test} test points, "
-        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n"
-    )
-    print(_HEADER)
-    print(_row(run_disc(args.seed, settings)), flush=True)
+    print(f"rdl-train {__version__}: {settings.task.description}, plain SGD\n"
+          f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
+          f"{settings.n_train} train / {settings.n_test} test points, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
+    results = []
+    for seed in args.seeds or [args.seed]:
+        callback, close = _progress(seed, settings.epochs, args.quiet, sys.stderr)
+        try:
+            results.append(run_disc(seed, settings, init_params=init_params, callback=callback))
+        except ValueError as error:  # --init-from params that do not fit the model
+            _fail(f"--init-from {args.init_from}: {error}")
+        finally:
+            close()
+    summary = summarize(results) if len(results) > 1 else None
+    _print_table(results, summary)
+    _write_outputs(args, results, settings, summary)
+    if args.compare_torch:
+        _compare_with_torch(results[0].seed, settings)
     return 0
 
 

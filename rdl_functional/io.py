@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ._files import atomic_write
 from .tree import Tree, _is_node, tree_flatten, tree_unflatten
 
 __all__ = ["from_state_dict", "load", "save", "to_state_dict"]
@@ -100,15 +100,7 @@ def save(params: Tree, path: str | os.PathLike[str]) -> None:
         tensors[key] = tensor.clone() if storage in seen else tensor  # safetensors refuses shared memory
         seen.add(storage)
     metadata = {_FORMAT_KEY: json.dumps(_skeleton(params))}
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Training: minibatch gradient descent over a data set, and the metrics it reports."""
+"""Training: minibatch gradient descent over a data set, and the metrics it records."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -11,20 +13,39 @@ from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule, sgd_step
+from .tree import Tree
 
-__all__ = ["History", "accuracy", "fit", "predict"]
+__all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
+
+Optimizer = Callable[[Tree, Tree, float], Tree]
+"""``(params, grads, lr) -> new params``, as :func:`~rdl_functional.sgd_step`."""
 
 
 @attrs.frozen
 class History:
-    """What :func:`fit` saw, one entry per epoch.
+    """What :func:`fit` measured at the end of each epoch, one entry per epoch.
 
-    Attributes:
-        train_loss: the mean loss over the epoch's minibatches, each weighted
-            by its size (so a short last batch counts for what it holds).
+    Losses are means over the whole set; accuracies are the fraction of rows
+    whose largest output is the row's class. ``test_*`` are empty when
+    ``fit`` had no test data.
     """
 
-    train_loss: tuple[float, ...]
+    train_loss: tuple[float, ...] = ()
+    train_accuracy: tuple[float, ...] = ()
+    test_loss: tuple[float, ...] = ()
+    test_accuracy: tuple[float, ...] = ()
+
+    @property
+    def epochs(self) -> int:
+        return len(self.train_loss)
+
+    def _append(self, train: tuple[float, float], test: tuple[float, float] | None) -> History:
+        return History(
+            train_loss=(*self.train_loss, train[0]),
+            train_accuracy=(*self.train_accuracy, train[1]),
+            test_loss=(*self.test_loss, test[0]) if test else self.test_loss,
+            test_accuracy=(*self.test_accuracy, test[1]) if test else self.test_accuracy,
+        )
 
 
 def predict(model: Layer, params: Params, x: Tensor) -> Tensor:
@@ -32,16 +53,37 @@ def predict(model: Layer, params: Params, x: Tensor) -> Tensor:
     return model.apply(params, x).argmax(dim=1)
 
 
+def _labels(target: Tensor) -> Tensor:
+    """Class indices from a target: the target itself (indices) or its argmax (one-hot)."""
+    return target if target.dim() == 1 else target.argmax(dim=1)
+
+
 def accuracy(model: Layer, params: Params, x: Tensor, labels: Tensor) -> float:
-    """The fraction of rows of ``x`` whose predicted class equals ``labels``."""
+    """The fraction of rows of ``x`` whose predicted class equals ``labels`` (int64, ``(batch,)``)."""
     if labels.shape != x.shape[:1]:
         raise ValueError(f"accuracy: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
     return (predict(model, params, x) == labels).double().mean().item()
 
 
+def evaluate(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``params`` on a whole data set.
+
+    The accuracy compares the largest output with the class of each row:
+    ``target`` itself when it holds class indices, its argmax when it is one-hot.
+    """
+    pred = model.apply(params, x)
+    correct = (pred.argmax(dim=1) == _labels(target)).double().mean()
+    return loss.apply(pred, target).item(), correct.item()
+
+
 def _check_count(where: str, name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value!r}")
+
+
+def _check_rows(where: str, x: Tensor, target: Tensor) -> None:
+    if x.shape[:1] != target.shape[:1]:
+        raise ValueError(f"{where}: x has {x.shape[0]} rows but target has {target.shape[0]}")
 
 
 def fit(
@@ -55,44 +97,57 @@ def fit(
     batch_size: int,
     lr: float | Schedule,
     generator: torch.Generator | int,
+    test: tuple[Tensor, Tensor] | None = None,
+    optimizer: Optimizer = sgd_step,
+    callback: Callable[[int, Params, History], None] | None = None,
 ) -> tuple[Params, History]:
-    """Train with plain SGD on shuffled minibatches; return the new params and a history.
+    """Train on shuffled minibatches; return the final params and the per-epoch history.
 
     Each epoch draws a permutation of the rows from ``generator`` and steps
-    through it ``batch_size`` rows at a time (the last batch may be shorter).
-    Pure: ``params``, ``x`` and ``target`` are not changed, and the same
-    generator state gives the same bits.
+    through it ``batch_size`` rows at a time (the last batch may be shorter);
+    each step is ``params = optimizer(params, grads, lr)``. After each epoch
+    the loss and accuracy on the whole training set (and on ``test``, if
+    given) are recorded. Pure: ``params``, ``x`` and ``target`` are not
+    changed, nothing global is read or written, and the same generator state
+    gives the same params and history, bit for bit. Prints nothing.
 
     Args:
-        model, loss: what to train and against what.
+        model, loss: what to train, and against what.
         params: the starting params (not changed).
-        x: ``(n, features)`` inputs; target: ``(n, ...)`` what ``loss`` compares with.
+        x: ``(n, features)`` inputs. target: ``(n, ...)``, what ``loss`` compares with.
         epochs: passes over the data, ≥ 0. batch_size: rows per step, ≥ 1.
         lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
             step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`.
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed, for shuffling.
+        test: optional ``(x_test, target_test)`` to measure after every epoch.
+        optimizer: the step, ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
+        callback: called as ``callback(epoch, params, history)`` after each
+            epoch (epochs count from 1), e.g. to show progress.
+
+    >>> import rdl_functional as rf
+    >>> x, labels = rf.disc_dataset(200, 0)
+    >>> model = rf.compose(rf.linear(2, 8), rf.relu, rf.linear(8, 2))
+    >>> params, history = rf.fit(model, rf.cross_entropy_loss, model.init(0), x, labels,
+    ...                          epochs=3, batch_size=50, lr=0.1, generator=0)
+    >>> history.epochs, len(history.train_accuracy), history.test_loss
+    (3, 3, ())
     """
     _check_count("fit", "epochs", epochs, 0)
     _check_count("fit", "batch_size", batch_size, 1)
     schedule = lr if callable(lr) else constant_schedule(_check_lr(lr, "fit"))
-    if x.shape[:1] != target.shape[:1]:
-        raise ValueError(f"fit: x has {x.shape[0]} rows but target has {target.shape[0]}")
+    _check_rows("fit", x, target)
+    if test is not None:
+        _check_rows("fit: test", *test)
     g = as_generator(generator, "fit")
-    n = x.shape[0]
     step = value_and_grad(model, loss)
-    train_loss = []
-    count = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
-        values, sizes = [], []
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            value, grads = step(params, x[rows], target[rows])
-            params = sgd_step(params, grads, schedule(count))
+    history, count = History(), 0
+    for epoch in range(1, epochs + 1):
+        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+            _, grads = step(params, x[rows], target[rows])
+            params = optimizer(params, grads, schedule(count))
             count += 1
-            values.append(value)
-            sizes.append(rows.shape[0])
-        if values:
-            weights = torch.tensor(sizes, dtype=values[0].dtype)
-            train_loss.append((torch.stack(values) @ weights / n).item())
-    return params, History(train_loss=tuple(train_loss))
+        on_test = evaluate(model, loss, params, *test) if test is not None else None
+        history = history._append(evaluate(model, loss, params, x, target), on_test)
+        if callback is not None:
+            callback(epoch, params, history)
+    return params, history

@@ -1,0 +1,127 @@
+"""Pictures of the disc experiment: the data, the training curves, the learned boundary.
+
+Needs matplotlib, the optional extra ``rdl_functional[plot]``; the rest of the
+library imports without it. Each function returns a ``matplotlib.figure.Figure``
+built without pyplot (no global figure state, no display needed);
+:func:`save_figure` writes one to a PNG file, whole or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ._files import atomic_write
+from .data import DISC_CENTER, DISC_RADIUS
+from .layers import Layer, Params
+from .train import History
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_dataset", "plot_decision_boundary", "plot_history", "save_figure"]
+
+_CLASS_STYLE = {0: ("outside the disc (0)", "#9e9e9e"), 1: ("inside the disc (1)", "#111111")}
+
+
+def _figure(**kwargs: Any) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "rdl_functional's plots need matplotlib: pip install 'rdl_functional[plot]'"
+        ) from None
+    return Figure(layout="constrained", **kwargs)
+
+
+def _square_axes(ax: Any, title: str) -> None:
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="x₁", ylabel="x₂", title=title, aspect="equal")
+    # Below the square, so that the legend never hides a point.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small", frameon=False)
+
+
+def _disc_outline(ax: Any) -> None:
+    angle = torch.linspace(0, 2 * math.pi, 256)
+    ax.plot(DISC_CENTER[0] + DISC_RADIUS * angle.cos(), DISC_CENTER[1] + DISC_RADIUS * angle.sin(),
+            linestyle="--", color="#1f77b4", linewidth=1.5, label="true boundary, r = 1/√(2π)")
+
+
+def plot_dataset(x: Tensor, labels: Tensor, *, title: str | None = None) -> Figure:
+    """Scatter the points by class, with the disc's true boundary (the seed report's Fig. 3).
+
+    Args:
+        x: ``(n, 2)`` points in [0, 1]². labels: ``(n,)`` 0 or 1.
+    """
+    fig = _figure(figsize=(6, 6.6))
+    ax = fig.add_subplot()
+    for label, (name, color) in _CLASS_STYLE.items():
+        points = x[labels == label]
+        ax.scatter(points[:, 0], points[:, 1], s=8, color=color, label=f"{name}: {len(points)} points")
+    _disc_outline(ax)
+    _square_axes(ax, title or f"The disc data set: {len(x)} points in [0, 1]²")
+    return fig
+
+
+def plot_history(history: History, *, title: str | None = None) -> Figure:
+    """Loss and accuracy per epoch, on the training set and the test set (the seed report's Fig. 5)."""
+    if not history.epochs:
+        raise ValueError("plot_history: the history has no epochs to plot")
+    fig = _figure(figsize=(10, 4.2))
+    loss_ax, accuracy_ax = fig.subplots(1, 2)
+    epochs = range(1, history.epochs + 1)
+    for name, loss, accuracy, style in (
+        ("train", history.train_loss, history.train_accuracy, "-"),
+        ("test", history.test_loss, history.test_accuracy, "--"),
+    ):
+        if loss:
+            loss_ax.plot(epochs, loss, style, label=f"{name} (last {loss[-1]:.4f})")
+            accuracy_ax.plot(epochs, [100 * a for a in accuracy], style, label=f"{name} (last {accuracy[-1]:.1%})")
+    loss_ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="Loss")
+    accuracy_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (loss_ax, accuracy_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_decision_boundary(
+    model: Layer, params: Params, x: Tensor, labels: Tensor, *, resolution: int = 300, title: str | None = None
+) -> Figure:
+    """The class the model predicts over [0, 1]², with the points and its mistakes marked.
+
+    Args:
+        model, params: the trained model.
+        x: ``(n, 2)`` points to show (the test set, say). labels: their ``(n,)`` classes.
+        resolution: grid points per side.
+    """
+    grid = torch.linspace(0, 1, resolution, dtype=x.dtype)
+    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+    predicted_area = model.apply(params, torch.stack([gx.flatten(), gy.flatten()], dim=1)).argmax(dim=1)
+    predicted = model.apply(params, x).argmax(dim=1)
+    wrong = predicted != labels
+
+    fig = _figure(figsize=(6, 6.9))
+    ax = fig.add_subplot()
+    colors = ("#f2f2f2", "#cfe3f5")
+    ax.contourf(gx, gy, predicted_area.reshape(resolution, resolution), levels=[-0.5, 0.5, 1.5], colors=colors)
+    ax.fill_between([], [], color=colors[1], label="predicted inside (shaded)")
+    for label, (name, color) in _CLASS_STYLE.items():
+        points = x[(labels == label) & ~wrong]
+        ax.scatter(points[:, 0], points[:, 1], s=6, color=color, label=name)
+    ax.scatter(x[wrong, 0], x[wrong, 1], s=40, marker="x", color="#d62728", linewidths=1.5,
+               label=f"misclassified: {int(wrong.sum())} of {len(x)}")
+    _disc_outline(ax)
+    accuracy = 1 - wrong.double().mean().item() if len(x) else float("nan")
+    _square_axes(ax, title or f"Learned decision boundary: {accuracy:.1%} correct")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> None:
+    """Write ``fig`` as a PNG at ``path``, whole or not at all."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

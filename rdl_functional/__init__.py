@@ -24,11 +24,13 @@ from .experiment import (
     logistic_model,
     run_disc,
     seed_model,
+    summarize,
 )
 from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import Schedule, constant_schedule, linear_schedule, sgd_step
+from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
 from .testing import VjpMismatch, VjpReport, check_vjp
 from .train import History, accuracy, evaluate, fit, predict
 from .tree import (
@@ -73,13 +75,18 @@ __all__ = [
     "logistic_model",
     "mse_loss",
     "one_hot",
+    "plot_dataset",
+    "plot_decision_boundary",
+    "plot_history",
     "predict",
     "relu",
     "run_disc",
     "save",
+    "save_figure",
     "seed_model",
     "sgd_step",
     "sigmoid",
+    "summarize",
     "tanh",
     "to_state_dict",
     "tree_difference",

@@ -192,6 +192,8 @@ def _progress(seed: int, epochs: int, quiet: bool, stream: TextIO) -> tuple[Call
             bar.set_postfix_str(f"loss {history.train_loss[-1]:.4f}  train {history.train_accuracy[-1]:.1%}  "
                                 f"test {history.test_accuracy[-1]:.1%}", refresh=False)
             bar.update(1)
+            if epoch == epochs:  # show the end state, however fast the run was
+                bar.refresh()
 
         return update, bar.close
     every = max(1, epochs // 10)

@@ -1,22 +1,33 @@
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from rdl_functional.cli import main
+import rdl_functional as rf
+from rdl_functional.cli import _progress, main
+
+FAST = ["--epochs", "3", "--batch-size", "200"]
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["seed", "train"])
+    return [line.split() for line in lines[start + 1:] if line.strip() and not line.startswith("-")]
 
 
 def test_rdl_train_prints_accuracy_errors_loss_and_time(capsys):
-    assert main(["--epochs", "3", "--batch-size", "100", "--lr", "0.5", "--seed", "2"]) == 0
+    assert main(["--epochs", "3", "--batch-size", "100", "--lr", "0.5", "--seed", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "3 epochs, batch size 100, lr 0.5 decaying linearly to 0" in out
-    header, row = out.strip().splitlines()[-2:]
-    assert header.split() == ["seed", "train", "acc", "test", "acc", "test", "errors", "train", "loss", "test",
-                              "loss", "time"]
-    seed, train_acc, test_acc, errors, train_loss, test_loss, seconds, unit = row.split()
+    assert out.splitlines()[-2].split() == ["seed", "train", "acc", "test", "acc", "test", "errors", "train", "loss",
+                                            "test", "loss", "time"]
+    seed, train_acc, test_acc, errors, train_loss, test_loss, seconds, unit = out.splitlines()[-1].split()
     assert seed == "2" and train_acc.endswith("%") and test_acc.endswith("%") and unit == "s"
     assert 0 <= int(errors) <= 1000
     assert float(test_acc.rstrip("%")) == pytest.approx(100 - int(errors) / 10, abs=0.051)
@@ -26,9 +37,82 @@ def test_rdl_train_prints_accuracy_errors_loss_and_time(capsys):
 def test_rdl_train_is_deterministic_for_a_seed(capsys):
     outputs = []
     for _ in range(2):
-        main(["--epochs", "2", "--batch-size", "50", "--seed", "5"])
+        main([*FAST, "--seed", "5", "--quiet"])
         outputs.append(capsys.readouterr().out.strip().splitlines()[-1].rsplit(None, 2)[0])
     assert outputs[0] == outputs[1]
+
+
+def test_seeds_print_one_row_each_and_the_summary(capsys, tmp_path):
+    assert main([*FAST, "--seeds", "0-2,7", "--quiet", "--json", str(tmp_path / "runs.json")]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert [row[0] for row in rows[:4]] == ["0", "1", "2", "7"]
+    assert [row[0] for row in rows[4:8]] == ["median", "mean", "std", "worst"]
+    document = json.loads((tmp_path / "runs.json").read_text())
+    accuracies = [run["test_accuracy"] for run in document["runs"]]
+    assert [run["seed"] for run in document["runs"]] == [0, 1, 2, 7]
+    assert document["summary"]["test_accuracy"]["worst"] == min(accuracies)
+    assert document["settings"]["epochs"] == 3 and document["settings"]["model"] == "mlp"
+    median = sum(sorted(accuracies)[1:3]) / 2
+    assert document["summary"]["test_accuracy"]["median"] == pytest.approx(median)
+    assert f"test accuracy over 4 seeds: median {median:.2%}" in out
+
+
+def test_save_then_init_from_continues_from_the_saved_params(capsys, tmp_path):
+    path = tmp_path / "params.safetensors"
+    main([*FAST, "--seed", "3", "--save", str(path), "--quiet"])
+    trained = capsys.readouterr().out
+    saved = rf.load(path)
+    assert rf.tree_same_structure(saved, rf.seed_model().init(0))
+    main(["--epochs", "0", "--seed", "3", "--init-from", str(path), "--quiet"])
+    again = capsys.readouterr().out
+    assert _table_rows(again)[0][1:4] == _table_rows(trained)[0][1:4]  # same accuracies and errors
+
+
+def test_plots_writes_three_pngs(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "plots" / "new"
+    assert main([*FAST, "--plots", str(folder), "--quiet"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset.png", "decision-boundary.png", "history.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in folder.iterdir())
+
+
+def test_logistic_baseline_runs_on_cross_entropy(capsys):
+    assert main([*FAST, "--model", "logistic", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "logistic regression (one linear layer), cross-entropy on labels" in out
+
+
+def test_compare_torch_shows_identical_params(capsys):
+    assert main([*FAST, "--compare-torch", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.nn + autograd + torch.optim.SGD" in out
+    assert "max |parameter difference|: 0 " in out
+
+
+def test_progress_lines_go_to_stderr_when_it_is_not_a_terminal(capsys):
+    main(["--epochs", "20", "--batch-size", "500", "--seed", "1"])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 10 and err[0].startswith("seed 1  epoch  2/20  loss ") and "test acc" in err[-1]
+    main(["--epochs", "20", "--batch-size", "500", "--quiet"])
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    callback, close = _progress(4, 3, quiet=False, stream=stream)
+    history = rf.History()
+    for epoch in range(1, 4):
+        history = rf.History(train_loss=(0.1,) * epoch, train_accuracy=(0.9,) * epoch,
+                             test_loss=(0.1,) * epoch, test_accuracy=(0.8,) * epoch)
+        callback(epoch, {}, history)
+    close()
+    shown = stream.getvalue()
+    assert "seed 4" in shown and "3/3" in shown and "test 80.0%" in shown
 
 
 @pytest.mark.parametrize(
@@ -42,6 +126,13 @@ def test_rdl_train_is_deterministic_for_a_seed(capsys):
         (["--seed", "x"], "argument --seed: expected a whole number, got 'x'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (["--seeds", "5-2"], "argument --seeds: the seed range 5-2 is empty or negative (did you mean 2-5?)"),
+        (["--seeds", "1,1"], "argument --seeds: '1,1' names a seed twice"),
+        (["--seeds", "a-b"], "argument --seeds: expected seeds like 0-9 or 1,4,7, got 'a-b'"),
+        (["--seed", "1", "--seeds", "0-3"], "argument --seeds: not allowed with argument --seed"),
+        (["--seeds", "0-1", "--save", "p.safetensors"], "--save describes one run; use --seed N rather than --seeds"),
+        (["--model", "logistic", "--compare-torch"], "--compare-torch trains the seed MLP"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
@@ -52,12 +143,48 @@ def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     assert err.count("\n") == 1 and message in err and err.startswith("rdl-train: error:")
 
 
+def _fails(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert "seed  train acc" not in captured.out  # failed before training
+    return captured.err
+
+
+def test_unwritable_outputs_fail_before_training_and_write_nothing(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "--plots" in _fails(["--plots", str(blocker / "plots")], capsys)
+    assert "the folder" in _fails(["--save", str(tmp_path / "missing" / "p.safetensors")], capsys)
+    assert "is a folder" in _fails(["--json", str(tmp_path)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_init_from_a_missing_or_foreign_file_fails_clearly(capsys, tmp_path):
+    missing = _fails(["--init-from", str(tmp_path / "none.safetensors")], capsys)
+    assert "--init-from: load: no such file:" in missing and "none.safetensors" in missing
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "notes.txt' is not a readable safetensors file" in _fails(["--init-from", str(tmp_path / "notes.txt")],
+                                                                      capsys)
+
+
+def test_init_from_params_of_another_model_fails_before_training(capsys, tmp_path):
+    rf.save(rf.logistic_model().init(0), tmp_path / "logistic.safetensors")
+    err = _fails(["--init-from", str(tmp_path / "logistic.safetensors")], capsys)
+    assert "the params do not fit compose(linear(2, 25)" in err
+    rf.save(rf.tree_map(torch.Tensor.double, rf.seed_model().init(0)), tmp_path / "f64.safetensors")
+    err = _fails(["--init-from", str(tmp_path / "f64.safetensors")], capsys)
+    assert 'has a float32 tensor of shape (25, 2) at "0.weight" but the params has a float64 tensor' in err
+
+
 def test_python_dash_m_runs_it_in_a_fresh_process():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-m", "rdl_functional", "--epochs", "1", "--batch-size", "500"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "test acc" in done.stdout
+    assert "test acc" in done.stdout and "epoch 1/1" in done.stderr
     bad = subprocess.run([sys.executable, "-m", "rdl_functional", "--epochs", "x"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1

@@ -1,0 +1,89 @@
+"""The three pictures, rendered headless to PNG: real images of a sensible size."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rdl_functional as rf
+
+pytest.importorskip("matplotlib")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's header, after checking that it is one."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR" and data[-8:-4] == b"IEND", f"{path} is not a whole PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def run() -> rf.DiscResult:
+    return rf.run_disc(0, rf.DiscSettings(epochs=5))
+
+
+def test_dataset_plot(run, tmp_path):
+    figure = rf.plot_dataset(run.data.x_train, run.data.labels_train)
+    axes = figure.axes[0]
+    assert axes.get_xlabel() == "x₁" and axes.get_ylabel() == "x₂"
+    assert len(axes.get_legend().get_texts()) == 3  # two classes and the true boundary
+    rf.save_figure(figure, tmp_path / "dataset.png")
+    width, height = png_size(tmp_path / "dataset.png")
+    assert 500 < width < 2000 and 500 < height < 2000
+    assert (tmp_path / "dataset.png").stat().st_size > 20_000
+
+
+def test_history_plot_has_loss_and_accuracy_for_train_and_test(run, tmp_path):
+    figure = rf.plot_history(run.history)
+    loss, accuracy = figure.axes
+    assert (loss.get_ylabel(), accuracy.get_ylabel()) == ("loss", "accuracy (%)")
+    assert loss.get_xlabel() == accuracy.get_xlabel() == "epoch"
+    for axes in (loss, accuracy):
+        assert [line.get_xdata()[-1] for line in axes.get_lines()] == [5, 5]
+        assert len(axes.get_legend().get_texts()) == 2
+    rf.save_figure(figure, tmp_path / "history.png")
+    width, height = png_size(tmp_path / "history.png")
+    assert width > 800 and height > 300
+
+
+def test_decision_boundary_marks_the_misclassified_points(run, tmp_path):
+    figure = rf.plot_decision_boundary(rf.seed_model(), run.params, run.data.x_test, run.data.labels_test,
+                                       resolution=50)
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert f"misclassified: {run.test_errors} of 1000" in legend
+    assert figure.axes[0].get_title() == f"Learned decision boundary: {run.test_accuracy:.1%} correct"
+    rf.save_figure(figure, tmp_path / "boundary.png")
+    assert min(png_size(tmp_path / "boundary.png")) > 500
+
+
+def test_plot_history_rejects_an_empty_history():
+    with pytest.raises(ValueError, match="plot_history: the history has no epochs to plot"):
+        rf.plot_history(rf.History())
+
+
+def test_save_figure_to_a_missing_folder_writes_nothing(run, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        rf.save_figure(rf.plot_history(run.history), tmp_path / "missing" / "h.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_core_imports_and_trains_without_matplotlib():
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "import rdl_functional as rf\n"
+        "rf.run_disc(0, rf.DiscSettings(epochs=1))\n"
+        "try:\n"
+        "    rf.plot_history(rf.History(train_loss=(1.0,), train_accuracy=(0.5,)))\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "rdl_functional's plots need matplotlib: pip install 'rdl_functional[plot]'"

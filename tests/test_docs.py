@@ -36,3 +36,9 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             exec(compile(block, f"{page.name} block {number}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = next(line for line in readme.splitlines() if "python -m pytest" in line and "pip install" in line)
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

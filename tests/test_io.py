@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from references import torch_seed_model
@@ -63,6 +66,14 @@ def test_save_replaces_a_file_whole_and_leaves_no_temporary_files(tmp_path):
     rf.save({"w": torch.ones(3)}, path)
     assert torch.equal(rf.load(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Written under a private temporary name, the file still ends up as open() would make it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    rf.save({"w": torch.zeros(2)}, tmp_path / "p.safetensors")
+    assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
 def test_save_of_bad_params_writes_nothing(tmp_path):

@@ -54,7 +54,8 @@ def plot_dataset(x: Tensor, labels: Tensor, *, title: str | None = None) -> Figu
     """Scatter the points by class, with the disc's true boundary (the seed report's Fig. 3).
 
     Args:
-        x: ``(n, 2)`` points in [0, 1]². labels: ``(n,)`` 0 or 1.
+        x: ``(n, 2)`` points in [0, 1]².
+        labels: ``(n,)`` classes, 0 or 1.
     """
     fig = _figure(figsize=(6, 6.6))
     ax = fig.add_subplot()
@@ -96,8 +97,10 @@ def plot_decision_boundary(
     """The class the model predicts over [0, 1]², with the points and its mistakes marked.
 
     Args:
-        model, params: the trained model.
-        x: ``(n, 2)`` points to show (the test set, say). labels: their ``(n,)`` classes.
+        model: the trained model.
+        params: its params.
+        x: ``(n, 2)`` points to show (the test set, say).
+        labels: their ``(n,)`` classes.
         resolution: grid points per side.
     """
     grid = torch.linspace(0, 1, resolution, dtype=x.dtype)

@@ -60,6 +60,7 @@ def _labels(target: Tensor) -> Tensor:
 
 def accuracy(model: Layer, params: Params, x: Tensor, labels: Tensor) -> float:
     """The fraction of rows of ``x`` whose predicted class equals ``labels`` (int64, ``(batch,)``)."""
+    _check_rows("accuracy", x, labels)
     if labels.shape != x.shape[:1]:
         raise ValueError(f"accuracy: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
     return (predict(model, params, x) == labels).double().mean().item()
@@ -71,6 +72,7 @@ def evaluate(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor
     The accuracy compares the largest output with the class of each row:
     ``target`` itself when it holds class indices, its argmax when it is one-hot.
     """
+    _check_rows("evaluate", x, target)
     pred = model.apply(params, x)
     correct = (pred.argmax(dim=1) == _labels(target)).double().mean()
     return loss.apply(pred, target).item(), correct.item()
@@ -82,6 +84,9 @@ def _check_count(where: str, name: str, value: int, minimum: int) -> None:
 
 
 def _check_rows(where: str, x: Tensor, target: Tensor) -> None:
+    for name, value in (("x", x), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if x.shape[:1] != target.shape[:1]:
         raise ValueError(f"{where}: x has {x.shape[0]} rows but target has {target.shape[0]}")
 
@@ -112,10 +117,13 @@ def fit(
     gives the same params and history, bit for bit. Prints nothing.
 
     Args:
-        model, loss: what to train, and against what.
+        model: what to train.
+        loss: what to minimize, ``loss(model(params, x), target)``.
         params: the starting params (not changed).
-        x: ``(n, features)`` inputs. target: ``(n, ...)``, what ``loss`` compares with.
-        epochs: passes over the data, ≥ 0. batch_size: rows per step, ≥ 1.
+        x: ``(n, features)`` inputs.
+        target: ``(n, ...)``, what ``loss`` compares with.
+        epochs: passes over the data, ≥ 0.
+        batch_size: rows per step, ≥ 1.
         lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
             step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`.
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed, for shuffling.
@@ -144,7 +152,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
             _, grads = step(params, x[rows], target[rows])
-            params = optimizer(params, grads, schedule(count))
+            params = optimizer(params, grads, _check_lr(schedule(count), f"fit: the lr schedule at step {count}"))
             count += 1
         on_test = evaluate(model, loss, params, *test) if test is not None else None
         history = history._append(evaluate(model, loss, params, x, target), on_test)

@@ -5,10 +5,10 @@ import stat
 
 import pytest
 import torch
-from references import torch_seed_model
 from safetensors.torch import save_file
 
 import rdl_functional as rf
+from rdl_functional.torch_baseline import torch_seed_model
 
 
 def _x():

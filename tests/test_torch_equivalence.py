@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from references import torch_seed_model
 
 import rdl_functional as rf
+from rdl_functional.torch_baseline import torch_seed_model
 
 
 def _train_both(dtype, steps, batch_size=10, lr=0.1):

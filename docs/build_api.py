@@ -32,6 +32,7 @@ MODULES = [
     "io",
     "data",
     "train",
+    "ensemble",
     "experiment",
     "testing",
     "torch_baseline",

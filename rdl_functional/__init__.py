@@ -15,6 +15,7 @@ passes are written by hand; torch.autograd is never used.
 from .autodiff import value_and_grad
 from .combinators import compose
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
+from .ensemble import fit_stacked, stack_params, unstack_params
 from .experiment import (
     DiscData,
     DiscResult,
@@ -23,6 +24,7 @@ from .experiment import (
     draw_run,
     logistic_model,
     run_disc,
+    run_disc_together,
     seed_model,
     summarize,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "draw_run",
     "evaluate",
     "fit",
+    "fit_stacked",
     "from_state_dict",
     "identity",
     "leaky_relu",
@@ -81,11 +84,13 @@ __all__ = [
     "predict",
     "relu",
     "run_disc",
+    "run_disc_together",
     "save",
     "save_figure",
     "seed_model",
     "sgd_step",
     "sigmoid",
+    "stack_params",
     "summarize",
     "tanh",
     "to_state_dict",
@@ -95,5 +100,6 @@ __all__ = [
     "tree_map",
     "tree_same_structure",
     "tree_unflatten",
+    "unstack_params",
     "value_and_grad",
 ]

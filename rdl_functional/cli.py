@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,16 @@ import torch
 
 from . import __version__
 from ._files import atomic_write
-from .experiment import DEFAULTS, MODELS, SCHEDULES, DiscResult, DiscSettings, run_disc, summarize
+from .experiment import (
+    DEFAULTS,
+    MODELS,
+    SCHEDULES,
+    DiscResult,
+    DiscSettings,
+    run_disc,
+    run_disc_together,
+    summarize,
+)
 from .io import load
 from .layers import Params
 from .train import History
@@ -101,7 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seed", type=_int_at_least(0), default=0,
                        help="seeds the data, the initial params and the shuffling (default: %(default)s)")
     seeds.add_argument("--seeds", type=_seeds, metavar="RANGE",
-                       help="one run per seed, e.g. 0-9 or 0-4,8; prints the median, mean ± std and worst")
+                       help="one run per seed, e.g. 0-9 or 0-4,8, trained together as one stack of models; "
+                            "prints the median, mean ± std and worst")
+    training.add_argument("--separately", action="store_true",
+                          help="with --seeds, train the seeds one after another, each exactly as --seed N "
+                               "would (together, rounding can differ in the last bits; this is slower)")
     training.add_argument("--init-from", metavar="PATH", type=Path,
                           help="start from params saved by --save (or rf.save) instead of drawing them")
     training.add_argument("--threads", type=_int_at_least(1), default=1,
@@ -179,18 +193,26 @@ def _initial_params(path: Path | None) -> Params | None:
 # Progress, on stderr
 
 
-def _progress(seed: int, epochs: int, quiet: bool, stream: TextIO) -> tuple[Callable | None, Callable[[], None]]:
-    """A fit callback that shows progress, and a function that closes it."""
+def _latest(history: History | list[History]) -> tuple[float, float, float]:
+    """The last loss, train and test accuracy; the medians of them over a stack of models."""
+    histories = history if isinstance(history, list) else [history]
+
+    return tuple(statistics.median(getattr(h, name)[-1] for h in histories)  # type: ignore[return-value]
+                 for name in ("train_loss", "train_accuracy", "test_accuracy"))
+
+
+def _progress(label: str, epochs: int, quiet: bool, stream: TextIO) -> tuple[Callable | None, Callable[[], None]]:
+    """A fit callback that shows progress (medians, for a stack of models), and a function that closes it."""
     if quiet or epochs == 0:
         return None, lambda: None
     if stream.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs, desc=f"seed {seed}", unit="epoch", file=stream, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=epochs, desc=label, unit="epoch", file=stream, leave=False, dynamic_ncols=True)
 
-        def update(epoch: int, params: Params, history: History) -> None:
-            bar.set_postfix_str(f"loss {history.train_loss[-1]:.4f}  train {history.train_accuracy[-1]:.1%}  "
-                                f"test {history.test_accuracy[-1]:.1%}", refresh=False)
+        def update(epoch: int, params: Params, history: History | list[History]) -> None:
+            loss, train, test = _latest(history)
+            bar.set_postfix_str(f"loss {loss:.4f}  train {train:.1%}  test {test:.1%}", refresh=False)
             bar.update(1)
             if epoch == epochs:  # show the end state, however fast the run was
                 bar.refresh()
@@ -198,11 +220,11 @@ def _progress(seed: int, epochs: int, quiet: bool, stream: TextIO) -> tuple[Call
         return update, bar.close
     every = max(1, epochs // 10)
 
-    def line(epoch: int, params: Params, history: History) -> None:
+    def line(epoch: int, params: Params, history: History | list[History]) -> None:
         if epoch % every == 0 or epoch == epochs:
-            print(f"seed {seed}  epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {history.train_loss[-1]:.4f}  "
-                  f"train acc {history.train_accuracy[-1]:.1%}  test acc {history.test_accuracy[-1]:.1%}",
-                  file=stream, flush=True)
+            loss, train, test = _latest(history)
+            print(f"{label}  epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {loss:.4f}  "
+                  f"train acc {train:.1%}  test acc {test:.1%}", file=stream, flush=True)
 
     return line, lambda: None
 
@@ -299,6 +321,7 @@ def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rdl-train`` and ``python -m rdl_functional``."""
     args = _parser().parse_args(argv)
+    args.seeds_text = ",".join(map(str, args.seeds)) if args.seeds else ""
     _check_args(args)
     init_params = _initial_params(args.init_from)
     torch.set_num_threads(args.threads)
@@ -309,11 +332,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
-    results = []
-    for seed in args.seeds or [args.seed]:
-        callback, close = _progress(seed, settings.epochs, args.quiet, sys.stderr)
+    seeds = args.seeds or [args.seed]
+    together = len(seeds) > 1 and not args.separately
+    runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
+                                                                    callback=c))] if together else \
+        [(f"seed {seed}", lambda c, s=seed: [run_disc(s, settings, init_params=init_params, callback=c)])
+         for seed in seeds]
+    results: list[DiscResult] = []
+    for label, train in runs:
+        callback, close = _progress(label, settings.epochs, args.quiet, sys.stderr)
         try:
-            results.append(run_disc(seed, settings, init_params=init_params, callback=callback))
+            results.extend(train(callback))
         except ValueError as error:  # --init-from params that do not fit the model
             _fail(f"--init-from {args.init_from}: {error}")
         finally:

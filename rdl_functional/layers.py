@@ -88,12 +88,11 @@ def _check_tensor(where: str, what: str, x: Any) -> None:
         raise TypeError(f"{where}: {what} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def _check_cotangent(where: str, dy: Any, y: Tensor) -> None:
+def _check_cotangent(where: str, dy: Any, shape: torch.Size) -> None:
+    """``shape`` is the output's: a pullback keeps the shape, not the output, alive."""
     _check_tensor(where, "the cotangent dy", dy)
-    if dy.shape != y.shape:
-        raise ValueError(
-            f"{where}: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(y.shape)}"
-        )
+    if dy.shape != shape:
+        raise ValueError(f"{where}: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(shape)}")
 
 
 # ---------------------------------------------------------------------------
@@ -107,9 +106,16 @@ def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.f
 def _elementwise(
     name: str,
     forward: Callable[[Tensor], Tensor],
-    backward: Callable[[Tensor, Tensor, Tensor], Tensor],
+    backward: Callable[[Tensor, Tensor], Tensor],
+    *,
+    keeps: str = "y",
 ) -> Layer:
-    """A parameterless layer ``y = forward(x)`` with ``dx = backward(dy, x, y)``."""
+    """A parameterless layer ``y = forward(x)`` with ``dx = backward(dy, kept)``.
+
+    ``kept`` is ``y`` (``keeps="y"``) or ``x`` (``keeps="x"``): the pullback
+    holds on to that one tensor only, so the other can be freed during the
+    forward pass, as torch's autograd frees it.
+    """
 
     def check(where: str, params: Params, x: Tensor) -> None:
         if params:
@@ -126,10 +132,11 @@ def _elementwise(
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
         check("vjp", params, x)
         y = forward(x)
+        kept, shape = (y if keeps == "y" else x), y.shape
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            _check_cotangent(f"{name} pullback", dy, y)
-            return {}, backward(dy, x, y)
+            _check_cotangent(f"{name} pullback", dy, shape)
+            return {}, backward(dy, kept)
 
         return y, pullback
 
@@ -139,24 +146,24 @@ def _elementwise(
 relu = _elementwise(
     "relu",
     torch.relu,  # y = max(x, 0)
-    lambda dy, x, y: _threshold_backward(dy, y, 0),  # dx = dy ⊙ [y > 0]
+    lambda dy, y: _threshold_backward(dy, y, 0),  # dx = dy ⊙ [y > 0]
 )
 
 tanh = _elementwise(
     "tanh",
     torch.tanh,
-    lambda dy, x, y: _tanh_backward(dy, y),  # dx = dy ⊙ (1 − y²)
+    lambda dy, y: _tanh_backward(dy, y),  # dx = dy ⊙ (1 − y²)
 )
 
 sigmoid = _elementwise(
     "sigmoid",
     torch.sigmoid,  # y = 1 / (1 + e⁻ˣ)
-    lambda dy, x, y: _sigmoid_backward(dy, y),  # dx = dy ⊙ y ⊙ (1 − y)
+    lambda dy, y: _sigmoid_backward(dy, y),  # dx = dy ⊙ y ⊙ (1 − y)
 )
 
 # Identity returns new tensors, as every layer does, so that a caller who
 # writes into y (or dx) never writes into x (or dy).
-identity = _elementwise("identity", torch.clone, lambda dy, x, y: dy.clone())  # dx = dy
+identity = _elementwise("identity", torch.clone, lambda dy, y: dy.clone())  # dx = dy
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
@@ -176,7 +183,8 @@ def leaky_relu(negative_slope: float = 0.01) -> Layer:
     return _elementwise(
         f"leaky_relu({slope!r})",
         lambda x: _leaky_relu(x, slope),
-        lambda dy, x, y: _leaky_relu_backward(dy, x, slope, False),
+        lambda dy, x: _leaky_relu_backward(dy, x, slope, False),
+        keeps="x",
     )
 
 
@@ -240,12 +248,16 @@ def linear(in_features: int, out_features: int) -> Layer:
             extra = sorted(set(params) - {"weight", "bias"})
             raise ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
         _check_tensor(where, "x", x)
-        if x.dim() != 2:
-            raise ValueError(f"{where}: x must have shape (batch, {in_features}), got {tuple(x.shape)}")
-        if x.shape[1] != weight.shape[1]:
+        stacked = weight.dim() == 3  # a stack of models: weight (models, out, in), x (models, batch, in)
+        if x.dim() != weight.dim():
+            expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
+            raise ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
+        if stacked and x.shape[0] != weight.shape[0]:
+            raise ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
+        if x.shape[-1] != weight.shape[-1]:
             raise ValueError(
-                f"{where}: x has {x.shape[1]} features but weight expects {weight.shape[1]} "
-                f"(was the layer built as linear({x.shape[1]}, ...)?)"
+                f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "
+                f"(was the layer built as linear({x.shape[-1]}, ...)?)"
             )
         if x.dtype != weight.dtype:
             raise TypeError(
@@ -256,17 +268,35 @@ def linear(in_features: int, out_features: int) -> Layer:
 
     def apply(params: Params, x: Tensor) -> Tensor:
         weight, bias = unpack("apply", params, x)
+        if weight.dim() == 3:
+            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
         return torch.addmm(bias, x, weight.t())  # y = x Wᵀ + b, as torch.nn.functional.linear
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
         weight, bias = unpack("vjp", params, x)
+        if weight.dim() == 3:
+            return _stacked_linear_vjp(name, weight, bias, x)
         y = torch.addmm(bias, x, weight.t())
+        shape = y.shape
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            _check_cotangent(f"{name} pullback", dy, y)
+            _check_cotangent(f"{name} pullback", dy, shape)
             # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
             return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight)
 
         return y, pullback
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name)
+
+
+def _stacked_linear_vjp(name: str, weight: Tensor, bias: Tensor, x: Tensor) -> tuple[Tensor, Pullback]:
+    """``linear``'s vjp for a stack of models: the same formulas, one batched product each."""
+    y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    shape = y.shape
+
+    def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+        _check_cotangent(f"{name} pullback", dy, shape)
+        # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ.
+        return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight)
+
+    return y, pullback

@@ -107,17 +107,17 @@ For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a�
 
 def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     _check_pred(where, logits)
-    if logits.dim() != 2:
+    if logits.dim() < 2:
         raise ValueError(f"{where}: logits must have shape (batch, classes), got {tuple(logits.shape)}")
     if not isinstance(labels, Tensor):
         raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{where}: labels must be int64 class indices, got {labels.dtype}")
-    if labels.shape != logits.shape[:1]:
+    if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"{where}: labels must have shape ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}"
+            f"{where}: labels must have shape {tuple(logits.shape[:-1])} to match the logits, got {tuple(labels.shape)}"
         )
-    classes = logits.shape[1]
+    classes = logits.shape[-1]
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(
             f"{where}: labels must lie in [0, {classes}), got values in "
@@ -128,19 +128,19 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
 def _cross_entropy_apply(logits: Tensor, labels: Tensor) -> Tensor:
     _check_cross_entropy("cross_entropy_loss.apply", logits, labels)
     # L = −mean_i log softmax(zᵢ)[yᵢ]; log_softmax subtracts the row max, so large logits are safe.
-    return -torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).mean()
+    return -torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).mean()
 
 
 def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPullback]:
     _check_cross_entropy("cross_entropy_loss.vjp", logits, labels)
-    log_p = torch.log_softmax(logits, dim=1)
-    value = -log_p.gather(1, labels[:, None]).mean()
+    log_p = torch.log_softmax(logits, dim=-1)
+    value = -log_p.gather(-1, labels.unsqueeze(-1)).mean()
 
     def pullback(g: Tensor) -> Tensor:
         g = _scalar_cotangent("cross_entropy_loss pullback", g, value)
         # dz = (softmax(z) − onehot(y)) g / batch
-        target = one_hot(labels, logits.shape[1], dtype=logits.dtype)
-        return (log_p.exp() - target) * (g / logits.shape[0])
+        target = one_hot(labels.reshape(-1), logits.shape[-1], dtype=logits.dtype).reshape(logits.shape)
+        return (log_p.exp() - target) * (g / labels.numel())
 
     return value, pullback
 
@@ -148,6 +148,8 @@ def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPull
 cross_entropy_loss = Loss(apply=_cross_entropy_apply, vjp=_cross_entropy_vjp, name="cross_entropy_loss")
 """Softmax cross-entropy of logits ``(batch, classes)`` against int64 labels ``(batch,)``,
 averaged over the batch: ``torch.nn.functional.cross_entropy``, equal to float rounding.
+Logits may have leading dimensions, ``(..., batch, classes)`` as a stack of
+models has; the mean is then over all of them.
 
 Its pullback is the plain formula ``(softmax(z) − onehot(y)) g / batch`` rather
 than torch's kernels, so unlike ``mse_loss`` it is not bit-identical to torch

@@ -13,7 +13,7 @@ from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule, sgd_step
-from .tree import Tree
+from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
 
@@ -105,6 +105,7 @@ def fit(
     test: tuple[Tensor, Tensor] | None = None,
     optimizer: Optimizer = sgd_step,
     callback: Callable[[int, Params, History], None] | None = None,
+    record_history: bool = True,
 ) -> tuple[Params, History]:
     """Train on shuffled minibatches; return the final params and the per-epoch history.
 
@@ -131,6 +132,14 @@ def fit(
         optimizer: the step, ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
+        record_history: measure the loss and accuracy after each epoch (a
+            forward pass over the training set, and the test set if given);
+            with ``False`` the history stays empty and training runs alone.
+
+    With the default ``optimizer``, ``fit`` updates a private copy of the
+    params in place (the kernel of ``sgd_step``, so the same bits): a new
+    tree per step would cost a fresh allocation per parameter per step, and
+    page faults with it, for nothing the caller can see.
 
     >>> import rdl_functional as rf
     >>> x, labels = rf.disc_dataset(200, 0)
@@ -148,14 +157,42 @@ def fit(
         _check_rows("fit: test", *test)
     g = as_generator(generator, "fit")
     step = value_and_grad(model, loss)
+    update = _sgd_in_place(params) if optimizer is sgd_step and epochs else None
+    if update is not None:
+        params = update.params
     history, count = History(), 0
     for epoch in range(1, epochs + 1):
         for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
             _, grads = step(params, x[rows], target[rows])
-            params = optimizer(params, grads, _check_lr(schedule(count), f"fit: the lr schedule at step {count}"))
+            rate = _check_lr(schedule(count), f"fit: the lr schedule at step {count}")
+            params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
             count += 1
-        on_test = evaluate(model, loss, params, *test) if test is not None else None
-        history = history._append(evaluate(model, loss, params, x, target), on_test)
+        if record_history:
+            on_test = evaluate(model, loss, params, *test) if test is not None else None
+            history = history._append(evaluate(model, loss, params, x, target), on_test)
         if callback is not None:
-            callback(epoch, params, history)
+            # A copy: the params in hand are updated in place by the next epoch.
+            callback(epoch, _copy(params) if update is not None else params, history)
     return params, history
+
+
+def _copy(tree: Tree) -> Tree:
+    return tree_map(torch.clone, tree)
+
+
+class _sgd_in_place:
+    """``p ← p − lr·g`` on a private copy of the params: ``sgd_step`` without a new tree per step."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = _copy(params)
+        self.leaves = tree_leaves(self.params)
+        self.checked = False
+
+    def __call__(self, grads: Params, lr: float) -> Params:
+        if not self.checked:  # the pullbacks keep the structure; look once
+            found = tree_difference(self.params, grads, names=("params", "grads"), leaves=True)
+            if found:
+                raise ValueError(f"fit: {found}")
+            self.checked = True
+        torch._foreach_add_(self.leaves, tree_leaves(grads), alpha=-lr)  # the kernel of sgd_step
+        return self.params

@@ -104,7 +104,7 @@ def test_progress_bar_on_a_terminal():
             return True
 
     stream = Terminal()
-    callback, close = _progress(4, 3, quiet=False, stream=stream)
+    callback, close = _progress("seed 4", 3, quiet=False, stream=stream)
     history = rf.History()
     for epoch in range(1, 4):
         history = rf.History(train_loss=(0.1,) * epoch, train_accuracy=(0.9,) * epoch,

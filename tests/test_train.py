@@ -56,9 +56,14 @@ def test_fit_reads_no_global_random_state(task):
 
 def test_callback_sees_each_epoch_with_the_history_so_far(task):
     seen = []
-    params, _ = _fit(task, callback=lambda epoch, p, h: seen.append((epoch, h.epochs, p)))
-    assert [(epoch, epochs) for epoch, epochs, _ in seen] == [(1, 1), (2, 2), (3, 3), (4, 4)]
-    assert seen[-1][2] is params
+    params, _ = _fit(task, callback=lambda epoch, p, h: seen.append((epoch, h.epochs, p, rf.tree_map(torch.clone, p))))
+    assert [(epoch, epochs) for epoch, epochs, *_ in seen] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    same = [torch.equal(a, b) for a, b in zip(rf.tree_leaves(seen[-1][2]), rf.tree_leaves(params), strict=True)]
+    assert all(same)
+    # What a callback was given stays as it was, though training went on.
+    for _, _, given, snapshot in seen:
+        assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(given), rf.tree_leaves(snapshot), strict=True))
+    assert not torch.equal(seen[0][2]["0"]["weight"], params["0"]["weight"])
 
 
 def test_optimizer_is_pluggable(task):
@@ -82,6 +87,23 @@ def test_accuracy_uses_labels_or_one_hot_targets_alike(task):
     logistic = rf.logistic_model()
     p = logistic.init(0)
     assert rf.evaluate(logistic, rf.cross_entropy_loss, p, x, labels)[1] == rf.accuracy(logistic, p, x, labels)
+
+
+def test_fit_never_changes_the_callers_params(task):
+    model, x, target, _ = task
+    params = model.init(1)
+    before = rf.tree_map(torch.clone, params)
+    new, _ = rf.fit(model, rf.mse_loss, params, x, target, epochs=2, batch_size=16, lr=0.5, generator=0)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(params), rf.tree_leaves(before), strict=True))
+    assert not (set(map(torch.Tensor.data_ptr, rf.tree_leaves(new))) & set(map(torch.Tensor.data_ptr,
+                                                                             rf.tree_leaves(params))))
+
+
+def test_without_recording_the_history_is_empty_and_the_params_the_same(task):
+    recorded, history = _fit(task)
+    alone, empty = _fit(task, record_history=False)
+    assert empty == rf.History() and history.epochs == 4
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(recorded), rf.tree_leaves(alone), strict=True))
 
 
 def test_zero_epochs_returns_the_params_unchanged(task):

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against torch.nn + autograd: ``python -m benchmarks.compare``."""

@@ -1,0 +1,285 @@
+"""rdl_functional against torch.nn + autograd + torch.optim.SGD, measured side by side.
+
+``python -m benchmarks.compare`` runs every row interleaved in one process
+(the two whole-process rows in subprocesses), alternating which side goes
+first, and prints medians over rounds with their min–max, the machine and the
+thread counts; ``--json PATH`` writes the same. ``--quick`` runs tiny sizes
+(the test suite uses it to check that the benchmark runs; its numbers mean
+nothing). Both sides always get the same model, data, batches, initial params
+and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rdl_functional as rf
+from rdl_functional.torch_baseline import torch_seed_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------
+# The two sides
+
+
+def mlp(width: int) -> tuple[rf.Layer, Callable[[], torch.nn.Sequential]]:
+    """2-W-W-W-2, ReLU, Tanh output: the seed model at another width, ours and torch's."""
+    ours = rf.compose(rf.linear(2, width), rf.relu, rf.linear(width, width), rf.relu,
+                      rf.linear(width, width), rf.relu, rf.linear(width, 2), rf.tanh)
+
+    def theirs() -> torch.nn.Sequential:
+        return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                   torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                   torch.nn.Linear(width, 2), torch.nn.Tanh())
+
+    return ours, theirs
+
+
+def train_ours(model: rf.Layer, params, x, target, epochs: int, batch_size: int, lr: float, seed: int):
+    return rf.fit(model, rf.mse_loss, params, x, target, epochs=epochs, batch_size=batch_size, lr=lr,
+                  generator=torch.Generator().manual_seed(seed), record_history=False)[0]
+
+
+def train_torch(build, params, x, target, epochs: int, batch_size: int, lr: float, seed: int):
+    model = build()
+    model.load_state_dict(rf.to_state_dict(params), strict=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+            optimizer.zero_grad()
+            F.mse_loss(model(x[rows]), target[rows]).backward()
+            optimizer.step()
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+
+
+def interleaved(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall times of each side, ``rounds`` times, alternating which goes first, after one untimed warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for side in sides.values():
+        side()
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def row(name: str, threads: int, times: dict[str, list[float]], target: str, **extra) -> dict:
+    ours, theirs = statistics.median(times["ours"]), statistics.median(times["torch"])
+    ratios = [a / b for a, b in zip(times["ours"], times["torch"], strict=True)]
+    return {"workload": name, "threads": threads, "ours_s": ours, "torch_s": theirs, "ratio": ours / theirs,
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "target": target, "rounds": len(ratios), **extra}
+
+
+def seed_task_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
+    torch.set_num_threads(1)
+    data, params, _ = rf.draw_run(0)
+    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
+    model = rf.seed_model()
+    times = interleaved({
+        "ours": lambda: train_ours(model, params, x, y, epochs, batch_size, 0.1, 1),
+        "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.1, 1),
+    }, rounds)
+    return row(f"seed task, batch {batch_size}, {epochs} epochs", 1, times, target)
+
+
+def gemm_floor(params, x) -> Callable[[], None]:
+    """The step's own matrix products, run alone: 4 forward, 4 weight-gradient and 3 input-gradient GEMMs."""
+    weights = [params[k]["weight"] for k in ("0", "2", "4", "6")]
+    activations = [x]
+    for w in weights[:-1]:
+        activations.append(torch.empty(x.shape[0], w.shape[0]).uniform_(0, 1))
+    grads = [torch.empty(x.shape[0], w.shape[0]).uniform_(-1, 1) for w in weights]
+
+    def run() -> None:
+        for a, w, b in zip(activations, weights, (params[k]["bias"] for k in ("0", "2", "4", "6")), strict=True):
+            torch.addmm(b, a, w.t())
+        for a, dy in zip(activations, grads, strict=True):
+            dy.t().mm(a)
+        for dy, w in zip(grads[1:], weights[1:], strict=True):
+            dy.mm(w)
+
+    return run
+
+
+def wide_row(width: int, steps: int, rounds: int, target: str, floor: bool) -> dict:
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model, build = mlp(width)
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g)
+    x, labels = rf.disc_dataset(1000, g)
+    y = rf.one_hot(labels, 2)
+    sides = {
+        "ours": lambda: train_ours(model, params, x, y, steps, 1000, 0.01, 1),
+        "torch": lambda: train_torch(build, params, x, y, steps, 1000, 0.01, 1),
+    }
+    if floor:
+        sides["floor"] = lambda: [gemm_floor(params, x)() for _ in range(steps)]
+    times = interleaved(sides, rounds)
+    extra = {}
+    if floor:
+        extra["gemm_floor_s"] = statistics.median(times["floor"])
+        extra["floor_fraction"] = extra["gemm_floor_s"] / statistics.median(times["ours"])
+        extra["torch_floor_fraction"] = extra["gemm_floor_s"] / statistics.median(times["torch"])
+    result = row(f"2-{width}-{width}-{width}-2, batch 1000, {steps} steps", threads, times, target, **extra)
+    for key in ("ours_s", "torch_s"):  # per step
+        result[key] /= steps
+    return result
+
+
+def process_row(epochs: int, rounds: int, target: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    commands = {
+        "ours": [sys.executable, "-m", "rdl_functional", "--epochs", str(epochs), "--quiet"],
+        "torch": [sys.executable, str(ROOT / "benchmarks" / "torch_train.py"), str(epochs)],
+    }
+    times = interleaved({name: lambda c=c: subprocess.run(c, env=env, check=True, capture_output=True)
+                         for name, c in commands.items()}, rounds)
+    return row(f"whole process: rdl-train vs a torch.nn script, {epochs} epochs", 1, times, target)
+
+
+def import_row(rounds: int, target: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    commands = {"ours": "import torch, rdl_functional", "torch": "import torch"}
+    times = interleaved({name: lambda c=c: subprocess.run([sys.executable, "-c", c], env=env, check=True)
+                         for name, c in commands.items()}, rounds)
+    result = row("import rdl_functional on top of import torch", 1, times, target)
+    result["added_ms"] = 1000 * (result["ours_s"] - result["torch_s"])
+    return result
+
+
+def peak_memory(train: Callable[[], object]) -> float:
+    """The peak of torch's CPU allocations while ``train`` runs, in MiB above where it started.
+
+    From the profiler's allocation and free events in time order: exact for
+    tensors, blind to Python objects (which neither side has many of).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    train()  # warm-up: one-time allocations (thread pools, lazy state) are not training's
+    stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # the profiler announces itself on stderr
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = train()
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    del result
+    return peak / 2**20
+
+
+def memory_row(width: int, steps: int, target: str) -> dict:
+    """Peak memory of training: both sides build their working params inside the measurement."""
+    torch.set_num_threads(1)
+    model, build = mlp(width)
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g)
+    x, labels = rf.disc_dataset(1000, g)
+    y = rf.one_hot(labels, 2)
+    peaks = {
+        "ours": peak_memory(lambda: train_ours(model, params, x, y, steps, 1000, 0.01, 1)),
+        "torch": peak_memory(lambda: train_torch(build, params, x, y, steps, 1000, 0.01, 1)),
+    }
+    return {"workload": f"peak memory of training, 2-{width}-{width}-{width}-2, batch 1000, {steps} steps",
+            "threads": 1, "ours_mib": peaks["ours"], "torch_mib": peaks["torch"],
+            "ratio": peaks["ours"] / peaks["torch"], "target": target}
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def format_table(rows: list[dict], info: dict) -> str:
+    lines = [f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, Python {info['python']}; "
+             f"{info['date']}", "",
+             "| workload | threads | ours | torch.nn | ratio (median) | min–max | target |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "ours_mib" in r:
+            lines.append(f"| {r['workload']} | {r['threads']} | {r['ours_mib']:.1f} MiB | {r['torch_mib']:.1f} MiB "
+                         f"| {r['ratio']:.2f}× | | {r['target']} |")
+            continue
+        unit = 1000 if r["ours_s"] < 1 else 1
+        suffix = "ms" if unit == 1000 else "s"
+        note = ""
+        if "floor_fraction" in r:
+            note = f" (GEMM floor: {r['floor_fraction']:.0%} of ours, {r['torch_floor_fraction']:.0%} of torch's)"
+        if "added_ms" in r:
+            note = f" (adds {r['added_ms']:.0f} ms)"
+        lines.append(f"| {r['workload']}{note} | {r['threads']} | {r['ours_s'] * unit:.3g} {suffix} | "
+                     f"{r['torch_s'] * unit:.3g} {suffix} | {r['ratio']:.2f}× | {r['ratio_min']:.2f}–"
+                     f"{r['ratio_max']:.2f} | {r['target']} |")
+    return "\n".join(lines)
+
+
+def run(quick: bool, rounds: int) -> list[dict]:
+    if quick:
+        return [seed_task_row(2, 100, 1, "runs"), wide_row(16, 1, 1, "runs", floor=True),
+                memory_row(16, 1, "runs")]
+    rows = [
+        seed_task_row(200, 100, rounds, "≤ 0.45×"),
+        seed_task_row(20, 10, rounds, "≤ 0.45×"),
+        seed_task_row(200, 1000, rounds, "≤ 0.75×"),
+        process_row(200, rounds, "≤ 0.55×"),
+        import_row(rounds, "adds ≤ 50 ms"),
+        wide_row(256, 20, rounds, "≤ 1.00×", floor=False),
+        wide_row(1024, 5, rounds, "≤ 1.00×, ≥ 95% of GEMM floor", floor=True),
+        wide_row(4096, 2, rounds, "≤ 1.00×, ≥ 95% of GEMM floor", floor=True),
+        memory_row(1024, 5, "≤ torch.nn's"),
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that it runs")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per row (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    info = machine()
+    rows = run(args.quick, args.rounds)
+    print(format_table(rows, info))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Many models of one architecture, trained together in one pass.
+
+Because params are plain trees and layers are pure, N independent models
+are one tree whose every leaf has a leading dimension N. :func:`linear`
+then multiplies each model's inputs by its own weights with one batched
+product (``bmm``) and the elementwise layers need nothing new, so a step of
+N models costs about the tensor operations of one. Each model keeps its
+own data, initial params and shuffles; the results equal training each
+alone, to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .layers import Layer, Params
+from .losses import Loss
+from .optim import Schedule, _check_lr, constant_schedule
+from .train import History, _check_count, _sgd_in_place
+from .tree import Tree, tree_difference, tree_leaves, tree_map
+
+__all__ = ["fit_stacked", "stack_params", "unstack_params"]
+
+
+def stack_params(trees: Sequence[Tree]) -> Tree:
+    """Stack trees of one structure leaf by leaf: each leaf gains a leading dimension, the model.
+
+    >>> import rdl_functional as rf
+    >>> stacked = rf.stack_params([rf.linear(2, 3).init(seed) for seed in range(4)])
+    >>> tuple(stacked["weight"].shape)
+    (4, 3, 2)
+    """
+    if not trees:
+        raise ValueError("stack_params: expected at least one tree, got none")
+    for i, tree in enumerate(trees[1:], start=1):
+        found = tree_difference(trees[0], tree, names=("trees[0]", f"trees[{i}]"), leaves=True)
+        if found:
+            raise ValueError(f"stack_params: {found}")
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def unstack_params(stacked: Tree) -> list[Tree]:
+    """Split a stacked tree back into one tree per model (new tensors, not views).
+
+    >>> import rdl_functional as rf
+    >>> trees = [rf.linear(2, 3).init(seed) for seed in range(4)]
+    >>> again = rf.unstack_params(rf.stack_params(trees))
+    >>> all(torch.equal(a["weight"], b["weight"]) for a, b in zip(trees, again))
+    True
+    """
+    leaves = tree_leaves(stacked)
+    if not leaves:
+        raise ValueError("unstack_params: the tree has no leaves, so no models to count")
+    models = leaves[0].shape[0] if leaves[0].dim() else 0
+    if any(leaf.dim() == 0 or leaf.shape[0] != models for leaf in leaves):
+        raise ValueError("unstack_params: every leaf must have the same leading (model) dimension")
+    return [tree_map(lambda leaf, i=i: leaf[i].clone(), stacked) for i in range(models)]
+
+
+def _evaluate_each(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor) -> list[tuple[float, float]]:
+    """``(loss, accuracy)`` of each stacked model on its own data set."""
+    pred = model.apply(params, x)
+    correct = (pred.argmax(dim=-1) == _labels_stacked(target)).double().mean(dim=1).tolist()
+    return [(loss.apply(pred[m], target[m]).item(), correct[m]) for m in range(pred.shape[0])]
+
+
+def _labels_stacked(target: Tensor) -> Tensor:
+    return target if not target.is_floating_point() else target.argmax(dim=-1)
+
+
+def fit_stacked(
+    model: Layer,
+    loss: Loss,
+    params: Params,
+    x: Tensor,
+    target: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float | Schedule,
+    generators: Sequence[torch.Generator],
+    test: tuple[Tensor, Tensor] | None = None,
+    callback: Callable[[int, Params, list[History]], None] | None = None,
+    record_history: bool = True,
+) -> tuple[Params, list[History]]:
+    """:func:`~rdl_functional.fit` for a stack of models: model ``m`` trains on ``x[m]``, shuffled by ``generators[m]``.
+
+    Args:
+        model: the architecture; its layers must take a leading model dimension
+            (``linear``, the elementwise layers and ``compose`` of them do).
+        loss: the loss of each model; a mean over the model's own batch.
+        params: a stacked tree (:func:`stack_params`), leaves ``(models, ...)``.
+        x: ``(models, n, features)``, each model's own training inputs.
+        target: ``(models, n, ...)``, each model's own targets.
+        epochs, batch_size, lr: as for ``fit``, shared by all models.
+        generators: one per model, for its shuffles.
+        test: optional ``(x_test, target_test)``, stacked likewise.
+        callback: ``callback(epoch, params, histories)`` after each epoch.
+        record_history: as for ``fit``.
+
+    Returns:
+        The stacked trained params and one :class:`~rdl_functional.History` per model.
+    """
+    _check_count("fit_stacked", "epochs", epochs, 0)
+    _check_count("fit_stacked", "batch_size", batch_size, 1)
+    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr, "fit_stacked"))
+    models = len(generators)
+    if x.dim() < 3 or x.shape[0] != models or target.shape[:2] != x.shape[:2]:
+        raise ValueError(
+            f"fit_stacked: expected x (models={models}, n, features) and target ({models}, n, ...), "
+            f"got {tuple(x.shape)} and {tuple(target.shape)}"
+        )
+    n = x.shape[1]
+    model_index = torch.arange(models)[:, None]
+    # The loss averages over all models' batches at once; each model's gradient is
+    # its own mean loss's when the seed cotangent is the number of models.
+    seed = torch.tensor(float(models), dtype=x.dtype)
+    update = _sgd_in_place(params)
+    params, histories, count = update.params, [History() for _ in range(models)], 0
+    for epoch in range(1, epochs + 1):
+        order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+        for start in range(0, n, batch_size):
+            rows = (model_index, order[:, start : start + batch_size])
+            pred, pullback = model.vjp(params, x[rows])
+            _, loss_pullback = loss.vjp(pred, target[rows])
+            grads, _ = pullback(loss_pullback(seed))
+            params = update(grads, _check_lr(schedule(count), f"fit_stacked: the lr schedule at step {count}"))
+            count += 1
+        if record_history:
+            train = _evaluate_each(model, loss, params, x, target)
+            tested = _evaluate_each(model, loss, params, *test) if test is not None else [None] * models
+            histories = [h._append(a, b) for h, a, b in zip(histories, train, tested, strict=True)]
+        if callback is not None:
+            callback(epoch, tree_map(torch.clone, params), histories)
+    return params, histories

@@ -22,22 +22,18 @@ _LAYER_PREFIX = re.compile(r"^layer ([^:]+): ")
 
 
 def _in_layer(error: Exception, key: str) -> Exception:
-    """The same error, its message prefixed with the layer's path: ``layer 2.0: ...``."""
+    """The same error, its message prefixed with the layer's path: ``layer 2.0: ...``.
+
+    Only plain ValueError and TypeError (what the layers raise for bad input)
+    are rewritten; a subclass, which may carry more, passes through as it is.
+    """
+    if type(error) not in (ValueError, TypeError):
+        return error
     message = str(error)
     inner = _LAYER_PREFIX.match(message)
     if inner:
         return type(error)(f"layer {key}.{inner.group(1)}: {message[inner.end():]}")
     return type(error)(f"layer {key}: {message}")
-
-
-def _call(fn: Any, key: str, params: Params, x: Tensor) -> Any:
-    """``fn(params[key], x)``, with the layer's path added to a validation error."""
-    try:
-        return fn(params.get(key, _NO_PARAMS), x)
-    except (ValueError, TypeError) as error:
-        if type(error) not in (ValueError, TypeError):
-            raise
-        raise _in_layer(error, key) from None
 
 
 def compose(*layers: Layer) -> Layer:
@@ -95,14 +91,20 @@ def compose(*layers: Layer) -> Layer:
     def apply(params: Params, x: Tensor) -> Tensor:
         check("apply", params)
         for key, layer in keyed:
-            x = _call(layer.apply, key, params, x)
+            try:
+                x = layer.apply(params.get(key, _NO_PARAMS), x)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
         return x
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
         check("vjp", params)
         pullbacks = []
         for key, layer in keyed:
-            x, pullback = _call(layer.vjp, key, params, x)
+            try:
+                x, pullback = layer.vjp(params.get(key, _NO_PARAMS), x)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
             pullbacks.append((key, pullback))
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:

@@ -13,7 +13,7 @@ from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule, sgd_step
-from .tree import Tree, tree_difference, tree_leaves, tree_map
+from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_map
 
 __all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
 
@@ -163,7 +163,7 @@ def fit(
     history, count = History(), 0
     for epoch in range(1, epochs + 1):
         for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            _, grads = step(params, x[rows], target[rows])
+            _, grads = step(params, x.index_select(0, rows), target.index_select(0, rows))
             rate = _check_lr(schedule(count), f"fit: the lr schedule at step {count}")
             params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
             count += 1
@@ -186,6 +186,9 @@ class _sgd_in_place:
     def __init__(self, params: Params) -> None:
         self.params = _copy(params)
         self.leaves = tree_leaves(self.params)
+        # The keys down to each leaf, found once: walking the grads this way each
+        # step costs a few dict lookups instead of a recursive tree walk.
+        self.paths = [tuple(path.split(".")) for path in tree_flatten(self.params)]
         self.checked = False
 
     def __call__(self, grads: Params, lr: float) -> Params:
@@ -194,5 +197,11 @@ class _sgd_in_place:
             if found:
                 raise ValueError(f"fit: {found}")
             self.checked = True
-        torch._foreach_add_(self.leaves, tree_leaves(grads), alpha=-lr)  # the kernel of sgd_step
+        grad_leaves = []
+        for keys in self.paths:
+            node = grads
+            for key in keys:
+                node = node[key]
+            grad_leaves.append(node)
+        torch._foreach_add_(self.leaves, grad_leaves, alpha=-lr)  # the kernel of sgd_step
         return self.params

@@ -77,7 +77,7 @@ def compose(*layers: Layer) -> Layer:
         return {key: layer.init(g, dtype=dtype) for key, layer in keyed}
 
     def check(where: str, params: Params) -> None:
-        if not isinstance(params, Mapping):
+        if type(params) is not dict and not isinstance(params, Mapping):
             raise TypeError(
                 f"compose.{where}: params must be a dict keyed '0'..'{len(layers) - 1}', got {type(params).__name__}"
             )

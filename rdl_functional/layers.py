@@ -94,8 +94,8 @@ def _check_tensor(where: str, what: str, x: Any) -> None:
 
 def _check_cotangent(where: str, dy: Any, shape: torch.Size) -> None:
     """``shape`` is the output's: a pullback keeps the shape, not the output, alive."""
-    _check_tensor(where, "the cotangent dy", dy)
-    if dy.shape != shape:
+    if not isinstance(dy, Tensor) or dy.shape != shape:
+        _check_tensor(where, "the cotangent dy", dy)
         raise ValueError(f"{where}: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(shape)}")
 
 
@@ -127,7 +127,8 @@ def _elementwise(
                 f"{name}.{where}: {name} has no parameters, so params must be {{}}, "
                 f"got keys {sorted(params)} (are the params of another layer misplaced?)"
             )
-        _check_tensor(f"{name}.{where}", "x", x)
+        if not isinstance(x, Tensor):
+            _check_tensor(f"{name}.{where}", "x", x)
 
     def apply(params: Params, x: Tensor) -> Tensor:
         check("apply", params, x)
@@ -238,36 +239,55 @@ def linear(in_features: int, out_features: int) -> Layer:
             "bias": bias.uniform_(-bias_bound, bias_bound, generator=g),
         }
 
-    def unpack(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
+    def params_error(where: str, params: Any) -> Exception:
         where = f"{name}.{where}"
         if not isinstance(params, Mapping):
-            raise TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
-        try:
-            weight, bias = params["weight"], params["bias"]
-        except KeyError as missing:
-            raise ValueError(
-                f"{where}: params has no {missing} (expected keys 'weight', 'bias'; got {sorted(params)})"
-            ) from None
-        if len(params) != 2:
-            extra = sorted(set(params) - {"weight", "bias"})
-            raise ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
-        _check_tensor(where, "x", x)
+            return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
+        missing = [key for key in ("weight", "bias") if key not in params]
+        if missing:
+            return ValueError(
+                f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})"
+            )
+        extra = sorted(set(params) - {"weight", "bias"})
+        return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
+
+    def input_error(where: str, x: Any, weight: Tensor) -> Exception:
+        where = f"{name}.{where}"
+        if not isinstance(x, Tensor):
+            return TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
         stacked = weight.dim() == 3  # a stack of models: weight (models, out, in), x (models, batch, in)
         if x.dim() != weight.dim():
             expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
-            raise ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
+            return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
         if stacked and x.shape[0] != weight.shape[0]:
-            raise ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
+            return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
         if x.shape[-1] != weight.shape[-1]:
-            raise ValueError(
+            return ValueError(
                 f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "
                 f"(was the layer built as linear({x.shape[-1]}, ...)?)"
             )
-        if x.dtype != weight.dtype:
-            raise TypeError(
-                f"{where}: x is {x.dtype} but weight is {weight.dtype} "
-                f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
-            )
+        return TypeError(
+            f"{where}: x is {x.dtype} but weight is {weight.dtype} "
+            f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
+        )
+
+    def unpack(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
+        # The checks run on every call, so the happy path is a few cheap comparisons;
+        # the messages are composed only when something is wrong.
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except (KeyError, TypeError, IndexError):
+            raise params_error(where, params) from None
+        if len(params) != 2:
+            raise params_error(where, params)
+        if (
+            not isinstance(x, Tensor)
+            or x.dim() != weight.dim()
+            or x.size(-1) != weight.size(-1)
+            or x.dtype != weight.dtype
+            or (x.dim() == 3 and x.size(0) != weight.size(0))
+        ):
+            raise input_error(where, x, weight)
         return weight, bias
 
     def apply(params: Params, x: Tensor) -> Tensor:

@@ -114,18 +114,22 @@ def fit_stacked(
             f"got {tuple(x.shape)} and {tuple(target.shape)}"
         )
     n = x.shape[1]
-    model_index = torch.arange(models)[:, None]
+    offsets = torch.arange(models)[:, None] * n  # model m's rows in the flattened (models·n, ...) data
+    x_flat, target_flat = x.reshape(models * n, *x.shape[2:]), target.reshape(models * n, *target.shape[2:])
     # The loss averages over all models' batches at once; each model's gradient is
     # its own mean loss's when the seed cotangent is the number of models.
     seed = torch.tensor(float(models), dtype=x.dtype)
     update = _sgd_in_place(params)
     params, histories, count = update.params, [History() for _ in range(models)], 0
     for epoch in range(1, epochs + 1):
-        order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+        # Each model's shuffle, applied once an epoch; each batch is then a slice (a view, no copy).
+        order = (torch.stack([torch.randperm(n, generator=g) for g in generators]) + offsets).reshape(-1)
+        x_shuffled = x_flat.index_select(0, order).reshape(x.shape)
+        target_shuffled = target_flat.index_select(0, order).reshape(target.shape)
         for start in range(0, n, batch_size):
-            rows = (model_index, order[:, start : start + batch_size])
-            pred, pullback = model.vjp(params, x[rows])
-            _, loss_pullback = loss.vjp(pred, target[rows])
+            stop = start + batch_size
+            pred, pullback = model.vjp(params, x_shuffled[:, start:stop])
+            _, loss_pullback = loss.vjp(pred, target_shuffled[:, start:stop])
             grads, _ = pullback(loss_pullback(seed))
             params = update(grads, _check_lr(schedule(count), f"fit_stacked: the lr schedule at step {count}"))
             count += 1

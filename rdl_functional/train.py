@@ -162,8 +162,12 @@ def fit(
         params = update.params
     history, count = History(), 0
     for epoch in range(1, epochs + 1):
-        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            _, grads = step(params, x.index_select(0, rows), target.index_select(0, rows))
+        # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
+        order = torch.randperm(x.shape[0], generator=g)
+        x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
+        for start in range(0, x.shape[0], batch_size):
+            stop = start + batch_size
+            _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
             rate = _check_lr(schedule(count), f"fit: the lr schedule at step {count}")
             params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
             count += 1

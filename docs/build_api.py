@@ -28,6 +28,7 @@ MODULES = [
     "combinators",
     "losses",
     "autodiff",
+    "compiled",
     "optim",
     "io",
     "data",

@@ -14,6 +14,7 @@ passes are written by hand; torch.autograd is never used.
 
 from .autodiff import value_and_grad
 from .combinators import compose
+from .compiled import compiled_step
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, unstack_params
 from .experiment import (
@@ -61,6 +62,7 @@ __all__ = [
     "accuracy",
     "check_params_fit",
     "check_vjp",
+    "compiled_step",
     "compose",
     "constant_schedule",
     "cross_entropy_loss",

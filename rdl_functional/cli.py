@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                                "would (together, rounding can differ in the last bits; this is slower)")
     training.add_argument("--init-from", metavar="PATH", type=Path,
                           help="start from params saved by --save (or rf.save) instead of drawing them")
+    training.add_argument("--compile", action="store_true",
+                          help="train through torch.compile: the first step compiles (tens of seconds), later "
+                               "steps run faster; results equal eager training to float rounding")
     training.add_argument("--threads", type=_int_at_least(1), default=1,
                           help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
                                "count keeps results reproducible (default: %(default)s)")
@@ -297,7 +300,7 @@ def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> No
         "dataset.png": plot_dataset(data.x_train, data.labels_train,
                                     title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
         "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
-        "decision-boundary.png": plot_decision_boundary(settings.task.build(), result.params, data.x_test,
+        "decision-boundary.png": plot_decision_boundary(settings.task.model, result.params, data.x_test,
                                                         data.labels_test),
     }
     for filename, figure in figures.items():
@@ -326,14 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_params = _initial_params(args.init_from)
     torch.set_num_threads(args.threads)
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                            model=args.model)
+                            model=args.model, compile=args.compile)
     rate = f"lr {settings.lr:g}" + (" decaying linearly to 0" if settings.schedule == "linear" else " (constant)")
     print(f"rdl-train {__version__}: {settings.task.description}, plain SGD\n"
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
     seeds = args.seeds or [args.seed]
-    together = len(seeds) > 1 and not args.separately
+    together = len(seeds) > 1 and not (args.separately or args.compile)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
                                                                     callback=c))] if together else \
         [(f"seed {seed}", lambda c, s=seed: [run_disc(s, settings, init_params=init_params, callback=c)])

@@ -58,18 +58,22 @@ def logistic_model() -> Layer:
 
 @attrs.frozen
 class Task:
-    """A model for the disc task, the loss it trains on, and its targets made from labels."""
+    """A model for the disc task, the loss it trains on, and its targets made from labels.
 
-    build: Callable[[], Layer]
+    The model is built once: a layer is an immutable value, and one object
+    lets a compiled step (``--compile``) serve every run.
+    """
+
+    model: Layer
     loss: Loss
     targets: Callable[[Tensor], Tensor]
     description: str
 
 
 MODELS = {
-    "mlp": Task(seed_model, mse_loss, lambda labels: one_hot(labels, 2),
+    "mlp": Task(seed_model(), mse_loss, lambda labels: one_hot(labels, 2),
                 "2-25-25-25-2 MLP (ReLU, Tanh output), MSE on one-hot targets"),
-    "logistic": Task(logistic_model, cross_entropy_loss, lambda labels: labels,
+    "logistic": Task(logistic_model(), cross_entropy_loss, lambda labels: labels,
                      "logistic regression (one linear layer), cross-entropy on labels"),
 }  # fmt: skip
 SCHEDULES = ("linear", "constant")
@@ -86,6 +90,7 @@ class DiscSettings:
         schedule: ``"linear"`` or ``"constant"``.
         model: a key of :data:`MODELS`, ``"mlp"`` (the seed model) or ``"logistic"``.
         n_train, n_test: the sizes of the fresh training and test sets.
+        compile: train through ``torch.compile`` (see ``fit``); one run at a time.
     """
 
     epochs: int = 200
@@ -95,6 +100,7 @@ class DiscSettings:
     model: str = attrs.field(default="mlp", validator=attrs.validators.in_(tuple(MODELS)))
     n_train: int = 1000
     n_test: int = 1000
+    compile: bool = False
 
     @property
     def task(self) -> Task:
@@ -172,7 +178,7 @@ def draw_run(seed: int, settings: DiscSettings = DEFAULTS) -> tuple[DiscData, Pa
     g = torch.Generator().manual_seed(seed)
     x_train, labels_train = disc_dataset(settings.n_train, g)
     x_test, labels_test = disc_dataset(settings.n_test, g)
-    params = settings.task.build().init(g)
+    params = settings.task.model.init(g)
     return DiscData(x_train, labels_train, x_test, labels_test), params, g
 
 
@@ -194,7 +200,7 @@ def run_disc(
     """
     start = time.perf_counter()
     task = settings.task
-    model = task.build()
+    model = task.model
     data, params, g = draw_run(seed, settings)
     if init_params is not None:
         check_params_fit(model, init_params)
@@ -202,7 +208,7 @@ def run_disc(
     params, history = fit(
         model, task.loss, params, data.x_train, task.targets(data.labels_train),
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.learning_rate(), generator=g,
-        test=(data.x_test, task.targets(data.labels_test)), callback=callback,
+        test=(data.x_test, task.targets(data.labels_test)), callback=callback, compile=settings.compile,
     )  # fmt: skip
     return _result(seed, settings, model, params, history, data, time.perf_counter() - start)
 
@@ -246,9 +252,11 @@ def run_disc_together(
     """
     if not seeds:
         raise ValueError("run_disc_together: expected at least one seed, got none")
+    if settings.compile:
+        raise ValueError("run_disc_together: a compiled step trains one model; run the seeds with run_disc")
     start = time.perf_counter()
     task = settings.task
-    model = task.build()
+    model = task.model
     drawn = [draw_run(seed, settings) for seed in seeds]
     if init_params is not None:
         check_params_fit(model, init_params)

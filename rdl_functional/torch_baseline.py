@@ -86,7 +86,7 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
         raise ValueError(f"compare_with_torch: the torch baseline is the seed MLP, not {settings.model!r}")
     data, params, generator = draw_run(seed, settings)
     task = settings.task
-    model, target = task.build(), task.targets(data.labels_train)
+    model, target = task.model, task.targets(data.labels_train)
 
     def shuffles() -> torch.Generator:  # a copy, so that both sides draw the same shuffles
         return torch.Generator().set_state(generator.get_state())

@@ -106,6 +106,7 @@ def fit(
     optimizer: Optimizer = sgd_step,
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
+    compile: bool = False,
 ) -> tuple[Params, History]:
     """Train on shuffled minibatches; return the final params and the per-epoch history.
 
@@ -135,6 +136,10 @@ def fit(
         record_history: measure the loss and accuracy after each epoch (a
             forward pass over the training set, and the test set if given);
             with ``False`` the history stays empty and training runs alone.
+        compile: run each step through :func:`~rdl_functional.compiled_step`
+            (``torch.compile``; plain SGD only). The first step compiles, which
+            takes tens of seconds on a CPU; the results equal eager training
+            to float rounding, not bit for bit.
 
     With the default ``optimizer``, ``fit`` updates a private copy of the
     params in place (the kernel of ``sgd_step``, so the same bits): a new
@@ -156,8 +161,10 @@ def fit(
     if test is not None:
         _check_rows("fit: test", *test)
     g = as_generator(generator, "fit")
-    step = value_and_grad(model, loss)
-    update = _sgd_in_place(params) if optimizer is sgd_step and epochs else None
+    if compile and optimizer is not sgd_step:
+        raise ValueError("fit: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
+    step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
+    update = _sgd_in_place(params) if optimizer is sgd_step and epochs and not compile else None
     if update is not None:
         params = update.params
     history, count = History(), 0
@@ -167,9 +174,12 @@ def fit(
         x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
         for start in range(0, x.shape[0], batch_size):
             stop = start + batch_size
-            _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
             rate = _check_lr(schedule(count), f"fit: the lr schedule at step {count}")
-            params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
+            if compile:
+                params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], rate)
+            else:
+                _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
+                params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
             count += 1
         if record_history:
             on_test = evaluate(model, loss, params, *test) if test is not None else None
@@ -209,3 +219,15 @@ class _sgd_in_place:
             grad_leaves.append(node)
         torch._foreach_add_(self.leaves, grad_leaves, alpha=-lr)  # the kernel of sgd_step
         return self.params
+
+
+def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], Params]:
+    """The compiled step with the rate passed as a tensor, so that a schedule never recompiles it."""
+    from .compiled import compiled_step
+
+    step = compiled_step(model, loss)
+
+    def run(params: Params, x: Tensor, target: Tensor, lr: float) -> Params:
+        return step(params, x, target, torch.tensor(lr, dtype=x.dtype))[1]
+
+    return run

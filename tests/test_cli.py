@@ -188,3 +188,11 @@ def test_python_dash_m_runs_it_in_a_fresh_process():
     bad = subprocess.run([sys.executable, "-m", "rdl_functional", "--epochs", "x"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_compile_trains_through_torch_compile(capsys):
+    assert main(["--epochs", "2", "--batch-size", "500", "--compile", "--quiet"]) == 0
+    compiled = _table_rows(capsys.readouterr().out)[0]
+    main(["--epochs", "2", "--batch-size", "500", "--quiet"])
+    eager = _table_rows(capsys.readouterr().out)[0]
+    assert compiled[0] == eager[0] and abs(int(compiled[3]) - int(eager[3])) <= 2  # the same run, to rounding

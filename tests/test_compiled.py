@@ -1,0 +1,35 @@
+"""The opt-in compiled step gives the eager numbers (to float rounding) and compiles once."""
+
+from __future__ import annotations
+
+import pytest
+
+import rdl_functional as rf
+
+
+def test_compiled_training_equals_eager_training_and_compiles_once():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    data, params, _ = rf.draw_run(0)
+    x, target = data.x_train[:300], rf.one_hot(data.labels_train[:300], 2)
+    model = rf.seed_model()
+    settings = dict(epochs=3, batch_size=100, lr=rf.linear_schedule(0.8, 0.0, 9))
+    eager, eager_history = rf.fit(model, rf.mse_loss, params, x, target, generator=1, **settings)
+    compiled, compiled_history = rf.fit(model, rf.mse_loss, params, x, target, generator=1, compile=True, **settings)
+    again, _ = rf.fit(model, rf.mse_loss, params, x, target, generator=1, compile=True, **settings)
+    for a, b, c in zip(rf.tree_leaves(compiled), rf.tree_leaves(eager), rf.tree_leaves(again), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, c)
+    assert compiled_history.train_accuracy == pytest.approx(eager_history.train_accuracy, abs=2 / 300)
+    # Nine steps at nine learning rates, and a second fit: one graph, never recompiled.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_takes_only_plain_sgd():
+    model = rf.seed_model()
+    x, labels = rf.disc_dataset(10, 0)
+    with pytest.raises(ValueError, match=r"fit: compile=True runs plain SGD inside the compiled step"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=1, batch_size=5, lr=0.1,
+               generator=0, compile=True, optimizer=lambda p, g, lr: rf.sgd_step(p, g, lr))

@@ -36,6 +36,11 @@ def _in_layer(error: Exception, key: str) -> Exception:
     return type(error)(f"layer {key}: {message}")
 
 
+def _pull(pullback: Any, dy: Tensor) -> tuple[Params, Tensor]:
+    """Run a pullback, freeing as it goes where it can (a compose's pullback can)."""
+    return pullback(dy, release=True) if getattr(pullback, "releases", False) else pullback(dy)
+
+
 def compose(*layers: Layer) -> Layer:
     """Chain layers: ``compose(f, g, h)(params, x) == h(params["2"], g(params["1"], f(params["0"], x)))``.
 
@@ -45,7 +50,10 @@ def compose(*layers: Layer) -> Layer:
     loads into the equivalent Sequential.
 
     The pullback runs the layers' pullbacks in reverse: the chain rule,
-    ``dx = J₀ᵀ J₁ᵀ ⋯ Jₙᵀ dy``.
+    ``dx = J₀ᵀ J₁ᵀ ⋯ Jₙᵀ dy``. It can be called any number of times; called
+    as ``pullback(dy, release=True)`` it frees each layer's saved tensors as
+    soon as that layer is done (as autograd does) and cannot be called again.
+    :func:`~rdl_functional.value_and_grad` calls it so.
 
     >>> import torch
     >>> import rdl_functional as rf
@@ -107,13 +115,23 @@ def compose(*layers: Layer) -> Layer:
                 raise _in_layer(error, key) from None
             pullbacks.append((key, pullback))
 
-        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+        def pullback(dy: Tensor, *, release: bool = False) -> tuple[Params, Tensor]:
             dparams = {}
-            for key, layer_pullback in reversed(pullbacks):
-                dparams[key], dy = layer_pullback(dy)
+            if release:
+                # Drop each layer's pullback, and the tensors it saved, as soon as it has
+                # run, as autograd frees a node's saved tensors: the backward pass then
+                # never holds every activation and every gradient at once.
+                while pullbacks:
+                    key, layer_pullback = pullbacks.pop()
+                    dparams[key], dy = _pull(layer_pullback, dy)
+                    del layer_pullback
+            else:
+                for key, layer_pullback in reversed(pullbacks):
+                    dparams[key], dy = layer_pullback(dy)
             # dparams mirrors params: its key order, and no entry that params left out.
             return {key: dparams[key] for key in params}, dy
 
+        pullback.releases = True  # type: ignore[attr-defined]
         return x, pullback
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name)

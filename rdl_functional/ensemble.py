@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .combinators import _pull
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule
@@ -130,8 +131,9 @@ def fit_stacked(
             stop = start + batch_size
             pred, pullback = model.vjp(params, x_shuffled[:, start:stop])
             _, loss_pullback = loss.vjp(pred, target_shuffled[:, start:stop])
-            grads, _ = pullback(loss_pullback(seed))
+            grads, _ = _pull(pullback, loss_pullback(seed))
             params = update(grads, _check_lr(schedule(count), f"fit_stacked: the lr schedule at step {count}"))
+            del grads, pred, pullback
             count += 1
         if record_history:
             train = _evaluate_each(model, loss, params, x, target)

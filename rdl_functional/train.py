@@ -180,6 +180,7 @@ def fit(
             else:
                 _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
                 params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
+                del grads  # not alive through the next step's forward pass
             count += 1
         if record_history:
             on_test = evaluate(model, loss, params, *test) if test is not None else None

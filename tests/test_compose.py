@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -59,3 +61,36 @@ def test_compose_rejects_a_layer_that_is_not_a_layer():
         rf.compose(rf.relu, rf.linear)
     with pytest.raises(ValueError, match=r"compose: expected at least one layer, got none"):
         rf.compose()
+
+
+def _recording(saved):
+    """tanh, recording a weak reference to the tensor its pullback keeps."""
+
+    def vjp(params, x):
+        y, pullback = rf.tanh.vjp(params, x)
+        saved.append(weakref.ref(y))
+        return y, pullback
+
+    return rf.Layer(init=rf.tanh.init, apply=rf.tanh.apply, vjp=vjp, name="recording tanh")
+
+
+def test_a_pullback_can_be_called_again_unless_it_released_its_tensors():
+    saved = []
+    model = rf.compose(rf.linear(2, 3), _recording(saved), rf.compose(rf.linear(3, 3), _recording(saved)))
+    params, x = model.init(0), torch.rand(4, 2, generator=torch.Generator().manual_seed(0))
+    y, pullback = model.vjp(params, x)
+    dy = torch.ones_like(y)
+    first, second = pullback(dy), pullback(dy)
+    released = pullback(dy, release=True)
+    del y
+    trees = [{"dparams": dparams, "dx": dx} for dparams, dx in (first, second, released)]
+    for a, b, c in zip(*map(rf.tree_leaves, trees), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert all(ref() is None for ref in saved)  # the nested compose released too
+
+
+def test_value_and_grad_frees_activations_as_it_goes():
+    saved = []
+    model = rf.compose(rf.linear(2, 3), _recording(saved), rf.linear(3, 2))
+    rf.value_and_grad(model, rf.mse_loss)(model.init(0), torch.rand(4, 2), torch.zeros(4, 2))
+    assert saved and all(ref() is None for ref in saved)

@@ -37,7 +37,7 @@ def value_and_grad(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor
     def value_and_grad_fn(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
         pred, model_pullback = model.vjp(params, x)
         value, loss_pullback = loss.vjp(pred, target)
-        grads, _ = _pull(model_pullback, loss_pullback(torch.ones_like(value)))
+        grads, _ = _pull(model_pullback, loss_pullback(torch.ones_like(value)), need_dx=False)
         return value, grads
 
     return value_and_grad_fn

@@ -36,9 +36,18 @@ def _in_layer(error: Exception, key: str) -> Exception:
     return type(error)(f"layer {key}: {message}")
 
 
-def _pull(pullback: Any, dy: Tensor) -> tuple[Params, Tensor]:
-    """Run a pullback, freeing as it goes where it can (a compose's pullback can)."""
-    return pullback(dy, release=True) if getattr(pullback, "releases", False) else pullback(dy)
+def _pull(pullback: Any, dy: Tensor, *, release: bool = True, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+    """Run a pullback with the savings it offers: freeing as it goes (``release``,
+    a compose's pullback), and not computing an input gradient nobody reads
+    (``need_dx=False``, linear's and compose's; torch's autograd likewise
+    computes no gradient for an input that does not require one).
+    """
+    options = {}
+    if release and getattr(pullback, "releases", False):
+        options["release"] = True
+    if not need_dx and getattr(pullback, "skips_dx", False):
+        options["need_dx"] = False
+    return pullback(dy, **options)
 
 
 def compose(*layers: Layer) -> Layer:
@@ -52,8 +61,9 @@ def compose(*layers: Layer) -> Layer:
     The pullback runs the layers' pullbacks in reverse: the chain rule,
     ``dx = J₀ᵀ J₁ᵀ ⋯ Jₙᵀ dy``. It can be called any number of times; called
     as ``pullback(dy, release=True)`` it frees each layer's saved tensors as
-    soon as that layer is done (as autograd does) and cannot be called again.
-    :func:`~rdl_functional.value_and_grad` calls it so.
+    soon as that layer is done (as autograd does) and cannot be called again,
+    and with ``need_dx=False`` it may return ``None`` for ``dx`` and skip
+    computing it. :func:`~rdl_functional.value_and_grad` calls it with both.
 
     >>> import torch
     >>> import rdl_functional as rf
@@ -115,23 +125,23 @@ def compose(*layers: Layer) -> Layer:
                 raise _in_layer(error, key) from None
             pullbacks.append((key, pullback))
 
-        def pullback(dy: Tensor, *, release: bool = False) -> tuple[Params, Tensor]:
+        def pullback(dy: Tensor, *, release: bool = False, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+            if not pullbacks:
+                raise RuntimeError(f"{name} pullback: it ran with release=True, which freed its saved tensors")
             dparams = {}
-            if release:
-                # Drop each layer's pullback, and the tensors it saved, as soon as it has
-                # run, as autograd frees a node's saved tensors: the backward pass then
-                # never holds every activation and every gradient at once.
-                while pullbacks:
-                    key, layer_pullback = pullbacks.pop()
-                    dparams[key], dy = _pull(layer_pullback, dy)
-                    del layer_pullback
-            else:
-                for key, layer_pullback in reversed(pullbacks):
-                    dparams[key], dy = layer_pullback(dy)
+            for i in range(len(pullbacks) - 1, -1, -1):
+                key, layer_pullback = pullbacks[i]
+                # Only the first layer's input gradient can go unread.
+                dparams[key], dy = _pull(layer_pullback, dy, release=release, need_dx=need_dx or i > 0)
+                if release:
+                    # Drop the layer's pullback, and the tensors it saved, as soon as it has
+                    # run, as autograd frees a node's: the backward pass then never holds
+                    # every activation and every gradient at once.
+                    del pullbacks[i], layer_pullback
             # dparams mirrors params: its key order, and no entry that params left out.
             return {key: dparams[key] for key in params}, dy
 
-        pullback.releases = True  # type: ignore[attr-defined]
+        pullback.releases = pullback.skips_dx = True  # type: ignore[attr-defined]
         return x, pullback
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name)

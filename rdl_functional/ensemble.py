@@ -131,7 +131,7 @@ def fit_stacked(
             stop = start + batch_size
             pred, pullback = model.vjp(params, x_shuffled[:, start:stop])
             _, loss_pullback = loss.vjp(pred, target_shuffled[:, start:stop])
-            grads, _ = _pull(pullback, loss_pullback(seed))
+            grads, _ = _pull(pullback, loss_pullback(seed), need_dx=False)
             params = update(grads, _check_lr(schedule(count), f"fit_stacked: the lr schedule at step {count}"))
             del grads, pred, pullback
             count += 1

@@ -303,11 +303,12 @@ def linear(in_features: int, out_features: int) -> Layer:
         y = _linear(x, weight, bias)
         shape = y.shape
 
-        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+        def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(f"{name} pullback", dy, shape)
             # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
-            return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight)
+            return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
 
+        pullback.skips_dx = True  # type: ignore[attr-defined]
         return y, pullback
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name)
@@ -318,9 +319,10 @@ def _stacked_linear_vjp(name: str, weight: Tensor, bias: Tensor, x: Tensor) -> t
     y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     shape = y.shape
 
-    def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+    def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
         _check_cotangent(f"{name} pullback", dy, shape)
         # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ.
-        return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight)
+        return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
 
+    pullback.skips_dx = True  # type: ignore[attr-defined]
     return y, pullback

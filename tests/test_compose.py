@@ -94,3 +94,21 @@ def test_value_and_grad_frees_activations_as_it_goes():
     model = rf.compose(rf.linear(2, 3), _recording(saved), rf.linear(3, 2))
     rf.value_and_grad(model, rf.mse_loss)(model.init(0), torch.rand(4, 2), torch.zeros(4, 2))
     assert saved and all(ref() is None for ref in saved)
+
+
+def test_a_released_pullback_says_so_when_called_again():
+    model = rf.compose(rf.linear(2, 3), rf.tanh)
+    y, pullback = model.vjp(model.init(0), torch.rand(4, 2))
+    pullback(torch.ones_like(y), release=True)
+    with pytest.raises(RuntimeError, match=r"compose\(linear\(2, 3\), tanh\) pullback: it ran with release=True"):
+        pullback(torch.ones_like(y))
+
+
+def test_need_dx_false_skips_the_input_gradient_and_changes_no_other():
+    model = rf.compose(rf.linear(2, 3), rf.relu, rf.compose(rf.linear(3, 3), rf.tanh))
+    params, x = model.init(0), torch.rand(4, 2, generator=torch.Generator().manual_seed(1))
+    y, pullback = model.vjp(params, x)
+    dparams, dx = pullback(torch.ones_like(y))
+    lean, none = pullback(torch.ones_like(y), need_dx=False)
+    assert none is None and dx.shape == x.shape
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(dparams), rf.tree_leaves(lean), strict=True))

@@ -19,7 +19,9 @@ def test_the_benchmark_runs_and_writes_its_table_and_json(tmp_path):
     assert "| workload | threads | ours | torch.nn | ratio (median) | min–max | target |" in done.stdout
     assert "machine:" in done.stdout and "torch 2" in done.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert len(rows) >= 4 and all(row["ratio"] > 0 for row in rows)
+    assert len(rows) >= 5 and all(row["workload"] and row["target"] for row in rows)
+    assert all(row["ratio"] > 0 for row in rows if "ratio" in row)
+    assert any(0 < row.get("added_ms", -1) < 2000 for row in rows)
 
 
 def test_the_default_training_path_never_imports_dynamo_or_compile():

@@ -20,7 +20,7 @@ from .combinators import _pull
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule
-from .train import History, _check_count, _sgd_in_place
+from .train import History, _check_count, _rate, _sgd_in_place
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "unstack_params"]
@@ -132,7 +132,7 @@ def fit_stacked(
             pred, pullback = model.vjp(params, x_shuffled[:, start:stop])
             _, loss_pullback = loss.vjp(pred, target_shuffled[:, start:stop])
             grads, _ = _pull(pullback, loss_pullback(seed), need_dx=False)
-            params = update(grads, _check_lr(schedule(count), f"fit_stacked: the lr schedule at step {count}"))
+            params = update(grads, _rate(schedule, count, "fit_stacked"))
             del grads, pred, pullback
             count += 1
         if record_history:

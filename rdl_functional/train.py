@@ -78,6 +78,14 @@ def evaluate(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor
     return loss.apply(pred, target).item(), correct.item()
 
 
+def _rate(schedule: Schedule, count: int, where: str) -> float:
+    """The schedule's rate for step ``count``, checked; the message is composed only when it is bad."""
+    rate = schedule(count)
+    if type(rate) is float and rate >= 0 and rate != float("inf"):
+        return rate
+    return _check_lr(rate, f"{where}: the lr schedule at step {count}")
+
+
 def _check_count(where: str, name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value!r}")
@@ -174,7 +182,7 @@ def fit(
         x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
         for start in range(0, x.shape[0], batch_size):
             stop = start + batch_size
-            rate = _check_lr(schedule(count), f"fit: the lr schedule at step {count}")
+            rate = _rate(schedule, count, "fit")
             if compile:
                 params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], rate)
             else:

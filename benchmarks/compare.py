@@ -122,14 +122,19 @@ def gemm_floor(params, x) -> Callable[[], None]:
     return run
 
 
-def wide_row(width: int, steps: int, rounds: int, target: str, floor: bool) -> dict:
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+def wide_setup(width: int):
+    """The 2-W-W-W-2 model, ours and torch's, its initial params, and 1000 disc points with one-hot targets."""
     model, build = mlp(width)
     g = torch.Generator().manual_seed(0)
     params = model.init(g)
     x, labels = rf.disc_dataset(1000, g)
-    y = rf.one_hot(labels, 2)
+    return model, build, params, x, rf.one_hot(labels, 2)
+
+
+def wide_row(width: int, steps: int, rounds: int, target: str, floor: bool) -> dict:
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model, build, params, x, y = wide_setup(width)
     sides = {
         "ours": lambda: train_ours(model, params, x, y, steps, 1000, 0.01, 1),
         "torch": lambda: train_torch(build, params, x, y, steps, 1000, 0.01, 1),
@@ -267,11 +272,7 @@ def peak_memory(train: Callable[[], object]) -> float:
 def memory_row(width: int, steps: int, target: str) -> dict:
     """Peak memory of training: both sides build their working params inside the measurement."""
     torch.set_num_threads(1)
-    model, build = mlp(width)
-    g = torch.Generator().manual_seed(0)
-    params = model.init(g)
-    x, labels = rf.disc_dataset(1000, g)
-    y = rf.one_hot(labels, 2)
+    model, build, params, x, y = wide_setup(width)
     peaks = {
         "ours": peak_memory(lambda: train_ours(model, params, x, y, steps, 1000, 0.01, 1)),
         "torch": peak_memory(lambda: train_torch(build, params, x, y, steps, 1000, 0.01, 1)),

@@ -92,11 +92,14 @@ def _check_tensor(where: str, what: str, x: Any) -> None:
         raise TypeError(f"{where}: {what} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def _check_cotangent(where: str, dy: Any, shape: torch.Size) -> None:
-    """``shape`` is the output's: a pullback keeps the shape, not the output, alive."""
+def _check_cotangent(name: str, dy: Any, shape: torch.Size) -> None:
+    """``shape`` is the output's: a pullback keeps the shape, not the output, alive.
+
+    Runs on every backward step, so nothing is formatted unless ``dy`` is wrong.
+    """
     if not isinstance(dy, Tensor) or dy.shape != shape:
-        _check_tensor(where, "the cotangent dy", dy)
-        raise ValueError(f"{where}: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(shape)}")
+        _check_tensor(f"{name} pullback", "the cotangent dy", dy)
+        raise ValueError(f"{name} pullback: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(shape)}")
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def _elementwise(
         kept, shape = (y if keeps == "y" else x), y.shape
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            _check_cotangent(f"{name} pullback", dy, shape)
+            _check_cotangent(name, dy, shape)
             return {}, backward(dy, kept)
 
         return y, pullback
@@ -304,7 +307,7 @@ def linear(in_features: int, out_features: int) -> Layer:
         shape = y.shape
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-            _check_cotangent(f"{name} pullback", dy, shape)
+            _check_cotangent(name, dy, shape)
             # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
             return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
 
@@ -320,7 +323,7 @@ def _stacked_linear_vjp(name: str, weight: Tensor, bias: Tensor, x: Tensor) -> t
     shape = y.shape
 
     def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-        _check_cotangent(f"{name} pullback", dy, shape)
+        _check_cotangent(name, dy, shape)
         # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ.
         return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
 

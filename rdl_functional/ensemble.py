@@ -20,7 +20,7 @@ from .combinators import _pull
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Schedule, _check_lr, constant_schedule
-from .train import History, _check_count, _rate, _sgd_in_place
+from .train import History, _check_count, _labels, _rate, _sgd_in_place
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "unstack_params"]
@@ -64,12 +64,8 @@ def unstack_params(stacked: Tree) -> list[Tree]:
 def _evaluate_each(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor) -> list[tuple[float, float]]:
     """``(loss, accuracy)`` of each stacked model on its own data set."""
     pred = model.apply(params, x)
-    correct = (pred.argmax(dim=-1) == _labels_stacked(target)).double().mean(dim=1).tolist()
+    correct = (pred.argmax(dim=-1) == _labels(target)).double().mean(dim=1).tolist()
     return [(loss.apply(pred[m], target[m]).item(), correct[m]) for m in range(pred.shape[0])]
-
-
-def _labels_stacked(target: Tensor) -> Tensor:
-    return target if not target.is_floating_point() else target.argmax(dim=-1)
 
 
 def fit_stacked(

@@ -54,8 +54,11 @@ def predict(model: Layer, params: Params, x: Tensor) -> Tensor:
 
 
 def _labels(target: Tensor) -> Tensor:
-    """Class indices from a target: the target itself (indices) or its argmax (one-hot)."""
-    return target if target.dim() == 1 else target.argmax(dim=1)
+    """Class indices from a target: the target itself (integer indices) or its argmax (one-hot).
+
+    Works with leading dimensions too, as a stack of models has.
+    """
+    return target if not target.is_floating_point() else target.argmax(dim=-1)
 
 
 def accuracy(model: Layer, params: Params, x: Tensor, labels: Tensor) -> float:

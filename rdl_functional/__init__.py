@@ -16,7 +16,7 @@ from .autodiff import value_and_grad
 from .combinators import compose
 from .compiled import compiled_step
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
-from .ensemble import fit_stacked, stack_params, unstack_params
+from .ensemble import fit_stacked, stack_params, stacked, unstack_params
 from .experiment import (
     DiscData,
     DiscResult,
@@ -93,6 +93,7 @@ __all__ = [
     "sgd_step",
     "sigmoid",
     "stack_params",
+    "stacked",
     "summarize",
     "tanh",
     "to_state_dict",

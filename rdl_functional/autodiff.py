@@ -1,26 +1,128 @@
-"""Gradients of a loss through a model, from the hand-written pullbacks."""
+"""Gradients of a loss through a model, from the hand-written pullbacks, run by a plan.
+
+``value_and_grad(model, loss)`` looks at the model once and makes a *plan*:
+the flat list of its leaf layers (composes seen through, however nested),
+each with the keys of its params in the tree. A call runs the leaves'
+``vjp`` forward and their pullbacks in reverse, dropping each pullback (and
+the tensors it saved) as soon as it has run, as autograd frees a node's.
+
+What can change between calls is checked on every call: each leaf checks
+its own params and input, as it does when called alone, and a guard checks
+that every compose's params are a plain dict with no key the model lacks.
+Anything the guard does not vouch for (a ``Mapping`` that is not a dict, an
+unknown key) runs the general path, ``model.vjp``, which gives the same
+results and raises the same messages; a leaf's error is prefixed with its
+path exactly as compose prefixes it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
-from .combinators import _pull
+from .combinators import _NO_PARAMS, _in_layer
 from .layers import Layer, Params
 from .losses import Loss
 
 __all__ = ["value_and_grad"]
 
+ValueAndGrad = Callable[[Params, Tensor, Tensor], tuple[Tensor, Params]]
 
-def value_and_grad(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor], tuple[Tensor, Params]]:
+
+@attrs.frozen
+class _Leaf:
+    keys: tuple[str, ...]  # where its params sit in the model's tree
+    path: str  # the same, as error messages spell it: "2.0"
+    layer: Layer
+
+
+@attrs.frozen
+class _Node:
+    """A compose inside the model: its params must be a dict whose keys are among ``allowed``."""
+
+    keys: tuple[str, ...]
+    allowed: frozenset[str]
+
+
+# How the grads tree is built back: a leaf's index in the plan, or a compose's {key: spec}.
+_Spec = Any
+
+
+def _plan(layer: Layer, keys: tuple[str, ...], leaves: list[_Leaf], nodes: list[_Node]) -> _Spec:
+    if not layer.sequence:
+        leaves.append(_Leaf(keys, ".".join(keys), layer))
+        return len(leaves) - 1
+    nodes.append(_Node(keys, frozenset(str(i) for i in range(len(layer.sequence)))))
+    return {str(i): _plan(child, (*keys, str(i)), leaves, nodes) for i, child in enumerate(layer.sequence)}
+
+
+def _lookup(params: Params, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        params = params.get(key, _NO_PARAMS)
+    return params
+
+
+def _assemble(spec: _Spec, params: Params, grads: list[Params]) -> Params:
+    """The grads tree: params' own key order, and no entry that params left out, as compose returns."""
+    if type(spec) is int:
+        return grads[spec]
+    return {key: _assemble(spec[key], child, grads) for key, child in params.items()}
+
+
+def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, Tensor | None], tuple[Tensor, Params]]:
+    """``fn(params, x, target, seed) -> (value, grads)``: the plan; ``seed`` is the loss's cotangent (None: 1)."""
+    leaves: list[_Leaf] = []
+    nodes: list[_Node] = []
+    spec = _plan(model, (), leaves, nodes)
+    layers = [leaf.layer for leaf in leaves]
+    first_skips_dx = layers[0].skips_dx
+
+    def general(params: Params, x: Tensor, target: Tensor, seed: Tensor | None) -> tuple[Tensor, Params]:
+        pred, pullback = model.vjp(params, x)
+        value, loss_pullback = loss.vjp(pred, target)
+        dy = loss_pullback(torch.ones_like(value) if seed is None else seed)
+        grads, _ = pullback(dy, need_dx=False) if model.skips_dx else pullback(dy)
+        return value, grads
+
+    def planned(params: Params, x: Tensor, target: Tensor, seed: Tensor | None) -> tuple[Tensor, Params]:
+        for node in nodes:  # the structure guard: plain dicts, no key the model lacks
+            tree = _lookup(params, node.keys)
+            if type(tree) is not dict or not tree.keys() <= node.allowed:
+                return general(params, x, target, seed)
+        pullbacks = []
+        for leaf in leaves:
+            try:
+                x, pullback = leaf.layer.vjp(_lookup(params, leaf.keys), x)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, leaf.path) if leaf.path else error from None
+            pullbacks.append(pullback)
+        value, loss_pullback = loss.vjp(x, target)
+        dy = loss_pullback(torch.ones_like(value) if seed is None else seed)
+        grads: list[Params] = [{}] * len(leaves)
+        for i in range(len(leaves) - 1, 0, -1):
+            grads[i], dy = pullbacks[i](dy)
+            pullbacks[i] = None  # free what this layer saved, as autograd frees a node's
+        grads[0], _ = pullbacks[0](dy, need_dx=False) if first_skips_dx else pullbacks[0](dy)
+        return value, _assemble(spec, params, grads)
+
+    return planned
+
+
+def value_and_grad(model: Layer, loss: Loss) -> ValueAndGrad:
     """Return ``fn(params, x, target) -> (loss_value, grads)``; grads mirror params.
 
-    One forward pass through ``model.vjp`` and ``loss.vjp``, then the pullbacks
-    in reverse from the seed cotangent 1: the gradient of
+    One forward pass through the model's layers and ``loss.vjp``, then the
+    pullbacks in reverse from the seed cotangent 1: the gradient of
     ``loss(model(params, x), target)`` with respect to ``params``. Needs no
     autograd, so it runs under ``torch.inference_mode()`` too.
+
+    The model's structure is read once, here (see the module's doc): each
+    call checks only what can change between calls, and gives the same bits
+    and the same error messages as going through ``model.vjp``.
 
     >>> import rdl_functional as rf
     >>> model = rf.compose(rf.linear(2, 3), rf.tanh)
@@ -33,11 +135,9 @@ def value_and_grad(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor
         raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
     if not isinstance(loss, Loss):
         raise TypeError(f"value_and_grad: loss must be a Loss, got {type(loss).__name__}")
+    run = _gradient_fn(model, loss)
 
     def value_and_grad_fn(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
-        pred, model_pullback = model.vjp(params, x)
-        value, loss_pullback = loss.vjp(pred, target)
-        grads, _ = _pull(model_pullback, loss_pullback(torch.ones_like(value)), need_dx=False)
-        return value, grads
+        return run(params, x, target, None)
 
     return value_and_grad_fn

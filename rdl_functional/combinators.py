@@ -36,20 +36,6 @@ def _in_layer(error: Exception, key: str) -> Exception:
     return type(error)(f"layer {key}: {message}")
 
 
-def _pull(pullback: Any, dy: Tensor, *, release: bool = True, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-    """Run a pullback with the savings it offers: freeing as it goes (``release``,
-    a compose's pullback), and not computing an input gradient nobody reads
-    (``need_dx=False``, linear's and compose's; torch's autograd likewise
-    computes no gradient for an input that does not require one).
-    """
-    options = {}
-    if release and getattr(pullback, "releases", False):
-        options["release"] = True
-    if not need_dx and getattr(pullback, "skips_dx", False):
-        options["need_dx"] = False
-    return pullback(dy, **options)
-
-
 def compose(*layers: Layer) -> Layer:
     """Chain layers: ``compose(f, g, h)(params, x) == h(params["2"], g(params["1"], f(params["0"], x)))``.
 
@@ -63,7 +49,9 @@ def compose(*layers: Layer) -> Layer:
     as ``pullback(dy, release=True)`` it frees each layer's saved tensors as
     soon as that layer is done (as autograd does) and cannot be called again,
     and with ``need_dx=False`` it may return ``None`` for ``dx`` and skip
-    computing it. :func:`~rdl_functional.value_and_grad` calls it with both.
+    computing it (the compose declares ``skips_dx``).
+    :func:`~rdl_functional.value_and_grad` does not call it: it plans through
+    the compose (``layer.sequence``) and runs the leaves itself.
 
     >>> import torch
     >>> import rdl_functional as rf
@@ -131,8 +119,10 @@ def compose(*layers: Layer) -> Layer:
             dparams = {}
             for i in range(len(pullbacks) - 1, -1, -1):
                 key, layer_pullback = pullbacks[i]
-                # Only the first layer's input gradient can go unread.
-                dparams[key], dy = _pull(layer_pullback, dy, release=release, need_dx=need_dx or i > 0)
+                if i == 0 and not need_dx and layers[0].skips_dx:
+                    dparams[key], dy = layer_pullback(dy, need_dx=False)  # the input gradient nobody reads
+                else:
+                    dparams[key], dy = layer_pullback(dy)
                 if release:
                     # Drop the layer's pullback, and the tensors it saved, as soon as it has
                     # run, as autograd frees a node's: the backward pass then never holds
@@ -141,7 +131,6 @@ def compose(*layers: Layer) -> Layer:
             # dparams mirrors params: its key order, and no entry that params left out.
             return {key: dparams[key] for key in params}, dy
 
-        pullback.releases = pullback.skips_dx = True  # type: ignore[attr-defined]
         return x, pullback
 
-    return Layer(init=init, apply=apply, vjp=vjp, name=name)
+    return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, sequence=layers)

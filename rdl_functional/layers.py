@@ -7,6 +7,11 @@ The contract, stated once (the vocabulary is ``torch.func``'s)::
     vjp(params, x) -> (y, pullback)                         one forward pass
         pullback(dy) -> (dparams, dx)                       dparams mirrors params
 
+What the library may exploit about a layer is declared on its record, never
+set on a function: ``skips_dx`` (its pullback takes ``need_dx=False``),
+``sequence`` (the layers a compose chains) and ``stacked`` (its form for a
+stack of models). A layer that declares nothing is still a whole layer.
+
 A pullback closes over what its forward computed (the output ``y`` for the
 activations, ``x`` for linear), so nothing is computed twice. Nothing here
 mutates an argument, caches between calls, or touches the global RNG.
@@ -68,12 +73,24 @@ class Layer:
         apply: ``(params, x) -> y``.
         vjp: ``(params, x) -> (y, pullback)`` with ``pullback(dy) -> (dparams, dx)``.
         name: how the layer prints and how error messages name it.
+        skips_dx: the pullback also takes ``pullback(dy, need_dx=False)`` and may
+            then return ``None`` for ``dx``, skipping an input gradient nobody reads
+            (the first layer's). Leave it ``False`` unless the pullback accepts it.
+        sequence: the layers this one chains, in order (set by ``compose``), so
+            that :func:`~rdl_functional.value_and_grad` can plan through them.
+        stacked: this layer's form for a stack of models, whose every param and
+            input have a leading model dimension; ``None`` lets
+            :func:`~rdl_functional.stacked` map the layer over the models with
+            ``torch.func.vmap``, which is correct for any layer, only slower.
     """
 
     init: Callable[..., Params]
     apply: Callable[[Params, Tensor], Tensor]
     vjp: Callable[[Params, Tensor], tuple[Tensor, Pullback]]
     name: str = "layer"
+    skips_dx: bool = False
+    sequence: tuple[Layer, ...] = ()
+    stacked: Layer | None = None
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         return self.apply(params, x)
@@ -148,7 +165,9 @@ def _elementwise(
 
         return y, pullback
 
-    return Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
+    layer = Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
+    # Elementwise, so any leading dimensions, a stack of models' included, need nothing new.
+    return attrs.evolve(layer, stacked=layer)
 
 
 relu = _elementwise(
@@ -242,67 +261,12 @@ def linear(in_features: int, out_features: int) -> Layer:
             "bias": bias.uniform_(-bias_bound, bias_bound, generator=g),
         }
 
-    def params_error(where: str, params: Any) -> Exception:
-        where = f"{name}.{where}"
-        if not isinstance(params, Mapping):
-            return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
-        missing = [key for key in ("weight", "bias") if key not in params]
-        if missing:
-            return ValueError(
-                f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})"
-            )
-        extra = sorted(set(params) - {"weight", "bias"})
-        return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
-
-    def input_error(where: str, x: Any, weight: Tensor) -> Exception:
-        where = f"{name}.{where}"
-        if not isinstance(x, Tensor):
-            return TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
-        stacked = weight.dim() == 3  # a stack of models: weight (models, out, in), x (models, batch, in)
-        if x.dim() != weight.dim():
-            expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
-            return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
-        if stacked and x.shape[0] != weight.shape[0]:
-            return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
-        if x.shape[-1] != weight.shape[-1]:
-            return ValueError(
-                f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "
-                f"(was the layer built as linear({x.shape[-1]}, ...)?)"
-            )
-        return TypeError(
-            f"{where}: x is {x.dtype} but weight is {weight.dtype} "
-            f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
-        )
-
-    def unpack(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor]:
-        # The checks run on every call, so the happy path is a few cheap comparisons;
-        # the messages are composed only when something is wrong.
-        try:
-            weight, bias = params["weight"], params["bias"]
-        except (KeyError, TypeError, IndexError):
-            raise params_error(where, params) from None
-        if len(params) != 2:
-            raise params_error(where, params)
-        if (
-            not isinstance(x, Tensor)
-            or x.dim() != weight.dim()
-            or x.size(-1) != weight.size(-1)
-            or x.dtype != weight.dtype
-            or (x.dim() == 3 and x.size(0) != weight.size(0))
-        ):
-            raise input_error(where, x, weight)
-        return weight, bias
-
     def apply(params: Params, x: Tensor) -> Tensor:
-        weight, bias = unpack("apply", params, x)
-        if weight.dim() == 3:
-            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2)
         return _linear(x, weight, bias)  # y = x Wᵀ + b
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        weight, bias = unpack("vjp", params, x)
-        if weight.dim() == 3:
-            return _stacked_linear_vjp(name, weight, bias, x)
+        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 2)
         y = _linear(x, weight, bias)
         shape = y.shape
 
@@ -311,21 +275,89 @@ def linear(in_features: int, out_features: int) -> Layer:
             # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
             return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
 
-        pullback.skips_dx = True  # type: ignore[attr-defined]
         return y, pullback
 
-    return Layer(init=init, apply=apply, vjp=vjp, name=name)
+    def stacked_apply(params: Params, x: Tensor) -> Tensor:
+        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 3)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # yₘ = xₘ Wₘᵀ + bₘ
+
+    def stacked_vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 3)
+        y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        shape = y.shape
+
+        def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+            _check_cotangent(name, dy, shape)
+            # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ, one batched product each.
+            return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
+
+        return y, pullback
+
+    # The stack of models: weight (models, out, in), bias (models, out), x (models, batch, in).
+    stacked = Layer(init=init, apply=stacked_apply, vjp=stacked_vjp, name=name, skips_dx=True)
+    return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked)
 
 
-def _stacked_linear_vjp(name: str, weight: Tensor, bias: Tensor, x: Tensor) -> tuple[Tensor, Pullback]:
-    """``linear``'s vjp for a stack of models: the same formulas, one batched product each."""
-    y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-    shape = y.shape
+def _linear_params_error(where: str, params: Any) -> Exception:
+    if not isinstance(params, Mapping):
+        return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
+    missing = [key for key in ("weight", "bias") if key not in params]
+    if missing:
+        return ValueError(f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})")
+    extra = sorted(set(params) - {"weight", "bias"})
+    return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
 
-    def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-        _check_cotangent(name, dy, shape)
-        # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ.
-        return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
 
-    pullback.skips_dx = True  # type: ignore[attr-defined]
-    return y, pullback
+def _linear_input_error(where: str, x: Any, weight: Tensor, in_features: int, dims: int) -> Exception:
+    if not isinstance(x, Tensor):
+        return TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
+    stacked = weight.dim() == 3
+    if weight.dim() not in (2, 3):
+        return ValueError(f"{where}: weight must have shape (out, in), got {tuple(weight.shape)}")
+    if weight.dim() != dims:
+        return ValueError(
+            f"{where}: weight {tuple(weight.shape)} holds a stack of {weight.shape[0]} models; "
+            "run a stack through rf.stacked(layer)"
+            if stacked
+            else f"{where}: weight has shape {tuple(weight.shape)} but a stack of models needs (models, out, in)"
+        )
+    if x.dim() != weight.dim():
+        expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
+        return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
+    if stacked and x.shape[0] != weight.shape[0]:
+        return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
+    if x.shape[-1] != weight.shape[-1]:
+        return ValueError(
+            f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "
+            f"(was the layer built as linear({x.shape[-1]}, ...)?)"
+        )
+    return TypeError(
+        f"{where}: x is {x.dtype} but weight is {weight.dtype} "
+        f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
+    )
+
+
+def _linear_unpack(
+    name: str, where: str, params: Params, x: Tensor, in_features: int, dims: int
+) -> tuple[Tensor, Tensor]:
+    """``(weight, bias)`` once params and ``x`` (of ``dims`` dimensions, 3 for a stack) fit the layer.
+
+    Runs on every call, so the happy path is a few cheap comparisons; the
+    messages are composed only when something is wrong.
+    """
+    try:
+        weight, bias = params["weight"], params["bias"]
+    except (KeyError, TypeError, IndexError):
+        raise _linear_params_error(f"{name}.{where}", params) from None
+    if len(params) != 2:
+        raise _linear_params_error(f"{name}.{where}", params)
+    if (
+        not isinstance(x, Tensor)
+        or x.dim() != dims
+        or weight.dim() != dims
+        or x.size(-1) != weight.size(-1)
+        or x.dtype != weight.dtype
+        or (dims == 3 and x.size(0) != weight.size(0))
+    ):
+        raise _linear_input_error(f"{name}.{where}", x, weight, in_features, dims)
+    return weight, bias

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .tree import Tree, _map, tree_difference
+from .tree import Tree, _map, _rebuild, _zip_leaves, tree_difference
 
 __all__ = ["Schedule", "constant_schedule", "linear_schedule", "sgd_step"]
 
@@ -27,8 +27,9 @@ def sgd_step(params: Tree, grads: Tree, lr: float) -> Tree:
     """One step of gradient descent: ``p − lr · g`` for every leaf, into new tensors.
 
     Neither ``params`` nor ``grads`` is changed. The update is the kernel that
-    ``torch.optim.SGD`` runs (``add`` with ``alpha=-lr``), so both give the
-    same bits.
+    ``torch.optim.SGD`` runs (``add`` with ``alpha=-lr``, a fused multiply-add),
+    so both give the same bits; one ``torch._foreach_add`` call updates every
+    leaf, and one walk over both trees checks them.
 
     >>> import torch
     >>> sgd_step({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}, lr=0.25)
@@ -40,7 +41,12 @@ def sgd_step(params: Tree, grads: Tree, lr: float) -> Tree:
             negative, NaN or infinite.
         TypeError: ``lr`` is not a number.
     """
-    lr = _check_lr(lr)
+    if type(lr) is not float or not 0 <= lr < math.inf:
+        lr = _check_lr(lr)
+    pairs = _zip_leaves(params, grads)
+    if pairs is not None:
+        return _rebuild(params, torch._foreach_add(*pairs, alpha=-lr) if pairs[0] else [])
+    # Not plain dicts of matching tensors: say where they differ, or take the general walk.
     found = tree_difference(params, grads, names=("params", "grads"), leaves=True)
     if found:
         raise ValueError(f"sgd_step: {found}")

@@ -195,3 +195,40 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
         if found:
             raise ValueError(f"tree_map: {found}")
     return _map(fn, tree, rest)
+
+
+def _zip_leaves(tree: Tree, other: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The tensor leaves of two trees, in ``tree``'s key order, if both are plain dicts of one structure
+    whose leaves agree in shape and dtype; ``None`` otherwise, and the caller takes the general path.
+
+    One walk, for the hot path of every update: it neither formats nor allocates a message.
+    """
+    mine: list[torch.Tensor] = []
+    theirs: list[torch.Tensor] = []
+    tensor = torch.Tensor
+
+    def walk(a: Tree, b: Tree) -> bool:
+        if type(a) is dict:
+            if type(b) is not dict or len(a) != len(b):
+                return False
+            for key, child in a.items():
+                if key not in b or not walk(child, b[key]):
+                    return False
+            return True
+        if isinstance(a, tensor) and isinstance(b, tensor) and a.shape == b.shape and a.dtype == b.dtype:
+            mine.append(a)
+            theirs.append(b)
+            return True
+        return False
+
+    return (mine, theirs) if walk(tree, other) else None
+
+
+def _rebuild(tree: Tree, leaves: list[Any]) -> Tree:
+    """A tree shaped like ``tree`` (plain dicts) with ``leaves`` in its key order, as :func:`_zip_leaves` read them."""
+    it = iter(leaves)
+
+    def build(node: Tree) -> Tree:
+        return {key: build(child) for key, child in node.items()} if type(node) is dict else next(it)
+
+    return build(tree)

@@ -53,11 +53,11 @@ def test_stacked_linear_matches_each_model_and_checks_its_vjp(generator):
     layer = rf.linear(3, 2)
     trees = [layer.init(generator, dtype=torch.float64) for _ in range(4)]
     x = torch.randn(4, 5, 3, generator=generator, dtype=torch.float64)
-    y = layer(rf.stack_params(trees), x)
+    y = rf.stacked(layer)(rf.stack_params(trees), x)
     for m, tree in enumerate(trees):
         torch.testing.assert_close(y[m], layer(tree, x[m]), rtol=1e-12, atol=1e-12)
-    rf.check_vjp(layer, rf.stack_params(trees), x, generator=generator)
-    rf.check_vjp(rf.seed_model(), rf.stack_params([rf.seed_model().init(s) for s in range(3)]),
+    rf.check_vjp(rf.stacked(layer), rf.stack_params(trees), x, generator=generator)
+    rf.check_vjp(rf.stacked(rf.seed_model()), rf.stack_params([rf.seed_model().init(s) for s in range(3)]),
                  torch.rand(3, 6, 2, generator=generator), generator=generator)
 
 
@@ -74,12 +74,22 @@ def test_stack_and_unstack_round_trip_and_reject_mismatches():
 
 
 def test_stacked_linear_rejects_inputs_for_another_number_of_models():
-    layer = rf.linear(3, 2)
+    layer = rf.stacked(rf.linear(3, 2))
     params = rf.stack_params([layer.init(s) for s in range(4)])
     with pytest.raises(ValueError, match=r"x holds 2 models' inputs but the params stack 4"):
         layer(params, torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match=r"x must have shape \(models=4, batch, 3\), got \(5, 3\)"):
         layer(params, torch.zeros(5, 3))
+
+
+def test_a_stack_given_to_the_plain_layer_points_to_rf_stacked():
+    layer = rf.linear(3, 2)
+    params = rf.stack_params([layer.init(s) for s in range(4)])
+    with pytest.raises(ValueError, match=r"weight \(4, 2, 3\) holds a stack of 4 models; run a stack through "
+                                         r"rf.stacked\(layer\)"):
+        layer(params, torch.zeros(4, 5, 3))
+    with pytest.raises(ValueError, match=r"a stack of models needs \(models, out, in\)"):
+        rf.stacked(layer)(layer.init(0), torch.zeros(2, 5, 3))
 
 
 def test_fit_stacked_rejects_data_that_does_not_match_the_generators():

@@ -78,12 +78,16 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
     leaves: list[_Leaf] = []
     nodes: list[_Node] = []
     spec = _plan(model, (), leaves, nodes)
-    layers = [leaf.layer for leaf in leaves]
-    first_skips_dx = layers[0].skips_dx
+    # Per leaf: its first key (or None for a model that is one layer), the keys below it, its vjp, its path.
+    steps = [(leaf.keys[0] if leaf.keys else None, leaf.keys[1:], leaf.layer.vjp, leaf.path) for leaf in leaves]
+    first_skips_dx = leaves[0].layer.skips_dx
+    # A compose of leaves (the usual model): the grads tree is one dict, built in one comprehension.
+    flat = type(spec) is dict and all(type(child) is int for child in spec.values())
+    loss_vjp = loss.vjp
 
     def general(params: Params, x: Tensor, target: Tensor, seed: Tensor | None) -> tuple[Tensor, Params]:
         pred, pullback = model.vjp(params, x)
-        value, loss_pullback = loss.vjp(pred, target)
+        value, loss_pullback = loss_vjp(pred, target)
         dy = loss_pullback(torch.ones_like(value) if seed is None else seed)
         grads, _ = pullback(dy, need_dx=False) if model.skips_dx else pullback(dy)
         return value, grads
@@ -94,19 +98,24 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
             if type(tree) is not dict or not tree.keys() <= node.allowed:
                 return general(params, x, target, seed)
         pullbacks = []
-        for leaf in leaves:
+        for key, below, vjp, path in steps:
+            leaf_params = params if key is None else params.get(key, _NO_PARAMS)
+            for inner in below:
+                leaf_params = leaf_params.get(inner, _NO_PARAMS)
             try:
-                x, pullback = leaf.layer.vjp(_lookup(params, leaf.keys), x)
+                x, pullback = vjp(leaf_params, x)
             except (ValueError, TypeError) as error:
-                raise _in_layer(error, leaf.path) if leaf.path else error from None
+                raise (_in_layer(error, path) if path else error) from None
             pullbacks.append(pullback)
-        value, loss_pullback = loss.vjp(x, target)
+        value, loss_pullback = loss_vjp(x, target)
         dy = loss_pullback(torch.ones_like(value) if seed is None else seed)
-        grads: list[Params] = [{}] * len(leaves)
-        for i in range(len(leaves) - 1, 0, -1):
+        grads: list[Params] = [{}] * len(steps)
+        for i in range(len(steps) - 1, 0, -1):
             grads[i], dy = pullbacks[i](dy)
             pullbacks[i] = None  # free what this layer saved, as autograd frees a node's
         grads[0], _ = pullbacks[0](dy, need_dx=False) if first_skips_dx else pullbacks[0](dy)
+        if flat:
+            return value, {key: grads[spec[key]] for key in params}
         return value, _assemble(spec, params, grads)
 
     return planned

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .tree import Tree, _map, _rebuild, _zip_leaves, tree_difference
+from .tree import Tree, _map, _paired, tree_difference
 
 __all__ = ["Schedule", "constant_schedule", "linear_schedule", "sgd_step"]
 
@@ -43,9 +43,9 @@ def sgd_step(params: Tree, grads: Tree, lr: float) -> Tree:
     """
     if type(lr) is not float or not 0 <= lr < math.inf:
         lr = _check_lr(lr)
-    pairs = _zip_leaves(params, grads)
-    if pairs is not None:
-        return _rebuild(params, torch._foreach_add(*pairs, alpha=-lr) if pairs[0] else [])
+    paired = _paired(params, grads)
+    if paired is not None:
+        return paired.fill(torch._foreach_add(paired.mine, paired.theirs, alpha=-lr) if paired.mine else [])
     # Not plain dicts of matching tensors: say where they differ, or take the general walk.
     found = tree_difference(params, grads, names=("params", "grads"), leaves=True)
     if found:

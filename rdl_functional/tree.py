@@ -197,38 +197,65 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     return _map(fn, tree, rest)
 
 
-def _zip_leaves(tree: Tree, other: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """The tensor leaves of two trees, in ``tree``'s key order, if both are plain dicts of one structure
-    whose leaves agree in shape and dtype; ``None`` otherwise, and the caller takes the general path.
+class _Paired:
+    """Two trees' tensor leaves, read in one walk, and a new tree shaped like the first to put results in."""
 
-    One walk, for the hot path of every update: it neither formats nor allocates a message.
+    __slots__ = ("mine", "skeleton", "slots", "theirs")
+
+    def __init__(self, skeleton: dict, slots: list[tuple[dict, str]], mine: list, theirs: list) -> None:
+        self.skeleton, self.slots, self.mine, self.theirs = skeleton, slots, mine, theirs
+
+    def fill(self, leaves: list[Any]) -> dict:
+        """The new tree, with ``leaves`` where the first tree had its leaves (in its key order)."""
+        for (node, key), leaf in zip(self.slots, leaves, strict=True):
+            node[key] = leaf
+        return self.skeleton
+
+
+def _pair_walk(a: dict, b: dict, paired: _Paired) -> dict | None:
+    # A module-level function, not a closure: a closure that calls itself is a reference
+    # cycle, which would keep every tensor it saw alive until the cyclic collector runs.
+    out: dict = {}
+    for key, child in a.items():
+        twin = b.get(key)
+        if type(child) is dict:
+            if type(twin) is not dict or len(child) != len(twin):
+                return None
+            if child:
+                inner = _pair_walk(child, twin, paired)
+                if inner is None:
+                    return None
+                out[key] = inner
+            else:
+                out[key] = {}
+        elif (
+            isinstance(child, torch.Tensor)
+            and isinstance(twin, torch.Tensor)
+            and child.shape == twin.shape
+            and child.dtype == twin.dtype
+        ):
+            out[key] = None  # keeps the key's place; filled by _Paired.fill
+            paired.slots.append((out, key))
+            paired.mine.append(child)
+            paired.theirs.append(twin)
+        else:
+            return None
+    return out
+
+
+def _paired(tree: Tree, other: Tree) -> _Paired | None:
+    """Pair the leaves of two trees of plain dicts with one structure and tensors of one shape and dtype.
+
+    ``None`` when anything differs or is unusual (a Mapping that is not a
+    dict, a leaf that is not a tensor): the caller then takes the general
+    path, which says where they differ. One walk, for the hot path of every
+    update: no message is formatted, and the new tree is laid out as it goes.
     """
-    mine: list[torch.Tensor] = []
-    theirs: list[torch.Tensor] = []
-    tensor = torch.Tensor
-
-    def walk(a: Tree, b: Tree) -> bool:
-        if type(a) is dict:
-            if type(b) is not dict or len(a) != len(b):
-                return False
-            for key, child in a.items():
-                if key not in b or not walk(child, b[key]):
-                    return False
-            return True
-        if isinstance(a, tensor) and isinstance(b, tensor) and a.shape == b.shape and a.dtype == b.dtype:
-            mine.append(a)
-            theirs.append(b)
-            return True
-        return False
-
-    return (mine, theirs) if walk(tree, other) else None
-
-
-def _rebuild(tree: Tree, leaves: list[Any]) -> Tree:
-    """A tree shaped like ``tree`` (plain dicts) with ``leaves`` in its key order, as :func:`_zip_leaves` read them."""
-    it = iter(leaves)
-
-    def build(node: Tree) -> Tree:
-        return {key: build(child) for key, child in node.items()} if type(node) is dict else next(it)
-
-    return build(tree)
+    if type(tree) is not dict or type(other) is not dict or len(tree) != len(other):
+        return None
+    paired = _Paired({}, [], [], [])
+    skeleton = _pair_walk(tree, other, paired)
+    if skeleton is None:
+        return None
+    paired.skeleton = skeleton
+    return paired

@@ -305,7 +305,9 @@ def _linear_params_error(where: str, params: Any) -> Exception:
         return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
     missing = [key for key in ("weight", "bias") if key not in params]
     if missing:
-        return ValueError(f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})")
+        return ValueError(
+            f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})"
+        )
     extra = sorted(set(params) - {"weight", "bias"})
     return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
 

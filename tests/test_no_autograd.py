@@ -20,7 +20,8 @@ def _uses(source: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRIBUTES:
             found.append(f"line {node.lineno}: .{node.attr}")
-        if isinstance(node, ast.ImportFrom) and node.module == "torch.func" and [a.name for a in node.names] == ["vmap"]:
+        vmap_only = isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["vmap"]
+        if vmap_only and node.module == "torch.func":
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]

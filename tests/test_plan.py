@@ -1,0 +1,170 @@
+"""value_and_grad's plan: the same bits and the same messages as model.vjp, for any layer a user writes."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+
+def _through_vjp(model, loss, params, x, target):
+    """The general path, written out: the model's own vjp, then its pullback."""
+    pred, pullback = model.vjp(params, x)
+    value, loss_pullback = loss.vjp(pred, target)
+    grads, _ = pullback(loss_pullback(torch.ones_like(value)))
+    return value, grads
+
+
+def _equal_trees(a, b):
+    assert rf.tree_flatten(a).keys() == rf.tree_flatten(b).keys()
+    assert list(a) == list(b)  # the same key order, not only the same keys
+    assert all(torch.equal(p, q) for p, q in zip(rf.tree_leaves(a), rf.tree_leaves(b), strict=True))
+
+
+def _scale(features: int) -> rf.Layer:
+    """A user's layer as docs/write-your-own-layer.md writes one: three functions, nothing declared."""
+
+    def init(generator, *, dtype=torch.float32):
+        return {"scale": 1 + torch.rand(features, generator=_as_generator(generator), dtype=dtype)}
+
+    def apply(params, x):
+        return x * params["scale"]
+
+    def vjp(params, x):
+        def pullback(dy):  # takes dy alone: no need_dx, no options
+            return {"scale": (dy * x).sum(0)}, dy * params["scale"]
+
+        return x * params["scale"], pullback
+
+    return rf.Layer(init=init, apply=apply, vjp=vjp, name=f"scale({features})")
+
+
+def _as_generator(generator):
+    return generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(generator)
+
+
+MODELS = {
+    "seed_model": rf.seed_model(),
+    "nested": rf.compose(rf.linear(2, 4), rf.compose(rf.tanh, rf.compose(rf.linear(4, 3), rf.relu)), rf.linear(3, 2)),
+    "user_layer_first": rf.compose(_scale(2), rf.linear(2, 3), rf.sigmoid, rf.linear(3, 2)),
+    "user_layer_inside": rf.compose(rf.linear(2, 3), _scale(3), rf.tanh, rf.linear(3, 2)),
+    "one_layer": rf.linear(2, 2),
+    "one_user_layer": _scale(2),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_plan_gives_the_bits_of_model_vjp(name, dtype, generator):
+    model = MODELS[name]
+    params = model.init(generator, dtype=dtype)
+    x = torch.rand(7, 2, generator=generator, dtype=dtype)
+    target = torch.rand(7, 2, generator=generator, dtype=dtype)
+    value, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+    expected_value, expected = _through_vjp(model, rf.mse_loss, params, x, target)
+    assert torch.equal(value, expected_value)
+    _equal_trees(grads, expected)
+
+
+@pytest.mark.parametrize("name", ["user_layer_first", "user_layer_inside"])
+def test_a_user_layer_that_declares_nothing_gets_the_gradient_torch_func_gets(name, generator):
+    model = MODELS[name]
+    params = model.init(generator, dtype=torch.float64)
+    x = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    target = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+    expected = torch.func.grad(lambda p: torch.nn.functional.mse_loss(model(p, x), target))(params)
+    for a, b in zip(rf.tree_leaves(grads), rf.tree_leaves(expected), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_plan_keeps_params_order_and_left_out_entries():
+    model = rf.seed_model()
+    params = model.init(0)
+    sparse = {key: params[key] for key in ("6", "4", "2", "0")}  # no relu/tanh entries, reversed
+    x, target = torch.rand(4, 2), torch.rand(4, 2)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(sparse, x, target)
+    assert list(grads) == ["6", "4", "2", "0"]
+    _equal_trees(grads, _through_vjp(model, rf.mse_loss, sparse, x, target)[1])
+
+
+def test_params_in_a_mapping_that_is_not_a_dict_take_the_general_path():
+    model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 2))
+    params = model.init(0)
+    frozen = MappingProxyType({key: MappingProxyType(value) for key, value in params.items()})
+    x, target = torch.rand(4, 2), torch.rand(4, 2)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(frozen, x, target)
+    _equal_trees(grads, rf.value_and_grad(model, rf.mse_loss)(params, x, target)[1])
+
+
+def _bad_calls():
+    model = rf.compose(rf.linear(2, 3), rf.compose(rf.relu, rf.linear(3, 2)))
+    good = model.init(0)
+    x, target = torch.zeros(4, 2), torch.zeros(4, 2)
+    no_bias = {"0": good["0"], "1": {"0": {}, "1": {"weight": good["1"]["1"]["weight"]}}}
+    return model, [
+        ("wrong features", good, torch.zeros(4, 5), target),
+        ("wrong dtype", good, x.double(), target),
+        ("extra top key", {**good, "9": {}}, x, target),
+        ("extra nested key", {**good, "1": {**good["1"], "7": {}}}, x, target),
+        ("missing bias", no_bias, x, target),
+        ("params a list", [good], x, target),
+        ("relu given params", {**good, "1": {"0": {"w": torch.zeros(1)}, "1": good["1"]["1"]}}, x, target),
+        ("x not a tensor", good, [[0.0, 0.0]], target),
+        ("target of another shape", good, x, torch.zeros(4, 3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls()[1])), ids=[c[0] for c in _bad_calls()[1]])
+def test_the_plan_raises_exactly_the_message_of_model_vjp(case):
+    model, calls = _bad_calls()
+    _, params, x, target = calls[case]
+    with pytest.raises((ValueError, TypeError)) as expected:
+        _through_vjp(model, rf.mse_loss, params, x, target)
+    with pytest.raises(type(expected.value)) as got:
+        rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+    assert str(got.value) == str(expected.value)
+
+
+def test_a_user_layer_works_stacked_with_no_extra_code():
+    """rf.stacked maps a layer that has no stacked form over the models with vmap: each model as alone."""
+    model = rf.compose(rf.linear(2, 4), _scale(4), rf.tanh, rf.linear(4, 2))
+    seeds = [0, 1, 2]
+    params = [rf.tree_map(lambda t: t.double(), model.init(seed)) for seed in seeds]
+    data = [rf.disc_dataset(40, seed) for seed in seeds]
+    x = torch.stack([d[0].double() for d in data])
+    target = torch.stack([rf.one_hot(d[1], 2, dtype=torch.float64) for d in data])
+    settings = dict(epochs=2, batch_size=16, lr=0.3)
+    together, _ = rf.fit_stacked(model, rf.mse_loss, rf.stack_params(params), x, target,
+                                 generators=[torch.Generator().manual_seed(s) for s in seeds], **settings)
+    for m, seed in enumerate(seeds):
+        alone, _ = rf.fit(model, rf.mse_loss, params[m], x[m], target[m], generator=seed, **settings)
+        for a, b in zip(rf.tree_leaves(rf.unstack_params(together)[m]), rf.tree_leaves(alone), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_stacked_form_of_a_user_layer_passes_the_vjp_check(generator):
+    layer = rf.stacked(_scale(3))
+    params = rf.stack_params([_scale(3).init(seed, dtype=torch.float64) for seed in range(4)])
+    rf.check_vjp(layer, params, torch.randn(4, 5, 3, generator=generator, dtype=torch.float64), generator=generator)
+
+
+def test_stacked_rejects_what_is_not_a_layer():
+    with pytest.raises(TypeError, match=r"stacked: expected a Layer, got function"):
+        rf.stacked(rf.linear)
+
+
+def test_sgd_step_updates_every_leaf_with_one_foreach_call(monkeypatch, generator):
+    params = rf.seed_model().init(generator)
+    grads = rf.tree_map(lambda p: torch.randn(p.shape, generator=generator), params)
+    calls = []
+    original = torch._foreach_add
+    monkeypatch.setattr(torch, "_foreach_add", lambda *a, **k: calls.append(1) or original(*a, **k))
+    new = rf.sgd_step(params, grads, lr=0.3)
+    assert len(calls) == 1
+    expected = rf.tree_map(lambda p, g: torch.add(p, g, alpha=-0.3), params, grads)  # the per-leaf kernel
+    _equal_trees(new, expected)
+    assert all(a is not b for a, b in zip(rf.tree_leaves(new), rf.tree_leaves(params), strict=True))

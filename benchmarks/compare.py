@@ -168,6 +168,27 @@ def pure_loop_row(epochs: int, batch_size: int, rounds: int, target: str) -> dic
                fit_ratio=fit / statistics.median(times["torch"]))
 
 
+def history_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
+    """What fit's per-epoch history costs: fit recording it against fit with record_history=False (both ours)."""
+    torch.set_num_threads(1)
+    data, params, _ = rf.draw_run(0)
+    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
+    test = (data.x_test, rf.one_hot(data.labels_test, 2))
+    model = rf.seed_model()
+
+    def run(record: bool, with_test: bool) -> None:
+        rf.fit(model, rf.mse_loss, params, x, y, epochs=epochs, batch_size=batch_size, lr=0.1, generator=1,
+               test=test if with_test else None, record_history=record)
+
+    times = interleaved({"ours": lambda: run(True, False), "torch": lambda: run(False, False),
+                         "with_test": lambda: run(True, True)}, rounds)
+    result = row(f"fit's history (train-set loss and accuracy each epoch) vs record_history=False, seed task, "
+                 f"batch {batch_size}, {epochs} epochs", 1, times, target)
+    result["baseline"] = "record_history=False"
+    result["with_test_ratio"] = statistics.median(times["with_test"]) / statistics.median(times["torch"])
+    return result
+
+
 def gemm_floor(params, x) -> Callable[[], None]:
     """The step's own matrix products, run alone: 4 forward, 4 weight-gradient and 3 input-gradient GEMMs."""
     weights = [params[k]["weight"] for k in ("0", "2", "4", "6")]
@@ -384,6 +405,8 @@ def format_table(rows: list[dict], info: dict) -> str:
             note = f" (GEMM floor: {r['floor_fraction']:.0%} of ours, {r['torch_floor_fraction']:.0%} of torch's)"
         if "compile_s" in r:
             note = f" (compiling took {r['compile_s']:.1f} s once)"
+        if "with_test_ratio" in r:
+            note = f" (with the test set too: {r['with_test_ratio']:.2f}×)"
         if "floor_ratio" in r:
             note = (f" (same round: straight-line floor {r['floor_ratio']:.2f}×, "
                     f"{r['floor_ratio_min']:.2f}–{r['floor_ratio_max']:.2f}; fit {r['fit_ratio']:.2f}×)")
@@ -413,6 +436,8 @@ def run(quick: bool, rounds: int) -> list[dict]:
         wide_row(4096, 2, rounds, "≤ 1.00×, ≥ 95% of GEMM floor", floor=True),
         memory_row(1024, 5, "≤ torch.nn's"),
         stacked_row(10, 200, rounds, "≤ 2×"),
+        history_row(200, 100, rounds, "report"),
+        history_row(200, 1000, rounds, "report"),
         compile_row(200, rounds, "report"),
     ]
     return rows

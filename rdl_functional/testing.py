@@ -104,7 +104,9 @@ def check_vjp(
     :class:`~rdl_functional.Loss` pass ``(pred, target)`` (the gradient is
     with respect to ``pred``). Floating tensors are converted to float64.
     Checked: the output equals ``fn.apply``'s and torch's; the pullback of a
-    random cotangent equals ``torch.func.vjp``'s, key order included; and
+    random cotangent equals ``torch.func.vjp``'s, key order included; for a
+    layer that declares ``skips_dx``, ``pullback(u, need_dx=False)`` gives
+    the same ``dparams``; and
     ``<v, Jᵀu>`` from the pullback equals ``<J v, u>`` by central differences
     (which catches a wrong pullback even when the forward is wrong in the
     same way).
@@ -155,6 +157,9 @@ def check_vjp(
     names = ("dparams", "dx") if isinstance(fn, Layer) else ("dpred",)
     for name, got, want in zip(names, cotangents, pullback_ref(u), strict=True):
         _compare(rows, name, got, want, rtol, atol)
+    if isinstance(fn, Layer) and fn.skips_dx:
+        # The declaration is a promise: skipping dx must leave dparams exactly as they were.
+        _compare(rows, "dparams with need_dx=False", vjp(*primals)[1](u, need_dx=False)[0], cotangents[0], 0.0, 0.0)
 
     # A central difference that straddles a ReLU kink averages two slopes; a
     # 1000× smaller step tells such a point from a wrong pullback (which fails both).

@@ -71,3 +71,22 @@ def test_check_vjp_rejects_what_it_cannot_check():
         rf.check_vjp(lambda params, x: x, {}, torch.zeros(1))
     with pytest.raises(TypeError, match=r"check_vjp: a Layer takes \(params, x\), got 1 arguments"):
         rf.check_vjp(rf.relu, torch.zeros(1, 1))
+
+
+def test_check_vjp_holds_a_layer_to_its_skips_dx_declaration(generator):
+    layer = rf.linear(3, 2)
+
+    def vjp(params, x):
+        y, pullback = layer.vjp(params, x)
+
+        def lying(dy, *, need_dx=True):  # skipping dx also (wrongly) halves the weight gradient
+            dparams, dx = pullback(dy, need_dx=need_dx)
+            return (dparams if need_dx else {**dparams, "weight": dparams["weight"] / 2}), dx
+
+        return y, lying
+
+    liar = rf.Layer(init=layer.init, apply=layer.apply, vjp=vjp, name="liar", skips_dx=True)
+    params = layer.init(generator, dtype=torch.float64)
+    with pytest.raises(rf.VjpMismatch, match=r"dparams with need_dx=False"):
+        rf.check_vjp(liar, params, torch.randn(4, 3, generator=generator, dtype=torch.float64))
+    assert rf.check_vjp(layer, params, torch.randn(4, 3, generator=generator, dtype=torch.float64)).ok

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
 import torch
 from torch import Tensor
 
@@ -23,8 +24,8 @@ from .autodiff import _gradient_fn
 from .combinators import compose
 from .layers import Layer, Params, Pullback
 from .losses import Loss
-from .optim import Schedule, _check_lr, constant_schedule
-from .train import History, _check_count, _labels, _rate, _sgd_in_place
+from .optim import Optimizer, Schedule, sgd_step
+from .train import History, StepFunction, _check_count, _labels, _optimizer
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "stacked", "unstack_params"]
@@ -118,9 +119,11 @@ def fit_stacked(
     *,
     epochs: int,
     batch_size: int,
-    lr: float | Schedule,
+    lr: float | Schedule | None = None,
     generators: Sequence[torch.Generator],
     test: tuple[Tensor, Tensor] | None = None,
+    optimizer: Optimizer | StepFunction = sgd_step,
+    opt_state: Tree | None = None,
     callback: Callable[[int, Params, list[History]], None] | None = None,
     record_history: bool = True,
 ) -> tuple[Params, list[History]]:
@@ -132,18 +135,25 @@ def fit_stacked(
         params: a stacked tree (:func:`stack_params`), leaves ``(models, ...)``.
         x: ``(models, n, features)``, each model's own training inputs.
         target: ``(models, n, ...)``, each model's own targets.
-        epochs, batch_size, lr: as for ``fit``, shared by all models.
+        epochs, batch_size, lr, optimizer, opt_state: as for ``fit``, shared by
+            all models. An optimizer works on each leaf alone (every rule and
+            ``add_decayed_weights`` does), so each model's state is its own
+            slice of the stacked state; ``clip_by_global_norm``, whose norm
+            would mix the models, is refused.
         generators: one per model, for its shuffles.
         test: optional ``(x_test, target_test)``, stacked likewise.
         callback: ``callback(epoch, params, histories)`` after each epoch.
         record_history: as for ``fit``.
 
     Returns:
-        The stacked trained params and one :class:`~rdl_functional.History` per model.
+        The stacked trained params and one :class:`~rdl_functional.History` per
+        model; the first history's ``opt_state`` holds the stacked optimizer state.
     """
     _check_count("fit_stacked", "epochs", epochs, 0)
     _check_count("fit_stacked", "batch_size", batch_size, 1)
-    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr, "fit_stacked"))
+    if isinstance(optimizer, Optimizer) and not optimizer.elementwise:
+        raise ValueError(f"fit_stacked: {optimizer.name} mixes the leaves of all models (a global norm); "
+                         "use an optimizer that works on each leaf alone")
     models = len(generators)
     if x.dim() < 3 or x.shape[0] != models or target.shape[:2] != x.shape[:2]:
         raise ValueError(
@@ -158,8 +168,10 @@ def fit_stacked(
     seed = torch.tensor(float(models), dtype=x.dtype)
     model = stacked(model)
     step = _gradient_fn(model, loss)
-    update = _sgd_in_place(params)
-    params, histories, count = update.params, [History() for _ in range(models)], 0
+    runner, rate = _optimizer("fit_stacked", optimizer, lr, params, opt_state)
+    if runner is not None:
+        params = runner.params
+    histories, count = [History() for _ in range(models)], 0
     for epoch in range(1, epochs + 1):
         # Each model's shuffle, applied once an epoch; each batch is then a slice (a view, no copy).
         order = (torch.stack([torch.randperm(n, generator=g) for g in generators]) + offsets).reshape(-1)
@@ -168,7 +180,7 @@ def fit_stacked(
         for start in range(0, n, batch_size):
             stop = start + batch_size
             _, grads = step(params, x_shuffled[:, start:stop], target_shuffled[:, start:stop], seed)
-            params = update(grads, _rate(schedule, count, "fit_stacked"))
+            params = runner(grads) if runner is not None else optimizer(params, grads, rate(count))
             del grads
             count += 1
         if record_history:
@@ -177,4 +189,6 @@ def fit_stacked(
             histories = [h._append(a, b) for h, a, b in zip(histories, train, tested, strict=True)]
         if callback is not None:
             callback(epoch, tree_map(torch.clone, params), histories)
+    if runner is not None:
+        histories[0] = attrs.evolve(histories[0], opt_state=runner.state())
     return params, histories

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
@@ -12,12 +13,14 @@ from ._random import as_generator
 from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
-from .optim import Schedule, _check_lr, constant_schedule, sgd_step
-from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_map
+from .optim import Optimizer, Schedule, sgd, sgd_step
+from .optim.base import _Running
+from .optim.schedules import _check_lr, _rate
+from .tree import Tree, tree_map
 
 __all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
 
-Optimizer = Callable[[Tree, Tree, float], Tree]
+StepFunction = Callable[[Tree, Tree, float], Tree]
 """``(params, grads, lr) -> new params``, as :func:`~rdl_functional.sgd_step`."""
 
 
@@ -27,13 +30,16 @@ class History:
 
     Losses are means over the whole set; accuracies are the fraction of rows
     whose largest output is the row's class. ``test_*`` are empty when
-    ``fit`` had no test data.
+    ``fit`` had no test data. ``opt_state`` is the optimizer's state at the
+    end of the run (``None`` for a plain step function), to continue from:
+    ``fit(..., optimizer=opt, opt_state=history.opt_state)``.
     """
 
     train_loss: tuple[float, ...] = ()
     train_accuracy: tuple[float, ...] = ()
     test_loss: tuple[float, ...] = ()
     test_accuracy: tuple[float, ...] = ()
+    opt_state: Tree | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def epochs(self) -> int:
@@ -45,6 +51,7 @@ class History:
             train_accuracy=(*self.train_accuracy, train[1]),
             test_loss=(*self.test_loss, test[0]) if test else self.test_loss,
             test_accuracy=(*self.test_accuracy, test[1]) if test else self.test_accuracy,
+            opt_state=self.opt_state,
         )
 
 
@@ -81,14 +88,6 @@ def evaluate(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor
     return loss.apply(pred, target).item(), correct.item()
 
 
-def _rate(schedule: Schedule, count: int, where: str) -> float:
-    """The schedule's rate for step ``count``, checked; the message is composed only when it is bad."""
-    rate = schedule(count)
-    if type(rate) is float and rate >= 0 and rate != float("inf"):
-        return rate
-    return _check_lr(rate, f"{where}: the lr schedule at step {count}")
-
-
 def _check_count(where: str, name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value!r}")
@@ -111,10 +110,11 @@ def fit(
     *,
     epochs: int,
     batch_size: int,
-    lr: float | Schedule,
+    lr: float | Schedule | None = None,
     generator: torch.Generator | int,
     test: tuple[Tensor, Tensor] | None = None,
-    optimizer: Optimizer = sgd_step,
+    optimizer: Optimizer | StepFunction = sgd_step,
+    opt_state: Tree | None = None,
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
     compile: bool = False,
@@ -123,7 +123,7 @@ def fit(
 
     Each epoch draws a permutation of the rows from ``generator`` and steps
     through it ``batch_size`` rows at a time (the last batch may be shorter);
-    each step is ``params = optimizer(params, grads, lr)``. After each epoch
+    each step updates the params with ``optimizer``. After each epoch
     the loss and accuracy on the whole training set (and on ``test``, if
     given) are recorded. Pure: ``params``, ``x`` and ``target`` are not
     changed, nothing global is read or written, and the same generator state
@@ -138,10 +138,17 @@ def fit(
         epochs: passes over the data, ≥ 0.
         batch_size: rows per step, ≥ 1.
         lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
-            step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`.
+            step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`;
+            for a step function such as ``sgd_step`` only: an
+            :class:`~rdl_functional.Optimizer` carries its own.
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed, for shuffling.
         test: optional ``(x_test, target_test)`` to measure after every epoch.
-        optimizer: the step, ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
+        optimizer: an :class:`~rdl_functional.Optimizer` (``rf.adam(1e-3)``,
+            ``rf.sgd(0.1, momentum=0.9)``, a ``rf.chain``), or a step function
+            ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
+        opt_state: the optimizer's state to start from (``history.opt_state``
+            of an earlier run, or ``rf.load`` of a saved one); a fresh
+            ``optimizer.init(params)`` by default.
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
         record_history: measure the loss and accuracy after each epoch (a
@@ -157,8 +164,9 @@ def fit(
             takes tens of seconds on a CPU; the results equal eager training
             to float rounding, not bit for bit.
 
-    With the default ``optimizer``, ``fit`` updates a private copy of the
-    params in place (the kernel of ``sgd_step``, so the same bits): a new
+    With an :class:`~rdl_functional.Optimizer` or the default ``sgd_step``,
+    ``fit`` updates private copies of the params and the optimizer state in
+    place (the same kernels as ``optimizer.step``, so the same bits): a new
     tree per step would cost a fresh allocation per parameter per step, and
     page faults with it, for nothing the caller can see.
 
@@ -172,17 +180,14 @@ def fit(
     """
     _check_count("fit", "epochs", epochs, 0)
     _check_count("fit", "batch_size", batch_size, 1)
-    schedule = lr if callable(lr) else constant_schedule(_check_lr(lr, "fit"))
+    runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile)
     _check_rows("fit", x, target)
     if test is not None:
         _check_rows("fit: test", *test)
     g = as_generator(generator, "fit")
-    if compile and optimizer is not sgd_step:
-        raise ValueError("fit: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
     step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
-    update = _sgd_in_place(params) if optimizer is sgd_step and epochs and not compile else None
-    if update is not None:
-        params = update.params
+    if runner is not None:
+        params = runner.params
     history, count = History(), 0
     for epoch in range(1, epochs + 1):
         # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
@@ -190,12 +195,11 @@ def fit(
         x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
         for start in range(0, x.shape[0], batch_size):
             stop = start + batch_size
-            rate = _rate(schedule, count, "fit")
             if compile:
-                params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], rate)
+                params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], step_function(count))
             else:
                 _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
-                params = update(grads, rate) if update is not None else optimizer(params, grads, rate)
+                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
                 del grads  # not alive through the next step's forward pass
             count += 1
         if record_history:
@@ -203,39 +207,48 @@ def fit(
             history = history._append(evaluate(model, loss, params, x, target), on_test)
         if callback is not None:
             # A copy: the params in hand are updated in place by the next epoch.
-            callback(epoch, _copy(params) if update is not None else params, history)
+            callback(epoch, _copy(params) if runner is not None else params, history)
+    if runner is not None:
+        history = attrs.evolve(history, opt_state=runner.state())
     return params, history
+
+
+def _optimizer(
+    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, compile: bool = False
+) -> tuple[_Running | None, Callable[[int], float]]:
+    """``(runner, rate)``: the optimizer run in place on private copies, or ``None`` and the rate of step
+    ``count`` for a step function (``sgd_step`` compiled, or a user's own)."""
+    if isinstance(optimizer, Optimizer):
+        if lr is not None:
+            raise ValueError(f"{who}: {optimizer.name} carries its own lr; leave lr out (or pass lr=None)")
+        if compile:
+            raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other "
+                             "optimizer")
+        return _Running(optimizer, params, opt_state, who), lambda count: 0.0
+    if not callable(optimizer):
+        raise TypeError(f"{who}: optimizer must be an rf.Optimizer or a step function (params, grads, lr) -> params, "
+                        f"got {type(optimizer).__name__}")
+    if lr is None:
+        raise ValueError(f"{who}: lr is required with a step function such as sgd_step "
+                         "(or pass optimizer=rf.sgd(lr), which carries its own)")
+    if opt_state is not None:
+        raise ValueError(f"{who}: opt_state goes with an rf.Optimizer; a step function keeps no state")
+    schedule = lr if callable(lr) else _constant(lr, who)
+    if optimizer is sgd_step and not compile:  # the same kernel, run in place by the one optimizer path
+        return _Running(sgd(schedule), params, None, who), lambda count: 0.0
+    if compile and optimizer is not sgd_step:
+        raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
+    return None, lambda count: _rate(schedule, count, who)
+
+
+def _constant(lr: Any, who: str) -> Callable[[int], float]:
+    """A checked constant rate, as a schedule."""
+    value = _check_lr(lr, who)
+    return lambda count: value
 
 
 def _copy(tree: Tree) -> Tree:
     return tree_map(torch.clone, tree)
-
-
-class _sgd_in_place:
-    """``p ← p − lr·g`` on a private copy of the params: ``sgd_step`` without a new tree per step."""
-
-    def __init__(self, params: Params) -> None:
-        self.params = _copy(params)
-        self.leaves = tree_leaves(self.params)
-        # The keys down to each leaf, found once: walking the grads this way each
-        # step costs a few dict lookups instead of a recursive tree walk.
-        self.paths = [tuple(path.split(".")) for path in tree_flatten(self.params)]
-        self.checked = False
-
-    def __call__(self, grads: Params, lr: float) -> Params:
-        if not self.checked:  # the pullbacks keep the structure; look once
-            found = tree_difference(self.params, grads, names=("params", "grads"), leaves=True)
-            if found:
-                raise ValueError(f"fit: {found}")
-            self.checked = True
-        grad_leaves = []
-        for keys in self.paths:
-            node = grads
-            for key in keys:
-                node = node[key]
-            grad_leaves.append(node)
-        torch._foreach_add_(self.leaves, grad_leaves, alpha=-lr)  # the kernel of sgd_step
-        return self.params
 
 
 def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], Params]:

@@ -259,3 +259,15 @@ def _paired(tree: Tree, other: Tree) -> _Paired | None:
         return None
     paired.skeleton = skeleton
     return paired
+
+
+def _rebuild_like(tree: Tree, leaves: list[Any]) -> Tree:
+    """A tree of plain dicts shaped like ``tree``, with ``leaves`` in its key order (as :func:`_paired` reads them)."""
+    it = iter(leaves)
+    return _fill_like(tree, it)
+
+
+def _fill_like(node: Tree, it: Any) -> Tree:
+    if _is_node(node):
+        return {key: _fill_like(child, it) for key, child in node.items()}
+    return next(it)

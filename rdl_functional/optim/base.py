@@ -1,0 +1,344 @@
+"""The optimizer protocol: a frozen record of pure functions, its state a plain tree of tensors.
+
+::
+
+    init(params) -> opt_state
+    update(grads, opt_state, params) -> (updates, new_opt_state)     optax's protocol
+    step(params, grads, opt_state) -> (new_params, new_opt_state)    torch.optim's step, pure
+
+``apply_updates(params, updates)`` adds the updates. ``step`` runs the rule
+with its last operation fused into the params, as torch.optim does, and is
+bit-identical to torch.optim's foreach implementation; ``update`` is
+``step``'s params minus the params, so ``apply_updates(params, update(...))``
+equals ``step`` to float rounding (one rounding more).
+
+Every built-in optimizer is a chain of *links*, each written once over flat
+lists of leaves (in the params' key order), with ``torch._foreach_*`` calls:
+a *rule* (sgd, adam, ...) maps params, grads and its buffers to new params
+and buffers; a *transform* (clipping, weight decay) maps grads to grads. The
+same link code runs three ways: pure (new tensors; ``step``, ``update``) and
+in place on private copies (``fit``), through the two op tables below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from ..tree import Tree, _paired, _rebuild_like, tree_difference, tree_flatten, tree_map
+from .schedules import Schedule, _check_lr, _rate
+
+__all__ = ["Optimizer", "apply_updates", "chain"]
+
+Leaves = list[Tensor]
+
+
+class _Pure:
+    """Out-of-place foreach ops: the first op a link runs on a list it does not own."""
+
+    mul = staticmethod(torch._foreach_mul)
+    add = staticmethod(torch._foreach_add)
+    lerp = staticmethod(torch._foreach_lerp)
+    addcmul = staticmethod(torch._foreach_addcmul)
+    addcdiv = staticmethod(torch._foreach_addcdiv)
+    maximum = staticmethod(torch._foreach_maximum)
+
+    @staticmethod
+    def copy(dst: Leaves, src: Leaves) -> Leaves:
+        return [t.clone() for t in src]
+
+
+def _in_place(op: Callable[..., None]) -> Callable[..., Leaves]:
+    def run(leaves: Leaves, *args: Any, **kwargs: Any) -> Leaves:
+        op(leaves, *args, **kwargs)
+        return leaves
+
+    return staticmethod(run)
+
+
+class _InPlace:
+    """The same ops in place, on lists that a private copy owns (fit's): the same kernels, so the same bits."""
+
+    mul = _in_place(torch._foreach_mul_)
+    add = _in_place(torch._foreach_add_)
+    lerp = _in_place(torch._foreach_lerp_)
+    addcmul = _in_place(torch._foreach_addcmul_)
+    addcdiv = _in_place(torch._foreach_addcdiv_)
+    maximum = _in_place(torch._foreach_maximum_)
+    copy = _in_place(torch._foreach_copy_)
+
+
+Ops = type[_Pure] | type[_InPlace]
+Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int, float], tuple[Leaves, dict[str, Leaves]]]
+Transform = Callable[[Leaves, Leaves, Tree, str], Leaves]
+
+
+@attrs.frozen
+class _Link:
+    """One link of an optimizer. A rule: ``rule(ops, params, grads, buffers, count, lr) -> (params, buffers)``,
+    ``count`` the step being taken (1 for the first); a transform: ``transform(grads, params, params_tree, where)
+    -> grads``."""
+
+    name: str
+    rule: Rule | None = None
+    transform: Transform | None = None
+    buffers: tuple[tuple[str, float], ...] = ()  # (name, initial value) of each per-leaf buffer
+    lr: Schedule | None = None
+    elementwise: bool = True  # each leaf's result depends on that leaf alone (so a stack of models is fine)
+
+    def init(self, params: Tree) -> dict[str, Any]:
+        if self.rule is None:
+            return {}
+        state: dict[str, Any] = {
+            "count": torch.zeros((), dtype=torch.int64),
+            "lr": torch.zeros((), dtype=torch.float64),
+        }
+        for name, value in self.buffers:
+            state[name] = tree_map(lambda p, value=value: torch.full_like(p, value), params)
+        return state
+
+
+def _path(where: str, key: str) -> str:
+    return f'{where}["{key}"]' if where else key
+
+
+def _read_state(link: _Link, state: Any, params: Tree, where: str, who: str) -> tuple[int, dict[str, Leaves]]:
+    """``(count, buffers as leaf lists)`` once ``state`` is the state ``link.init(params)`` would make."""
+    expected = ["count", "lr", *(name for name, _ in link.buffers)] if link.rule else []
+    if type(state) is not dict or len(state) != len(expected) or not all(key in state for key in expected):
+        if not isinstance(state, dict):
+            raise TypeError(f"{who}: the optimizer state{' at ' + where if where else ''} must be a dict, "
+                            f"got {type(state).__name__}")
+        raise ValueError(
+            f"{who}: the optimizer state{' at ' + where if where else ''} has keys {list(state)} but {link.name} "
+            f"keeps {expected} (is it the state of another optimizer?)"
+        )
+    if not link.rule:
+        return 0, {}
+    count = state["count"]
+    if not isinstance(count, Tensor) or count.dim() != 0 or count.dtype != torch.int64:
+        raise ValueError(f'{who}: {_path(where, "count")} must be a 0-dim int64 tensor, got {count!r}')
+    buffers = {}
+    for name, _ in link.buffers:
+        paired = _paired(params, state[name])
+        if paired is None:
+            found = tree_difference(params, state[name], names=("params", _path(where, name)), leaves=True)
+            raise ValueError(
+                f"{who}: the optimizer state does not fit the params: {found or 'it holds something else'} "
+                "(is it the state of another model?)"
+            )
+        buffers[name] = paired.theirs
+    return int(count), buffers
+
+
+@attrs.frozen
+class Optimizer:
+    """An optimizer: pure functions over params, grads and a state tree; ``rf.sgd(0.1)``, ``rf.adam(1e-3)``, ...
+
+    Attributes:
+        init: ``(params) -> opt_state``, a dict of tensors: the step ``count``
+            (0-dim int64), the rate the last step used (``lr``, 0-dim float64),
+            and buffers that mirror params, named as torch.optim names them.
+        update: ``(grads, opt_state, params) -> (updates, new_opt_state)``.
+        step: ``(params, grads, opt_state) -> (new_params, new_opt_state)``.
+        name: how it prints and how messages name it.
+    """
+
+    links: tuple[_Link, ...] = attrs.field(repr=False)
+    name: str
+    chained: bool = attrs.field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def init(self, params: Tree) -> Tree:
+        """The state before the first step."""
+        states = [link.init(params) for link in self.links]
+        return {str(i): s for i, s in enumerate(states)} if self.chained else states[0]
+
+    def _states(self, state: Tree, who: str) -> list[tuple[Any, str]]:
+        if not self.chained:
+            return [(state, "")]
+        keys = [str(i) for i in range(len(self.links))]
+        if type(state) is not dict or sorted(state) != sorted(keys):
+            got = list(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{who}: the state of {self.name} must be a dict keyed {keys}, got {got}")
+        return [(state[key], key) for key in keys]
+
+    def _run(self, params: Tree, grads: Tree, state: Tree, who: str) -> tuple[Leaves, Leaves, Any, Tree]:
+        """The pure run: ``(params leaves, final leaves, pairing, new state)``; the final leaves are the
+        new params when the chain ends in a rule, else updates."""
+        paired = _paired(params, grads)
+        if paired is None:
+            found = tree_difference(params, grads, names=("params", "grads"), leaves=True)
+            raise ValueError(f"{who}: {found or 'grads must be plain dicts of tensors like params'}")
+        p, g = paired.mine, paired.theirs
+        new_states = []
+        for index, (link, (link_state, where)) in enumerate(zip(self.links, self._states(state, who), strict=True)):
+            count, buffers = _read_state(link, link_state, params, where, who)
+            if link.transform is not None:
+                g = link.transform(g, p, params, who)
+                new_states.append({})
+                continue
+            lr = _rate(link.lr, count, who)
+            new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr)
+            new_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(lr, dtype=torch.float64)}
+            for name, _ in link.buffers:
+                new_state[name] = _rebuild_like(params, buffers[name])
+            new_states.append(new_state)
+            g = new_p if index == len(self.links) - 1 else torch._foreach_sub(new_p, p)
+        state = {str(i): s for i, s in enumerate(new_states)} if self.chained else new_states[0]
+        return p, g, paired, state
+
+    def step(self, params: Tree, grads: Tree, opt_state: Tree) -> tuple[Tree, Tree]:
+        """``(new_params, new_opt_state)``: one step, bit-identical to torch.optim's; nothing is mutated."""
+        p, final, paired, state = self._run(params, grads, opt_state, f"{self.name}.step")
+        if self.links[-1].transform is not None:
+            final = torch._foreach_add(p, final) if p else []
+        return paired.fill(list(final)), state
+
+    def update(self, grads: Tree, opt_state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        """``(updates, new_opt_state)``: what to add to params (:func:`apply_updates`), as in optax."""
+        p, final, paired, state = self._run(params, grads, opt_state, f"{self.name}.update")
+        if self.links[-1].rule is not None:
+            final = torch._foreach_sub(final, p) if p else []
+        return paired.fill(list(final)), state
+
+    @property
+    def elementwise(self) -> bool:
+        return all(link.elementwise for link in self.links)
+
+
+def apply_updates(params: Tree, updates: Tree) -> Tree:
+    """``params + updates``, leaf by leaf, into a new tree (one ``torch._foreach_add``).
+
+    >>> import torch
+    >>> apply_updates({"w": torch.tensor([1.0])}, {"w": torch.tensor([-0.25])})
+    {'w': tensor([0.7500])}
+    """
+    paired = _paired(params, updates)
+    if paired is None:
+        found = tree_difference(params, updates, names=("params", "updates"), leaves=True)
+        raise ValueError(f"apply_updates: {found or 'updates must be plain dicts of tensors like params'}")
+    return paired.fill(torch._foreach_add(paired.mine, paired.theirs) if paired.mine else [])
+
+
+def chain(*optimizers: Optimizer) -> Optimizer:
+    """Run optimizers and transforms one after another, each on the updates of the one before.
+
+    ``chain(rf.clip_by_global_norm(1.0), rf.adam(1e-3))`` clips the grads, then
+    runs Adam on them. The state is ``{"0": ..., "1": ...}``, one entry per
+    link (nested chains are flattened).
+
+    >>> import rdl_functional as rf
+    >>> opt = rf.chain(rf.clip_by_global_norm(1.0), rf.sgd(0.1))
+    >>> list(opt.init({"w": torch.zeros(2)}))
+    ['0', '1']
+    """
+    if not optimizers:
+        raise ValueError("chain: expected at least one optimizer or transform, got none")
+    for i, opt in enumerate(optimizers):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"chain: argument {i} must be an optimizer or transform (rf.sgd(...), "
+                            f"rf.clip_by_global_norm(...), ...), got {type(opt).__name__}")
+    links = tuple(link for opt in optimizers for link in opt.links)
+    return Optimizer(links=links, name=f"chain({', '.join(o.name for o in optimizers)})", chained=True)
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the constructors: torch.optim's rules, in our words.
+
+
+def _lr(lr: float | Schedule, who: str) -> Schedule:
+    if callable(lr):
+        return lr
+    value = _check_lr(lr, who)
+    return lambda count: value
+
+
+def _at_least(who: str, name: str, value: float, low: float = 0.0, *, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{who}: {name} must be a finite number, got {value!r}")
+    if value < low or (strict and value == low):
+        raise ValueError(f"{who}: {name} must be {'>' if strict else '≥'} {low}, got {value}")
+    return float(value)
+
+
+def _fraction(who: str, name: str, value: float) -> float:
+    value = _at_least(who, name, value)
+    if not value < 1:
+        raise ValueError(f"{who}: {name} must lie in [0, 1), got {value}")
+    return value
+
+
+class _Running:
+    """An optimizer run in place on private copies of the params and its state: fit's path.
+
+    Each step runs the same link code as :meth:`Optimizer.step`, through the
+    in-place op table, so the params and state equal ``step``'s bit for bit;
+    but no tree, and no tensor per leaf, is made per step. The state is read
+    and checked once, here; :meth:`state` hands out a copy.
+    """
+
+    def __init__(self, optimizer: Optimizer, params: Tree, opt_state: Tree | None, who: str) -> None:
+        self.optimizer, self.who = optimizer, who
+        state = optimizer.init(params) if opt_state is None else opt_state
+        self.params = tree_map(torch.clone, params)
+        paired = _paired(self.params, self.params)
+        if paired is None:
+            raise ValueError(f"{who}: params must be plain dicts of tensors")
+        self.leaves = paired.mine
+        self.paths = [tuple(path.split(".")) for path in tree_flatten(self.params)]
+        self.counts, self.rates, self.buffers = [], [], []
+        for link, (link_state, where) in zip(optimizer.links, optimizer._states(state, who), strict=True):
+            count, buffers = _read_state(link, link_state, params, where, who)
+            self.counts.append(count)
+            self.rates.append(float(link_state["lr"]) if link.rule else 0.0)
+            self.buffers.append({name: [t.clone() for t in leaves] for name, leaves in buffers.items()})
+        self.checked = False
+
+    def __call__(self, grads: Tree) -> Tree:
+        if not self.checked:  # the pullbacks keep the structure; look once
+            found = tree_difference(self.params, grads, names=("params", "grads"), leaves=True)
+            if found:
+                raise ValueError(f"{self.who}: {found}")
+            self.checked = True
+        g = []
+        for keys in self.paths:
+            node = grads
+            for key in keys:
+                node = node[key]
+            g.append(node)
+        p, last = self.leaves, len(self.optimizer.links) - 1
+        for i, link in enumerate(self.optimizer.links):
+            if link.transform is not None:
+                g = link.transform(g, p, self.params, self.who)
+                continue
+            self.rates[i] = lr = _rate(link.lr, self.counts[i], self.who)
+            self.counts[i] += 1
+            if i == last:
+                _, self.buffers[i] = link.rule(_InPlace, p, g, self.buffers[i], self.counts[i], lr)
+            else:  # its updates feed the next link, so the params are not written here
+                new_p, self.buffers[i] = link.rule(_Pure, p, g, self.buffers[i], self.counts[i], lr)
+                g = torch._foreach_sub(new_p, p)
+        if self.optimizer.links[-1].transform is not None and p:
+            torch._foreach_add_(p, g)
+        return self.params
+
+    def state(self) -> Tree:
+        """The optimizer state now, as a new tree (later steps do not change it)."""
+        states = []
+        for link, count, rate, buffers in zip(self.optimizer.links, self.counts, self.rates, self.buffers, strict=True):
+            if link.rule is None:
+                states.append({})
+                continue
+            state = {"count": torch.tensor(count), "lr": torch.tensor(rate, dtype=torch.float64)}
+            for name, _ in link.buffers:
+                state[name] = _rebuild_like(self.params, [t.clone() for t in buffers[name]])
+            states.append(state)
+        return {str(i): s for i, s in enumerate(states)} if self.optimizer.chained else states[0]

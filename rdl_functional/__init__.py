@@ -52,7 +52,7 @@ from .optim import (
     sgd_step,
     warmup_cosine_decay_schedule,
 )
-from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
+from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
 from .testing import VjpMismatch, VjpReport, check_vjp
 from .train import History, accuracy, evaluate, fit, predict
 from .tree import (
@@ -113,6 +113,7 @@ __all__ = [
     "plot_dataset",
     "plot_decision_boundary",
     "plot_history",
+    "plot_seed_spread",
     "predict",
     "relu",
     "rmsprop",

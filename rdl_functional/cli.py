@@ -23,7 +23,9 @@ from ._files import atomic_write
 from .experiment import (
     DEFAULTS,
     MODELS,
+    OPTIMIZERS,
     SCHEDULES,
+    TUNED,
     DiscResult,
     DiscSettings,
     run_disc,
@@ -64,6 +66,16 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     """``"0-9"``, ``"3"`` or ``"0-4,8,10-11"``: seeds, ranges inclusive, no repeats."""
     seeds: list[int] = []
@@ -87,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="rdl-train",
         description=(
             "Train the seed report's model (a 2-25-25-25-2 MLP, ReLU hidden layers, Tanh output) "
-            "with plain SGD (no momentum; by default a learning rate that decays linearly to 0) "
+            "with plain SGD (by default; a learning rate that decays linearly to 0) or another optimizer "
             "on MSE against one-hot targets, to tell whether points in [0,1]² lie inside the disc "
             "of radius 1/√(2π) centred at (0.5, 0.5). Prints the train and test accuracy, the test "
             "misclassifications, the losses and the wall time of each run."
@@ -101,12 +113,22 @@ def _parser() -> argparse.ArgumentParser:
                           help="passes over the training set (default: %(default)s)")
     training.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
                           help="points per SGD step (default: %(default)s)")
-    training.add_argument("--lr", type=_learning_rate, default=DEFAULTS.lr,
-                          help="learning rate of the first step (default: %(default)s)")
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer,
+                          help="sgd: plain SGD; momentum, nesterov: SGD with (Nesterov) momentum; adam, adamw, "
+                               "rmsprop, adagrad: as torch.optim's (default: %(default)s)")
+    training.add_argument("--lr", type=_learning_rate, default=None,
+                          help="peak learning rate (default: tuned for each optimizer on this task: "
+                               + ", ".join(f"{name} {TUNED[name]['lr']:g}" for name in OPTIMIZERS) + ")")
+    training.add_argument("--momentum", type=_non_negative, default=None,
+                          help="momentum of momentum, nesterov and rmsprop (default: 0.9 for momentum and "
+                               "nesterov, 0 for rmsprop)")
+    training.add_argument("--weight-decay", type=_non_negative, default=None,
+                          help="weight decay (default: 0.01 for adamw, as torch.optim.AdamW; 0 otherwise)")
     training.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
                           help="linear: the rate decays linearly to 0 over the run, so SGD settles instead of "
                                "stopping wherever its gradient noise left it; constant: the same rate "
-                               "throughout (default: %(default)s)")
+                               "throughout; cosine: cosine decay to 0; warmup-cosine: a linear warm-up over "
+                               "the first 5%% of steps, then cosine decay (default: %(default)s)")
     seeds = training.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=_int_at_least(0), default=0,
                        help="seeds the data, the initial params and the shuffling (default: %(default)s)")
@@ -126,13 +148,15 @@ def _parser() -> argparse.ArgumentParser:
                                "count keeps results reproducible (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--plots", metavar="DIR", type=Path,
-                        help="write dataset.png, history.png and decision-boundary.png to DIR (needs the "
-                             "[plot] extra)")
+                        help="write dataset.png, history.png and decision-boundary.png to DIR; with --seeds, "
+                             "seeds.png: the median test accuracy and loss per epoch, with a band from the worst "
+                             "to the best seed (needs the [plot] extra)")
     output.add_argument("--save", metavar="PATH", type=Path, help="write the trained params (safetensors)")
     output.add_argument("--json", metavar="PATH", type=Path, help="write the runs and their summary as JSON")
     output.add_argument("--compare-torch", action="store_true",
-                        help="also train the same MLP with torch.nn + autograd + torch.optim.SGD from the same "
-                             "params and batches, and compare accuracies, params and wall times")
+                        help="also train the same MLP with torch.nn + autograd + the matching torch.optim "
+                             "optimizer from the same params and batches, and compare accuracies, params and "
+                             "wall times")
     output.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -171,11 +195,17 @@ def _check_plot_dir(path: Path) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     single = args.seeds is None or len(args.seeds) == 1
-    for flag, value in (("--save", args.save), ("--plots", args.plots), ("--compare-torch", args.compare_torch)):
+    for flag, value in (("--save", args.save), ("--compare-torch", args.compare_torch)):
         if value and not single:
             _fail(f"{flag} describes one run; use --seed N rather than --seeds")
     if args.compare_torch and args.model != "mlp":
         _fail(f"--compare-torch trains the seed MLP; it does not apply to --model {args.model}")
+    if args.compile and args.optimizer != "sgd":
+        _fail(f"--compile trains with plain SGD; it does not apply to --optimizer {args.optimizer}")
+    if args.momentum is not None and args.optimizer not in ("momentum", "nesterov", "rmsprop"):
+        _fail(f"--momentum applies to momentum, nesterov and rmsprop, not to --optimizer {args.optimizer}")
+    if args.optimizer in ("momentum", "nesterov") and args.momentum == 0:
+        _fail(f"--optimizer {args.optimizer} needs --momentum > 0 (use --optimizer sgd for none)")
     for flag, path in (("--save", args.save), ("--json", args.json)):
         if path is not None:
             _check_output_file(flag, path)
@@ -274,11 +304,17 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
             save(results[0].params, args.save)
             print(f"saved the trained params to {args.save}")
         if args.plots is not None:
-            _write_plots(args.plots, results[0], settings)
+            if len(results) > 1:
+                _write_seed_plot(args.plots, results, settings)
+            else:
+                _write_plots(args.plots, results[0], settings)
         if args.json is not None:
             document = {
                 "settings": {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
-                             "lr": settings.lr, "schedule": settings.schedule, "n_train": settings.n_train,
+                             "optimizer": settings.optimizer, "lr": settings.rate,
+                             "momentum": settings.tuned("momentum"),
+                             "weight_decay": settings.tuned("weight_decay"),
+                             "schedule": settings.schedule, "n_train": settings.n_train,
                              "n_test": settings.n_test, "threads": torch.get_num_threads(),
                              "torch": torch.__version__, "rdl_functional": __version__},
                 "runs": [result.summary() for result in results],
@@ -308,11 +344,22 @@ def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> No
     print(f"wrote {', '.join(figures)} to {folder}")
 
 
+def _write_seed_plot(folder: Path, results: list[DiscResult], settings: DiscSettings) -> None:
+    from .plots import plot_seed_spread, save_figure
+
+    seeds = ",".join(str(r.seed) for r in results) if len(results) <= 5 else f"{len(results)} seeds"
+    figure = plot_seed_spread([r.history for r in results],
+                              title=f"{settings.describe()}, {settings.describe_rate()}: test set, {seeds}")
+    save_figure(figure, folder / "seeds.png")
+    print(f"wrote seeds.png to {folder}")
+
+
 def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
     from .torch_baseline import compare_with_torch
 
     comparison = compare_with_torch(seed, settings)
-    print(f"\nthe same MLP trained by torch.nn + autograd + torch.optim.SGD, from the same params and batches:\n"
+    print(f"\nthe same MLP trained by torch.nn + autograd + {comparison.torch_optimizer}, from the same params "
+          f"and batches:\n"
           f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n"
           f"  {'train accuracy':<22}{comparison.train_accuracy:>15.1%}{comparison.torch_train_accuracy:>11.1%}\n"
           f"  {'test accuracy':<22}{comparison.test_accuracy:>15.1%}{comparison.torch_test_accuracy:>11.1%}\n"
@@ -329,10 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_params = _initial_params(args.init_from)
     torch.set_num_threads(args.threads)
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                            model=args.model, compile=args.compile)
-    rate = f"lr {settings.lr:g}" + (" decaying linearly to 0" if settings.schedule == "linear" else " (constant)")
-    print(f"rdl-train {__version__}: {settings.task.description}, plain SGD\n"
-          f"{settings.epochs} epochs, batch size {settings.batch_size}, {rate}, "
+                            model=args.model, compile=args.compile, optimizer=args.optimizer,
+                            momentum=args.momentum, weight_decay=args.weight_decay)
+    print(f"rdl-train {__version__}: {settings.task.description}, {settings.describe()}\n"
+          f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
     seeds = args.seeds or [args.seed]

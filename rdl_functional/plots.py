@@ -23,7 +23,7 @@ from .train import History
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_dataset", "plot_decision_boundary", "plot_history", "save_figure"]
+__all__ = ["plot_dataset", "plot_decision_boundary", "plot_history", "plot_seed_spread", "save_figure"]
 
 _CLASS_STYLE = {0: ("outside the disc (0)", "#9e9e9e"), 1: ("inside the disc (1)", "#111111")}
 
@@ -86,6 +86,35 @@ def plot_history(history: History, *, title: str | None = None) -> Figure:
     for ax in (loss_ax, accuracy_ax):
         ax.grid(True, alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_seed_spread(histories: list[History], *, title: str | None = None) -> Figure:
+    """Test accuracy and loss per epoch over several runs: the median, and a band from the worst to the best.
+
+    One figure per optimizer (or setting) makes them comparable at a glance:
+    the line is where a typical seed is, the band how far the seeds scatter.
+    """
+    if not histories or not all(h.test_accuracy for h in histories):
+        raise ValueError("plot_seed_spread: expected histories with a test set measured each epoch")
+    if len({h.epochs for h in histories}) != 1:
+        raise ValueError("plot_seed_spread: the histories have different numbers of epochs")
+    fig = _figure(figsize=(10, 4.2))
+    accuracy_ax, loss_ax = fig.subplots(1, 2)
+    epochs = range(1, histories[0].epochs + 1)
+    for ax, name, scale in ((accuracy_ax, "test_accuracy", 100.0), (loss_ax, "test_loss", 1.0)):
+        values = torch.tensor([getattr(h, name) for h in histories], dtype=torch.float64) * scale
+        median = values.median(dim=0).values
+        ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values, alpha=0.3,
+                        label=f"worst to best of {len(histories)} seeds")
+        last = f"{median[-1]:.1f}%" if scale != 1.0 else f"{median[-1]:.4f}"
+        ax.plot(epochs, median, label=f"median (last {last})")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    accuracy_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="test loss", yscale="log", title="Test loss")
     if title:
         fig.suptitle(title)
     return fig

@@ -1,4 +1,4 @@
-"""The same experiment trained by torch.nn + autograd + torch.optim.SGD, for comparison.
+"""The same experiment trained by torch.nn + autograd + the matching torch.optim optimizer, for comparison.
 
 An oracle, like :mod:`rdl_functional.testing`: it uses torch's autograd on
 purpose, to show that the library's hand-written pullbacks give the same
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
@@ -19,7 +20,7 @@ from .layers import Params
 from .train import fit
 from .tree import tree_flatten, tree_unflatten
 
-__all__ = ["TorchComparison", "compare_with_torch", "torch_seed_model", "train_torch"]
+__all__ = ["TorchComparison", "compare_with_torch", "torch_optimizer", "torch_seed_model", "train_torch"]
 
 
 def torch_seed_model() -> torch.nn.Sequential:
@@ -32,6 +33,22 @@ def torch_seed_model() -> torch.nn.Sequential:
     )  # fmt: skip
 
 
+def torch_optimizer(settings: DiscSettings, parameters: Any) -> torch.optim.Optimizer:
+    """The torch.optim optimizer ``settings.make_optimizer()`` equals (foreach implementation), at rate 0:
+    :func:`train_torch` sets the rate before each step."""
+    momentum, decay = settings.tuned("momentum"), settings.tuned("weight_decay")
+    name = settings.optimizer
+    if name in ("sgd", "momentum", "nesterov"):
+        return torch.optim.SGD(parameters, lr=0.0, momentum=momentum, nesterov=name == "nesterov",
+                               weight_decay=decay, foreach=True)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=0.0, momentum=momentum, weight_decay=decay, foreach=True)
+    if name == "adagrad":
+        return torch.optim.Adagrad(parameters, lr=0.0, weight_decay=decay, foreach=True)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(parameters, lr=0.0, weight_decay=decay, foreach=True)
+
+
 def train_torch(
     params: Params,
     x: Tensor,
@@ -41,15 +58,18 @@ def train_torch(
     batch_size: int,
     lr: Callable[[int], float],
     generator: torch.Generator,
+    settings: DiscSettings | None = None,
 ) -> Params:
     """Train ``torch_seed_model()`` from ``params`` the way :func:`~rdl_functional.fit` trains.
 
     The same shuffles (drawn from ``generator``), the same batches, MSE, and
-    ``torch.optim.SGD`` with the rate set from the schedule ``lr`` before each step.
+    the optimizer :func:`torch_optimizer` makes for ``settings`` (plain
+    ``torch.optim.SGD`` without them), its rate set from the schedule ``lr``
+    before each step.
     """
     model = torch_seed_model()
     model.load_state_dict(tree_flatten(params), strict=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr(0))
+    optimizer = torch_optimizer(settings or DiscSettings(), model.parameters())
     count = 0
     for _ in range(epochs):
         for rows in torch.randperm(x.shape[0], generator=generator).split(batch_size):
@@ -73,6 +93,7 @@ class TorchComparison:
     max_param_difference: float
     seconds: float
     torch_seconds: float
+    torch_optimizer: str = "torch.optim.SGD"
 
 
 def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
@@ -95,11 +116,11 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
     schedule = lr if callable(lr) else (lambda count: lr)
     clock = time.perf_counter()
     ours, _ = fit(model, task.loss, params, data.x_train, target, epochs=settings.epochs,
-                  batch_size=settings.batch_size, lr=schedule, generator=shuffles())
+                  batch_size=settings.batch_size, optimizer=settings.make_optimizer(), generator=shuffles())
     seconds = time.perf_counter() - clock
     clock = time.perf_counter()
     theirs = train_torch(params, data.x_train, target, epochs=settings.epochs,
-                         batch_size=settings.batch_size, lr=schedule, generator=shuffles())
+                         batch_size=settings.batch_size, lr=schedule, generator=shuffles(), settings=settings)
     torch_seconds = time.perf_counter() - clock
 
     def accuracy(params: Params, x: Tensor, labels: Tensor) -> float:
@@ -115,4 +136,5 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
         max_param_difference=max((ours_flat[k] - theirs_flat[k]).abs().max().item() for k in ours_flat),
         seconds=seconds,
         torch_seconds=torch_seconds,
+        torch_optimizer=f"torch.optim.{type(torch_optimizer(settings, [torch.zeros(1)])).__name__}",
     )

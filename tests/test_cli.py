@@ -125,7 +125,7 @@ def test_progress_bar_on_a_terminal():
         (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
         (["--seed", "x"], "argument --seed: expected a whole number, got 'x'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-        (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+        (["--schedule", "step-decay"], "argument --schedule: invalid choice: 'step-decay'"),
         (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
         (["--seeds", "5-2"], "argument --seeds: the seed range 5-2 is empty or negative (did you mean 2-5?)"),
         (["--seeds", "1,1"], "argument --seeds: '1,1' names a seed twice"),

@@ -84,4 +84,4 @@ def test_disc_settings_turn_the_schedule_into_fits_lr():
     assert [schedule(k) for k in (0, 4, 8)] == [0.8, 0.4, 0.0]
     assert schedule(7) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="'schedule' must be in"):
-        rf.DiscSettings(schedule="cosine")
+        rf.DiscSettings(schedule="step-decay")

@@ -90,6 +90,37 @@ def test_compare_torch_shows_identical_params(capsys):
     assert "max |parameter difference|: 0 " in out
 
 
+@pytest.mark.parametrize(
+    ("flags", "header", "torch_class"),
+    [
+        (["--optimizer", "adam"], "Adam\n3 epochs, batch size 200, lr 0.01 decaying linearly to 0", "Adam"),
+        (["--optimizer", "nesterov", "--schedule", "cosine"], "SGD with Nesterov momentum 0.9\n3 epochs, batch "
+         "size 200, lr 0.08 with cosine decay to 0", "SGD"),
+        (["--optimizer", "adamw", "--schedule", "warmup-cosine", "--lr", "0.02"], "AdamW, weight decay 0.01\n3 "
+         "epochs, batch size 200, lr 0.02 after a 5% linear warm-up", "AdamW"),
+        (["--optimizer", "rmsprop", "--momentum", "0.5", "--weight-decay", "1e-4"], "RMSprop, momentum 0.5, weight "
+         "decay 0.0001", "RMSprop"),
+        (["--optimizer", "adagrad", "--schedule", "constant"], "Adagrad\n3 epochs, batch size 200, lr 0.1 "
+         "(constant)", "Adagrad"),
+    ],
+)
+def test_each_optimizer_trains_says_what_it_ran_and_equals_its_torch_optim_twin(flags, header, torch_class, capsys):
+    assert main([*FAST, *flags, "--compare-torch", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert header in out
+    assert f"torch.nn + autograd + torch.optim.{torch_class}," in out
+    assert "max |parameter difference|: 0 " in out
+
+
+def test_seeds_with_plots_draw_the_spread_over_seeds(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main([*FAST, "--seeds", "0-2", "--optimizer", "momentum", "--plots", str(tmp_path), "--quiet",
+                 "--json", str(tmp_path / "runs.json")]) == 0
+    assert (tmp_path / "seeds.png").stat().st_size > 10_000
+    settings = json.loads((tmp_path / "runs.json").read_text())["settings"]
+    assert (settings["optimizer"], settings["lr"], settings["momentum"]) == ("momentum", 0.08, 0.9)
+
+
 def test_progress_lines_go_to_stderr_when_it_is_not_a_terminal(capsys):
     main(["--epochs", "20", "--batch-size", "500", "--seed", "1"])
     err = capsys.readouterr().err.splitlines()
@@ -133,6 +164,11 @@ def test_progress_bar_on_a_terminal():
         (["--seed", "1", "--seeds", "0-3"], "argument --seeds: not allowed with argument --seed"),
         (["--seeds", "0-1", "--save", "p.safetensors"], "--save describes one run; use --seed N rather than --seeds"),
         (["--model", "logistic", "--compare-torch"], "--compare-torch trains the seed MLP"),
+        (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to momentum, nesterov and rmsprop"),
+        (["--optimizer", "nesterov", "--momentum", "0"], "--optimizer nesterov needs --momentum > 0"),
+        (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number ≥ 0, got -1"),
+        (["--optimizer", "adam", "--compile"], "--compile trains with plain SGD"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):

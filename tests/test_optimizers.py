@@ -306,3 +306,26 @@ def test_schedules_follow_optax_formulas():
     with pytest.raises(ValueError, match=r"warmup_cosine_decay_schedule: decay_steps must be an int ≥ 11"):
         rf.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=10, decay_steps=10)
     assert math.isclose(rf.cosine_decay_schedule(1.0, 4, exponent=2.0)(1), ((1 + math.cos(math.pi / 4)) / 2) ** 2)
+
+
+def test_a_users_own_transform_chains_keeps_its_state_and_runs_in_fit():
+    def init(params):
+        return {"seen": torch.zeros((), dtype=torch.int64)}
+
+    def update(updates, state, params):  # halves the grads and counts its calls
+        return rf.tree_map(lambda u: u / 2, updates), {"seen": state["seen"] + 1}
+
+    halve = rf.gradient_transform(init, update, name="halve")
+    model, params, x, target = _setup(torch.float32)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:20], target[:20])
+    opt = rf.chain(halve, rf.sgd(0.2))
+    stepped, state = opt.step(params, grads, opt.init(params))
+    expected = rf.sgd_step(params, rf.tree_map(lambda g: g / 2, grads), 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(stepped), rf.tree_leaves(expected), strict=True))
+    assert int(state["0"]["seen"]) == 1 and int(state["1"]["count"]) == 1
+    _, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=2, batch_size=100, generator=0, optimizer=opt,
+                        record_history=False)
+    assert int(history.opt_state["0"]["seen"]) == 6
+    wrong = rf.gradient_transform(init, lambda u, s, p: ({"w": torch.zeros(1)}, s), name="wrong")
+    with pytest.raises(ValueError, match=r"the updates of wrong has no entry at \"0\" that params has"):
+        rf.chain(wrong, rf.sgd(0.1)).step(params, grads, rf.chain(wrong, rf.sgd(0.1)).init(params))

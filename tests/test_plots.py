@@ -62,6 +62,19 @@ def test_decision_boundary_marks_the_misclassified_points(run, tmp_path):
     assert min(png_size(tmp_path / "boundary.png")) > 500
 
 
+def test_seed_spread_shows_median_and_band_of_the_test_set(tmp_path):
+    runs = rf.run_disc_together([0, 1, 2], rf.DiscSettings(epochs=4, optimizer="adam"))
+    figure = rf.plot_seed_spread([r.history for r in runs], title="adam over 3 seeds")
+    rf.save_figure(figure, tmp_path / "seeds.png")
+    width, height = png_size(tmp_path / "seeds.png")
+    assert width > 600 and height > 250
+    labels = [t.get_text() for ax in figure.axes for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("median (last") for label in labels)
+    assert "worst to best of 3 seeds" in labels
+    with pytest.raises(ValueError, match=r"plot_seed_spread: expected histories with a test set"):
+        rf.plot_seed_spread([rf.History(train_loss=(1.0,), train_accuracy=(0.5,))])
+
+
 def test_plot_history_rejects_an_empty_history():
     with pytest.raises(ValueError, match="plot_history: the history has no epochs to plot"):
         rf.plot_history(rf.History())

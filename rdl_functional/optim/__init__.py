@@ -6,7 +6,7 @@
 - ``schedules``: learning rates as functions of the step count.
 """
 
-from .base import Optimizer, apply_updates, chain
+from .base import Optimizer, apply_updates, chain, gradient_transform
 from .rules import adagrad, adam, adamw, rmsprop, sgd, sgd_step
 from .schedules import (
     Schedule,
@@ -32,6 +32,7 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",
+    "gradient_transform",
     "linear_schedule",
     "piecewise_constant_schedule",
     "rmsprop",

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..tree import Tree, _paired, _rebuild_like, tree_difference, tree_flatten, tree_map
 from .schedules import Schedule, _check_lr, _rate
 
-__all__ = ["Optimizer", "apply_updates", "chain"]
+__all__ = ["Optimizer", "apply_updates", "chain", "gradient_transform"]
 
 Leaves = list[Tensor]
 
@@ -90,8 +90,11 @@ class _Link:
     buffers: tuple[tuple[str, float], ...] = ()  # (name, initial value) of each per-leaf buffer
     lr: Schedule | None = None
     elementwise: bool = True  # each leaf's result depends on that leaf alone (so a stack of models is fine)
+    custom: tuple[Callable[[Tree], Tree], Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]] | None = None
 
-    def init(self, params: Tree) -> dict[str, Any]:
+    def init(self, params: Tree) -> Any:
+        if self.custom is not None:
+            return self.custom[0](params)
         if self.rule is None:
             return {}
         state: dict[str, Any] = {
@@ -109,6 +112,8 @@ def _path(where: str, key: str) -> str:
 
 def _read_state(link: _Link, state: Any, params: Tree, where: str, who: str) -> tuple[int, dict[str, Leaves]]:
     """``(count, buffers as leaf lists)`` once ``state`` is the state ``link.init(params)`` would make."""
+    if link.custom is not None:
+        return 0, {}  # a user's transform: its state is its own business
     expected = ["count", "lr", *(name for name, _ in link.buffers)] if link.rule else []
     if type(state) is not dict or len(state) != len(expected) or not all(key in state for key in expected):
         if not isinstance(state, dict):
@@ -181,6 +186,10 @@ class Optimizer:
         new_states = []
         for index, (link, (link_state, where)) in enumerate(zip(self.links, self._states(state, who), strict=True)):
             count, buffers = _read_state(link, link_state, params, where, who)
+            if link.custom is not None:
+                g, link_state = _custom(link, g, link_state, params, who)
+                new_states.append(link_state)
+                continue
             if link.transform is not None:
                 g = link.transform(g, p, params, who)
                 new_states.append({})
@@ -212,6 +221,42 @@ class Optimizer:
     @property
     def elementwise(self) -> bool:
         return all(link.elementwise for link in self.links)
+
+
+def _custom(link: _Link, g: Leaves, state: Any, params: Tree, who: str) -> tuple[Leaves, Any]:
+    """Run a user's transform on trees; its updates must fit the params."""
+    updates, state = link.custom[1](_rebuild_like(params, g), state, params)
+    paired = _paired(params, updates)
+    if paired is None:
+        found = tree_difference(params, updates, names=("params", f"the updates of {link.name}"), leaves=True)
+        raise ValueError(f"{who}: {found or f'{link.name} must return updates shaped like params'}")
+    return paired.theirs, state
+
+
+def gradient_transform(
+    init: Callable[[Tree], Tree], update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]], *, name: str = "transform"
+) -> Optimizer:
+    """Your own transform from two pure functions, optax's protocol: it chains like the built-in ones.
+
+    ``init(params) -> state`` and ``update(updates, state, params) -> (updates, state)``,
+    over trees. Chain it before a rule to change the grads the rule sees, or
+    end a chain with it to produce the updates yourself (they are added to
+    the params). Its state is kept as it returns it: a plain tree of tensors
+    saves with ``rf.save``.
+
+    >>> import torch, rdl_functional as rf
+    >>> sign = rf.gradient_transform(lambda params: {}, lambda g, state, params: (rf.tree_map(torch.sign, g), state),
+    ...                              name="sign")
+    >>> opt = rf.chain(sign, rf.sgd(0.1))          # signSGD: p ← p − 0.1 · sign(g)
+    >>> params = {"w": torch.tensor([1.0, 1.0])}
+    >>> opt.step(params, {"w": torch.tensor([-3.0, 0.5])}, opt.init(params))[0]["w"]
+    tensor([1.1000, 0.9000])
+    """
+    if not callable(init) or not callable(update):
+        raise TypeError(f"gradient_transform: init and update must be functions, got {type(init).__name__} and "
+                        f"{type(update).__name__}")
+    link = _Link(name=name, transform=lambda g, p, params, who: g, custom=(init, update), elementwise=False)
+    return Optimizer(links=(link,), name=name)
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
@@ -294,8 +339,9 @@ class _Running:
             raise ValueError(f"{who}: params must be plain dicts of tensors")
         self.leaves = paired.mine
         self.paths = [tuple(path.split(".")) for path in tree_flatten(self.params)]
-        self.counts, self.rates, self.buffers = [], [], []
+        self.counts, self.rates, self.buffers, self.custom = [], [], [], []
         for link, (link_state, where) in zip(optimizer.links, optimizer._states(state, who), strict=True):
+            self.custom.append(link_state if link.custom is not None else None)
             count, buffers = _read_state(link, link_state, params, where, who)
             self.counts.append(count)
             self.rates.append(float(link_state["lr"]) if link.rule else 0.0)
@@ -316,6 +362,9 @@ class _Running:
             g.append(node)
         p, last = self.leaves, len(self.optimizer.links) - 1
         for i, link in enumerate(self.optimizer.links):
+            if link.custom is not None:
+                g, self.custom[i] = _custom(link, g, self.custom[i], self.params, self.who)
+                continue
             if link.transform is not None:
                 g = link.transform(g, p, self.params, self.who)
                 continue
@@ -333,9 +382,10 @@ class _Running:
     def state(self) -> Tree:
         """The optimizer state now, as a new tree (later steps do not change it)."""
         states = []
-        for link, count, rate, buffers in zip(self.optimizer.links, self.counts, self.rates, self.buffers, strict=True):
+        links = zip(self.optimizer.links, self.counts, self.rates, self.buffers, self.custom, strict=True)
+        for link, count, rate, buffers, custom in links:
             if link.rule is None:
-                states.append({})
+                states.append(tree_map(torch.clone, custom) if link.custom is not None else {})
                 continue
             state = {"count": torch.tensor(count), "lr": torch.tensor(rate, dtype=torch.float64)}
             for name, _ in link.buffers:

@@ -98,10 +98,10 @@ def loop_floor(params, x, target, epochs: int, batch_size: int, lr: float, seed:
     return leaves
 
 
-def train_torch(build, params, x, target, epochs: int, batch_size: int, lr: float, seed: int):
+def train_torch(build, params, x, target, epochs: int, batch_size: int, lr: float, seed: int, make=None):
     model = build()
     model.load_state_dict(rf.to_state_dict(params), strict=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = make(model.parameters()) if make is not None else torch.optim.SGD(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
@@ -146,6 +146,50 @@ def seed_task_row(epochs: int, batch_size: int, rounds: int, target: str) -> dic
         "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.1, 1),
     }, rounds)
     return row(f"seed task, batch {batch_size}, {epochs} epochs", 1, times, target)
+
+
+# The optimizers of the optimizer rows: ours, and the torch.optim twin (foreach, the same hyperparameters).
+OPTIMIZERS = {
+    "adam": (lambda: rf.adam(1e-2), lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True)),
+    "momentum": (lambda: rf.sgd(0.08, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.08, momentum=0.9,
+                                                                                 foreach=True)),
+}
+
+
+def update_loop(model: rf.Layer, optimizer: rf.Optimizer, params, x, target, epochs: int, batch_size: int,
+                seed: int):
+    """The optax-style loop a user writes: value_and_grad, then update, then apply_updates."""
+    step = rf.value_and_grad(model, rf.mse_loss)
+    state = optimizer.init(params)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+            _, grads = step(params, x[rows], target[rows])
+            updates, state = optimizer.update(grads, state, params)
+            params = rf.apply_updates(params, updates)
+    return params
+
+
+def optimizer_row(name: str, loop: bool, epochs: int, rounds: int, target: str) -> dict:
+    """fit (or the user's update loop) with one of our optimizers, against torch.nn + its torch.optim twin."""
+    torch.set_num_threads(1)
+    data, params, _ = rf.draw_run(0)
+    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
+    model = rf.seed_model()
+    ours, theirs = OPTIMIZERS[name]
+
+    def fit_ours() -> None:
+        rf.fit(model, rf.mse_loss, params, x, y, epochs=epochs, batch_size=100, optimizer=ours(), generator=1,
+               record_history=False)
+
+    times = interleaved({
+        "ours": (lambda: update_loop(model, ours(), params, x, y, epochs, 100, 1)) if loop else fit_ours,
+        "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, 100, 0.0, 1, make=theirs),
+    }, rounds)
+    how = "the loop a user writes (value_and_grad + update + apply_updates)" if loop else "fit"
+    return row(f"{how} with rf.{ours().name if name == 'adam' else 'sgd(momentum=0.9)'} vs torch.optim "
+               f"{'Adam' if name == 'adam' else 'SGD(momentum=0.9)'}(foreach=True), seed task, batch 100, "
+               f"{epochs} epochs", 1, times, target)
 
 
 def pure_loop_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
@@ -420,6 +464,7 @@ def format_table(rows: list[dict], info: dict) -> str:
 def run(quick: bool, rounds: int) -> list[dict]:
     if quick:
         return [seed_task_row(2, 100, 1, "runs"), pure_loop_row(2, 100, 1, "runs"),
+                optimizer_row("adam", False, 2, 1, "runs"), optimizer_row("adam", True, 2, 1, "runs"),
                 wide_row(16, 1, 1, "runs", floor=True), memory_row(16, 1, "runs"), stacked_row(3, 2, 1, "runs"),
                 import_row(1, "runs")]
     rows = [
@@ -436,6 +481,9 @@ def run(quick: bool, rounds: int) -> list[dict]:
         wide_row(4096, 2, rounds, "≤ 1.00×, ≥ 95% of GEMM floor", floor=True),
         memory_row(1024, 5, "≤ torch.nn's"),
         stacked_row(10, 200, rounds, "≤ 2×"),
+        optimizer_row("adam", False, 200, rounds, "≤ 0.50×"),
+        optimizer_row("momentum", False, 200, rounds, "≤ 0.50×"),
+        optimizer_row("adam", True, 200, rounds, "≤ 0.55×"),
         history_row(200, 100, rounds, "report"),
         history_row(200, 1000, rounds, "report"),
         compile_row(200, rounds, "report"),

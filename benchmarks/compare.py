@@ -136,11 +136,15 @@ def row(name: str, threads: int, times: dict[str, list[float]], target: str, **e
             "ratio_min": min(ratios), "ratio_max": max(ratios), "target": target, "rounds": len(ratios), **extra}
 
 
-def seed_task_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
+def seed_task() -> tuple:
+    """One thread, the seed model, seed 0's initial params and training set with one-hot targets."""
     torch.set_num_threads(1)
     data, params, _ = rf.draw_run(0)
-    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
-    model = rf.seed_model()
+    return rf.seed_model(), params, data.x_train, rf.one_hot(data.labels_train, 2)
+
+
+def seed_task_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
+    model, params, x, y = seed_task()
     times = interleaved({
         "ours": lambda: train_ours(model, params, x, y, epochs, batch_size, 0.1, 1),
         "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.1, 1),
@@ -172,10 +176,7 @@ def update_loop(model: rf.Layer, optimizer: rf.Optimizer, params, x, target, epo
 
 def optimizer_row(name: str, loop: bool, epochs: int, rounds: int, target: str) -> dict:
     """fit (or the user's update loop) with one of our optimizers, against torch.nn + its torch.optim twin."""
-    torch.set_num_threads(1)
-    data, params, _ = rf.draw_run(0)
-    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
-    model = rf.seed_model()
+    model, params, x, y = seed_task()
     ours, theirs = OPTIMIZERS[name]
 
     def fit_ours() -> None:
@@ -194,10 +195,7 @@ def optimizer_row(name: str, loop: bool, epochs: int, rounds: int, target: str) 
 
 def pure_loop_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
     """The user's own loop (value_and_grad + sgd_step) and the straight-line floor, against torch.nn."""
-    torch.set_num_threads(1)
-    data, params, _ = rf.draw_run(0)
-    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
-    model = rf.seed_model()
+    model, params, x, y = seed_task()
     times = interleaved({
         "ours": lambda: loop_ours(model, params, x, y, epochs, batch_size, 0.1, 1),
         "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.1, 1),
@@ -310,10 +308,7 @@ def stacked_row(models: int, epochs: int, rounds: int, target: str) -> dict:
 
 def compile_row(epochs: int, rounds: int, target: str) -> dict:
     """fit(compile=True) against torch.nn eager, in the steady state; the compile time apart."""
-    torch.set_num_threads(1)
-    data, params, _ = rf.draw_run(0)
-    x, y = data.x_train, rf.one_hot(data.labels_train, 2)
-    model = rf.seed_model()
+    model, params, x, y = seed_task()
 
     def ours() -> None:
         rf.fit(model, rf.mse_loss, params, x, y, epochs=epochs, batch_size=100, lr=0.1,

@@ -38,21 +38,6 @@ __all__ = ["Optimizer", "apply_updates", "chain", "gradient_transform"]
 Leaves = list[Tensor]
 
 
-class _Pure:
-    """Out-of-place foreach ops: the first op a link runs on a list it does not own."""
-
-    mul = staticmethod(torch._foreach_mul)
-    add = staticmethod(torch._foreach_add)
-    lerp = staticmethod(torch._foreach_lerp)
-    addcmul = staticmethod(torch._foreach_addcmul)
-    addcdiv = staticmethod(torch._foreach_addcdiv)
-    maximum = staticmethod(torch._foreach_maximum)
-
-    @staticmethod
-    def copy(dst: Leaves, src: Leaves) -> Leaves:
-        return [t.clone() for t in src]
-
-
 def _in_place(op: Callable[..., None]) -> Callable[..., Leaves]:
     def run(leaves: Leaves, *args: Any, **kwargs: Any) -> Leaves:
         op(leaves, *args, **kwargs)
@@ -61,17 +46,21 @@ def _in_place(op: Callable[..., None]) -> Callable[..., Leaves]:
     return staticmethod(run)
 
 
+class _Pure:
+    """Out-of-place foreach ops: the first op a link runs on a list it does not own."""
+
+    copy = staticmethod(lambda dst, src: [t.clone() for t in src])
+
+
 class _InPlace:
     """The same ops in place, on lists that a private copy owns (fit's): the same kernels, so the same bits."""
 
-    mul = _in_place(torch._foreach_mul_)
-    add = _in_place(torch._foreach_add_)
-    lerp = _in_place(torch._foreach_lerp_)
-    addcmul = _in_place(torch._foreach_addcmul_)
-    addcdiv = _in_place(torch._foreach_addcdiv_)
-    maximum = _in_place(torch._foreach_maximum_)
     copy = _in_place(torch._foreach_copy_)
 
+
+for _op in ("mul", "add", "lerp", "addcmul", "addcdiv", "maximum"):
+    setattr(_Pure, _op, staticmethod(getattr(torch, f"_foreach_{_op}")))
+    setattr(_InPlace, _op, _in_place(getattr(torch, f"_foreach_{_op}_")))
 
 Ops = type[_Pure] | type[_InPlace]
 Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int, float], tuple[Leaves, dict[str, Leaves]]]

@@ -13,6 +13,7 @@ passes are written by hand; torch.autograd is never used.
 """
 
 from .autodiff import value_and_grad
+from .codegen import Code
 from .combinators import compose
 from .compiled import compiled_step
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
@@ -68,6 +69,7 @@ from .tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Code",
     "DISC_CENTER",
     "DISC_RADIUS",
     "DiscData",

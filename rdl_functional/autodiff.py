@@ -24,6 +24,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from .codegen import generate
 from .combinators import _NO_PARAMS, _in_layer
 from .layers import Layer, Params
 from .losses import Loss
@@ -118,6 +119,12 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
             return value, {key: grads[spec[key]] for key in params}
         return value, _assemble(spec, params, grads)
 
+    codes = [leaf.layer.code for leaf in leaves]
+    if (type(spec) is int or flat) and loss.code is not None and all(code is not None for code in codes):
+        keys = [None] if type(spec) is int else [leaf.keys[0] for leaf in leaves]
+        generated = generate(keys, codes, loss.code, planned)
+        if generated is not None:
+            return generated
     return planned
 
 

@@ -12,6 +12,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from .codegen import Code
 from .data import one_hot
 
 __all__ = ["Loss", "cross_entropy_loss", "mse_loss"]
@@ -31,11 +32,13 @@ class Loss:
         apply: ``(pred, target) -> value``, a 0-dim tensor.
         vjp: ``(pred, target) -> (value, pullback)`` with ``pullback(g) -> dpred``.
         name: how the loss prints and how error messages name it.
+        code: the loss as lines of Python, as :class:`~rdl_functional.Layer`'s ``code``.
     """
 
     apply: Callable[[Tensor, Tensor], Tensor]
     vjp: Callable[[Tensor, Tensor], tuple[Tensor, LossPullback]]
     name: str = "loss"
+    code: Code | None = attrs.field(default=None, repr=False)
 
     def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
         return self.apply(pred, target)
@@ -102,7 +105,17 @@ def _mse_vjp(pred: Tensor, target: Tensor) -> tuple[Tensor, LossPullback]:
     return value, pullback
 
 
-mse_loss = Loss(apply=_mse_apply, vjp=_mse_vjp, name="mse_loss")
+mse_loss = Loss(
+    apply=_mse_apply,
+    vjp=_mse_vjp,
+    name="mse_loss",
+    code=Code(
+        guard="isinstance({t}, _Tensor) and {t}.shape == {x}.shape and {t}.dtype == {x}.dtype",
+        forward="{y} = _mse_loss({x}, {t}, 1)",
+        pullback="{dx} = _mse_loss_backward({dy}, {x}, {t}, 1)",
+        names={"_mse_loss": _mse_loss, "_mse_loss_backward": _mse_loss_backward},
+    ),
+)
 """Mean squared error over all elements, exactly ``torch.nn.functional.mse_loss``.
 
 For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a‖²``.

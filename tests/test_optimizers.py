@@ -74,7 +74,7 @@ def _our_run(optimizer, params, x, target, batches):
 
 @pytest.mark.parametrize(("name", "ours", "theirs"), OPTIMIZERS, ids=IDS)
 def test_float32_steps_are_bit_identical_to_torch_optim_foreach(name, ours, theirs):
-    model, params, x, target = _setup(torch.float32)
+    _model, params, x, target = _setup(torch.float32)
     batches = _batches(50)
     result, state = _our_run(ours(), params, x, target, batches)
     expected = _torch_run(theirs, params, x, target, batches, torch.float32)
@@ -85,7 +85,7 @@ def test_float32_steps_are_bit_identical_to_torch_optim_foreach(name, ours, thei
 @pytest.mark.parametrize(("name", "ours", "theirs"), OPTIMIZERS, ids=IDS)
 def test_float64_steps_equal_torch_optims_single_tensor_formulas(name, ours, theirs):
     """The other implementation torch ships (a loop over tensors): the same formulas, written apart."""
-    model, params, x, target = _setup(torch.float64)
+    _model, params, x, target = _setup(torch.float64)
     batches = _batches(50)
     result, _ = _our_run(ours(), params, x, target, batches)
 
@@ -137,7 +137,7 @@ def test_sgd_step_equals_rf_sgd_bit_for_bit():
 
 
 def test_chain_of_clipping_and_sgd_matches_clip_grad_norm_and_torch_sgd():
-    model, params, x, target = _setup(torch.float32)
+    _model, params, x, target = _setup(torch.float32)
     batches = _batches(20)
     result, state = _our_run(rf.chain(rf.clip_by_global_norm(0.05), rf.sgd(0.1, momentum=0.9)), params, x, target,
                              batches)
@@ -174,7 +174,7 @@ def test_a_run_continued_from_its_saved_state_equals_one_run(tmp_path):
     schedule = rf.cosine_decay_schedule(0.01, decay_steps=24)
     settings = dict(epochs=2, batch_size=50, record_history=False)
     g = torch.Generator().manual_seed(5)
-    whole, history = rf.fit(model, rf.mse_loss, params, x, target, optimizer=rf.adam(schedule), generator=g,
+    whole, _history = rf.fit(model, rf.mse_loss, params, x, target, optimizer=rf.adam(schedule), generator=g,
                             **{**settings, "epochs": 4})
     g = torch.Generator().manual_seed(5)
     half, first = rf.fit(model, rf.mse_loss, params, x, target, optimizer=rf.adam(schedule), generator=g, **settings)

@@ -28,6 +28,7 @@ MODULES = [
     "combinators",
     "losses",
     "autodiff",
+    "codegen",
     "compiled",
     "optim",
     "io",

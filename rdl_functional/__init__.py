@@ -69,9 +69,9 @@ from .tree import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Code",
     "DISC_CENTER",
     "DISC_RADIUS",
+    "Code",
     "DiscData",
     "DiscResult",
     "DiscSettings",

@@ -94,20 +94,27 @@ def generate(
                       f"w{i}_{k}.dtype != dtype:",
                       "        return _fallback(params, x, target, seed)"]
         args.append(fields)
-    lines.append("    a0 = x")
-    for code, fields in zip(codes, args, strict=True):
-        lines += ["    " + line for line in code.forward.format(**fields).splitlines()]
     n = len(codes)
+    pullbacks = [code.pullback_no_dx if i == 0 and code.pullback_no_dx else code.pullback
+                 for i, code in enumerate(codes)]
+    # a{j} is layer j's input and layer j-1's output: kept for the backward pass only if one of them reads it,
+    # as each layer's pullback keeps only what it reads.
+    kept = [(j < n and "{x}" in pullbacks[j]) or (j > 0 and "{y}" in pullbacks[j - 1]) for j in range(n)]
+    kept.append(True)  # the prediction: the loss's pullback reads it
+    lines.append("    a0 = x")
+    for i, (code, fields) in enumerate(zip(codes, args, strict=True)):
+        lines += ["    " + line for line in code.forward.format(**fields).splitlines()]
+        if not kept[i]:
+            lines.append(f"    del a{i}")
     out = {"x": f"a{n}", "t": "target", "y": "value", "dy": "seed", "dx": f"d{n}"}
     lines += [f"    if not ({loss.guard.format(**out)}):", "        return _fallback(params, x, target, seed)"]
     lines += ["    " + line for line in loss.forward.format(**out).splitlines()]
     lines += ["    if seed is None:", "        seed = _ones_like(value)"]
     lines += ["    " + line for line in loss.pullback.format(**out).splitlines()]
     for i in range(n - 1, -1, -1):
-        code, fields = codes[i], args[i]
-        pullback = code.pullback_no_dx if i == 0 and code.pullback_no_dx else code.pullback
-        lines += ["    " + line for line in pullback.format(**fields).splitlines()]
-        lines.append(f"    del a{i + 1}, d{i + 1}")  # freed as soon as this layer is done, as autograd frees
+        lines += ["    " + line for line in pullbacks[i].format(**args[i]).splitlines()]
+        # freed as soon as this layer is done, as autograd frees a node's
+        lines.append(f"    del a{i + 1}, d{i + 1}" if kept[i + 1] else f"    del d{i + 1}")
     grads = [f"{{{', '.join(f'{k!r}: g{i}_{k}' for k, _ in code.params)}}}" for i, code in enumerate(codes)]
     if keys == [None]:
         lines.append(f"    return value, {grads[0]}")

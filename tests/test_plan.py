@@ -229,3 +229,37 @@ def test_the_generated_step_raises_exactly_the_message_of_model_vjp(case):
     with pytest.raises(type(expected.value)) as got:
         rf.value_and_grad(model, rf.mse_loss)(params, x, target)
     assert str(got.value) == str(expected.value)
+
+
+def _peak_bytes(run) -> int:
+    """The peak of torch's CPU allocations while ``run`` runs, from the profiler's events in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    changes = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                     for e in prof.events() if e.self_cpu_memory_usage)
+    running = peak = 0
+    for _, change in changes:
+        running += change
+        peak = max(peak, running)
+    del result
+    return peak
+
+
+def test_the_generated_step_keeps_no_more_memory_than_the_plan(capfd):
+    """Regression: the generated step once kept every pre-activation alive through the backward pass."""
+    from rdl_functional.autodiff import _gradient_fn
+
+    model = rf.compose(rf.linear(2, 256), rf.relu, rf.linear(256, 256), rf.relu, rf.linear(256, 2), rf.tanh)
+    params = model.init(0)
+    x, target = torch.rand(512, 2), torch.rand(512, 2)
+    generated = _gradient_fn(model, rf.mse_loss)
+    planned = _gradient_fn(rf.compose(rf.linear(2, 256), rf.relu, rf.compose(rf.linear(256, 256), rf.relu),
+                                      rf.linear(256, 2), rf.tanh), rf.mse_loss)  # nested: not generated
+    nested = {"0": params["0"], "1": {}, "2": {"0": params["2"], "1": {}}, "3": params["4"], "4": {}}
+    assert generated.__code__.co_filename != planned.__code__.co_filename
+    generated(params, x, target, None), planned(nested, x, target, None)  # warm-up
+    assert _peak_bytes(lambda: generated(params, x, target, None)) <= _peak_bytes(
+        lambda: planned(nested, x, target, None)) + 4096
+    capfd.readouterr()  # the profiler announces itself on stderr

@@ -12,25 +12,16 @@ passes are written by hand; torch.autograd is never used.
 >>> params = rf.sgd_step(params, grads, lr=0.1)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .autodiff import value_and_grad
 from .codegen import Code
 from .combinators import compose
-from .compiled import compiled_step
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
-from .experiment import (
-    DiscData,
-    DiscResult,
-    DiscSettings,
-    check_params_fit,
-    draw_run,
-    logistic_model,
-    run_disc,
-    run_disc_together,
-    seed_model,
-    summarize,
-)
-from .io import from_state_dict, load, save, to_state_dict
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import (
@@ -54,8 +45,6 @@ from .optim import (
     sgd_step,
     warmup_cosine_decay_schedule,
 )
-from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
-from .testing import VjpMismatch, VjpReport, check_vjp
 from .train import History, accuracy, evaluate, fit, predict
 from .tree import (
     tree_difference,
@@ -66,7 +55,50 @@ from .tree import (
     tree_unflatten,
 )
 
+if TYPE_CHECKING:  # imported on first use (below); named here for type checkers and readers
+    from .compiled import compiled_step
+    from .experiment import (
+        DiscData,
+        DiscResult,
+        DiscSettings,
+        check_params_fit,
+        draw_run,
+        logistic_model,
+        run_disc,
+        run_disc_together,
+        seed_model,
+        summarize,
+    )
+    from .io import from_state_dict, load, save, to_state_dict
+    from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
+    from .testing import VjpMismatch, VjpReport, check_vjp
+
 __version__ = "0.1.0"
+
+# The modules a training step does not need load when one of their names is first used,
+# so that ``import rdl_functional`` stays light (Python compiles every module it imports).
+_LAZY = {
+    **dict.fromkeys(("compiled_step",), "compiled"),
+    **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
+                     "run_disc", "run_disc_together", "seed_model", "summarize"), "experiment"),
+    **dict.fromkeys(("from_state_dict", "load", "save", "to_state_dict"), "io"),
+    **dict.fromkeys(("plot_dataset", "plot_decision_boundary", "plot_history", "plot_seed_spread", "save_figure"),
+                    "plots"),
+    **dict.fromkeys(("VjpMismatch", "VjpReport", "check_vjp"), "testing"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rdl_functional' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 __all__ = [
     "DISC_CENTER",

@@ -52,3 +52,22 @@ def test_api_pages_hold_no_block_that_the_docs_test_would_run():
 def test_docstring_examples_become_pycon_blocks():
     converted = build_api.markdown("Add.\n\n>>> 1 + 1\n2\n\nDone.", {})
     assert converted == "Add.\n\n```pycon\n>>> 1 + 1\n2\n```\n\nDone."
+
+
+def test_the_lazily_loaded_names_are_the_real_objects_and_importing_the_core_leaves_them_unloaded():
+    import subprocess
+    import sys
+
+    import rdl_functional as rf
+    from rdl_functional import experiment, testing
+
+    assert rf.run_disc is experiment.run_disc and rf.check_vjp is testing.check_vjp
+    assert set(rf.__all__) <= set(dir(rf))
+    code = ("import sys, rdl_functional as rf\n"
+            "assert not {'rdl_functional.experiment', 'rdl_functional.plots', 'rdl_functional.testing'} "
+            "& set(sys.modules), sorted(m for m in sys.modules if m.startswith('rdl_functional'))\n"
+            "rf.save\n"
+            "assert 'rdl_functional.io' in sys.modules\n"
+            "try:\n    rf.no_such_name\nexcept AttributeError as e:\n    assert 'no_such_name' in str(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -18,9 +18,8 @@ path exactly as compose prefixes it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 import torch
 from torch import Tensor
 
@@ -34,15 +33,13 @@ __all__ = ["value_and_grad"]
 ValueAndGrad = Callable[[Params, Tensor, Tensor], tuple[Tensor, Params]]
 
 
-@attrs.frozen
-class _Leaf:
+class _Leaf(NamedTuple):
     keys: tuple[str, ...]  # where its params sit in the model's tree
     path: str  # the same, as error messages spell it: "2.0"
     layer: Layer
 
 
-@attrs.frozen
-class _Node:
+class _Node(NamedTuple):
     """A compose inside the model: its params must be a dict whose keys are among ``allowed``."""
 
     keys: tuple[str, ...]

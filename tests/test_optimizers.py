@@ -329,3 +329,19 @@ def test_a_users_own_transform_chains_keeps_its_state_and_runs_in_fit():
     wrong = rf.gradient_transform(init, lambda u, s, p: ({"w": torch.zeros(1)}, s), name="wrong")
     with pytest.raises(ValueError, match=r"the updates of wrong has no entry at \"0\" that params has"):
         rf.chain(wrong, rf.sgd(0.1)).step(params, grads, rf.chain(wrong, rf.sgd(0.1)).init(params))
+
+
+def test_a_model_without_params_steps_through_every_optimizer():
+    model = rf.compose(rf.relu, rf.tanh)
+    x, target = torch.rand(6, 2), torch.rand(6, 2)
+    for opt in (rf.sgd(0.1, momentum=0.9), rf.adam(), rf.chain(rf.clip_by_global_norm(1.0), rf.adagrad()),
+                rf.add_decayed_weights(0.1)):
+        params, state = opt.step({}, {}, opt.init({}))
+        assert params == {}
+        updates, _ = opt.update({}, opt.init({}), {})
+        assert updates == {}
+        trained, history = rf.fit(model, rf.mse_loss, {}, x, target, epochs=2, batch_size=3, generator=0,
+                                  optimizer=opt, record_history=False)
+        assert trained == {}
+        if opt.name.startswith("chain"):
+            assert int(history.opt_state["1"]["count"]) == 4

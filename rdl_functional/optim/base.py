@@ -184,12 +184,12 @@ class Optimizer:
                 new_states.append({})
                 continue
             lr = _rate(link.lr, count, who)
-            new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr)
+            new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr) if p else (p, buffers)
             new_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(lr, dtype=torch.float64)}
             for name, _ in link.buffers:
                 new_state[name] = _rebuild_like(params, buffers[name])
             new_states.append(new_state)
-            g = new_p if index == len(self.links) - 1 else torch._foreach_sub(new_p, p)
+            g = new_p if index == len(self.links) - 1 or not p else torch._foreach_sub(new_p, p)
         state = {str(i): s for i, s in enumerate(new_states)} if self.chained else new_states[0]
         return p, g, paired, state
 
@@ -359,6 +359,8 @@ class _Running:
                 continue
             self.rates[i] = lr = _rate(link.lr, self.counts[i], self.who)
             self.counts[i] += 1
+            if not p:  # no params to update (a model of activations only): the count still moves on
+                continue
             if i == last:
                 _, self.buffers[i] = link.rule(_InPlace, p, g, self.buffers[i], self.counts[i], lr)
             else:  # its updates feed the next link, so the params are not written here

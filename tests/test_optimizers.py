@@ -337,7 +337,7 @@ def test_a_model_without_params_steps_through_every_optimizer():
     for opt in (rf.sgd(0.1, momentum=0.9), rf.adam(), rf.chain(rf.clip_by_global_norm(1.0), rf.adagrad()),
                 rf.add_decayed_weights(0.1)):
         params, state = opt.step({}, {}, opt.init({}))
-        assert params == {}
+        assert params == {} and rf.tree_same_structure(state, opt.init({}))
         updates, _ = opt.update({}, opt.init({}), {})
         assert updates == {}
         trained, history = rf.fit(model, rf.mse_loss, {}, x, target, epochs=2, batch_size=3, generator=0,

@@ -42,6 +42,7 @@ class Code:
         pullback_no_dx: the same without ``{dx}`` (the first layer's), or ``None``.
         params: each param's key and shape, in the order the layer's grads list them.
         in_features: the size of the input's last dimension the layer needs, if any.
+        out_features: the size of the output's last dimension, if the layer sets it (``None``: the input's).
         guard: for a loss, a condition on ``{x}`` and ``{t}``.
         names: the globals the lines use.
     """
@@ -51,6 +52,7 @@ class Code:
     pullback_no_dx: str | None = None
     params: tuple[tuple[str, tuple[int, ...]], ...] = ()
     in_features: int | None = None
+    out_features: int | None = None
     guard: str = "True"
     names: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -67,6 +69,11 @@ def generate(
             if names.setdefault(name, value) is not value:
                 return None  # two layers mean different things by one name
     first_in = next((code.in_features for code in codes if code.in_features is not None), None)
+    width = first_in
+    for code in codes:  # layers that do not fit together: the plan says so, in the layer's words
+        if code.in_features is not None and width is not None and code.in_features != width:
+            return None
+        width = code.out_features if code.out_features is not None else width
     lines = ["def step(params, x, target, seed):",
              "    if type(x) is not _Tensor or not x.is_floating_point()"
              + (f" or x.dim() != 2 or x.shape[1] != {first_in}" if first_in is not None else "") + ":",
@@ -109,7 +116,9 @@ def generate(
     out = {"x": f"a{n}", "t": "target", "y": "value", "dy": "seed", "dx": f"d{n}"}
     lines += [f"    if not ({loss.guard.format(**out)}):", "        return _fallback(params, x, target, seed)"]
     lines += ["    " + line for line in loss.forward.format(**out).splitlines()]
-    lines += ["    if seed is None:", "        seed = _ones_like(value)"]
+    lines += ["    if seed is None:", "        seed = _ones_like(value)",
+              "    elif type(seed) is not _Tensor or seed.dim() != 0:",
+              "        return _fallback(params, x, target, seed)"]
     lines += ["    " + line for line in loss.pullback.format(**out).splitlines()]
     for i in range(n - 1, -1, -1):
         lines += ["    " + line for line in pullbacks[i].format(**args[i]).splitlines()]

@@ -136,10 +136,11 @@ def fit_stacked(
         x: ``(models, n, features)``, each model's own training inputs.
         target: ``(models, n, ...)``, each model's own targets.
         epochs, batch_size, lr, optimizer, opt_state: as for ``fit``, shared by
-            all models. An optimizer works on each leaf alone (every rule and
-            ``add_decayed_weights`` does), so each model's state is its own
-            slice of the stacked state; ``clip_by_global_norm``, whose norm
-            would mix the models, is refused.
+            all models. The optimizer must work on each leaf alone, as every
+            rule does, so that each model's state is its own slice of the
+            stacked state; ``clip_by_global_norm`` (its norm would mix the
+            models), ``add_decayed_weights`` (its mask reads shapes, and a
+            stacked bias is 2-D) and a user's transform are refused.
         generators: one per model, for its shuffles.
         test: optional ``(x_test, target_test)``, stacked likewise.
         callback: ``callback(epoch, params, histories)`` after each epoch.
@@ -152,8 +153,8 @@ def fit_stacked(
     _check_count("fit_stacked", "epochs", epochs, 0)
     _check_count("fit_stacked", "batch_size", batch_size, 1)
     if isinstance(optimizer, Optimizer) and not optimizer.elementwise:
-        raise ValueError(f"fit_stacked: {optimizer.name} mixes the leaves of all models (a global norm); "
-                         "use an optimizer that works on each leaf alone")
+        raise ValueError(f"fit_stacked: {optimizer.name} does not work on each leaf alone, so it would mix the "
+                         "models (a global norm, a mask read from shapes); use a rule's own weight_decay instead")
     models = len(generators)
     if x.dim() < 3 or x.shape[0] != models or target.shape[:2] != x.shape[:2]:
         raise ValueError(

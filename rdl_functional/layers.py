@@ -328,6 +328,7 @@ def linear(in_features: int, out_features: int) -> Layer:
         pullback_no_dx="{dweight} = {dy}.t().mm({x})\n{dbias} = {dy}.sum(0)",
         params=(("weight", (out_features, in_features)), ("bias", (out_features,))),
         in_features=in_features,
+        out_features=out_features,
         names={"_linear": _linear},
     )
     return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked, code=code)

@@ -31,7 +31,7 @@ class History:
     Losses are means over the whole set; accuracies are the fraction of rows
     whose largest output is the row's class. ``test_*`` are empty when
     ``fit`` had no test data. ``opt_state`` is the optimizer's state at the
-    end of the run (``None`` for a plain step function), to continue from:
+    end of the run (``None`` for a step function such as ``sgd_step``), to continue from:
     ``fit(..., optimizer=opt, opt_state=history.opt_state)``.
     """
 
@@ -208,7 +208,7 @@ def fit(
         if callback is not None:
             # A copy: the params in hand are updated in place by the next epoch.
             callback(epoch, _copy(params) if runner is not None else params, history)
-    if runner is not None:
+    if runner is not None and isinstance(optimizer, Optimizer):  # a step function keeps no state
         history = attrs.evolve(history, opt_state=runner.state())
     return params, history
 

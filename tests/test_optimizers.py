@@ -203,9 +203,11 @@ def test_stacked_models_train_with_an_optimizer_as_each_alone():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(histories[0].opt_state["exp_avg"]["0"]["weight"][m],
                                    history.opt_state["exp_avg"]["0"]["weight"], rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=r"fit_stacked: clip_by_global_norm\(1.0\) mixes the leaves of all models"):
-        rf.fit_stacked(model, rf.mse_loss, rf.stack_params(params), x, target, optimizer=rf.clip_by_global_norm(1.0),
-                       generators=[torch.Generator(), torch.Generator()], **settings)
+    for refused in (rf.clip_by_global_norm(1.0), rf.chain(rf.add_decayed_weights(0.1), rf.sgd(0.1))):
+        with pytest.raises(ValueError, match=r"fit_stacked: .* does not work on each leaf alone, so it would mix the "
+                                             r"models"):
+            rf.fit_stacked(model, rf.mse_loss, rf.stack_params(params), x, target, optimizer=refused,
+                           generators=[torch.Generator(), torch.Generator()], **settings)
 
 
 def test_add_decayed_weights_leaves_biases_alone_by_default_and_takes_a_mask():
@@ -345,3 +347,40 @@ def test_a_model_without_params_steps_through_every_optimizer():
         assert trained == {}
         if opt.name.startswith("chain"):
             assert int(history.opt_state["1"]["count"]) == 4
+
+
+def test_regressions_found_in_review(generator):
+    """Each of these once went wrong; see the git log."""
+    model, params, x, target = _setup(torch.float32)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:20], target[:20])
+    # update never hands back the caller's own grad tensors (add_decayed_weights leaves biases alone)
+    updates, _ = rf.add_decayed_weights(0.1).update(grads, {}, params)
+    assert all(u is not g for u, g in zip(rf.tree_leaves(updates), rf.tree_leaves(grads), strict=True))
+    # a user's transform that keeps the params it was given sees them unchanged by fit's in-place updates
+    remember = rf.gradient_transform(lambda p: {"prev": rf.tree_map(torch.clone, p)},
+                                     lambda g, s, p: (rf.tree_map(lambda gi, a, b: gi + 0.5 * (b - a), g, s["prev"], p),
+                                                      {"prev": p}), name="remember")
+    opt = rf.chain(remember, rf.sgd(0.1))
+    trained, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=1, batch_size=100, generator=0,
+                              optimizer=opt, record_history=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [order for order in torch.randperm(300, generator=g).split(100)]
+    by_hand, _state = _our_run(opt, params, x, target, batches)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(trained), rf.tree_leaves(by_hand), strict=True))
+    # a user's state need not be all tensors
+    plain = rf.chain(rf.gradient_transform(lambda p: {"calls": 0}, lambda g, s, p: (g, {"calls": s["calls"] + 1})),
+                     rf.sgd(0.1))
+    _, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=1, batch_size=100, generator=0,
+                        optimizer=plain, record_history=False)
+    assert history.opt_state["0"] == {"calls": 3}
+    # fit with an optimizer takes params in any Mapping, as it does with sgd_step
+    from collections import OrderedDict
+
+    ordered = OrderedDict((k, OrderedDict(v)) for k, v in params.items())
+    rf.fit(model, rf.mse_loss, ordered, x, target, epochs=1, batch_size=100, generator=0, optimizer=rf.adam(),
+           record_history=False)
+    # the default step function keeps no state, so the history has none
+    _, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=1, batch_size=100, generator=0, lr=0.1)
+    assert history.opt_state is None
+    # a growing exponential rate is capped by end_value instead of overflowing
+    assert rf.exponential_decay(1e-4, transition_steps=1, decay_rate=1.1, end_value=1.0)(8000) == 1.0

@@ -263,3 +263,24 @@ def test_the_generated_step_keeps_no_more_memory_than_the_plan(capfd):
     assert _peak_bytes(lambda: generated(params, x, target, None)) <= _peak_bytes(
         lambda: planned(nested, x, target, None)) + 4096
     capfd.readouterr()  # the profiler announces itself on stderr
+
+
+def test_layers_that_do_not_fit_together_get_the_plans_message_not_a_torch_error():
+    """Regression: the generated step checked each weight against its own layer only."""
+    bad = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(4, 1))
+    with pytest.raises(ValueError, match=r"^layer 2: linear\(4, 1\)\.vjp: x has 3 features but weight expects 4"):
+        rf.value_and_grad(bad, rf.mse_loss)(bad.init(0), torch.randn(5, 2), torch.randn(5, 1))
+
+
+def test_the_generated_step_checks_its_seed_cotangent_as_the_loss_does():
+    from rdl_functional.autodiff import _gradient_fn
+
+    model = rf.seed_model()
+    params, x, target = model.init(0), torch.rand(5, 2), torch.rand(5, 2)
+    step = _gradient_fn(model, rf.mse_loss)
+    for seed in (torch.ones(1), torch.full((5, 2), 2.0)):
+        with pytest.raises(ValueError, match=r"the cotangent g must be a 0-dim tensor or a float"):
+            step(params, x, target, seed)
+    _value, grads = step(params, x, target, torch.tensor(2.0))
+    _, once = step(params, x, target, None)
+    assert all(torch.equal(a, 2 * b) for a, b in zip(rf.tree_leaves(grads), rf.tree_leaves(once), strict=True))

@@ -170,7 +170,8 @@ class Optimizer:
         paired = _paired(params, grads)
         if paired is None:
             found = tree_difference(params, grads, names=("params", "grads"), leaves=True)
-            raise ValueError(f"{who}: {found or 'grads must be plain dicts of tensors like params'}")
+            culprit = "params" if _paired(params, params) is None else "grads"
+            raise ValueError(f"{who}: {found or f'{culprit} must be plain dicts of tensors'}")
         p, g = paired.mine, paired.theirs
         new_states = []
         for index, (link, (link_state, where)) in enumerate(zip(self.links, self._states(state, who), strict=True)):
@@ -205,7 +206,8 @@ class Optimizer:
         p, final, paired, state = self._run(params, grads, opt_state, f"{self.name}.update")
         if self.links[-1].rule is not None:
             final = torch._foreach_sub(final, p) if p else []
-        return paired.fill(list(final)), state
+        callers = {id(t) for t in paired.theirs}  # a leaf a transform passed through is still the caller's grad
+        return paired.fill([t.clone() if id(t) in callers else t for t in final]), state
 
     @property
     def elementwise(self) -> bool:
@@ -310,6 +312,10 @@ def _fraction(who: str, name: str, value: float) -> float:
     return value
 
 
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
+
+
 class _Running:
     """An optimizer run in place on private copies of the params and its state: fit's path.
 
@@ -331,7 +337,7 @@ class _Running:
         self.counts, self.rates, self.buffers, self.custom = [], [], [], []
         for link, (link_state, where) in zip(optimizer.links, optimizer._states(state, who), strict=True):
             self.custom.append(link_state if link.custom is not None else None)
-            count, buffers = _read_state(link, link_state, params, where, who)
+            count, buffers = _read_state(link, link_state, self.params, where, who)
             self.counts.append(count)
             self.rates.append(float(link_state["lr"]) if link.rule else 0.0)
             self.buffers.append({name: [t.clone() for t in leaves] for name, leaves in buffers.items()})
@@ -351,8 +357,8 @@ class _Running:
             g.append(node)
         p, last = self.leaves, len(self.optimizer.links) - 1
         for i, link in enumerate(self.optimizer.links):
-            if link.custom is not None:
-                g, self.custom[i] = _custom(link, g, self.custom[i], self.params, self.who)
+            if link.custom is not None:  # a copy: the private params change in place under it
+                g, self.custom[i] = _custom(link, g, self.custom[i], tree_map(torch.clone, self.params), self.who)
                 continue
             if link.transform is not None:
                 g = link.transform(g, p, self.params, self.who)
@@ -376,7 +382,7 @@ class _Running:
         links = zip(self.optimizer.links, self.counts, self.rates, self.buffers, self.custom, strict=True)
         for link, count, rate, buffers, custom in links:
             if link.rule is None:
-                states.append(tree_map(torch.clone, custom) if link.custom is not None else {})
+                states.append(tree_map(_clone, custom) if link.custom is not None else {})
                 continue
             state = {"count": torch.tensor(count), "lr": torch.tensor(rate, dtype=torch.float64)}
             for name, _ in link.buffers:

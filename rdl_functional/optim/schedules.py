@@ -153,7 +153,10 @@ def exponential_decay(
 
     def schedule(count: int) -> float:
         exponent = max(count - transition_begin, 0) / transition_steps
-        value = init_value * decay_rate ** (math.floor(exponent) if staircase else exponent)
+        try:
+            value = init_value * decay_rate ** (math.floor(exponent) if staircase else exponent)
+        except OverflowError:  # Python raises where floats would give inf; end_value may still cap it
+            value = math.inf
         if end is not None:
             value = max(value, end) if decay_rate < 1 else min(value, end)
         return value

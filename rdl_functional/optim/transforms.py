@@ -84,5 +84,6 @@ def add_decayed_weights(weight_decay: float, mask: Mask | None = None) -> Optimi
             out[i] = leaf
         return out
 
-    link = _Link(name=f"{name}({weight_decay!r})", transform=transform)
+    # Not per leaf alone for a stack of models: the mask reads shapes, and a stacked bias is 2-D.
+    link = _Link(name=f"{name}({weight_decay!r})", transform=transform, elementwise=False)
     return Optimizer(links=(link,), name=link.name)

@@ -29,6 +29,7 @@ MODULES = [
     "losses",
     "autodiff",
     "codegen",
+    "activations",
     "compiled",
     "optim",
     "io",

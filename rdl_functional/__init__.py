@@ -17,13 +17,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
 from .codegen import Code
 from .combinators import compose
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
-from .losses import Loss, cross_entropy_loss, mse_loss
+from .losses import (
+    Loss,
+    bce_with_logits_loss,
+    cross_entropy_loss,
+    huber_loss,
+    l1_loss,
+    mse_loss,
+    nll_loss,
+)
 from .optim import (
     Optimizer,
     Schedule,
@@ -120,6 +129,7 @@ __all__ = [
     "adamw",
     "add_decayed_weights",
     "apply_updates",
+    "bce_with_logits_loss",
     "chain",
     "check_params_fit",
     "check_vjp",
@@ -131,19 +141,26 @@ __all__ = [
     "cross_entropy_loss",
     "disc_dataset",
     "draw_run",
+    "elu",
     "evaluate",
     "exponential_decay",
     "fit",
     "fit_stacked",
+    "flatten",
     "from_state_dict",
+    "gelu",
     "gradient_transform",
+    "huber_loss",
     "identity",
+    "l1_loss",
     "leaky_relu",
     "linear",
     "linear_schedule",
     "load",
+    "log_softmax",
     "logistic_model",
     "mse_loss",
+    "nll_loss",
     "one_hot",
     "piecewise_constant_schedule",
     "plot_dataset",
@@ -161,6 +178,9 @@ __all__ = [
     "sgd",
     "sgd_step",
     "sigmoid",
+    "silu",
+    "softmax",
+    "softplus",
     "stack_params",
     "stacked",
     "summarize",

@@ -15,7 +15,15 @@ from torch import Tensor
 from .codegen import Code
 from .data import one_hot
 
-__all__ = ["Loss", "cross_entropy_loss", "mse_loss"]
+__all__ = [
+    "Loss",
+    "bce_with_logits_loss",
+    "cross_entropy_loss",
+    "huber_loss",
+    "l1_loss",
+    "mse_loss",
+    "nll_loss",
+]
 
 LossPullback = Callable[[Tensor], Tensor]
 
@@ -175,3 +183,141 @@ models has; the mean is then over all of them.
 Its pullback is the plain formula ``(softmax(z) − onehot(y)) g / batch`` rather
 than torch's kernels, so unlike ``mse_loss`` it is not bit-identical to torch
 in float32 (it agrees to ~1e-10 in float64)."""
+
+
+# ---------------------------------------------------------------------------
+# Losses with a reduction: built by a constructor, as torch.nn.functional's are called.
+
+_REDUCTIONS = {"mean": 1, "sum": 2}  # torch's Reduction::Mean and ::Sum
+
+
+def _reduction(where: str, reduction: str) -> int:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    return _REDUCTIONS[reduction]
+
+
+def _check_like(where: str, pred: Tensor, target: Tensor) -> None:
+    """A target of pred's own shape and dtype, as the elementwise losses need."""
+    if isinstance(pred, Tensor) and isinstance(target, Tensor) and pred.shape == target.shape and (
+        pred.dtype == target.dtype and pred.is_floating_point()
+    ):
+        return
+    _check_mse(where, pred, target)
+
+
+def _elementwise_loss(
+    name: str,
+    forward: Callable[[Tensor, Tensor], Tensor],
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+) -> Loss:
+    """A loss of a target shaped like pred: ``value = forward(pred, target)``,
+    ``dpred = backward(g, pred, target, value)``."""
+
+    def apply(pred: Tensor, target: Tensor) -> Tensor:
+        _check_like(f"{name}.apply", pred, target)
+        return forward(pred, target)
+
+    def vjp(pred: Tensor, target: Tensor) -> tuple[Tensor, LossPullback]:
+        _check_like(f"{name}.vjp", pred, target)
+        value = forward(pred, target)
+
+        def pullback(g: Tensor) -> Tensor:
+            return backward(_scalar_cotangent(f"{name} pullback", g, value), pred, target, value)
+
+        return value, pullback
+
+    return Loss(apply=apply, vjp=vjp, name=name)
+
+
+def huber_loss(delta: float = 1.0, reduction: str = "mean") -> Loss:
+    """Huber loss: ``½ r²`` where ``|r| ≤ delta``, else ``delta (|r| − ½ delta)``, ``r = pred − target``;
+    ``torch.nn.functional.huber_loss``, its kernels both ways.
+
+    >>> import torch
+    >>> huber_loss()(torch.tensor([0.5, 3.0]), torch.tensor([0.0, 0.0]))
+    tensor(1.3125)
+    """
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < float("inf"):
+        raise ValueError(f"huber_loss: delta must be a finite number > 0, got {delta!r}")
+    mode, delta = _reduction("huber_loss", reduction), float(delta)
+    return _elementwise_loss(
+        f"huber_loss(delta={delta!r}, reduction={reduction!r})",
+        lambda pred, target: torch.ops.aten.huber_loss(pred, target, mode, delta),
+        lambda g, pred, target, value: torch.ops.aten.huber_loss_backward(g, pred, target, mode, delta),
+    )
+
+
+def l1_loss(reduction: str = "mean") -> Loss:
+    """Mean (or sum) absolute error, ``torch.nn.functional.l1_loss``; ``dpred = sgn(pred − target) g`` (/ N).
+
+    >>> import torch
+    >>> l1_loss()(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 0.0]))
+    tensor(1.5000)
+    """
+    mode = _reduction("l1_loss", reduction)
+
+    def backward(g: Tensor, pred: Tensor, target: Tensor, value: Tensor) -> Tensor:
+        dpred = (pred - target).sgn() * g  # torch's l1_loss backward: sgn(pred − target) · g
+        return dpred / pred.numel() if mode == 1 else dpred
+
+    return _elementwise_loss(
+        f"l1_loss(reduction={reduction!r})",
+        lambda pred, target: torch.ops.aten.l1_loss(pred, target, mode),
+        backward,
+    )
+
+
+def bce_with_logits_loss(reduction: str = "mean") -> Loss:
+    """Binary cross-entropy on logits against targets in [0, 1], as
+    ``torch.nn.functional.binary_cross_entropy_with_logits`` (stable for large logits);
+    ``dpred = (σ(pred) − target) g`` (/ N).
+
+    >>> import torch
+    >>> bce_with_logits_loss()(torch.tensor([0.0]), torch.tensor([1.0]))
+    tensor(0.6931)
+    """
+    mode = _reduction("bce_with_logits_loss", reduction)
+
+    def backward(g: Tensor, pred: Tensor, target: Tensor, value: Tensor) -> Tensor:
+        dpred = (torch.sigmoid(pred) - target) * g
+        return dpred / pred.numel() if mode == 1 else dpred
+
+    return _elementwise_loss(
+        f"bce_with_logits_loss(reduction={reduction!r})",
+        lambda pred, target: torch.ops.aten.binary_cross_entropy_with_logits(pred, target, None, None, mode),
+        backward,
+    )
+
+
+def nll_loss(reduction: str = "mean") -> Loss:
+    """Negative log-likelihood of log-probabilities ``(batch, classes)`` (from :data:`log_softmax`) at int64
+    labels ``(batch,)``: ``torch.nn.functional.nll_loss``, its kernels both ways.
+
+    >>> import torch
+    >>> nll_loss()(torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])), torch.tensor([0, 0]))
+    tensor(0.3993)
+    """
+    mode = _reduction("nll_loss", reduction)
+    name = f"nll_loss(reduction={reduction!r})"
+
+    def check(where: str, pred: Tensor, labels: Tensor) -> None:
+        _check_cross_entropy(where, pred, labels)
+        if pred.dim() != 2:
+            raise ValueError(f"{where}: log-probabilities must have shape (batch, classes), got {tuple(pred.shape)}")
+
+    def apply(pred: Tensor, labels: Tensor) -> Tensor:
+        check(f"{name}.apply", pred, labels)
+        return torch.ops.aten.nll_loss_forward(pred, labels, None, mode, -100)[0]
+
+    def vjp(pred: Tensor, labels: Tensor) -> tuple[Tensor, LossPullback]:
+        check(f"{name}.vjp", pred, labels)
+        value, total_weight = torch.ops.aten.nll_loss_forward(pred, labels, None, mode, -100)
+
+        def pullback(g: Tensor) -> Tensor:
+            g = _scalar_cotangent(f"{name} pullback", g, value)
+            return torch.ops.aten.nll_loss_backward(g, pred, labels, None, mode, -100, total_weight)
+
+        return value, pullback
+
+    return Loss(apply=apply, vjp=vjp, name=name)

@@ -34,6 +34,16 @@ LAYERS = [
     ("identity", rf.identity, 3, lambda p, x: x),
     ("leaky_relu", rf.leaky_relu(), 3, lambda p, x: F.leaky_relu(x)),
     ("leaky_relu_0.2", rf.leaky_relu(0.2), 3, lambda p, x: F.leaky_relu(x, 0.2)),
+    ("softmax", rf.softmax, 3, lambda p, x: F.softmax(x, dim=-1)),
+    ("log_softmax", rf.log_softmax, 3, lambda p, x: F.log_softmax(x, dim=-1)),
+    ("elu", rf.elu(), 3, lambda p, x: F.elu(x)),
+    ("elu_0.5", rf.elu(0.5), 3, lambda p, x: F.elu(x, 0.5)),
+    ("gelu", rf.gelu(), 3, lambda p, x: F.gelu(x)),
+    ("gelu_tanh", rf.gelu("tanh"), 3, lambda p, x: F.gelu(x, approximate="tanh")),
+    ("silu", rf.silu, 3, lambda p, x: F.silu(x)),
+    ("softplus", rf.softplus(), 3, lambda p, x: F.softplus(x)),
+    ("softplus_beta", rf.softplus(beta=2.0, threshold=1.0), 3, lambda p, x: F.softplus(x, beta=2.0, threshold=1.0)),
+    ("flatten", rf.flatten(), 3, lambda p, x: torch.flatten(x, 1)),
     (
         "compose_nested",
         rf.compose(rf.linear(3, 4), rf.tanh, rf.compose(rf.linear(4, 4), rf.relu), rf.linear(4, 2), rf.sigmoid),
@@ -203,3 +213,35 @@ def test_leaky_relu_rejects_a_bad_slope():
         rf.leaky_relu(float("nan"))
     with pytest.raises(TypeError, match=r"negative_slope must be a number, got str"):
         rf.leaky_relu("0.1")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: rf.elu("1"), TypeError, r"elu: alpha must be a finite number, got '1'"),
+        (lambda: rf.gelu("fast"), ValueError, r"gelu: approximate must be 'none' or 'tanh', got 'fast'"),
+        (lambda: rf.softplus(beta=0), ValueError, r"softplus: beta must be > 0, got 0"),
+        (lambda: rf.softplus(threshold=float("nan")), TypeError, r"softplus: threshold must be a finite number"),
+        (lambda: rf.flatten(1.5), TypeError, r"flatten: start_dim must be an int, got 1.5"),
+        (lambda: rf.flatten(2)({}, torch.zeros(4, 3)), ValueError,
+         r"flatten\(2, -1\)\.apply: cannot join dimensions 2..-1 of an input of shape \(4, 3\)"),
+        (lambda: rf.softmax({"w": torch.zeros(1)}, torch.zeros(2, 2)), ValueError,
+         r"softmax.apply: softmax has no parameters"),
+        (lambda: rf.huber_loss(0), ValueError, r"huber_loss: delta must be a finite number > 0, got 0"),
+        (lambda: rf.l1_loss("max"), ValueError, r"l1_loss: reduction must be 'mean' or 'sum', got 'max'"),
+        (lambda: rf.nll_loss()(torch.zeros(2, 3), torch.tensor([0, 3])), ValueError,
+         r"nll_loss\(reduction='mean'\)\.apply: labels must lie in \[0, 3\), got values in \[0, 3\]"),
+        (lambda: rf.bce_with_logits_loss()(torch.zeros(2), torch.zeros(3)), ValueError,
+         r"bce_with_logits_loss\(reduction='mean'\)\.apply: target has shape \(3,\) but pred has \(2,\)"),
+    ],
+)
+def test_new_layers_and_losses_say_what_is_wrong(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generator):
+    x = torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64)
+    assert rf.stacked(rf.flatten())({}, x).shape == (3, 4, 10)
+    for layer in (rf.softmax, rf.log_softmax, rf.elu(), rf.gelu(), rf.silu, rf.softplus()):
+        assert torch.equal(rf.stacked(layer)({}, x), torch.stack([layer({}, xm) for xm in x]))

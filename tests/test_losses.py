@@ -19,8 +19,22 @@ def _labels(pred, generator):
 
 
 # name, loss, pred scale, target maker, torch reference. Adding a loss is one line.
+def _probabilities(pred, generator):
+    return torch.rand(pred.shape, generator=generator, dtype=pred.dtype)
+
+
 LOSSES = [
     ("mse", rf.mse_loss, 1.0, _regression_target, F.mse_loss),
+    ("huber", rf.huber_loss(), 2.0, _regression_target, F.huber_loss),
+    ("huber_sum_delta", rf.huber_loss(0.5, "sum"), 2.0, _regression_target,
+     lambda p, t: F.huber_loss(p, t, reduction="sum", delta=0.5)),
+    ("l1", rf.l1_loss(), 1.0, _regression_target, F.l1_loss),
+    ("l1_sum", rf.l1_loss("sum"), 1.0, _regression_target, lambda p, t: F.l1_loss(p, t, reduction="sum")),
+    ("bce_with_logits", rf.bce_with_logits_loss(), 1.0, _probabilities, F.binary_cross_entropy_with_logits),
+    ("bce_with_logits_large", rf.bce_with_logits_loss("sum"), 1e3, _probabilities,
+     lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction="sum")),
+    ("nll", rf.nll_loss(), 1.0, _labels, F.nll_loss),
+    ("nll_sum", rf.nll_loss("sum"), 1.0, _labels, lambda p, t: F.nll_loss(p, t, reduction="sum")),
     ("cross_entropy", rf.cross_entropy_loss, 1.0, _labels, F.cross_entropy),
     ("cross_entropy_large_logits", rf.cross_entropy_loss, 1e4, _labels, F.cross_entropy),
 ]

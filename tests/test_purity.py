@@ -8,7 +8,8 @@ import torch
 import rdl_functional as rf
 
 LAYERS = [rf.linear(3, 4), rf.relu, rf.tanh, rf.sigmoid, rf.identity, rf.leaky_relu(0.1),
-          rf.compose(rf.linear(3, 4), rf.relu, rf.linear(4, 3), rf.tanh)]
+          rf.compose(rf.linear(3, 4), rf.relu, rf.linear(4, 3), rf.tanh), rf.softmax, rf.log_softmax, rf.elu(),
+          rf.gelu(), rf.silu, rf.softplus(), rf.flatten()]
 
 
 def _clone(tree):
@@ -55,10 +56,12 @@ def test_sgd_step_and_value_and_grad_change_nothing(generator):
     assert not (_storages(new) & _storages({"params": params, "grads": grads}))
 
 
-@pytest.mark.parametrize("loss", [rf.mse_loss, rf.cross_entropy_loss], ids=repr)
+@pytest.mark.parametrize("loss", [rf.mse_loss, rf.cross_entropy_loss, rf.huber_loss(), rf.l1_loss(),
+                                  rf.bce_with_logits_loss(), rf.nll_loss()], ids=repr)
 def test_losses_change_nothing(loss, generator):
     pred = torch.randn(4, 3, generator=generator)
-    target = torch.randn(4, 3, generator=generator) if loss is rf.mse_loss else torch.tensor([0, 2, 1, 1])
+    labelled = loss.name.startswith(("cross_entropy", "nll"))
+    target = torch.tensor([0, 2, 1, 1]) if labelled else torch.rand(4, 3, generator=generator)
     before = _clone({"pred": pred, "target": target})
     _, pullback = loss.vjp(pred, target)
     pullback(torch.tensor(1.0))

@@ -30,6 +30,7 @@ MODULES = [
     "autodiff",
     "codegen",
     "activations",
+    "initializers",
     "compiled",
     "optim",
     "io",

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._random import as_generator
 from .codegen import Code
+from .initializers import INITIALIZERS, Initializer
 
 Params = dict[str, Any]
 Pullback = Callable[[Tensor], tuple[Params, Tensor]]
@@ -252,12 +253,20 @@ def _check_features(name: str, **sizes: Any) -> None:
             raise ValueError(f"{name}: {arg} must be a positive int, got {size!r}")
 
 
-def linear(in_features: int, out_features: int) -> Layer:
+def linear(in_features: int, out_features: int, *, init: str | Initializer = "torch_default") -> Layer:
     """A fully connected layer, ``y = x Wᵀ + b``, with torch.nn.Linear's layout.
 
     Params: ``{"weight": (out_features, in_features), "bias": (out_features,)}``,
     drawn as ``torch.nn.Linear`` draws them (uniform in ``±1/√in_features``;
     given a generator in the same state, the very same numbers).
+
+    ``init`` chooses how the weight is drawn: a name of
+    :data:`~rdl_functional.initializers.INITIALIZERS` (``"torch_default"``,
+    ``"xavier_uniform"``, ``"xavier_normal"``, ``"kaiming_uniform"``,
+    ``"kaiming_normal"``, ``"orthogonal"``, ``"zeros"``: ``torch.nn.init``'s
+    formulas with their default arguments) or a function
+    ``(generator, shape, dtype) -> weight``. The weight is drawn first, then
+    the bias as ``torch.nn.Linear`` draws it.
 
     Input ``x``: ``(batch, in_features)``; output: ``(batch, out_features)``.
     Backward: ``dW = dyᵀ x``, ``db = Σ_batch dy``, ``dx = dy W``.
@@ -269,24 +278,36 @@ def linear(in_features: int, out_features: int) -> Layer:
     {'weight': (2, 3), 'bias': (2,)}
     >>> layer(params, torch.ones(5, 3)).shape
     torch.Size([5, 2])
+    >>> linear(3, 2, init="zeros").init(0)["weight"]
+    tensor([[0., 0., 0.],
+            [0., 0., 0.]])
     """
     _check_features("linear", in_features=in_features, out_features=out_features)
     name = f"linear({in_features}, {out_features})"
-    # torch.nn.Linear: kaiming_uniform_(weight, a=√5), then uniform_(bias, ±1/√fan_in);
-    # the bounds are computed in the same floating-point steps, so they agree to the bit.
-    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
-    weight_bound = math.sqrt(3.0) * (gain / math.sqrt(in_features))
-    bias_bound = 1 / math.sqrt(in_features)
+    if isinstance(init, str):
+        if init not in INITIALIZERS:
+            raise ValueError(f"linear: init must be one of {sorted(INITIALIZERS)} or a function "
+                             f"(generator, shape, dtype) -> weight, got {init!r}")
+        draw_weight = INITIALIZERS[init]
+        name = name if init == "torch_default" else f"linear({in_features}, {out_features}, init={init!r})"
+    elif callable(init):
+        draw_weight = init
+        name = f"linear({in_features}, {out_features}, init={getattr(init, '__name__', 'function')})"
+    else:
+        raise TypeError(f"linear: init must be a name or a function (generator, shape, dtype) -> weight, "
+                        f"got {type(init).__name__}")
+    bias_bound = 1 / math.sqrt(in_features)  # torch.nn.Linear's: uniform_(bias, ±1/√fan_in)
 
-    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    def init_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
-        weight = torch.empty(out_features, in_features, dtype=dtype)
-        bias = torch.empty(out_features, dtype=dtype)
-        return {
-            "weight": weight.uniform_(-weight_bound, weight_bound, generator=g),
-            "bias": bias.uniform_(-bias_bound, bias_bound, generator=g),
-        }
+        weight = draw_weight(g, (out_features, in_features), dtype)
+        if not isinstance(weight, Tensor) or weight.shape != (out_features, in_features) or weight.dtype != dtype:
+            got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"{name}.init: the init function must return a {dtype} tensor of shape "
+                             f"{(out_features, in_features)}, got {got}")
+        bias = torch.empty(out_features, dtype=dtype).uniform_(-bias_bound, bias_bound, generator=g)
+        return {"weight": weight, "bias": bias}
 
     def apply(params: Params, x: Tensor) -> Tensor:
         weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2)
@@ -321,7 +342,7 @@ def linear(in_features: int, out_features: int) -> Layer:
         return y, pullback
 
     # The stack of models: weight (models, out, in), bias (models, out), x (models, batch, in).
-    stacked = Layer(init=init, apply=stacked_apply, vjp=stacked_vjp, name=name, skips_dx=True)
+    stacked = Layer(init=init_params, apply=stacked_apply, vjp=stacked_vjp, name=name, skips_dx=True)
     code = Code(
         forward="{y} = _linear({x}, {weight}, {bias})",
         pullback="{dweight} = {dy}.t().mm({x})\n{dbias} = {dy}.sum(0)\n{dx} = {dy}.mm({weight})",
@@ -331,7 +352,7 @@ def linear(in_features: int, out_features: int) -> Layer:
         out_features=out_features,
         names={"_linear": _linear},
     )
-    return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked, code=code)
+    return Layer(init=init_params, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked, code=code)
 
 
 def _linear_params_error(where: str, params: Any) -> Exception:

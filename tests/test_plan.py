@@ -18,6 +18,13 @@ def _through_vjp(model, loss, params, x, target):
     return value, grads
 
 
+def _assert_value_and_grad_equals_model_vjp(model, params, x, target):
+    value, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+    expected_value, expected = _through_vjp(model, rf.mse_loss, params, x, target)
+    assert torch.equal(value, expected_value)
+    _equal_trees(grads, expected)
+
+
 def _equal_trees(a, b):
     assert rf.tree_flatten(a).keys() == rf.tree_flatten(b).keys()
     assert list(a) == list(b)  # the same key order, not only the same keys
@@ -62,11 +69,7 @@ def test_the_plan_gives_the_bits_of_model_vjp(name, dtype, generator):
     model = MODELS[name]
     params = model.init(generator, dtype=dtype)
     x = torch.rand(7, 2, generator=generator, dtype=dtype)
-    target = torch.rand(7, 2, generator=generator, dtype=dtype)
-    value, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
-    expected_value, expected = _through_vjp(model, rf.mse_loss, params, x, target)
-    assert torch.equal(value, expected_value)
-    _equal_trees(grads, expected)
+    _assert_value_and_grad_equals_model_vjp(model, params, x, torch.rand(7, 2, generator=generator, dtype=dtype))
 
 
 @pytest.mark.parametrize("name", ["user_layer_first", "user_layer_inside"])
@@ -188,11 +191,7 @@ def test_a_model_of_library_layers_runs_as_generated_code_with_the_same_bits(nam
     for dtype in (torch.float32, torch.float64):
         params = model.init(generator, dtype=dtype)
         x = torch.randn(9, 2, generator=generator, dtype=dtype)
-        target = torch.rand(9, 2, generator=generator, dtype=dtype)
-        value, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
-        expected_value, expected = _through_vjp(model, rf.mse_loss, params, x, target)
-        assert torch.equal(value, expected_value)
-        _equal_trees(grads, expected)
+        _assert_value_and_grad_equals_model_vjp(model, params, x, torch.rand(9, 2, generator=generator, dtype=dtype))
 
 
 def _bad_seed_model_calls():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
 from .codegen import Code
-from .combinators import compose
+from .combinators import add, compose, concat, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
@@ -127,6 +127,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "add",
     "add_decayed_weights",
     "apply_updates",
     "bce_with_logits_loss",
@@ -136,6 +137,7 @@ __all__ = [
     "clip_by_global_norm",
     "compiled_step",
     "compose",
+    "concat",
     "constant_schedule",
     "cosine_decay_schedule",
     "cross_entropy_loss",
@@ -162,6 +164,7 @@ __all__ = [
     "mse_loss",
     "nll_loss",
     "one_hot",
+    "parallel",
     "piecewise_constant_schedule",
     "plot_dataset",
     "plot_decision_boundary",
@@ -169,6 +172,7 @@ __all__ = [
     "plot_seed_spread",
     "predict",
     "relu",
+    "residual",
     "rmsprop",
     "run_disc",
     "run_disc_together",

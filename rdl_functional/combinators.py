@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import Tensor
 from ._random import as_generator
 from .layers import Layer, Params, Pullback
 
-__all__ = ["compose"]
+__all__ = ["add", "compose", "concat", "parallel", "residual"]
 
 # The params a parameterless layer gets when its (empty) entry is left out, as
 # rf.from_state_dict leaves it out: torch state dicts have no entry for ReLU.
@@ -34,6 +34,45 @@ def _in_layer(error: Exception, key: str) -> Exception:
     if inner:
         return type(error)(f"layer {key}.{inner.group(1)}: {message[inner.end():]}")
     return type(error)(f"layer {key}: {message}")
+
+
+def _children(who: str, layers: tuple[Layer, ...]) -> tuple[
+    tuple[tuple[str, Layer], ...], Callable[..., Params], Callable[[str, Params], None]
+]:
+    """What every combinator of layers needs: its layers keyed '0', '1', ..., their init, and the params check.
+
+    Params are ``{"0": ..., "1": ..., ...}``, one entry per layer; a
+    parameterless layer's entry may be left out, as torch state dicts leave it out.
+    """
+    if not layers:
+        raise ValueError(f"{who}: expected at least one layer, got none")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(
+                f"{who}: argument {i} must be a Layer, got {type(layer).__name__} "
+                "(did you pass a constructor such as rf.linear without calling it?)"
+            )
+    keyed = tuple((str(i), layer) for i, layer in enumerate(layers))
+    keys = frozenset(key for key, _ in keyed)
+    name = f"{who}({', '.join(layer.name for layer in layers)})"
+
+    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+        g = as_generator(generator, f"{name}.init")
+        return {key: layer.init(g, dtype=dtype) for key, layer in keyed}
+
+    def check(where: str, params: Params) -> None:
+        if type(params) is not dict and not isinstance(params, Mapping):
+            raise TypeError(
+                f"{who}.{where}: params must be a dict keyed '0'..'{len(layers) - 1}', got {type(params).__name__}"
+            )
+        if not params.keys() <= keys:
+            extra = sorted(set(params) - keys)
+            raise ValueError(
+                f"{who}.{where}: params has entries {extra} but the model has {len(layers)} "
+                f"layers, keyed '0'..'{len(layers) - 1}'"
+            )
+
+    return keyed, init, check
 
 
 def compose(*layers: Layer) -> Layer:
@@ -66,33 +105,8 @@ def compose(*layers: Layer) -> Layer:
         TypeError: an argument is not a :class:`Layer`.
         ValueError: no layers were given.
     """
-    if not layers:
-        raise ValueError("compose: expected at least one layer, got none")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(
-                f"compose: argument {i} must be a Layer, got {type(layer).__name__} "
-                "(did you pass a constructor such as rf.linear without calling it?)"
-            )
-    keyed = tuple((str(i), layer) for i, layer in enumerate(layers))
-    keys = frozenset(key for key, _ in keyed)
+    keyed, init, check = _children("compose", layers)
     name = f"compose({', '.join(layer.name for layer in layers)})"
-
-    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
-        g = as_generator(generator, f"{name}.init")
-        return {key: layer.init(g, dtype=dtype) for key, layer in keyed}
-
-    def check(where: str, params: Params) -> None:
-        if type(params) is not dict and not isinstance(params, Mapping):
-            raise TypeError(
-                f"compose.{where}: params must be a dict keyed '0'..'{len(layers) - 1}', got {type(params).__name__}"
-            )
-        if not params.keys() <= keys:
-            extra = sorted(set(params) - keys)
-            raise ValueError(
-                f"compose.{where}: params has entries {extra} but the model has {len(layers)} "
-                f"layers, keyed '0'..'{len(layers) - 1}'"
-            )
 
     def apply(params: Params, x: Tensor) -> Tensor:
         check("apply", params)
@@ -134,3 +148,170 @@ def compose(*layers: Layer) -> Layer:
         return x, pullback
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, sequence=layers)
+
+
+def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], list[Tensor]] | None,
+              merge: Callable[[list[Tensor]], Tensor], unmerge: Callable[[Tensor, list[Tensor]], list[Tensor]],
+              unsplit: Callable[[list[Tensor], Tensor], Tensor]) -> Layer:
+    """A layer that gives each of ``layers`` an input (all ``x``, or ``split(x)``'s parts) and merges the outputs.
+
+    The pullback splits ``dy`` back into the branches' cotangents (``unmerge``), runs each branch's
+    pullback, and joins the input gradients (``unsplit``): ``dx = Σ dxᵢ`` when every branch saw all of ``x``.
+    """
+    keyed, init, check = _children(who, layers)
+    name = f"{who}({', '.join(layer.name for layer in layers)})"
+
+    def inputs(x: Tensor) -> list[Tensor]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        return split(x) if split is not None else [x] * len(keyed)
+
+    def apply(params: Params, x: Tensor) -> Tensor:
+        check("apply", params)
+        outputs = []
+        for (key, layer), part in zip(keyed, inputs(x), strict=True):
+            try:
+                outputs.append(layer.apply(params.get(key, _NO_PARAMS), part))
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
+        return _merged(name, merge, outputs)
+
+    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        check("vjp", params)
+        outputs, pullbacks = [], []
+        for (key, layer), part in zip(keyed, inputs(x), strict=True):
+            try:
+                y, pullback = layer.vjp(params.get(key, _NO_PARAMS), part)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
+            outputs.append(y)
+            pullbacks.append((key, pullback))
+        y = _merged(name, merge, outputs)
+        shape = y.shape
+
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            if not isinstance(dy, Tensor) or dy.shape != shape:
+                got = tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__
+                raise ValueError(f"{name} pullback: dy has shape {got} but the output y has shape {tuple(shape)}")
+            dparams, dxs = {}, []
+            for (key, branch_pullback), dy_branch in zip(pullbacks, unmerge(dy, outputs), strict=True):
+                dparams[key], dx = branch_pullback(dy_branch)
+                dxs.append(dx)
+            return {key: dparams[key] for key in params}, unsplit(dxs, x)
+
+        return y, pullback
+
+    return Layer(init=init, apply=apply, vjp=vjp, name=name)
+
+
+def _merged(name: str, merge: Callable[[list[Tensor]], Tensor], outputs: list[Tensor]) -> Tensor:
+    try:
+        return merge(outputs)
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(y.shape)) for y in outputs)
+        raise ValueError(f"{name}: the branches' outputs cannot be merged: shapes {shapes}") from None
+
+
+def _sum(tensors: list[Tensor]) -> Tensor:
+    total = tensors[0].clone()  # a new tensor even for one branch, as every layer returns
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def add(*layers: Layer) -> Layer:
+    """One input to every layer; the outputs added: ``y = Σᵢ layerᵢ(x)``.
+
+    Params ``{"0": ..., "1": ...}`` as compose's. Backward: each branch gets ``dy``,
+    and ``dx = Σᵢ dxᵢ``. The outputs must have one shape.
+
+    >>> import torch, rdl_functional as rf
+    >>> both = rf.add(rf.linear(2, 3), rf.linear(2, 3))
+    >>> both(both.init(0), torch.ones(4, 2)).shape
+    torch.Size([4, 3])
+    """
+    return _branches("add", layers, None, _sum, lambda dy, outputs: [dy] * len(outputs), lambda dxs, x: _sum(dxs))
+
+
+def concat(*layers: Layer) -> Layer:
+    """One input to every layer; the outputs joined along the last dimension: ``y = [layer₀(x), layer₁(x), ...]``.
+
+    Params ``{"0": ..., "1": ...}`` as compose's. Backward: each branch gets its
+    slice of ``dy``, and ``dx = Σᵢ dxᵢ``.
+
+    >>> import torch, rdl_functional as rf
+    >>> wide = rf.concat(rf.linear(2, 3), rf.linear(2, 4))
+    >>> wide(wide.init(0), torch.ones(5, 2)).shape
+    torch.Size([5, 7])
+    """
+    return _branches(
+        "concat", layers, None, lambda outputs: torch.cat(outputs, dim=-1),
+        lambda dy, outputs: list(dy.split([y.shape[-1] for y in outputs], dim=-1)), lambda dxs, x: _sum(dxs),
+    )  # fmt: skip
+
+
+def parallel(*layers: Layer, sizes: tuple[int, ...]) -> Layer:
+    """Split the input's last dimension into parts of ``sizes``; layer ``i`` takes part ``i``; the outputs joined.
+
+    ``parallel(f, g, sizes=(2, 3))(params, x)`` is ``[f(x[..., :2]), g(x[..., 2:5])]``
+    along the last dimension. Backward: each branch gets its slice of ``dy``;
+    ``dx`` is the branches' input gradients joined back.
+
+    >>> import torch, rdl_functional as rf
+    >>> both = rf.parallel(rf.linear(2, 1), rf.tanh, sizes=(2, 3))
+    >>> both(both.init(0), torch.ones(4, 5)).shape
+    torch.Size([4, 4])
+    """
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != len(layers) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
+    ):
+        raise ValueError(f"parallel: sizes must give a positive int for each of the {len(layers)} layers, "
+                         f"got {sizes!r}")
+    sizes = tuple(sizes)
+
+    def split(x: Tensor) -> list[Tensor]:
+        if x.dim() == 0 or x.shape[-1] != sum(sizes):
+            raise ValueError(f"parallel: x must have {sum(sizes)} features (sizes {sizes}), got shape "
+                             f"{tuple(x.shape)}")
+        return list(x.split(sizes, dim=-1))
+
+    return _branches(
+        "parallel", layers, split, lambda outputs: torch.cat(outputs, dim=-1),
+        lambda dy, outputs: list(dy.split([y.shape[-1] for y in outputs], dim=-1)),
+        lambda dxs, x: torch.cat(dxs, dim=-1),
+    )  # fmt: skip
+
+
+def residual(layer: Layer) -> Layer:
+    """``y = x + layer(x)``: a skip connection. Params are the layer's own; ``dx = dy + dx_layer``.
+
+    >>> import torch, rdl_functional as rf
+    >>> block = rf.residual(rf.compose(rf.linear(3, 3), rf.relu))
+    >>> block(block.init(0), torch.zeros(2, 3)).shape
+    torch.Size([2, 3])
+    """
+    if not isinstance(layer, Layer):
+        raise TypeError(f"residual: expected a Layer, got {type(layer).__name__}")
+    name = f"residual({layer.name})"
+
+    def checked(y: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or y.shape != x.shape:
+            raise ValueError(f"{name}: the layer's output has shape {tuple(y.shape)} but x has "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}; a skip "
+                             "connection needs the two alike")
+        return x + y
+
+    def apply(params: Params, x: Tensor) -> Tensor:
+        return checked(layer.apply(params, x), x)
+
+    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        inner, inner_pullback = layer.vjp(params, x)
+        y = checked(inner, x)
+
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            dparams, dx = inner_pullback(dy)
+            return dparams, dy + dx  # the skip passes dy through untouched
+
+        return y, pullback
+
+    return Layer(init=layer.init, apply=apply, vjp=vjp, name=name)

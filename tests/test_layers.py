@@ -44,6 +44,15 @@ LAYERS = [
     ("softplus", rf.softplus(), 3, lambda p, x: F.softplus(x)),
     ("softplus_beta", rf.softplus(beta=2.0, threshold=1.0), 3, lambda p, x: F.softplus(x, beta=2.0, threshold=1.0)),
     ("flatten", rf.flatten(), 3, lambda p, x: torch.flatten(x, 1)),
+    ("add", rf.add(rf.linear(3, 4), rf.compose(rf.linear(3, 4), rf.tanh)), 3,
+     lambda p, x: F.linear(x, p["0"]["weight"], p["0"]["bias"])
+     + torch.tanh(F.linear(x, p["1"]["0"]["weight"], p["1"]["0"]["bias"]))),
+    ("concat", rf.concat(rf.linear(3, 2), rf.relu), 3,
+     lambda p, x: torch.cat([F.linear(x, p["0"]["weight"], p["0"]["bias"]), F.relu(x)], dim=-1)),
+    ("parallel", rf.parallel(rf.linear(2, 2), rf.sigmoid, sizes=(2, 1)), 3,
+     lambda p, x: torch.cat([F.linear(x[:, :2], p["0"]["weight"], p["0"]["bias"]), torch.sigmoid(x[:, 2:])], dim=-1)),
+    ("residual", rf.residual(rf.compose(rf.linear(3, 3), rf.tanh)), 3,
+     lambda p, x: x + torch.tanh(F.linear(x, p["0"]["weight"], p["0"]["bias"]))),
     (
         "compose_nested",
         rf.compose(rf.linear(3, 4), rf.tanh, rf.compose(rf.linear(4, 4), rf.relu), rf.linear(4, 2), rf.sigmoid),
@@ -245,3 +254,42 @@ def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generato
     assert rf.stacked(rf.flatten())({}, x).shape == (3, 4, 10)
     for layer in (rf.softmax, rf.log_softmax, rf.elu(), rf.gelu(), rf.silu, rf.softplus()):
         assert torch.equal(rf.stacked(layer)({}, x), torch.stack([layer({}, xm) for xm in x]))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: rf.add(), ValueError, r"add: expected at least one layer, got none"),
+        (lambda: rf.concat(rf.linear), TypeError, r"concat: argument 0 must be a Layer, got function"),
+        (lambda: rf.parallel(rf.relu, rf.tanh, sizes=(2,)), ValueError,
+         r"parallel: sizes must give a positive int for each of the 2 layers, got \(2,\)"),
+        (lambda: rf.parallel(rf.relu, rf.tanh, sizes=(2, 1))({}, torch.zeros(4, 5)), ValueError,
+         r"parallel: x must have 3 features \(sizes \(2, 1\)\), got shape \(4, 5\)"),
+        (lambda: rf.add(rf.linear(3, 2), rf.relu)(rf.add(rf.linear(3, 2), rf.relu).init(0), torch.zeros(4, 3)),
+         ValueError, r"add\(linear\(3, 2\), relu\): the branches' outputs cannot be merged: shapes \(4, 2\), "
+                     r"\(4, 3\)"),
+        (lambda: rf.residual(rf.linear(3, 2))(rf.linear(3, 2).init(0), torch.zeros(4, 3)), ValueError,
+         r"residual\(linear\(3, 2\)\): the layer's output has shape \(4, 2\) but x has \(4, 3\)"),
+        (lambda: rf.concat(rf.linear(3, 2), rf.relu)({"0": rf.linear(3, 2).init(0), "5": {}}, torch.zeros(1, 3)),
+         ValueError, r"concat.apply: params has entries \['5'\] but the model has 2 layers"),
+        (lambda: rf.concat(rf.linear(3, 2), rf.relu)({"0": rf.linear(2, 2).init(0)}, torch.zeros(1, 3)),
+         ValueError, r"layer 0: linear\(3, 2\)\.apply: x has 3 features but weight expects 2"),
+    ],
+)
+def test_merges_say_what_is_wrong(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_merges_train_in_a_model_and_stack(generator):
+    model = rf.compose(rf.concat(rf.linear(2, 8), rf.linear(2, 8)), rf.relu, rf.residual(rf.linear(16, 16)),
+                       rf.tanh, rf.linear(16, 2))
+    x, labels = rf.disc_dataset(200, 0)
+    _params, history = rf.fit(model, rf.cross_entropy_loss, model.init(0), x, labels, epochs=3, batch_size=50,
+                             optimizer=rf.adam(1e-2), generator=0)
+    assert history.train_loss[-1] < history.train_loss[0]
+    stacked = rf.stack_params([model.init(s, dtype=torch.float64) for s in range(2)])
+    xs = torch.randn(2, 5, 2, generator=generator, dtype=torch.float64)
+    together = rf.stacked(model)(stacked, xs)
+    for m, tree in enumerate(rf.unstack_params(stacked)):
+        torch.testing.assert_close(together[m], model(tree, xs[m]), rtol=1e-12, atol=1e-12)

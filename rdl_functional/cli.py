@@ -22,6 +22,7 @@ from . import __version__
 from ._files import atomic_write
 from .experiment import (
     DEFAULTS,
+    LOSSES,
     MODELS,
     OPTIMIZERS,
     SCHEDULES,
@@ -32,6 +33,7 @@ from .experiment import (
     run_disc_together,
     summarize,
 )
+from .initializers import INITIALIZERS
 from .io import load
 from .layers import Params
 from .train import History
@@ -113,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="passes over the training set (default: %(default)s)")
     training.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
                           help="points per SGD step (default: %(default)s)")
+    training.add_argument("--init", choices=tuple(INITIALIZERS), default=DEFAULTS.init,
+                          help="how the weights are drawn: torch.nn.init's formulas; torch_default is "
+                               "torch.nn.Linear's own (default: %(default)s)")
+    training.add_argument("--loss", choices=tuple(LOSSES), default=None,
+                          help="mse: against one-hot targets; cross-entropy: the outputs as logits against the "
+                               "labels (default: the model's own, mse for mlp, cross-entropy for logistic)")
     training.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer,
                           help="sgd: plain SGD; momentum, nesterov: SGD with (Nesterov) momentum; adam, adamw, "
                                "rmsprop, adagrad: as torch.optim's (default: %(default)s)")
@@ -200,6 +208,8 @@ def _check_args(args: argparse.Namespace) -> None:
             _fail(f"{flag} describes one run; use --seed N rather than --seeds")
     if args.compare_torch and args.model != "mlp":
         _fail(f"--compare-torch trains the seed MLP; it does not apply to --model {args.model}")
+    if args.compare_torch and args.loss == "cross-entropy":
+        _fail("--compare-torch trains with MSE, as the seed report did; it does not apply to --loss cross-entropy")
     if args.compile and args.optimizer != "sgd":
         _fail(f"--compile trains with plain SGD; it does not apply to --optimizer {args.optimizer}")
     if args.momentum is not None and args.optimizer not in ("momentum", "nesterov", "rmsprop"):
@@ -314,7 +324,9 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                              "optimizer": settings.optimizer, "lr": settings.rate,
                              "momentum": settings.tuned("momentum"),
                              "weight_decay": settings.tuned("weight_decay"),
-                             "schedule": settings.schedule, "n_train": settings.n_train,
+                             "schedule": settings.schedule, "init": settings.init,
+                             "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
+                             "n_train": settings.n_train,
                              "n_test": settings.n_test, "threads": torch.get_num_threads(),
                              "torch": torch.__version__, "rdl_functional": __version__},
                 "runs": [result.summary() for result in results],
@@ -377,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                             model=args.model, compile=args.compile, optimizer=args.optimizer,
-                            momentum=args.momentum, weight_decay=args.weight_decay)
+                            momentum=args.momentum, weight_decay=args.weight_decay, init=args.init, loss=args.loss)
     print(f"rdl-train {__version__}: {settings.task.description}, {settings.describe()}\n"
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "

@@ -17,6 +17,7 @@ from torch import Tensor
 from .combinators import compose
 from .data import disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, unstack_params
+from .initializers import INITIALIZERS
 from .layers import Layer, Params, linear, relu, tanh
 from .losses import Loss, cross_entropy_loss, mse_loss
 from .optim import (
@@ -36,6 +37,7 @@ from .tree import tree_difference, tree_flatten, tree_unflatten
 
 __all__ = [
     "DEFAULTS",
+    "LOSSES",
     "MODELS",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -54,19 +56,22 @@ __all__ = [
 ]
 
 
-def seed_model() -> Layer:
-    """The seed report's model: 2-25-25-25-2, ReLU after each hidden layer, Tanh output."""
+def seed_model(init: str = "torch_default") -> Layer:
+    """The seed report's model: 2-25-25-25-2, ReLU after each hidden layer, Tanh output.
+
+    ``init`` names how each weight is drawn (see :func:`~rdl_functional.linear`).
+    """
     return compose(
-        linear(2, 25), relu,
-        linear(25, 25), relu,
-        linear(25, 25), relu,
-        linear(25, 2), tanh,
+        linear(2, 25, init=init), relu,
+        linear(25, 25, init=init), relu,
+        linear(25, 25, init=init), relu,
+        linear(25, 2, init=init), tanh,
     )  # fmt: skip
 
 
-def logistic_model() -> Layer:
+def logistic_model(init: str = "torch_default") -> Layer:
     """Logistic regression on the disc task: one linear layer, 2 inputs to 2 logits."""
-    return linear(2, 2)
+    return linear(2, 2, init=init)
 
 
 @attrs.frozen
@@ -90,6 +95,10 @@ MODELS = {
                      "logistic regression (one linear layer), cross-entropy on labels"),
 }  # fmt: skip
 SCHEDULES = ("linear", "constant", "cosine", "warmup-cosine")
+LOSSES = {  # what each loss compares the model's outputs with
+    "mse": (mse_loss, lambda labels: one_hot(labels, 2), "MSE on one-hot targets"),
+    "cross-entropy": (cross_entropy_loss, lambda labels: labels, "cross-entropy on labels"),
+}
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 
 TUNED: dict[str, dict[str, float]] = {
@@ -136,10 +145,23 @@ class DiscSettings:
     optimizer: str = attrs.field(default="sgd", validator=attrs.validators.in_(OPTIMIZERS))
     momentum: float | None = None
     weight_decay: float | None = None
+    init: str = attrs.field(default="torch_default", validator=attrs.validators.in_(tuple(INITIALIZERS)))
+    loss: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(
+        ("mse", "cross-entropy"))))
 
     @property
     def task(self) -> Task:
-        return MODELS[self.model]
+        """The model (with ``init``'s weights) and the loss (``loss``, else the model's own)."""
+        task = MODELS[self.model]
+        if self.init == "torch_default" and self.loss is None:
+            return task  # one object per model, so a compiled step serves every run
+        model = (seed_model if self.model == "mlp" else logistic_model)(self.init)
+        model_words, loss_words = task.description.rsplit(", ", 1)
+        loss, targets, loss_words = LOSSES[self.loss] if self.loss else (task.loss, task.targets, loss_words)
+        description = f"{model_words}, {loss_words}"
+        if self.init != "torch_default":
+            description += f", {self.init} init"
+        return Task(model, loss, targets, description)
 
     def tuned(self, name: str) -> float:
         """The value of ``lr``, ``momentum`` or ``weight_decay``: the one set, or the optimizer's tuned one."""

@@ -112,6 +112,17 @@ def test_each_optimizer_trains_says_what_it_ran_and_equals_its_torch_optim_twin(
     assert "max |parameter difference|: 0 " in out
 
 
+def test_init_and_loss_choose_the_weights_and_what_is_minimized(capsys, tmp_path):
+    assert main([*FAST, "--init", "kaiming_normal", "--loss", "cross-entropy", "--seeds", "0-1", "--quiet",
+                 "--json", str(tmp_path / "runs.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2-25-25-25-2 MLP (ReLU, Tanh output), cross-entropy on labels, kaiming_normal init, plain SGD" in out
+    settings = json.loads((tmp_path / "runs.json").read_text())["settings"]
+    assert (settings["init"], settings["loss"]) == ("kaiming_normal", "cross-entropy")
+    task = rf.DiscSettings(init="kaiming_normal", loss="cross-entropy").task
+    assert task.loss is rf.cross_entropy_loss and "kaiming_normal" in task.model.name
+
+
 def test_seeds_with_plots_draw_the_spread_over_seeds(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     assert main([*FAST, "--seeds", "0-2", "--optimizer", "momentum", "--plots", str(tmp_path), "--quiet",
@@ -165,6 +176,9 @@ def test_progress_bar_on_a_terminal():
         (["--seeds", "0-1", "--save", "p.safetensors"], "--save describes one run; use --seed N rather than --seeds"),
         (["--model", "logistic", "--compare-torch"], "--compare-torch trains the seed MLP"),
         (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
+        (["--init", "he"], "argument --init: invalid choice: 'he'"),
+        (["--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+        (["--loss", "cross-entropy", "--compare-torch"], "--compare-torch trains with MSE"),
         (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to momentum, nesterov and rmsprop"),
         (["--optimizer", "nesterov", "--momentum", "0"], "--optimizer nesterov needs --momentum > 0"),
         (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number ≥ 0, got -1"),

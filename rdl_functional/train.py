@@ -155,7 +155,7 @@ def fit(
             forward pass over the training set, and the test set if given);
             with ``False`` the history stays empty and training runs alone.
             The measurement is a real cost, not bookkeeping: on the seed task
-            it adds about a fifth of the training time at batch 100 and about
+            it adds a tenth to a fifth of the training time at batch 100 and about
             half at batch 1000, where an epoch is one step (docs/performance.md
             has the figures). The step losses cannot stand in for it: the
             params change during an epoch, so their mean is another number.

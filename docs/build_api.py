@@ -25,6 +25,7 @@ from typing import Any
 MODULES = [
     "tree",
     "layers",
+    "stateful",
     "combinators",
     "losses",
     "autodiff",

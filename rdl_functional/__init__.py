@@ -54,6 +54,7 @@ from .optim import (
     sgd_step,
     warmup_cosine_decay_schedule,
 )
+from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
 from .train import History, accuracy, evaluate, fit, predict
 from .tree import (
     tree_difference,
@@ -121,6 +122,8 @@ __all__ = [
     "Loss",
     "Optimizer",
     "Schedule",
+    "State",
+    "StatefulLayer",
     "VjpMismatch",
     "VjpReport",
     "accuracy",
@@ -130,6 +133,7 @@ __all__ = [
     "add",
     "add_decayed_weights",
     "apply_updates",
+    "batch_norm",
     "bce_with_logits_loss",
     "chain",
     "check_params_fit",
@@ -143,6 +147,7 @@ __all__ = [
     "cross_entropy_loss",
     "disc_dataset",
     "draw_run",
+    "dropout",
     "elu",
     "evaluate",
     "exponential_decay",
@@ -187,6 +192,7 @@ __all__ = [
     "softplus",
     "stack_params",
     "stacked",
+    "stateful",
     "summarize",
     "tanh",
     "to_state_dict",

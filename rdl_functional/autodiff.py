@@ -27,10 +27,12 @@ from .codegen import generate
 from .combinators import _NO_PARAMS, _in_layer
 from .layers import Layer, Params
 from .losses import Loss
+from .stateful import State, StatefulLayer
 
 __all__ = ["value_and_grad"]
 
 ValueAndGrad = Callable[[Params, Tensor, Tensor], tuple[Tensor, Params]]
+StatefulValueAndGrad = Callable[..., tuple[Tensor, Params, State]]
 
 
 class _Leaf(NamedTuple):
@@ -125,7 +127,7 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
     return planned
 
 
-def value_and_grad(model: Layer, loss: Loss) -> ValueAndGrad:
+def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | StatefulValueAndGrad:
     """Return ``fn(params, x, target) -> (loss_value, grads)``; grads mirror params.
 
     One forward pass through the model's layers and ``loss.vjp``, then the
@@ -137,6 +139,12 @@ def value_and_grad(model: Layer, loss: Loss) -> ValueAndGrad:
     call checks only what can change between calls, and gives the same bits
     and the same error messages as going through ``model.vjp``.
 
+    For a :class:`~rdl_functional.StatefulLayer` (a model with dropout or
+    batch norm) the function is
+    ``fn(params, state, x, target, *, generator=None, train=True) -> (loss_value, grads, new_state)``:
+    the forward pass in training mode by default, its random layers drawing
+    from ``generator``, and the model's new state beside the gradient.
+
     >>> import rdl_functional as rf
     >>> model = rf.compose(rf.linear(2, 3), rf.tanh)
     >>> fn = rf.value_and_grad(model, rf.mse_loss)
@@ -144,13 +152,34 @@ def value_and_grad(model: Layer, loss: Loss) -> ValueAndGrad:
     >>> value.shape, list(grads["0"])
     (torch.Size([]), ['weight', 'bias'])
     """
-    if not isinstance(model, Layer):
-        raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
     if not isinstance(loss, Loss):
         raise TypeError(f"value_and_grad: loss must be a Loss, got {type(loss).__name__}")
+    if isinstance(model, StatefulLayer):
+        return _stateful_gradient_fn(model, loss)
+    if not isinstance(model, Layer):
+        raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
     run = _gradient_fn(model, loss)
 
     def value_and_grad_fn(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
         return run(params, x, target, None)
+
+    return value_and_grad_fn
+
+
+def _stateful_gradient_fn(model: StatefulLayer, loss: Loss) -> StatefulValueAndGrad:
+    """The stateful model's ``model.vjp``, the loss's, and the pullback run with release and without ``dx``."""
+    loss_vjp = loss.vjp
+    # A compose's pullback frees each layer's saved tensors as it goes; a leaf's is dropped whole.
+    options = {"release": True} if model.sequence else {}
+    if model.skips_dx:
+        options["need_dx"] = False
+
+    def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, *,
+                          generator: torch.Generator | int | None = None,
+                          train: bool = True) -> tuple[Tensor, Params, State]:
+        pred, new_state, pullback = model.vjp(params, state, x, train=train, generator=generator)
+        value, loss_pullback = loss_vjp(pred, target)
+        grads, _ = pullback(loss_pullback(torch.ones_like(value)), **options)
+        return value, grads, new_state
 
     return value_and_grad_fn

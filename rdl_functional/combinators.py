@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ._random import as_generator
 from .layers import Layer, Params, Pullback
+from .stateful import _NO_STATE, State, StatefulLayer, StatefulPullback, check_train, stateful
 
 __all__ = ["add", "compose", "concat", "parallel", "residual"]
 
@@ -36,8 +37,8 @@ def _in_layer(error: Exception, key: str) -> Exception:
     return type(error)(f"layer {key}: {message}")
 
 
-def _children(who: str, layers: tuple[Layer, ...]) -> tuple[
-    tuple[tuple[str, Layer], ...], Callable[..., Params], Callable[[str, Params], None]
+def _children(who: str, layers: tuple[Layer | StatefulLayer, ...]) -> tuple[
+    tuple[tuple[str, Layer | StatefulLayer], ...], Callable[..., Params], Callable[[str, Params], None]
 ]:
     """What every combinator of layers needs: its layers keyed '0', '1', ..., their init, and the params check.
 
@@ -47,7 +48,7 @@ def _children(who: str, layers: tuple[Layer, ...]) -> tuple[
     if not layers:
         raise ValueError(f"{who}: expected at least one layer, got none")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
+        if not isinstance(layer, (Layer, StatefulLayer)):
             raise TypeError(
                 f"{who}: argument {i} must be a Layer, got {type(layer).__name__} "
                 "(did you pass a constructor such as rf.linear without calling it?)"
@@ -73,6 +74,60 @@ def _children(who: str, layers: tuple[Layer, ...]) -> tuple[
             )
 
     return keyed, init, check
+
+
+def _state_of_children(name: str, who: str, keyed: tuple[tuple[str, Any], ...]) -> tuple[
+    tuple[tuple[str, StatefulLayer], ...], Callable[..., State], Callable[[str, State, Any, Any], Any]
+]:
+    """For a combinator with a stateful child: its children lifted to the stateful contract, their
+    ``init_state``, and the per-call check of state, ``train`` and ``generator`` (which returns the generator).
+
+    State mirrors params: ``{"0": ..., "1": ..., ...}``, ``{}`` for a layer without state (which may be left out).
+    """
+    lifted = tuple((key, stateful(layer)) for key, layer in keyed)
+    keys = frozenset(key for key, _ in keyed)
+    last = len(keyed) - 1
+
+    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
+        return {key: layer.init_state(dtype=dtype) for key, layer in lifted}
+
+    def check(where: str, state: State, train: Any, generator: Any) -> torch.Generator | None:
+        check_train(f"{name}.{where}", train)
+        if type(state) is not dict and not isinstance(state, Mapping):
+            raise TypeError(f"{who}.{where}: state must be a dict keyed '0'..'{last}' (model.init_state() to "
+                            f"start from), got {type(state).__name__}")
+        if not state.keys() <= keys:
+            raise ValueError(f"{who}.{where}: state has entries {sorted(set(state) - keys)} but the model has "
+                             f"{len(keyed)} layers, keyed '0'..'{last}' (is it another model's state?)")
+        return None if generator is None else as_generator(generator, f"{name}.{where}")
+
+    return lifted, init_state, check
+
+
+def _reverse(name: str, first_skips_dx: bool, pullbacks: list[tuple[str, Any]], params: Params) -> Callable[
+    ..., tuple[Params, Tensor | None]
+]:
+    """A chain's pullback: its layers' pullbacks in reverse, ``dx = J₀ᵀ J₁ᵀ ⋯ Jₙᵀ dy`` (see :func:`compose`)."""
+
+    def pullback(dy: Tensor, *, release: bool = False, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+        if not pullbacks:
+            raise RuntimeError(f"{name} pullback: it ran with release=True, which freed its saved tensors")
+        dparams = {}
+        for i in range(len(pullbacks) - 1, -1, -1):
+            key, layer_pullback = pullbacks[i]
+            if i == 0 and not need_dx and first_skips_dx:
+                dparams[key], dy = layer_pullback(dy, need_dx=False)  # the input gradient nobody reads
+            else:
+                dparams[key], dy = layer_pullback(dy)
+            if release:
+                # Drop the layer's pullback, and the tensors it saved, as soon as it has
+                # run, as autograd frees a node's: the backward pass then never holds
+                # every activation and every gradient at once.
+                del pullbacks[i], layer_pullback
+        # dparams mirrors params: its key order, and no entry that params left out.
+        return {key: dparams[key] for key in params}, dy
+
+    return pullback
 
 
 def compose(*layers: Layer) -> Layer:
@@ -107,6 +162,8 @@ def compose(*layers: Layer) -> Layer:
     """
     keyed, init, check = _children("compose", layers)
     name = f"compose({', '.join(layer.name for layer in layers)})"
+    if any(isinstance(layer, StatefulLayer) for layer in layers):
+        return _stateful_compose(name, keyed, init, check, layers)
 
     def apply(params: Params, x: Tensor) -> Tensor:
         check("apply", params)
@@ -127,66 +184,99 @@ def compose(*layers: Layer) -> Layer:
                 raise _in_layer(error, key) from None
             pullbacks.append((key, pullback))
 
-        def pullback(dy: Tensor, *, release: bool = False, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-            if not pullbacks:
-                raise RuntimeError(f"{name} pullback: it ran with release=True, which freed its saved tensors")
-            dparams = {}
-            for i in range(len(pullbacks) - 1, -1, -1):
-                key, layer_pullback = pullbacks[i]
-                if i == 0 and not need_dx and layers[0].skips_dx:
-                    dparams[key], dy = layer_pullback(dy, need_dx=False)  # the input gradient nobody reads
-                else:
-                    dparams[key], dy = layer_pullback(dy)
-                if release:
-                    # Drop the layer's pullback, and the tensors it saved, as soon as it has
-                    # run, as autograd frees a node's: the backward pass then never holds
-                    # every activation and every gradient at once.
-                    del pullbacks[i], layer_pullback
-            # dparams mirrors params: its key order, and no entry that params left out.
-            return {key: dparams[key] for key in params}, dy
-
-        return x, pullback
+        return x, _reverse(name, layers[0].skips_dx, pullbacks, params)
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name, skips_dx=True, sequence=layers)
 
 
+def _stateful_compose(name: str, keyed: tuple[tuple[str, Any], ...], init: Callable[..., Params],
+                      check: Callable[[str, Params], None], layers: tuple[Any, ...]) -> StatefulLayer:
+    """compose with a stateful layer among its children: state and the generator are threaded through them.
+
+    Each child gets its own entry of state and returns its new one; the random
+    children draw from the one generator in order, so one generator state
+    gives one set of masks.
+    """
+    lifted, init_state, check_call = _state_of_children(name, "compose", keyed)
+
+    def apply(params: Params, state: State, x: Tensor, *, train: bool,
+              generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+        check("apply", params)
+        g = check_call("apply", state, train, generator)
+        new_state = {}
+        for key, layer in lifted:
+            try:
+                x, new_state[key] = layer.apply(params.get(key, _NO_PARAMS), state.get(key, _NO_STATE), x,
+                                                train=train, generator=g)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
+        return x, {key: new_state[key] for key in state}  # new_state mirrors state
+
+    def vjp(params: Params, state: State, x: Tensor, *, train: bool,
+            generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+        check("vjp", params)
+        g = check_call("vjp", state, train, generator)
+        new_state, pullbacks = {}, []
+        for key, layer in lifted:
+            try:
+                x, new_state[key], pullback = layer.vjp(params.get(key, _NO_PARAMS), state.get(key, _NO_STATE), x,
+                                                        train=train, generator=g)
+            except (ValueError, TypeError) as error:
+                raise _in_layer(error, key) from None
+            pullbacks.append((key, pullback))
+        return x, {key: new_state[key] for key in state}, _reverse(name, layers[0].skips_dx, pullbacks, params)
+
+    return StatefulLayer(init=init, init_state=init_state, apply=apply, vjp=vjp, name=name, skips_dx=True,
+                         sequence=layers)
+
+
 def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], list[Tensor]] | None,
               merge: Callable[[list[Tensor]], Tensor], unmerge: Callable[[Tensor, list[Tensor]], list[Tensor]],
-              unsplit: Callable[[list[Tensor], Tensor], Tensor]) -> Layer:
+              unsplit: Callable[[list[Tensor], Tensor], Tensor]) -> Layer | StatefulLayer:
     """A layer that gives each of ``layers`` an input (all ``x``, or ``split(x)``'s parts) and merges the outputs.
 
     The pullback splits ``dy`` back into the branches' cotangents (``unmerge``), runs each branch's
     pullback, and joins the input gradients (``unsplit``): ``dx = Σ dxᵢ`` when every branch saw all of ``x``.
+    With a stateful layer among ``layers`` the result is a :class:`StatefulLayer` that threads state and
+    the generator through the branches in order, as compose does.
     """
     keyed, init, check = _children(who, layers)
     name = f"{who}({', '.join(layer.name for layer in layers)})"
+    has_state = any(isinstance(layer, StatefulLayer) for layer in layers)
+    lifted, init_state, check_call = _state_of_children(name, who, keyed) if has_state else (keyed, None, None)
 
     def inputs(x: Tensor) -> list[Tensor]:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
         return split(x) if split is not None else [x] * len(keyed)
 
-    def apply(params: Params, x: Tensor) -> Tensor:
-        check("apply", params)
-        outputs = []
-        for (key, layer), part in zip(keyed, inputs(x), strict=True):
+    def run(where: str, params: Params, x: Tensor, with_vjp: bool, state: State | None = None, train: bool = False,
+            generator: Any = None) -> tuple[Tensor, State, list[Tensor], list[tuple[str, Any]]]:
+        """The branches run forward: ``(y, new_state, outputs, pullbacks)`` (``new_state`` ``{}`` without state)."""
+        check(where, params)
+        if state is not None:
+            generator = check_call(where, state, train, generator)
+        outputs, pullbacks, new_state = [], [], {}
+        for (key, layer), part in zip(lifted, inputs(x), strict=True):
+            layer_params = params.get(key, _NO_PARAMS)
             try:
-                outputs.append(layer.apply(params.get(key, _NO_PARAMS), part))
-            except (ValueError, TypeError) as error:
-                raise _in_layer(error, key) from None
-        return _merged(name, merge, outputs)
-
-    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        check("vjp", params)
-        outputs, pullbacks = [], []
-        for (key, layer), part in zip(keyed, inputs(x), strict=True):
-            try:
-                y, pullback = layer.vjp(params.get(key, _NO_PARAMS), part)
+                if state is None:
+                    y, pullback = layer.vjp(layer_params, part) if with_vjp else (layer.apply(layer_params, part), None)
+                elif with_vjp:
+                    y, new_state[key], pullback = layer.vjp(layer_params, state.get(key, _NO_STATE), part,
+                                                            train=train, generator=generator)
+                else:
+                    (y, new_state[key]), pullback = layer.apply(layer_params, state.get(key, _NO_STATE), part,
+                                                                train=train, generator=generator), None
             except (ValueError, TypeError) as error:
                 raise _in_layer(error, key) from None
             outputs.append(y)
             pullbacks.append((key, pullback))
-        y = _merged(name, merge, outputs)
+        mirrored = {key: new_state[key] for key in state} if state is not None else {}
+        return _merged(name, merge, outputs), mirrored, outputs, pullbacks
+
+    def make_pullback(params: Params, x: Tensor, y: Tensor, outputs: list[Tensor],
+                      pullbacks: list[tuple[str, Any]]) -> Pullback:
         shape = y.shape
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
@@ -199,7 +289,27 @@ def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], lis
                 dxs.append(dx)
             return {key: dparams[key] for key in params}, unsplit(dxs, x)
 
-        return y, pullback
+        return pullback
+
+    if has_state:
+        def stateful_apply(params: Params, state: State, x: Tensor, *, train: bool,
+                           generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+            y, new_state, _, _ = run("apply", params, x, False, state, train, generator)
+            return y, new_state
+
+        def stateful_vjp(params: Params, state: State, x: Tensor, *, train: bool,
+                         generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+            y, new_state, outputs, pullbacks = run("vjp", params, x, True, state, train, generator)
+            return y, new_state, make_pullback(params, x, y, outputs, pullbacks)
+
+        return StatefulLayer(init=init, init_state=init_state, apply=stateful_apply, vjp=stateful_vjp, name=name)
+
+    def apply(params: Params, x: Tensor) -> Tensor:
+        return run("apply", params, x, False)[0]
+
+    def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
+        y, _, outputs, pullbacks = run("vjp", params, x, True)
+        return y, make_pullback(params, x, y, outputs, pullbacks)
 
     return Layer(init=init, apply=apply, vjp=vjp, name=name)
 
@@ -282,15 +392,15 @@ def parallel(*layers: Layer, sizes: tuple[int, ...]) -> Layer:
     )  # fmt: skip
 
 
-def residual(layer: Layer) -> Layer:
-    """``y = x + layer(x)``: a skip connection. Params are the layer's own; ``dx = dy + dx_layer``.
+def residual(layer: Layer | StatefulLayer) -> Layer | StatefulLayer:
+    """``y = x + layer(x)``: a skip connection. Params (and state) are the layer's own; ``dx = dy + dx_layer``.
 
     >>> import torch, rdl_functional as rf
     >>> block = rf.residual(rf.compose(rf.linear(3, 3), rf.relu))
     >>> block(block.init(0), torch.zeros(2, 3)).shape
     torch.Size([2, 3])
     """
-    if not isinstance(layer, Layer):
+    if not isinstance(layer, (Layer, StatefulLayer)):
         raise TypeError(f"residual: expected a Layer, got {type(layer).__name__}")
     name = f"residual({layer.name})"
 
@@ -301,17 +411,32 @@ def residual(layer: Layer) -> Layer:
                              "connection needs the two alike")
         return x + y
 
+    def skip(inner_pullback: Callable[[Tensor], tuple[Params, Tensor]]) -> Pullback:
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            dparams, dx = inner_pullback(dy)
+            return dparams, dy + dx  # the skip passes dy through untouched
+
+        return pullback
+
+    if isinstance(layer, StatefulLayer):
+        def stateful_apply(params: Params, state: State, x: Tensor, *, train: bool,
+                           generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+            inner, new_state = layer.apply(params, state, x, train=train, generator=generator)
+            return checked(inner, x), new_state
+
+        def stateful_vjp(params: Params, state: State, x: Tensor, *, train: bool,
+                         generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+            inner, new_state, inner_pullback = layer.vjp(params, state, x, train=train, generator=generator)
+            return checked(inner, x), new_state, skip(inner_pullback)
+
+        return StatefulLayer(init=layer.init, init_state=layer.init_state, apply=stateful_apply, vjp=stateful_vjp,
+                             name=name)
+
     def apply(params: Params, x: Tensor) -> Tensor:
         return checked(layer.apply(params, x), x)
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
         inner, inner_pullback = layer.vjp(params, x)
-        y = checked(inner, x)
-
-        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            dparams, dx = inner_pullback(dy)
-            return dparams, dy + dx  # the skip passes dy through untouched
-
-        return y, pullback
+        return checked(inner, x), skip(inner_pullback)
 
     return Layer(init=layer.init, apply=apply, vjp=vjp, name=name)

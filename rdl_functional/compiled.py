@@ -37,6 +37,9 @@ def compiled_step(model: Layer, loss: Loss) -> CompiledStep:
     """
     import torch  # torch.compile pulls in torch._dynamo on first use only
 
+    if not isinstance(model, Layer):
+        raise TypeError(f"compiled_step: expected a plain Layer, got {type(model).__name__} "
+                        f"({getattr(model, 'name', model)!s}; a model with state or randomness is not compiled)")
     value_and_grad_fn = value_and_grad(model, loss)
 
     def step(params: Params, x: Tensor, target: Tensor, lr: Tensor) -> tuple[Tensor, Params]:

@@ -25,6 +25,7 @@ from .combinators import compose
 from .layers import Layer, Params, Pullback
 from .losses import Loss
 from .optim import Optimizer, Schedule, sgd_step
+from .stateful import StatefulLayer
 from .train import History, StepFunction, _check_count, _labels, _optimizer
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
@@ -45,6 +46,9 @@ def stacked(layer: Layer) -> Layer:
     >>> tuple(rf.stacked(layer)(params, torch.ones(4, 5, 2)).shape)
     (4, 5, 3)
     """
+    if isinstance(layer, StatefulLayer):
+        raise TypeError(f"stacked: {layer.name} carries state or randomness, which a stack of models does not "
+                        "thread yet; train such models one at a time with rf.fit")
     if not isinstance(layer, Layer):
         raise TypeError(f"stacked: expected a Layer, got {type(layer).__name__}")
     if layer.sequence:

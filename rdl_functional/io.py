@@ -37,17 +37,50 @@ def _check_tensor_tree(where: str, params: Tree) -> dict[str, Tensor]:
     return flat
 
 
-def to_state_dict(params: Tree) -> dict[str, Tensor]:
+def to_state_dict(params: Tree, state: Tree | None = None) -> dict[str, Tensor]:
     """Flatten params to ``{"0.weight": ..., "0.bias": ...}``, the ``torch.nn`` layout.
 
     The tensors are the params' own (no copy). Parameterless layers have no
-    entry, as in torch.
+    entry, as in torch. With a stateful model's ``state`` (batch norm's running
+    statistics), its tensors join the params under their layer's keys, after
+    the layer's params, as torch's buffers do: ``"1.running_mean"``,
+    ``"1.running_var"``, ``"1.num_batches_tracked"``; the result loads into the
+    equivalent ``torch.nn.Sequential`` with ``load_state_dict(..., strict=True)``.
 
     >>> import rdl_functional as rf
     >>> list(rf.to_state_dict(rf.compose(rf.linear(2, 3), rf.relu).init(0)))
     ['0.weight', '0.bias']
+    >>> model = rf.compose(rf.linear(2, 3), rf.batch_norm(3))
+    >>> list(rf.to_state_dict(model.init(0), model.init_state()))  # doctest: +NORMALIZE_WHITESPACE
+    ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked']
+
+    Raises:
+        TypeError: params or state is not a dict of tensors.
+        ValueError: params and state both have a tensor at one path.
     """
-    return _check_tensor_tree("to_state_dict", params)
+    flat = _check_tensor_tree("to_state_dict", params)
+    if state is None:
+        return flat
+    if not _is_node(state):
+        raise TypeError(f"to_state_dict: state must be a dict of tensors (a stateful model's state), got "
+                        f"{type(state).__name__}")
+    _check_tensor_tree("to_state_dict: state", state)
+    return tree_flatten(_merged(params, state, ""))
+
+
+def _merged(params: Tree, state: Tree, path: str) -> Tree:
+    """One tree holding both: each node's params first, then its state, as a torch module lists its buffers."""
+    merged = dict(params)
+    for key, child in state.items():
+        where = f"{path}.{key}" if path else key
+        if key not in merged:
+            merged[key] = child
+        elif _is_node(merged[key]) and _is_node(child):
+            merged[key] = _merged(merged[key], child, where)
+        else:
+            raise ValueError(f'to_state_dict: params and state both hold "{where}"; a state is '
+                             "model.init_state()'s tree, beside the params, not inside them")
+    return merged
 
 
 def from_state_dict(flat: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ._random import as_generator
 from .layers import Layer
 from .losses import Loss
+from .stateful import StatefulLayer
 from .tree import Tree, tree_flatten, tree_map
 
 __all__ = ["VjpMismatch", "VjpReport", "check_vjp"]
@@ -92,17 +93,23 @@ def _central_difference(apply: Callable, primals: tuple, v: tuple, u: Tensor, ep
 
 
 def check_vjp(
-    fn: Layer | Loss,
+    fn: Layer | StatefulLayer | Loss,
     *args: Any,
     generator: torch.Generator | int = 0,
     rtol: float = 1e-10,
     atol: float = 1e-10,
+    train: bool = True,
+    layer_seed: int = 0,
 ) -> VjpReport:
     """Check a layer's or loss's ``vjp`` against ``torch.func.vjp`` and finite differences.
 
     For a :class:`~rdl_functional.Layer` pass ``(params, x)``; for a
-    :class:`~rdl_functional.Loss` pass ``(pred, target)`` (the gradient is
-    with respect to ``pred``). Floating tensors are converted to float64.
+    :class:`~rdl_functional.StatefulLayer` pass ``(params, state, x)``: it
+    runs with ``train`` and, on every call, a fresh generator seeded with
+    ``layer_seed``, so that a random layer draws one fixed mask and is a
+    plain function of ``(params, x)``; its new state from ``vjp`` must equal
+    ``apply``'s. For a :class:`~rdl_functional.Loss` pass ``(pred, target)``
+    (the gradient is with respect to ``pred``). Floating tensors are converted to float64.
     Checked: the output equals ``fn.apply``'s and torch's; the pullback of a
     random cotangent equals ``torch.func.vjp``'s, key order included; for a
     layer that declares ``skips_dx``, ``pullback(u, need_dx=False)`` gives
@@ -131,6 +138,25 @@ def check_vjp(
             raise TypeError(f"check_vjp: a Layer takes (params, x), got {len(args)} arguments")
         primals = (_float64(args[0]), _float64(args[1]))
         vjp, apply = fn.vjp, fn.apply
+    elif isinstance(fn, StatefulLayer):
+        if len(args) != 3:
+            raise TypeError(f"check_vjp: a StatefulLayer takes (params, state, x), got {len(args)} arguments")
+        state = _float64(args[1])
+        primals = (_float64(args[0]), _float64(args[2]))
+        new_states: list[Tree] = []
+
+        def fresh() -> torch.Generator:
+            return torch.Generator().manual_seed(layer_seed)
+
+        def vjp(params: Tree, x: Tensor) -> tuple[Tensor, Callable]:
+            y, new_state, pullback = fn.vjp(params, state, x, train=train, generator=fresh())
+            new_states.append(new_state)
+            return y, pullback
+
+        def apply(params: Tree, x: Tensor) -> Tensor:
+            y, new_state = fn.apply(params, state, x, train=train, generator=fresh())
+            new_states.append(new_state)
+            return y
     elif isinstance(fn, Loss):
         if len(args) != 2:
             raise TypeError(f"check_vjp: a Loss takes (pred, target), got {len(args)} arguments")
@@ -144,20 +170,23 @@ def check_vjp(
         def apply(pred: Tensor) -> Tensor:
             return fn.apply(pred, target)
     else:
-        raise TypeError(f"check_vjp: expected a Layer or a Loss, got {type(fn).__name__}")
+        raise TypeError(f"check_vjp: expected a Layer, a StatefulLayer or a Loss, got {type(fn).__name__}")
 
     rows: list[tuple[str, float, float, bool]] = []
     y, pullback = vjp(*primals)
     y_ref, pullback_ref = torch.func.vjp(apply, *primals)
     _compare(rows, "y (vjp vs torch.func)", y, y_ref, rtol, atol)
     _compare(rows, "y (vjp vs apply)", y, apply(*primals), 0.0, 0.0)
+    if isinstance(fn, StatefulLayer):
+        _compare(rows, "new state (vjp vs apply)", new_states[0], new_states[-1], 0.0, 0.0)
 
     u = torch.randn(y.shape, generator=g, dtype=torch.float64)
     cotangents = pullback(u)
-    names = ("dparams", "dx") if isinstance(fn, Layer) else ("dpred",)
+    is_layer = isinstance(fn, (Layer, StatefulLayer))
+    names = ("dparams", "dx") if is_layer else ("dpred",)
     for name, got, want in zip(names, cotangents, pullback_ref(u), strict=True):
         _compare(rows, name, got, want, rtol, atol)
-    if isinstance(fn, Layer) and fn.skips_dx:
+    if is_layer and fn.skips_dx:
         # The declaration is a promise: skipping dx must leave dparams exactly as they were.
         _compare(rows, "dparams with need_dx=False", vjp(*primals)[1](u, need_dx=False)[0], cotangents[0], 0.0, 0.0)
 

@@ -16,7 +16,8 @@ from .losses import Loss
 from .optim import Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
-from .tree import Tree, tree_map
+from .stateful import State, StatefulLayer
+from .tree import Tree, tree_leaves, tree_map
 
 __all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
 
@@ -32,7 +33,10 @@ class History:
     whose largest output is the row's class. ``test_*`` are empty when
     ``fit`` had no test data. ``opt_state`` is the optimizer's state at the
     end of the run (``None`` for a step function such as ``sgd_step``), to continue from:
-    ``fit(..., optimizer=opt, opt_state=history.opt_state)``.
+    ``fit(..., optimizer=opt, opt_state=history.opt_state)``. ``model_state`` is a
+    stateful model's state (batch norm's running statistics) after the last step,
+    ``None`` for a plain model: evaluate with it, or continue with
+    ``fit(..., model_state=history.model_state)``.
     """
 
     train_loss: tuple[float, ...] = ()
@@ -40,6 +44,7 @@ class History:
     test_loss: tuple[float, ...] = ()
     test_accuracy: tuple[float, ...] = ()
     opt_state: Tree | None = attrs.field(default=None, eq=False, repr=False)
+    model_state: State | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def epochs(self) -> int:
@@ -52,12 +57,28 @@ class History:
             test_loss=(*self.test_loss, test[0]) if test else self.test_loss,
             test_accuracy=(*self.test_accuracy, test[1]) if test else self.test_accuracy,
             opt_state=self.opt_state,
+            model_state=self.model_state,
         )
 
 
-def predict(model: Layer, params: Params, x: Tensor) -> Tensor:
-    """Class predictions: the index of the largest output, ``(batch,)`` int64."""
-    return model.apply(params, x).argmax(dim=1)
+def _forward(who: str, model: Layer | StatefulLayer, params: Params, x: Tensor, state: State | None) -> Tensor:
+    """The model's output on ``x``, evaluating: a stateful model runs with ``train=False`` on ``state``."""
+    if isinstance(model, StatefulLayer):
+        if state is None:
+            raise ValueError(f"{who}: {model.name} is a StatefulLayer, which evaluates with its state: pass "
+                             "state=history.model_state (or model.init_state() before any training)")
+        return model.apply(params, state, x, train=False)[0]
+    if state is not None:
+        raise ValueError(f"{who}: state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
+    return model.apply(params, x)
+
+
+def predict(model: Layer | StatefulLayer, params: Params, x: Tensor, *, state: State | None = None) -> Tensor:
+    """Class predictions: the index of the largest output, ``(batch,)`` int64.
+
+    A stateful model (dropout, batch norm) is evaluated (``train=False``) with ``state``.
+    """
+    return _forward("predict", model, params, x, state).argmax(dim=1)
 
 
 def _labels(target: Tensor) -> Tensor:
@@ -68,22 +89,25 @@ def _labels(target: Tensor) -> Tensor:
     return target if not target.is_floating_point() else target.argmax(dim=-1)
 
 
-def accuracy(model: Layer, params: Params, x: Tensor, labels: Tensor) -> float:
+def accuracy(model: Layer | StatefulLayer, params: Params, x: Tensor, labels: Tensor, *,
+             state: State | None = None) -> float:
     """The fraction of rows of ``x`` whose predicted class equals ``labels`` (int64, ``(batch,)``)."""
     _check_rows("accuracy", x, labels)
     if labels.shape != x.shape[:1]:
         raise ValueError(f"accuracy: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-    return (predict(model, params, x) == labels).double().mean().item()
+    return (_forward("accuracy", model, params, x, state).argmax(dim=1) == labels).double().mean().item()
 
 
-def evaluate(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor) -> tuple[float, float]:
+def evaluate(model: Layer | StatefulLayer, loss: Loss, params: Params, x: Tensor, target: Tensor, *,
+             state: State | None = None) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``params`` on a whole data set.
 
     The accuracy compares the largest output with the class of each row:
     ``target`` itself when it holds class indices, its argmax when it is one-hot.
+    A stateful model is evaluated (``train=False``) with ``state``.
     """
     _check_rows("evaluate", x, target)
-    pred = model.apply(params, x)
+    pred = _forward("evaluate", model, params, x, state)
     correct = (pred.argmax(dim=1) == _labels(target)).double().mean()
     return loss.apply(pred, target).item(), correct.item()
 
@@ -102,7 +126,7 @@ def _check_rows(where: str, x: Tensor, target: Tensor) -> None:
 
 
 def fit(
-    model: Layer,
+    model: Layer | StatefulLayer,
     loss: Loss,
     params: Params,
     x: Tensor,
@@ -115,6 +139,7 @@ def fit(
     test: tuple[Tensor, Tensor] | None = None,
     optimizer: Optimizer | StepFunction = sgd_step,
     opt_state: Tree | None = None,
+    model_state: State | None = None,
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
     compile: bool = False,
@@ -141,7 +166,9 @@ def fit(
             step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`;
             for a step function such as ``sgd_step`` only: an
             :class:`~rdl_functional.Optimizer` carries its own.
-        generator: a ``torch.Generator`` (advanced) or an ``int`` seed, for shuffling.
+        generator: a ``torch.Generator`` (advanced) or an ``int`` seed: each epoch's
+            shuffle is drawn from it, then each step's random layers (dropout) draw
+            their masks from it, in order.
         test: optional ``(x_test, target_test)`` to measure after every epoch.
         optimizer: an :class:`~rdl_functional.Optimizer` (``rf.adam(1e-3)``,
             ``rf.sgd(0.1, momentum=0.9)``, a ``rf.chain``), or a step function
@@ -149,6 +176,12 @@ def fit(
         opt_state: the optimizer's state to start from (``history.opt_state``
             of an earlier run, or ``rf.load`` of a saved one); a fresh
             ``optimizer.init(params)`` by default.
+        model_state: for a :class:`~rdl_functional.StatefulLayer` (dropout, batch
+            norm), its state to start from (``history.model_state`` of an earlier
+            run); ``model.init_state()`` in the params' dtype by default. Training
+            steps run with ``train=True``, the history's measurements with
+            ``train=False`` on the state reached, which comes back as
+            ``history.model_state``.
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
         record_history: measure the loss and accuracy after each epoch (a
@@ -185,10 +218,18 @@ def fit(
     if test is not None:
         _check_rows("fit: test", *test)
     g = as_generator(generator, "fit")
+    has_state = isinstance(model, StatefulLayer)
+    if has_state:
+        if compile:
+            raise ValueError(f"fit: compile=True compiles a plain model's step; {model.name} carries state or "
+                             "randomness")
+        model_state = _start_state(model, params, x, model_state)
+    elif model_state is not None:
+        raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
     step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
     if runner is not None:
         params = runner.params
-    history, count = History(), 0
+    history, count = History(model_state=model_state if has_state else None), 0
     for epoch in range(1, epochs + 1):
         # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
         order = torch.randperm(x.shape[0], generator=g)
@@ -197,14 +238,21 @@ def fit(
             stop = start + batch_size
             if compile:
                 params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], step_function(count))
+            elif has_state:
+                _, grads, model_state = step(params, model_state, x_shuffled[start:stop],
+                                             target_shuffled[start:stop], generator=g)
+                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
+                del grads
             else:
                 _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
                 params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
                 del grads  # not alive through the next step's forward pass
             count += 1
+        if has_state:
+            history = attrs.evolve(history, model_state=model_state)
         if record_history:
-            on_test = evaluate(model, loss, params, *test) if test is not None else None
-            history = history._append(evaluate(model, loss, params, x, target), on_test)
+            on_test = evaluate(model, loss, params, *test, state=model_state) if test is not None else None
+            history = history._append(evaluate(model, loss, params, x, target, state=model_state), on_test)
         if callback is not None:
             # A copy: the params in hand are updated in place by the next epoch.
             callback(epoch, _copy(params) if runner is not None else params, history)
@@ -239,6 +287,15 @@ def _optimizer(
     if compile and optimizer is not sgd_step:
         raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
     return None, lambda count: _rate(schedule, count, who)
+
+
+def _start_state(model: StatefulLayer, params: Params, x: Tensor, state: State | None) -> State:
+    """The state to train from: ``state``, or ``model.init_state()`` in the dtype of the params (else of ``x``)."""
+    if state is not None:
+        return state
+    floats = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+    dtype = floats[0].dtype if floats else x.dtype if isinstance(x, Tensor) and x.is_floating_point() else None
+    return model.init_state(dtype=dtype or torch.float32)
 
 
 def _constant(lr: Any, who: str) -> Callable[[int], float]:

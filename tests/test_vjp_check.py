@@ -67,7 +67,7 @@ def test_check_vjp_takes_a_loss_with_its_target(generator):
 
 
 def test_check_vjp_rejects_what_it_cannot_check():
-    with pytest.raises(TypeError, match=r"check_vjp: expected a Layer or a Loss, got function"):
+    with pytest.raises(TypeError, match=r"check_vjp: expected a Layer, a StatefulLayer or a Loss, got function"):
         rf.check_vjp(lambda params, x: x, {}, torch.zeros(1))
     with pytest.raises(TypeError, match=r"check_vjp: a Layer takes \(params, x\), got 1 arguments"):
         rf.check_vjp(rf.relu, torch.zeros(1, 1))

@@ -1,0 +1,383 @@
+"""Layers with state and randomness: the :class:`StatefulLayer` record, :func:`dropout` and :func:`batch_norm`.
+
+The contract (docs/state-and-randomness.md explains the choice)::
+
+    init(generator, *, dtype=torch.float32) -> params          as a Layer's
+    init_state(*, dtype=torch.float32) -> state                a dict of tensors, {} if none
+    apply(params, state, x, *, train, generator=None) -> (y, new_state)
+    vjp(params, state, x, *, train, generator=None) -> (y, new_state, pullback)
+        pullback(dy) -> (dparams, dx)                          state gets no gradient
+
+``train`` says whether the layer is training (dropout drops, batch norm
+normalizes with the batch's statistics and updates its running ones) or
+evaluating; it is required, so no evaluation runs in training mode by
+accident. Randomness comes only from ``generator``, a ``torch.Generator`` (or
+an ``int`` seed) passed per call: a layer that needs it and gets none raises,
+and the global RNG is never read. Nothing is mutated: ``new_state`` holds new
+tensors, and the ``state`` passed in is still valid afterwards.
+
+A plain :class:`~rdl_functional.Layer` needs none of this and keeps its
+``apply(params, x)``; :func:`stateful` lifts one to this contract (state
+``{}``), which is what ``compose`` does with the plain layers beside a
+stateful one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from ._random import as_generator
+from .layers import Layer, Params, _check_cotangent, _check_features, _check_float_dtype
+
+State = dict[str, Any]
+StatefulPullback = Callable[..., tuple[Params, Tensor | None]]
+
+__all__ = ["State", "StatefulLayer", "batch_norm", "dropout", "stateful"]
+
+_NO_STATE: Mapping[str, Any] = MappingProxyType({})
+_native_batch_norm = torch.ops.aten.native_batch_norm.default
+_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
+_MISSING: Any = object()
+
+
+@attrs.frozen
+class StatefulLayer:
+    """A layer that carries state (batch norm's running statistics) or draws randomness (dropout).
+
+    ``layer(params, state, x, train=..., generator=...)`` is ``layer.apply(...)``
+    and returns ``(y, new_state)``. Build one with :func:`dropout`,
+    :func:`batch_norm`, or ``rf.compose`` of layers among which one is stateful.
+
+    Attributes:
+        init: ``(generator, *, dtype=torch.float32) -> params``, as a Layer's.
+        init_state: ``(*, dtype=torch.float32) -> state``, the state before any training.
+        apply: ``(params, state, x, *, train, generator=None) -> (y, new_state)``.
+        vjp: ``(params, state, x, *, train, generator=None) -> (y, new_state, pullback)``
+            with ``pullback(dy) -> (dparams, dx)``.
+        name: how the layer prints and how error messages name it.
+        skips_dx: the pullback also takes ``need_dx=False`` (see :class:`~rdl_functional.Layer`).
+        sequence: the layers this one chains, in order (set by ``compose``).
+    """
+
+    init: Callable[..., Params]
+    init_state: Callable[..., State]
+    apply: Callable[..., tuple[Tensor, State]]
+    vjp: Callable[..., tuple[Tensor, State, StatefulPullback]]
+    name: str = "stateful layer"
+    skips_dx: bool = False
+    sequence: tuple[Layer | StatefulLayer, ...] = ()
+
+    def __call__(self, params: Params, state: State = _MISSING, x: Tensor = _MISSING, *, train: bool = _MISSING,
+                 generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+        if state is _MISSING or x is _MISSING or train is _MISSING:
+            raise TypeError(
+                f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
+                "generator=...) -> (y, new_state), with state = layer.init_state() to start from"
+            )
+        return self.apply(params, state, x, train=train, generator=generator)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def check_train(name: str, train: Any) -> None:
+    if type(train) is not bool:
+        raise TypeError(f"{name}: train must be True (training) or False (evaluating), got {train!r}")
+
+
+def check_no_state(name: str, state: Any) -> None:
+    """A layer without state takes ``{}`` (or an absent entry, which a compose passes as ``{}``)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{name}: state must be a dict ({{}} for a layer without state), got {type(state).__name__}")
+    if state:
+        raise ValueError(f"{name}: {name} has no state, so its state must be {{}}, got keys {sorted(state)} "
+                         "(is the state of another model misplaced?)")
+
+
+def stateful(layer: Layer) -> StatefulLayer:
+    """A plain layer under the stateful contract: its state is ``{}``; ``train`` and ``generator`` are ignored.
+
+    ``compose`` lifts the plain layers of a stateful model this way; call it
+    yourself to handle plain and stateful models with one code path.
+
+    >>> import torch, rdl_functional as rf
+    >>> layer = rf.stateful(rf.relu)
+    >>> layer({}, {}, torch.tensor([[-1.0, 2.0]]), train=True)
+    (tensor([[0., 2.]]), {})
+    """
+    if isinstance(layer, StatefulLayer):
+        return layer
+    if not isinstance(layer, Layer):
+        raise TypeError(f"stateful: expected a Layer, got {type(layer).__name__}")
+    name = layer.name
+
+    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
+        return {}
+
+    def apply(params: Params, state: State, x: Tensor, *, train: bool,
+              generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+        if state:
+            check_no_state(name, state)
+        return layer.apply(params, x), {}
+
+    def vjp(params: Params, state: State, x: Tensor, *, train: bool,
+            generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+        if state:
+            check_no_state(name, state)
+        y, pullback = layer.vjp(params, x)
+        return y, {}, pullback
+
+    return StatefulLayer(init=layer.init, init_state=init_state, apply=apply, vjp=vjp, name=name,
+                         skips_dx=layer.skips_dx)
+
+
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    return {}
+
+
+# ---------------------------------------------------------------------------
+# Dropout
+
+
+def dropout(p: float) -> StatefulLayer:
+    """Inverted dropout: in training, each element is zeroed with probability ``p`` and the rest scaled by 1/(1−p).
+
+    ``y = x ⊙ m`` with ``m = bernoulli(1 − p) / (1 − p)`` drawn from the
+    ``generator`` passed to the call, so the same generator state gives the
+    same mask, and the same bits as ``torch.nn.functional.dropout`` drawing
+    from a global RNG in that state (on the CPU). The pullback multiplies by
+    the same mask: ``dx = dy ⊙ m``. Evaluating (``train=False``), it is the
+    identity and needs no generator. No params, no state.
+
+    >>> import torch, rdl_functional as rf
+    >>> drop = rf.dropout(0.5)
+    >>> y, _ = drop({}, {}, torch.ones(2, 4), train=True, generator=torch.Generator().manual_seed(0))
+    >>> y
+    tensor([[0., 0., 2., 0.],
+            [0., 0., 2., 2.]])
+    >>> drop({}, {}, torch.ones(1, 2), train=False)
+    (tensor([[1., 1.]]), {})
+
+    Raises:
+        ValueError: ``p`` is not in [0, 1); in training, no generator was given.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be a probability in [0, 1) (the chance of zeroing an element), got {p!r}"
+                         + (" (p = 1 would zero everything)" if p == 1 else ""))
+    p = float(p)
+    keep = 1.0 - p
+    name = f"dropout({p!r})"
+
+    def mask(where: str, x: Tensor, train: Any, generator: Any) -> Tensor | None:
+        """The scaled mask ``m`` in training, ``None`` evaluating (checks the call on the way)."""
+        check_train(f"{name}.{where}", train)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}.{where}: x must be a torch.Tensor, got {type(x).__name__}")
+        if not train:
+            return None
+        if generator is None:
+            raise ValueError(f"{name}.{where}: in training (train=True) dropout draws a random mask and needs a "
+                             "generator: pass generator=torch.Generator().manual_seed(seed) or an int seed "
+                             "(the global RNG is never used), or train=False to evaluate")
+        g = as_generator(generator, f"{name}.{where}")
+        if p == 0:  # as torch: nothing is dropped and nothing is drawn
+            return None
+        # torch's CPU kernel, op for op: empty_like(x).bernoulli_(1 - p).div_(1 - p).
+        return torch.empty_like(x).bernoulli_(keep, generator=g).div_(keep)
+
+    def apply(params: Params, state: State, x: Tensor, *, train: bool,
+              generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+        _check_empty(name, "apply", params, state)
+        m = mask("apply", x, train, generator)
+        return (x.clone() if m is None else x * m), {}
+
+    def vjp(params: Params, state: State, x: Tensor, *, train: bool,
+            generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+        _check_empty(name, "vjp", params, state)
+        m = mask("vjp", x, train, generator)
+        y = x.clone() if m is None else x * m
+        shape = y.shape
+
+        def pullback(dy: Tensor) -> tuple[Params, Tensor]:
+            _check_cotangent(name, dy, shape)
+            return {}, dy.clone() if m is None else dy * m  # dx = dy ⊙ m
+
+        return y, {}, pullback
+
+    return StatefulLayer(init=_no_params, init_state=lambda *, dtype=torch.float32: {}, apply=apply, vjp=vjp,
+                         name=name)
+
+
+def _check_empty(name: str, where: str, params: Params, state: State) -> None:
+    if params or not isinstance(params, Mapping):
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{name}.{where}: params must be {{}}, got {type(params).__name__}")
+        raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
+                         f"{sorted(params)} (are the params of another layer misplaced?)")
+    if state or not isinstance(state, Mapping):
+        check_no_state(f"{name}.{where}", state)
+
+
+# ---------------------------------------------------------------------------
+# Batch norm
+
+_STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> StatefulLayer:
+    """Batch normalization, ``torch.nn.BatchNorm1d(features, eps, momentum, affine)`` exactly.
+
+    Training, each feature is normalized with the batch's mean μ and biased
+    variance σ²: ``y = (x − μ) / √(σ² + ε) · weight + bias``, and the running
+    statistics move toward the batch's: ``running_mean ← (1 − m)·running_mean + m·μ``
+    and ``running_var ← (1 − m)·running_var + m·σ²·n/(n − 1)`` (the unbiased
+    variance), with ``m = momentum``, or ``1/num_batches_tracked`` (a cumulative
+    average) when ``momentum=None``. Evaluating, the running statistics stand
+    in for the batch's, and the state comes back unchanged.
+
+    Params (``affine=True``): ``{"weight": ones(features), "bias": zeros(features)}``;
+    ``{}`` without. State: ``{"running_mean": zeros, "running_var": ones,
+    "num_batches_tracked": 0}`` (a 0-dim int64 tensor), torch's names and values.
+    Input ``x``: ``(batch, features)``. The forward and backward passes run
+    torch's own kernels (``native_batch_norm`` and its backward), so the
+    bits are torch.nn's; the backward formula, through the batch statistics,
+    is written out in docs/state-and-randomness.md.
+
+    >>> import torch, rdl_functional as rf
+    >>> bn = rf.batch_norm(2)
+    >>> y, state = bn(bn.init(0), bn.init_state(), torch.tensor([[1.0, 2.0], [3.0, 6.0]]), train=True)
+    >>> y
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    >>> state["running_mean"], state["num_batches_tracked"]
+    (tensor([0.2000, 0.4000]), tensor(1))
+
+    Raises:
+        ValueError: ``features`` is not a positive int, ``momentum`` is not in
+            [0, 1] or None, ``eps`` is negative; in training, a batch of one row.
+    """
+    _check_features("batch_norm", features=features)
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 <= momentum <= 1):
+        raise ValueError(f"batch_norm: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"batch_norm: eps must be a finite number ≥ 0, got {eps!r}")
+    if not isinstance(affine, bool):
+        raise TypeError(f"batch_norm: affine must be True or False, got {affine!r}")
+    eps = float(eps)
+    options = [] if momentum == 0.1 else [f"momentum={momentum!r}"]
+    options += [] if eps == 1e-5 else [f"eps={eps!r}"]
+    options += [] if affine else ["affine=False"]
+    name = f"batch_norm({', '.join([str(features), *options])})"
+    shape = (features,)
+
+    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+        as_generator(generator, f"{name}.init")  # checked; nothing is drawn, as torch draws nothing
+        _check_float_dtype(f"{name}.init", dtype)
+        return {"weight": torch.ones(shape, dtype=dtype), "bias": torch.zeros(shape, dtype=dtype)} if affine else {}
+
+    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
+        _check_float_dtype(f"{name}.init_state", dtype)
+        return {"running_mean": torch.zeros(shape, dtype=dtype), "running_var": torch.ones(shape, dtype=dtype),
+                "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
+
+    def unpack(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
+        at = f"{name}.{where}"
+        check_train(at, train)
+        _check_bn_params(at, params, affine, shape)
+        _check_bn_state(at, state, shape)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != features:
+            raise ValueError(f"{at}: x must have shape (batch, {features}), got {tuple(x.shape)}")
+        mean, var = state["running_mean"], state["running_var"]
+        for what, tensor in (("weight", params.get("weight")), ("bias", params.get("bias")), ("running_mean", mean),
+                             ("running_var", var)):
+            if tensor is not None and tensor.dtype != x.dtype:
+                raise TypeError(f"{at}: x is {x.dtype} but {what} is {tensor.dtype} (convert x with "
+                                f"x.to({tensor.dtype}), or init the params and state with that dtype)")
+        if train and x.shape[0] == 1:
+            raise ValueError(f"{at}: in training, batch norm normalizes each feature over the batch, which needs "
+                             "more than one row, got a batch of 1; train on larger batches, or evaluate "
+                             "(train=False) to use the running statistics")
+        return params.get("weight"), params.get("bias"), mean, var
+
+    def forward(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
+        weight, bias, mean, var = unpack(where, params, state, x, train)
+        if not train:  # the running statistics stand in for the batch's; nothing is updated
+            y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)
+            return y, dict(state), (weight, mean, var, saved_mean, saved_invstd)
+        count = state["num_batches_tracked"] + 1
+        factor = momentum if momentum is not None else 1.0 / float(count)
+        # The kernel updates the running statistics in place: it gets copies, which become the new state.
+        mean, var = mean.clone(), var.clone()
+        y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, True, factor, eps)
+        new_state = {"running_mean": mean, "running_var": var, "num_batches_tracked": count}
+        return y, new_state, (weight, mean, var, saved_mean, saved_invstd)
+
+    def apply(params: Params, state: State, x: Tensor, *, train: bool,
+              generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
+        y, new_state, _ = forward("apply", params, state, x, train)
+        return y, new_state
+
+    def vjp(params: Params, state: State, x: Tensor, *, train: bool,
+            generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
+        y, new_state, (weight, mean, var, saved_mean, saved_invstd) = forward("vjp", params, state, x, train)
+        y_shape = y.shape
+
+        def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+            _check_cotangent(name, dy, y_shape)
+            # With x̂ = (x − μ)·s, s = 1/√(σ² + ε): dbias = Σ_batch dy, dweight = Σ_batch dy ⊙ x̂, and
+            # training, dx = weight·s/n · (n·dy − Σ dy − x̂ ⊙ Σ dy ⊙ x̂) (μ and σ² depend on x);
+            # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.
+            dx, dweight, dbias = _native_batch_norm_backward(
+                dy, x, weight, mean, var, saved_mean, saved_invstd, train, eps, [need_dx, affine, affine]
+            )
+            return ({"weight": dweight, "bias": dbias} if affine else {}), dx
+
+        return y, new_state, pullback
+
+    return StatefulLayer(init=init, init_state=init_state, apply=apply, vjp=vjp, name=name, skips_dx=True)
+
+
+def _check_bn_params(where: str, params: Any, affine: bool, shape: tuple[int]) -> None:
+    expected = ("weight", "bias") if affine else ()
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where}: params must be a dict with {expected or 'no keys'}, got {type(params).__name__}")
+    if tuple(params) != expected and sorted(params) != sorted(expected):
+        raise ValueError(f"{where}: params must have the keys {list(expected)}, got {sorted(params)}"
+                         + ("" if affine else " (the layer was built with affine=False)"))
+    for key in expected:
+        tensor = params[key]
+        if not isinstance(tensor, Tensor) or tensor.shape != shape:
+            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{where}: params[{key!r}] must be a tensor of shape {shape}, got {got}")
+
+
+def _check_bn_state(where: str, state: Any, shape: tuple[int]) -> None:
+    fix = "pass layer.init_state() to start, or the state the previous call returned"
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where}: state must be a dict with {list(_STATE_KEYS)}, got {type(state).__name__} "
+                        f"({fix})")
+    if not state:
+        raise ValueError(f"{where}: batch norm needs its state ({', '.join(_STATE_KEYS)}), got {{}} ({fix})")
+    if sorted(state) != sorted(_STATE_KEYS):
+        raise ValueError(f"{where}: state must have the keys {list(_STATE_KEYS)}, got {sorted(state)} "
+                         f"(is it another model's state?)")
+    for key in _STATE_KEYS[:2]:
+        tensor = state[key]
+        if not isinstance(tensor, Tensor) or tensor.shape != shape or not tensor.is_floating_point():
+            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{where}: state[{key!r}] must be a floating tensor of shape {shape}, got {got} "
+                             "(is it another model's state?)")
+    count = state["num_batches_tracked"]
+    if not isinstance(count, Tensor) or count.shape != () or count.dtype != torch.int64:
+        got = f"{count.dtype} {tuple(count.shape)}" if isinstance(count, Tensor) else type(count).__name__
+        raise ValueError(f"{where}: state['num_batches_tracked'] must be a 0-dim int64 tensor, got {got}")

@@ -92,12 +92,12 @@ def check_train(name: str, train: Any) -> None:
         raise TypeError(f"{name}: train must be True (training) or False (evaluating), got {train!r}")
 
 
-def check_no_state(name: str, state: Any) -> None:
+def check_no_state(where: str, name: str, state: Any) -> None:
     """A layer without state takes ``{}`` (or an absent entry, which a compose passes as ``{}``)."""
     if not isinstance(state, Mapping):
-        raise TypeError(f"{name}: state must be a dict ({{}} for a layer without state), got {type(state).__name__}")
+        raise TypeError(f"{where}: state must be a dict ({{}} for a layer without state), got {type(state).__name__}")
     if state:
-        raise ValueError(f"{name}: {name} has no state, so its state must be {{}}, got keys {sorted(state)} "
+        raise ValueError(f"{where}: {name} has no state, so its state must be {{}}, got keys {sorted(state)} "
                          "(is the state of another model misplaced?)")
 
 
@@ -124,13 +124,13 @@ def stateful(layer: Layer) -> StatefulLayer:
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
         if state:
-            check_no_state(name, state)
+            check_no_state(f"{name}.apply", name, state)
         return layer.apply(params, x), {}
 
     def vjp(params: Params, state: State, x: Tensor, *, train: bool,
             generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
         if state:
-            check_no_state(name, state)
+            check_no_state(f"{name}.vjp", name, state)
         y, pullback = layer.vjp(params, x)
         return y, {}, pullback
 
@@ -222,7 +222,7 @@ def _check_empty(name: str, where: str, params: Params, state: State) -> None:
         raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
                          f"{sorted(params)} (are the params of another layer misplaced?)")
     if state or not isinstance(state, Mapping):
-        check_no_state(f"{name}.{where}", state)
+        check_no_state(f"{name}.{where}", name, state)
 
 
 # ---------------------------------------------------------------------------
@@ -313,7 +313,8 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         weight, bias, mean, var = unpack(where, params, state, x, train)
         if not train:  # the running statistics stand in for the batch's; nothing is updated
             y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)
-            return y, dict(state), (weight, mean, var, saved_mean, saved_invstd)
+            # New tensors, as every result is: writing into the new state never writes into the old.
+            return y, {key: state[key].clone() for key in _STATE_KEYS}, (weight, mean, var, saved_mean, saved_invstd)
         count = state["num_batches_tracked"] + 1
         factor = momentum if momentum is not None else 1.0 / float(count)
         # The kernel updates the running statistics in place: it gets copies, which become the new state.

@@ -293,3 +293,86 @@ def test_merges_train_in_a_model_and_stack(generator):
     together = rf.stacked(model)(stacked, xs)
     for m, tree in enumerate(rf.unstack_params(stacked)):
         torch.testing.assert_close(together[m], model(tree, xs[m]), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Layers with state and randomness: the same check, in training and in evaluation.
+# name, layer, in_features, the torch.nn twin (or None). Dropout is checked with one
+# fixed mask: check_vjp gives every call a generator seeded with layer_seed.
+
+STATEFUL = [
+    ("dropout", rf.dropout(0.3), 4, lambda: torch.nn.Dropout(0.3)),
+    ("dropout_0", rf.dropout(0.0), 4, lambda: torch.nn.Dropout(0.0)),
+    ("batch_norm", rf.batch_norm(4), 4, lambda: torch.nn.BatchNorm1d(4)),
+    ("batch_norm_cumulative", rf.batch_norm(4, momentum=None), 4, lambda: torch.nn.BatchNorm1d(4, momentum=None)),
+    ("batch_norm_plain", rf.batch_norm(4, eps=1e-3, affine=False), 4,
+     lambda: torch.nn.BatchNorm1d(4, eps=1e-3, affine=False)),
+    ("compose_stateful", rf.compose(rf.linear(3, 4), rf.batch_norm(4), rf.relu, rf.dropout(0.5), rf.linear(4, 2)), 3,
+     lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(),
+                                 torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))),
+    ("residual_stateful", rf.residual(rf.compose(rf.linear(4, 4), rf.batch_norm(4), rf.tanh)), 4, None),
+    ("add_stateful", rf.add(rf.batch_norm(4), rf.compose(rf.dropout(0.2), rf.linear(4, 4))), 4, None),
+    ("parallel_stateful", rf.parallel(rf.batch_norm(2), rf.dropout(0.5), sizes=(2, 2)), 4, None),
+]
+STATEFUL_IDS = [case[0] for case in STATEFUL]
+
+
+def _stateful_inputs(layer, in_features, batch, generator):
+    """Params away from their init, and a state that has trained a little, so eval mode is no identity."""
+    params = rf.tree_map(lambda t: t + 0.5 * torch.randn(t.shape, generator=generator, dtype=t.dtype),
+                         layer.init(generator, dtype=torch.float64))
+    state = layer.init_state(dtype=torch.float64)
+    for _ in range(2):
+        warm = 3 * torch.randn(6, in_features, generator=generator, dtype=torch.float64) + 1
+        _, state = layer(params, state, warm, train=True, generator=generator)
+    x = 2 * torch.randn(batch, in_features, generator=generator, dtype=torch.float64)
+    return params, state, x
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("name", "layer", "in_features", "twin"), STATEFUL, ids=STATEFUL_IDS)
+def test_stateful_vjp_matches_torch_func(name, layer, in_features, twin, train, generator):
+    params, state, x = _stateful_inputs(layer, in_features, 7, generator)
+    rf.check_vjp(layer, params, state, x, train=train, generator=generator, layer_seed=5)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("name", "layer", "in_features", "twin"), [c for c in STATEFUL if c[3]],
+                         ids=[c[0] for c in STATEFUL if c[3]])
+def test_stateful_forward_and_new_state_match_the_torch_module(name, layer, in_features, twin, train, generator):
+    params, state, x = _stateful_inputs(layer, in_features, 7, generator)
+    module = twin().double().train(train)
+    module.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    y, new_state = layer(params, state, x, train=train, generator=torch.Generator().manual_seed(5))
+    with torch.random.fork_rng(devices=[]):  # torch's dropout draws from the global RNG: the same state
+        torch.manual_seed(5)
+        expected = module(x).detach()
+    assert torch.equal(y, expected)
+    assert rf.to_state_dict(params, new_state).keys() == module.state_dict().keys()
+    for key, value in rf.to_state_dict(params, new_state).items():
+        assert torch.equal(value, module.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_train_vjp_matches_functional_call_of_BatchNorm1d(momentum, generator):
+    """The issue's oracle: torch.func.vjp through torch.func.functional_call of BatchNorm1d in train mode."""
+    layer = rf.batch_norm(5, momentum=momentum)
+    params, state, x = _stateful_inputs(layer, 5, 9, generator)
+    module = torch.nn.BatchNorm1d(5, momentum=momentum).double().train()
+    updated = []
+
+    def torch_bn(weight, bias, x):
+        # The buffers are made inside, so that the module may update them in place (what BatchNorm1d does).
+        updated.append({key: value.clone() for key, value in state.items()})
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias, **updated[-1]}, (x,))
+
+    y_ref, pullback_ref = torch.func.vjp(torch_bn, params["weight"], params["bias"], x)
+    y, new_state, pullback = layer.vjp(params, state, x, train=True)
+    dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    dweight, dbias, dx = pullback_ref(dy)
+    dparams, our_dx = pullback(dy)
+    assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert_close(dparams, {"weight": dweight, "bias": dbias}, rtol=1e-10, atol=1e-10)
+    assert_close(our_dx, dx, rtol=1e-10, atol=1e-10)
+    # The module updated its buffers in place: they are our new state.
+    assert_close(new_state, updated[-1], rtol=0, atol=0)

@@ -19,7 +19,7 @@ def _clone(tree):
 def _assert_bit_identical(a, b):
     assert rf.tree_difference(a, b, leaves=True) is None
     for x, y in zip(rf.tree_leaves(a), rf.tree_leaves(b), strict=True):
-        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
 
 
 def _storages(tree):
@@ -40,6 +40,26 @@ def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(layer, gen
     _assert_bit_identical({"params": params, "x": x, "dy": dy}, before)
     inputs = _storages({"params": params, "x": x, "dy": dy})
     assert not (_storages({"y": y, "y2": y2, "dparams": dparams, "dx": dx}) & inputs)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layer", [rf.dropout(0.3), rf.batch_norm(3), rf.batch_norm(3, momentum=None, affine=False),
+                                   rf.compose(rf.linear(3, 3), rf.batch_norm(3), rf.relu, rf.dropout(0.5))], ids=repr)
+def test_stateful_layers_change_nothing_and_return_new_tensors(layer, train, generator):
+    params, state = layer.init(generator), layer.init_state()
+    x = torch.randn(5, 3, generator=generator)
+    dy = torch.randn(5, 3, generator=generator)
+    before = _clone({"params": params, "state": state, "x": x, "dy": dy})
+
+    y, new_state = layer.apply(params, state, x, train=train, generator=1)
+    y2, new_state2, pullback = layer.vjp(params, state, x, train=train, generator=1)
+    dparams, dx = pullback(dy)
+
+    _assert_bit_identical({"params": params, "state": state, "x": x, "dy": dy}, before)
+    _assert_bit_identical(new_state, new_state2)
+    inputs = _storages({"params": params, "state": state, "x": x, "dy": dy})
+    outputs = {"y": y, "y2": y2, "new": new_state, "new2": new_state2, "dparams": dparams, "dx": dx}
+    assert not (_storages(outputs) & inputs)
 
 
 def test_sgd_step_and_value_and_grad_change_nothing(generator):

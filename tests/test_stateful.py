@@ -1,0 +1,245 @@
+"""Layers with state and randomness: the contract, training against torch.nn, and the errors.
+
+The vjp checks of dropout, batch norm and the combinators holding them are
+in tests/test_layers.py's shared table (STATEFUL).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+
+def _model():
+    return rf.compose(
+        rf.linear(2, 16), rf.batch_norm(16), rf.relu, rf.dropout(0.2),
+        rf.linear(16, 16), rf.batch_norm(16, momentum=None), rf.tanh,
+        rf.linear(16, 2),
+    )  # fmt: skip
+
+
+def _torch_model():
+    return torch.nn.Sequential(
+        torch.nn.Linear(2, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16, momentum=None), torch.nn.Tanh(),
+        torch.nn.Linear(16, 2),
+    )  # fmt: skip
+
+
+def _train_torch(params, state, x, labels, *, seed, epochs, batch_size):
+    """torch.nn + autograd + torch.optim, drawing shuffles and masks from the global RNG seeded with ``seed``:
+    the order ``rf.fit`` draws them from its generator (each epoch's permutation, then each step's masks)."""
+    module = _torch_model()
+    module.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, foreach=True)
+    module.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0])
+            xs, ys = x.index_select(0, order), labels.index_select(0, order)
+            for start in range(0, x.shape[0], batch_size):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(module(xs[start:start + batch_size]),
+                                             ys[start:start + batch_size]).backward()
+                optimizer.step()
+    return module
+
+
+def test_fifty_steps_with_dropout_and_batch_norm_equal_torch_nn_bit_for_bit():
+    """float32, the seed task's MSE on one-hot targets (cross-entropy's pullback is the plain formula, equal
+    to torch's to rounding only: see rf.cross_entropy_loss)."""
+    x, labels = rf.disc_dataset(500, 0)
+    target = rf.one_hot(labels, 2)
+    model = _model()
+    params, state = model.init(1), model.init_state()
+    trained, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=5, batch_size=50,
+                              optimizer=rf.sgd(0.05, momentum=0.9), generator=torch.Generator().manual_seed(7))
+    module = _train_torch(params, state, x, target, seed=7, epochs=5, batch_size=50)  # 5 × 10 = 50 steps
+    ours = rf.to_state_dict(trained, history.model_state)
+    assert ours.keys() == module.state_dict().keys()
+    for key, value in module.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    # Loaded into the torch model, running statistics included, it evaluates to the same bits.
+    fresh = _torch_model().eval()
+    fresh.load_state_dict(ours, strict=True)
+    y, _ = model(trained, history.model_state, x, train=False)
+    assert torch.equal(y, fresh(x).detach())
+    assert history.model_state["1"]["num_batches_tracked"].item() == 50
+
+
+def test_a_hand_written_loop_with_value_and_grad_equals_fit():
+    x, labels = rf.disc_dataset(200, 0)
+    model = _model()
+    params, state = model.init(1), model.init_state()
+    opt = rf.adam(1e-2)
+    fitted, history = rf.fit(model, rf.cross_entropy_loss, params, x, labels, epochs=2, batch_size=50,
+                             optimizer=opt, generator=3)
+    g = torch.Generator().manual_seed(3)
+    value_and_grad = rf.value_and_grad(model, rf.cross_entropy_loss)
+    opt_state = opt.init(params)
+    for _ in range(2):
+        order = torch.randperm(200, generator=g)
+        for rows in order.split(50):
+            _, grads, state = value_and_grad(params, state, x[rows], labels[rows], generator=g)
+            params, opt_state = opt.step(params, grads, opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(params), rf.tree_leaves(fitted), strict=True))
+    assert all(torch.equal(a, b) for a, b in
+               zip(rf.tree_leaves(state), rf.tree_leaves(history.model_state), strict=True))
+    # The history measures in evaluation mode, on the state reached.
+    loss, accuracy = rf.evaluate(model, rf.cross_entropy_loss, fitted, x, labels, state=history.model_state)
+    assert (loss, accuracy) == (history.train_loss[-1], history.train_accuracy[-1])
+
+
+def test_nothing_is_mutated_and_the_global_rng_is_never_read(generator):
+    model = _model()
+    params, state = model.init(0), model.init_state()
+    before = [leaf.clone() for leaf in rf.tree_leaves({"p": params, "s": state})]
+    rng = torch.random.get_rng_state()
+    x = torch.randn(8, 2, generator=generator)
+    y1, new_state = model(params, state, x, train=True, generator=torch.Generator().manual_seed(4))
+    y2, _ = model(params, state, x, train=True, generator=torch.Generator().manual_seed(4))
+    y3, _ = model(params, state, x, train=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)  # one generator state, one set of masks
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for a, b in zip(rf.tree_leaves({"p": params, "s": state}), before, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(new_state["1"]["running_mean"], state["1"]["running_mean"])
+
+
+def test_the_generator_is_advanced_and_an_int_seed_is_one_draw(generator):
+    drop = rf.dropout(0.5)
+    x = torch.ones(4, 8)
+    first, _ = drop({}, {}, x, train=True, generator=generator)
+    second, _ = drop({}, {}, x, train=True, generator=generator)
+    assert not torch.equal(first, second)
+    assert torch.equal(drop({}, {}, x, train=True, generator=9)[0], drop({}, {}, x, train=True, generator=9)[0])
+
+
+def test_dropout_in_eval_is_the_identity_and_its_mask_scales(generator):
+    drop = rf.dropout(0.25)
+    x = torch.randn(50, 40, generator=generator, dtype=torch.float64)
+    y, pullback = drop.vjp({}, {}, x, train=False)[::2]
+    assert torch.equal(y, x) and y is not x
+    y, _, pullback = drop.vjp({}, {}, x, train=True, generator=generator)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    assert 0.65 < kept.double().mean() < 0.85
+    _, dx = pullback(torch.ones_like(x))
+    assert torch.equal(dx != 0, kept)  # the same mask, scaled: dx = dy ⊙ m
+
+
+def test_batch_norm_in_eval_leaves_the_state_and_cumulative_momentum_averages(generator):
+    bn = rf.batch_norm(3, momentum=None, affine=False)
+    state = bn.init_state(dtype=torch.float64)
+    batches = [torch.randn(10, 3, generator=generator, dtype=torch.float64) for _ in range(4)]
+    for batch in batches:
+        _, state = bn({}, state, batch, train=True)
+    torch.testing.assert_close(state["running_mean"], torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(state["running_var"], torch.stack([b.var(0) for b in batches]).mean(0))
+    _, after_eval = bn({}, state, batches[0], train=False)
+    assert all(torch.equal(after_eval[k], state[k]) for k in state)
+
+
+def test_state_saves_and_loads_and_a_plain_layer_lifts(tmp_path, generator):
+    model = _model()
+    _, state = model(model.init(0), model.init_state(), torch.randn(6, 2, generator=generator), train=True,
+                     generator=generator)
+    rf.save(state, tmp_path / "state.safetensors")
+    loaded = rf.load(tmp_path / "state.safetensors")
+    assert rf.tree_flatten(loaded).keys() == rf.tree_flatten(state).keys()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype
+               for a, b in zip(rf.tree_leaves(loaded), rf.tree_leaves(state), strict=True))
+    lifted = rf.stateful(rf.tanh)
+    assert lifted.init_state() == {}
+    assert torch.equal(lifted({}, {}, torch.ones(1, 2), train=True)[0], torch.tanh(torch.ones(1, 2)))
+
+
+def test_a_plain_compose_stays_plain_and_a_stateful_one_says_how_to_call_it():
+    assert isinstance(rf.compose(rf.linear(2, 2), rf.relu), rf.Layer)
+    model = rf.compose(rf.linear(2, 2), rf.dropout(0.1))
+    assert isinstance(model, rf.StatefulLayer)
+    with pytest.raises(TypeError, match=r"carries state or randomness: call it as layer\(params, state, x, "
+                                        r"train=True or False"):
+        model(model.init(0), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: rf.dropout(1.0), ValueError, r"dropout: p must be a probability in \[0, 1\).*got 1.0"),
+        (lambda: rf.dropout(-0.1), ValueError, r"dropout: p must be a probability in \[0, 1\)"),
+        (lambda: rf.dropout("0.5"), ValueError, r"dropout: p must be a probability in \[0, 1\)"),
+        (lambda: rf.batch_norm(0), ValueError, r"batch_norm: features must be a positive int, got 0"),
+        (lambda: rf.batch_norm(3, momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\] or None"),
+        (lambda: rf.batch_norm(3, eps=-1), ValueError, r"batch_norm: eps must be a finite number ≥ 0"),
+    ],
+)
+def test_bad_constructor_arguments_say_what_was_expected(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def _bad_calls():
+    model = rf.compose(rf.linear(3, 4), rf.batch_norm(4), rf.relu, rf.dropout(0.5))
+    params, state, x = model.init(0), model.init_state(), torch.zeros(5, 3)
+    other = rf.compose(rf.linear(3, 3), rf.batch_norm(3))
+    return [
+        # a batch of one in training: torch's own error, in our words, with the layer's path
+        (lambda: model(params, state, x[:1], train=True, generator=0), ValueError,
+         r"layer 1: batch_norm\(4\)\.apply: in training, batch norm normalizes each feature over the batch, "
+         r"which needs more than one row, got a batch of 1"),
+        # evaluating without state
+        (lambda: model(params, {}, x, train=False), ValueError,
+         r"layer 1: batch_norm\(4\)\.apply: batch norm needs its state \(running_mean, running_var, "
+         r"num_batches_tracked\), got \{\} \(pass layer.init_state\(\)"),
+        (lambda: model(params, None, x, train=False), TypeError,
+         r"compose\.apply: state must be a dict keyed '0'..'3' \(model.init_state\(\) to start from\), got NoneType"),
+        # state from another model
+        (lambda: model(params, other.init_state(), x, train=False), ValueError,
+         r"layer 1: batch_norm\(4\)\.apply: state\['running_mean'\] must be a floating tensor of shape \(4,\), "
+         r"got torch.float32 \(3,\) \(is it another model's state\?\)"),
+        (lambda: model(params, {**state, "7": {}}, x, train=False), ValueError,
+         r"compose\.apply: state has entries \['7'\] but the model has 4 layers, keyed '0'..'3' "
+         r"\(is it another model's state\?\)"),
+        (lambda: model(params, {**state, "0": state["1"]}, x, train=False), ValueError,
+         r"layer 0: linear\(3, 4\)\.apply: linear\(3, 4\) has no state, so its state must be \{\}, got keys "
+         r"\['num_batches_tracked', 'running_mean', 'running_var'\]"),
+        # randomness in training without a generator: never the global RNG
+        (lambda: model(params, state, x, train=True), ValueError,
+         r"layer 3: dropout\(0.5\)\.apply: in training \(train=True\) dropout draws a random mask and needs a "
+         r"generator: pass generator=torch.Generator\(\)\.manual_seed\(seed\)"),
+        (lambda: rf.value_and_grad(model, rf.mse_loss)(params, state, x, torch.zeros(5, 4)), ValueError,
+         r"layer 3: dropout\(0.5\)\.vjp: in training \(train=True\) dropout draws a random mask"),
+        (lambda: model(params, state, x, train=1, generator=0), TypeError,
+         r"train must be True \(training\) or False \(evaluating\), got 1"),
+        (lambda: model(params, state, x.double(), train=False), TypeError,
+         r"layer 0: linear\(3, 4\)\.apply: x is torch.float64 but weight is torch.float32"),
+        (lambda: rf.batch_norm(4)(rf.batch_norm(4).init(0), rf.batch_norm(4).init_state(), x, train=False),
+         ValueError, r"batch_norm\(4\)\.apply: x must have shape \(batch, 4\), got \(5, 3\)"),
+        (lambda: rf.batch_norm(2, affine=False)(rf.batch_norm(2).init(0), {}, x, train=False), ValueError,
+         r"batch_norm\(2, affine=False\)\.apply: params must have the keys \[\], got \['bias', 'weight'\] "
+         r"\(the layer was built with affine=False\)"),
+        # the library's other entry points
+        (lambda: rf.evaluate(model, rf.mse_loss, params, x, torch.zeros(5, 4)), ValueError,
+         r"evaluate: compose\(.*\) is a StatefulLayer, which evaluates with its state: pass "
+         r"state=history.model_state"),
+        (lambda: rf.predict(rf.relu, {}, x, state={}), ValueError,
+         r"predict: state goes with a StatefulLayer; relu is a plain Layer"),
+        (lambda: rf.fit(rf.relu, rf.mse_loss, {}, x, x, epochs=1, batch_size=5, lr=0.1, generator=0,
+                        model_state={}), ValueError, r"fit: model_state goes with a StatefulLayer"),
+        (lambda: rf.fit(model, rf.mse_loss, params, x, torch.zeros(5, 4), epochs=1, batch_size=5, lr=0.1,
+                        generator=0, compile=True), ValueError, r"fit: compile=True compiles a plain model's step"),
+        (lambda: rf.stacked(model), TypeError, r"stacked: compose\(.*\) carries state or randomness"),
+        (lambda: rf.to_state_dict(params, params), ValueError,
+         r'to_state_dict: params and state both hold "0.weight"'),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_calls_name_the_layer_and_the_fix(case):
+    call, error, message = _bad_calls()[case]
+    with pytest.raises(error, match=message):
+        call()

@@ -58,24 +58,24 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _number(rule: str, holds: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a finite float for which ``holds`` is true; ``rule`` says which in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
+_learning_rate = _number("a finite number > 0", lambda value: value > 0)
+_non_negative = _number("a finite number ≥ 0", lambda value: value >= 0)
+_probability = _number("a probability in [0, 1)", lambda value: 0 <= value < 1)
 
 
 def _seeds(text: str) -> list[int]:
@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--loss", choices=tuple(LOSSES), default=None,
                           help="mse: against one-hot targets; cross-entropy: the outputs as logits against the "
                                "labels (default: the model's own, mse for mlp, cross-entropy for logistic)")
+    training.add_argument("--dropout", type=_probability, default=DEFAULTS.dropout, metavar="P",
+                          help="dropout of probability P after each hidden ReLU of the MLP; the seeds then train "
+                               "one after another (default: %(default)s, none)")
+    training.add_argument("--batch-norm", action="store_true",
+                          help="batch norm after each hidden linear layer of the MLP (torch.nn.BatchNorm1d's); "
+                               "the seeds then train one after another")
     training.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer,
                           help="sgd: plain SGD; momentum, nesterov: SGD with (Nesterov) momentum; adam, adamw, "
                                "rmsprop, adagrad: as torch.optim's (default: %(default)s)")
@@ -159,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="write dataset.png, history.png and decision-boundary.png to DIR; with --seeds, "
                              "seeds.png: the median test accuracy and loss per epoch, with a band from the worst "
                              "to the best seed (needs the [plot] extra)")
-    output.add_argument("--save", metavar="PATH", type=Path, help="write the trained params (safetensors)")
+    output.add_argument("--save", metavar="PATH", type=Path,
+                        help="write the trained params (safetensors); with --dropout or --batch-norm also the "
+                             "model's state, beside it as NAME-state.safetensors")
     output.add_argument("--json", metavar="PATH", type=Path, help="write the runs and their summary as JSON")
     output.add_argument("--compare-torch", action="store_true",
                         help="also train the same MLP with torch.nn + autograd + the matching torch.optim "
@@ -210,6 +218,10 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(f"--compare-torch trains the seed MLP; it does not apply to --model {args.model}")
     if args.compare_torch and args.loss == "cross-entropy":
         _fail("--compare-torch trains with MSE, as the seed report did; it does not apply to --loss cross-entropy")
+    if (args.dropout or args.batch_norm) and args.model != "mlp":
+        _fail(f"--dropout and --batch-norm go into the seed MLP; they do not apply to --model {args.model}")
+    if args.compile and (args.dropout or args.batch_norm):
+        _fail("--compile compiles a plain model's step; it does not apply with --dropout or --batch-norm")
     if args.compile and args.optimizer != "sgd":
         _fail(f"--compile trains with plain SGD; it does not apply to --optimizer {args.optimizer}")
     if args.momentum is not None and args.optimizer not in ("momentum", "nesterov", "rmsprop"):
@@ -221,6 +233,11 @@ def _check_args(args: argparse.Namespace) -> None:
             _check_output_file(flag, path)
     if args.plots is not None:
         _check_plot_dir(args.plots)
+
+
+def _state_path(path: Path) -> Path:
+    """Where --save writes a stateful model's state: beside the params, ``NAME-state.SUFFIX``."""
+    return path.with_name(f"{path.stem}-state{path.suffix or '.safetensors'}")
 
 
 def _initial_params(path: Path | None) -> Params | None:
@@ -313,6 +330,10 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
 
             save(results[0].params, args.save)
             print(f"saved the trained params to {args.save}")
+            if results[0].model_state is not None:
+                state_path = _state_path(args.save)
+                save(results[0].model_state, state_path)
+                print(f"saved the model's state (batch norm's running statistics) to {state_path}")
         if args.plots is not None:
             if len(results) > 1:
                 _write_seed_plot(args.plots, results, settings)
@@ -325,6 +346,7 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                              "momentum": settings.tuned("momentum"),
                              "weight_decay": settings.tuned("weight_decay"),
                              "schedule": settings.schedule, "init": settings.init,
+                             "dropout": settings.dropout, "batch_norm": settings.batch_norm,
                              "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
                              "n_train": settings.n_train,
                              "n_test": settings.n_test, "threads": torch.get_num_threads(),
@@ -349,7 +371,7 @@ def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> No
                                     title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
         "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
         "decision-boundary.png": plot_decision_boundary(settings.task.model, result.params, data.x_test,
-                                                        data.labels_test),
+                                                        data.labels_test, state=result.model_state),
     }
     for filename, figure in figures.items():
         save_figure(figure, folder / filename)
@@ -389,13 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                             model=args.model, compile=args.compile, optimizer=args.optimizer,
-                            momentum=args.momentum, weight_decay=args.weight_decay, init=args.init, loss=args.loss)
+                            momentum=args.momentum, weight_decay=args.weight_decay, init=args.init, loss=args.loss,
+                            dropout=args.dropout, batch_norm=args.batch_norm)
     print(f"rdl-train {__version__}: {settings.task.description}, {settings.describe()}\n"
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
     seeds = args.seeds or [args.seed]
-    together = len(seeds) > 1 and not (args.separately or args.compile)
+    together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
                                                                     callback=c))] if together else \
         [(f"seed {seed}", lambda c, s=seed: [run_disc(s, settings, init_params=init_params, callback=c)])

@@ -32,7 +32,10 @@ from .optim import (
     sgd,
     warmup_cosine_decay_schedule,
 )
-from .train import History, fit
+from .stateful import State, StatefulLayer
+from .stateful import batch_norm as _batch_norm
+from .stateful import dropout as _dropout
+from .train import History, fit, predict
 from .tree import tree_difference, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -56,17 +59,22 @@ __all__ = [
 ]
 
 
-def seed_model(init: str = "torch_default") -> Layer:
+def seed_model(init: str = "torch_default", *, dropout: float = 0.0, batch_norm: bool = False) -> Layer | StatefulLayer:
     """The seed report's model: 2-25-25-25-2, ReLU after each hidden layer, Tanh output.
 
     ``init`` names how each weight is drawn (see :func:`~rdl_functional.linear`).
+    ``batch_norm`` puts a :func:`~rdl_functional.batch_norm` after each hidden
+    linear layer (before its ReLU), and ``dropout > 0`` a
+    :func:`~rdl_functional.dropout` after each hidden ReLU: the usual places.
+    Either makes the model a :class:`~rdl_functional.StatefulLayer`.
     """
-    return compose(
-        linear(2, 25, init=init), relu,
-        linear(25, 25, init=init), relu,
-        linear(25, 25, init=init), relu,
-        linear(25, 2, init=init), tanh,
-    )  # fmt: skip
+    layers: list[Layer | StatefulLayer] = []
+    for fan_in in (2, 25, 25):
+        layers.append(linear(fan_in, 25, init=init))
+        layers += [_batch_norm(25)] if batch_norm else []
+        layers.append(relu)
+        layers += [_dropout(dropout)] if dropout else []
+    return compose(*layers, linear(25, 2, init=init), tanh)
 
 
 def logistic_model(init: str = "torch_default") -> Layer:
@@ -82,7 +90,7 @@ class Task:
     lets a compiled step (``--compile``) serve every run.
     """
 
-    model: Layer
+    model: Layer | StatefulLayer
     loss: Loss
     targets: Callable[[Tensor], Tensor]
     description: str
@@ -116,6 +124,11 @@ TUNED: dict[str, dict[str, float]] = {
 }
 
 
+def _check_probability(p: object) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"DiscSettings: dropout must be a probability in [0, 1), got {p!r}")
+
+
 @attrs.frozen
 class DiscSettings:
     """How :func:`run_disc` trains; by default plain SGD with a linearly decaying rate, as the seed study.
@@ -132,6 +145,10 @@ class DiscSettings:
         model: a key of :data:`MODELS`, ``"mlp"`` (the seed model) or ``"logistic"``.
         n_train, n_test: the sizes of the fresh training and test sets.
         compile: train through ``torch.compile`` (see ``fit``); plain SGD, one run at a time.
+        init: how the weights are drawn, a name of :data:`~rdl_functional.initializers.INITIALIZERS`.
+        loss: ``"mse"`` or ``"cross-entropy"``; ``None``: the model's own.
+        dropout, batch_norm: the seed model with dropout of this probability after each hidden
+            ReLU, and batch norm after each hidden linear layer (see :func:`seed_model`).
     """
 
     epochs: int = 200
@@ -148,15 +165,22 @@ class DiscSettings:
     init: str = attrs.field(default="torch_default", validator=attrs.validators.in_(tuple(INITIALIZERS)))
     loss: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(
         ("mse", "cross-entropy"))))
+    dropout: float = attrs.field(default=0.0, validator=lambda _, __, p: _check_probability(p))
+    batch_norm: bool = False
 
     @property
     def task(self) -> Task:
         """The model (with ``init``'s weights) and the loss (``loss``, else the model's own)."""
         task = MODELS[self.model]
-        if self.init == "torch_default" and self.loss is None:
+        if self.init == "torch_default" and self.loss is None and not (self.dropout or self.batch_norm):
             return task  # one object per model, so a compiled step serves every run
-        model = (seed_model if self.model == "mlp" else logistic_model)(self.init)
+        if self.model != "mlp" and (self.dropout or self.batch_norm):
+            raise ValueError(f"DiscSettings: dropout and batch norm go into the seed MLP, not model={self.model!r}")
+        model = (seed_model(self.init, dropout=self.dropout, batch_norm=self.batch_norm) if self.model == "mlp"
+                 else logistic_model(self.init))
         model_words, loss_words = task.description.rsplit(", ", 1)
+        model_words += ", batch norm" if self.batch_norm else ""
+        model_words += f", dropout {self.dropout:g}" if self.dropout else ""
         loss, targets, loss_words = LOSSES[self.loss] if self.loss else (task.loss, task.targets, loss_words)
         description = f"{model_words}, {loss_words}"
         if self.init != "torch_default":
@@ -242,6 +266,8 @@ class DiscResult:
     params: Params = attrs.field(repr=False)
     history: History = attrs.field(repr=False)
     data: DiscData = attrs.field(repr=False)
+    model_state: State | None = attrs.field(default=None, repr=False)
+    """A stateful model's state at the end (batch norm's running statistics), ``None`` for a plain model."""
 
     def summary(self) -> dict[str, float | int]:
         """The run's figures as plain numbers, for tables and JSON."""
@@ -256,7 +282,7 @@ class DiscResult:
         }
 
 
-def check_params_fit(model: Layer, params: Params) -> None:
+def check_params_fit(model: Layer | StatefulLayer, params: Params) -> None:
     """Raise ValueError naming the first path where ``params`` cannot serve ``model``.
 
     Compares keys, shapes and dtypes with ``model.init``'s; the empty entries
@@ -317,11 +343,13 @@ def run_disc(
 
 
 def _result(
-    seed: int, settings: DiscSettings, model: Layer, params: Params, history: History, data: DiscData, seconds: float
+    seed: int, settings: DiscSettings, model: Layer | StatefulLayer, params: Params, history: History,
+    data: DiscData, seconds: float
 ) -> DiscResult:
     """A run's figures, measured on its trained params."""
-    test_errors = int((model.apply(params, data.x_test).argmax(dim=1) != data.labels_test).sum())
-    train_correct = int((model.apply(params, data.x_train).argmax(dim=1) == data.labels_train).sum())
+    state = history.model_state
+    test_errors = int((predict(model, params, data.x_test, state=state) != data.labels_test).sum())
+    train_correct = int((predict(model, params, data.x_train, state=state) == data.labels_train).sum())
     return DiscResult(
         seed=seed,
         settings=settings,
@@ -334,6 +362,7 @@ def _result(
         params=params,
         history=history,
         data=data,
+        model_state=state,
     )
 
 
@@ -357,6 +386,9 @@ def run_disc_together(
         raise ValueError("run_disc_together: expected at least one seed, got none")
     if settings.compile:
         raise ValueError("run_disc_together: a compiled step trains one model; run the seeds with run_disc")
+    if settings.dropout or settings.batch_norm:
+        raise ValueError("run_disc_together: a stack of models does not thread dropout's randomness or batch "
+                         "norm's state; run the seeds with run_disc")
     start = time.perf_counter()
     task = settings.task
     model = task.model

@@ -18,7 +18,8 @@ from torch import Tensor
 from ._files import atomic_write
 from .data import DISC_CENTER, DISC_RADIUS
 from .layers import Layer, Params
-from .train import History
+from .stateful import State, StatefulLayer
+from .train import History, predict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -121,7 +122,8 @@ def plot_seed_spread(histories: list[History], *, title: str | None = None) -> F
 
 
 def plot_decision_boundary(
-    model: Layer, params: Params, x: Tensor, labels: Tensor, *, resolution: int = 300, title: str | None = None
+    model: Layer | StatefulLayer, params: Params, x: Tensor, labels: Tensor, *, resolution: int = 300,
+    title: str | None = None, state: State | None = None,
 ) -> Figure:
     """The class the model predicts over [0, 1]², with the points and its mistakes marked.
 
@@ -131,11 +133,12 @@ def plot_decision_boundary(
         x: ``(n, 2)`` points to show (the test set, say).
         labels: their ``(n,)`` classes.
         resolution: grid points per side.
+        state: a stateful model's state (it is evaluated, ``train=False``).
     """
     grid = torch.linspace(0, 1, resolution, dtype=x.dtype)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    predicted_area = model.apply(params, torch.stack([gx.flatten(), gy.flatten()], dim=1)).argmax(dim=1)
-    predicted = model.apply(params, x).argmax(dim=1)
+    predicted_area = predict(model, params, torch.stack([gx.flatten(), gy.flatten()], dim=1), state=state)
+    predicted = predict(model, params, x, state=state)
     wrong = predicted != labels
 
     fig = _figure(figsize=(6, 6.9))

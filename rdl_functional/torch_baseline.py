@@ -16,21 +16,24 @@ import torch
 from torch import Tensor
 
 from .experiment import DiscSettings, draw_run
+from .io import to_state_dict
 from .layers import Params
-from .train import fit
-from .tree import tree_flatten, tree_unflatten
+from .stateful import State, StatefulLayer
+from .train import fit, predict
+from .tree import tree_unflatten
 
 __all__ = ["TorchComparison", "compare_with_torch", "torch_optimizer", "torch_seed_model", "train_torch"]
 
 
-def torch_seed_model() -> torch.nn.Sequential:
-    """``rf.seed_model()`` as a ``torch.nn.Sequential``, with the same state-dict keys."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(2, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 25), torch.nn.ReLU(),
-        torch.nn.Linear(25, 2), torch.nn.Tanh(),
-    )  # fmt: skip
+def torch_seed_model(*, dropout: float = 0.0, batch_norm: bool = False) -> torch.nn.Sequential:
+    """``rf.seed_model(dropout=..., batch_norm=...)`` as a ``torch.nn.Sequential``, with the same state-dict keys."""
+    modules: list[torch.nn.Module] = []
+    for fan_in in (2, 25, 25):
+        modules.append(torch.nn.Linear(fan_in, 25))
+        modules += [torch.nn.BatchNorm1d(25)] if batch_norm else []
+        modules.append(torch.nn.ReLU())
+        modules += [torch.nn.Dropout(dropout)] if dropout else []
+    return torch.nn.Sequential(*modules, torch.nn.Linear(25, 2), torch.nn.Tanh())
 
 
 def torch_optimizer(settings: DiscSettings, parameters: Any) -> torch.optim.Optimizer:
@@ -59,26 +62,50 @@ def train_torch(
     lr: Callable[[int], float],
     generator: torch.Generator,
     settings: DiscSettings | None = None,
-) -> Params:
-    """Train ``torch_seed_model()`` from ``params`` the way :func:`~rdl_functional.fit` trains.
+    state: State | None = None,
+) -> tuple[Params, State | None]:
+    """Train ``torch_seed_model()`` from ``params`` the way :func:`~rdl_functional.fit` trains: ``(params, state)``.
 
     The same shuffles (drawn from ``generator``), the same batches, MSE, and
     the optimizer :func:`torch_optimizer` makes for ``settings`` (plain
     ``torch.optim.SGD`` without them), its rate set from the schedule ``lr``
-    before each step.
+    before each step. With dropout, torch's modules draw their masks from the
+    global RNG: it is set to ``generator``'s state for the run (and restored
+    after), so that the masks are the ones ``fit`` draws from ``generator``.
+    ``state`` is the model's state to start from (with batch norm); the
+    returned state is ``None`` for a plain model.
     """
-    model = torch_seed_model()
-    model.load_state_dict(tree_flatten(params), strict=True)
-    optimizer = torch_optimizer(settings or DiscSettings(), model.parameters())
+    settings = settings or DiscSettings()
+    model = torch_seed_model(dropout=settings.dropout, batch_norm=settings.batch_norm).train()
+    model.load_state_dict(to_state_dict(params, state), strict=True)
+    optimizer = torch_optimizer(settings, model.parameters())
     count = 0
-    for _ in range(epochs):
-        for rows in torch.randperm(x.shape[0], generator=generator).split(batch_size):
-            optimizer.param_groups[0]["lr"] = lr(count)
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x[rows]), target[rows]).backward()
-            optimizer.step()
-            count += 1
-    return tree_unflatten({key: value.detach().clone() for key, value in model.state_dict().items()})
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.set_state(generator.get_state())
+        for _ in range(epochs):
+            for rows in torch.randperm(x.shape[0]).split(batch_size):
+                optimizer.param_groups[0]["lr"] = lr(count)
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(x[rows]), target[rows]).backward()
+                optimizer.step()
+                count += 1
+    trained = tree_unflatten({key: value.detach().clone() for key, value in model.state_dict().items()})
+    if state is None:
+        return trained, None
+    return _split(trained, state)
+
+
+def _split(tree: Params, state: State) -> tuple[Params, State]:
+    """A merged torch tree back into params and the state laid out as ``state``."""
+    params, new_state = {}, {}
+    for key, value in tree.items():
+        if key in state and isinstance(state[key], dict) and isinstance(value, dict):
+            params[key], new_state[key] = _split(value, state[key])
+        elif key in state:
+            new_state[key] = value
+        else:
+            params[key] = value
+    return params, {key: new_state.get(key, {}) for key in state}
 
 
 @attrs.frozen
@@ -114,26 +141,29 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
 
     lr = settings.learning_rate()
     schedule = lr if callable(lr) else (lambda count: lr)
+    state = model.init_state() if isinstance(model, StatefulLayer) else None
     clock = time.perf_counter()
-    ours, _ = fit(model, task.loss, params, data.x_train, target, epochs=settings.epochs,
-                  batch_size=settings.batch_size, optimizer=settings.make_optimizer(), generator=shuffles())
+    ours, history = fit(model, task.loss, params, data.x_train, target, epochs=settings.epochs,
+                        batch_size=settings.batch_size, optimizer=settings.make_optimizer(), generator=shuffles())
     seconds = time.perf_counter() - clock
     clock = time.perf_counter()
-    theirs = train_torch(params, data.x_train, target, epochs=settings.epochs,
-                         batch_size=settings.batch_size, lr=schedule, generator=shuffles(), settings=settings)
+    theirs, their_state = train_torch(params, data.x_train, target, epochs=settings.epochs,
+                                      batch_size=settings.batch_size, lr=schedule, generator=shuffles(),
+                                      settings=settings, state=state)
     torch_seconds = time.perf_counter() - clock
 
-    def accuracy(params: Params, x: Tensor, labels: Tensor) -> float:
-        return (model.apply(params, x).argmax(dim=1) == labels).double().mean().item()
+    def accuracy(params: Params, state: State | None, x: Tensor, labels: Tensor) -> float:
+        return (predict(model, params, x, state=state) == labels).double().mean().item()
 
-    ours_flat, theirs_flat = tree_flatten(ours), tree_flatten(theirs)
+    ours_flat, theirs_flat = to_state_dict(ours, history.model_state), to_state_dict(theirs, their_state)
     return TorchComparison(
         seed=seed,
-        test_accuracy=accuracy(ours, data.x_test, data.labels_test),
-        torch_test_accuracy=accuracy(theirs, data.x_test, data.labels_test),
-        train_accuracy=accuracy(ours, data.x_train, data.labels_train),
-        torch_train_accuracy=accuracy(theirs, data.x_train, data.labels_train),
-        max_param_difference=max((ours_flat[k] - theirs_flat[k]).abs().max().item() for k in ours_flat),
+        test_accuracy=accuracy(ours, history.model_state, data.x_test, data.labels_test),
+        torch_test_accuracy=accuracy(theirs, their_state, data.x_test, data.labels_test),
+        train_accuracy=accuracy(ours, history.model_state, data.x_train, data.labels_train),
+        torch_train_accuracy=accuracy(theirs, their_state, data.x_train, data.labels_train),
+        max_param_difference=max((ours_flat[k].double() - theirs_flat[k].double()).abs().max().item()
+                                 for k in ours_flat),
         seconds=seconds,
         torch_seconds=torch_seconds,
         torch_optimizer=f"torch.optim.{type(torch_optimizer(settings, [torch.zeros(1)])).__name__}",

@@ -123,6 +123,38 @@ def test_init_and_loss_choose_the_weights_and_what_is_minimized(capsys, tmp_path
     assert task.loss is rf.cross_entropy_loss and "kaiming_normal" in task.model.name
 
 
+def test_dropout_and_batch_norm_train_save_their_state_and_equal_torch_nn(capsys, tmp_path):
+    assert main([*FAST, "--dropout", "0.1", "--batch-norm", "--compare-torch", "--quiet",
+                 "--save", str(tmp_path / "p.safetensors"), "--json", str(tmp_path / "run.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2-25-25-25-2 MLP (ReLU, Tanh output), batch norm, dropout 0.1, MSE on one-hot targets" in out
+    assert "max |parameter difference|: 0 " in out  # params and running statistics, same masks
+    state = rf.load(tmp_path / "p-state.safetensors")
+    assert sorted(state["1"]) == ["num_batches_tracked", "running_mean", "running_var"]
+    assert int(state["1"]["num_batches_tracked"]) == 3 * 5  # 3 epochs of 5 steps
+    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    assert (settings["dropout"], settings["batch_norm"]) == (0.1, True)
+    model = rf.seed_model(dropout=0.1, batch_norm=True)
+    reference = torch.nn.Sequential(*(m for m in [
+        torch.nn.Linear(2, 25), torch.nn.BatchNorm1d(25), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(25, 25), torch.nn.BatchNorm1d(25), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(25, 25), torch.nn.BatchNorm1d(25), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(25, 2), torch.nn.Tanh()]))
+    params = rf.load(tmp_path / "p.safetensors")
+    reference.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    x = torch.rand(10, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reference.eval()(x).detach(), model(params, state, x, train=False)[0])
+
+
+def test_seeds_with_dropout_train_one_after_another(capsys):
+    assert main([*FAST, "--dropout", "0.2", "--seeds", "0-1", "--quiet"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows[:2]] == ["0", "1"]
+    assert main([*FAST, "--dropout", "0.2", "--seed", "1", "--quiet"]) == 0
+    alone = _table_rows(capsys.readouterr().out)[0]
+    assert alone[:6] == rows[1][:6]  # the same run as --seed 1
+
+
 def test_seeds_with_plots_draw_the_spread_over_seeds(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     assert main([*FAST, "--seeds", "0-2", "--optimizer", "momentum", "--plots", str(tmp_path), "--quiet",
@@ -183,6 +215,10 @@ def test_progress_bar_on_a_terminal():
         (["--optimizer", "nesterov", "--momentum", "0"], "--optimizer nesterov needs --momentum > 0"),
         (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number ≥ 0, got -1"),
         (["--optimizer", "adam", "--compile"], "--compile trains with plain SGD"),
+        (["--dropout", "1"], "argument --dropout: must be a probability in [0, 1), got 1"),
+        (["--dropout", "-0.1"], "argument --dropout: must be a probability in [0, 1), got -0.1"),
+        (["--model", "logistic", "--batch-norm"], "--dropout and --batch-norm go into the seed MLP"),
+        (["--batch-norm", "--compile"], "--compile compiles a plain model's step"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):

@@ -193,6 +193,39 @@ def optimizer_row(name: str, loop: bool, epochs: int, rounds: int, target: str) 
                f"{epochs} epochs", 1, times, target)
 
 
+def stateful_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
+    """The user's loop on the seed model with batch norm and dropout 0.1 (value_and_grad threading the state,
+    then sgd_step), against the torch.nn twin in train mode, its masks from the global RNG."""
+    torch.set_num_threads(1)
+    settings = rf.DiscSettings(dropout=0.1, batch_norm=True)
+    data, params, _ = rf.draw_run(0, settings)
+    model, x, y = settings.task.model, data.x_train, rf.one_hot(data.labels_train, 2)
+
+    def ours() -> None:
+        step, state = rf.value_and_grad(model, rf.mse_loss), model.init_state()
+        p, g = params, torch.Generator().manual_seed(1)
+        for _ in range(epochs):
+            for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+                _, grads, state = step(p, state, x[rows], y[rows], generator=g)
+                p = rf.sgd_step(p, grads, 0.1)
+
+    def theirs() -> None:
+        module = torch_seed_model(dropout=0.1, batch_norm=True).train()
+        module.load_state_dict(rf.to_state_dict(params, model.init_state()), strict=True)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            for _ in range(epochs):
+                for rows in torch.randperm(x.shape[0]).split(batch_size):
+                    optimizer.zero_grad()
+                    F.mse_loss(module(x[rows]), y[rows]).backward()
+                    optimizer.step()
+
+    times = interleaved({"ours": ours, "torch": theirs}, rounds)
+    return row(f"the loop a user writes, seed model with batch norm and dropout 0.1, batch {batch_size}, "
+               f"{epochs} epochs", 1, times, target)
+
+
 def pure_loop_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
     """The user's own loop (value_and_grad + sgd_step) and the straight-line floor, against torch.nn."""
     model, params, x, y = seed_task()
@@ -461,7 +494,7 @@ def run(quick: bool, rounds: int) -> list[dict]:
         return [seed_task_row(2, 100, 1, "runs"), pure_loop_row(2, 100, 1, "runs"),
                 optimizer_row("adam", False, 2, 1, "runs"), optimizer_row("adam", True, 2, 1, "runs"),
                 wide_row(16, 1, 1, "runs", floor=True), memory_row(16, 1, "runs"), stacked_row(3, 2, 1, "runs"),
-                import_row(1, "runs")]
+                import_row(1, "runs"), stateful_row(2, 100, 1, "runs")]
     rows = [
         seed_task_row(200, 100, rounds, "≤ 0.45×"),
         seed_task_row(20, 10, rounds, "≤ 0.45×"),
@@ -479,6 +512,7 @@ def run(quick: bool, rounds: int) -> list[dict]:
         optimizer_row("adam", False, 200, rounds, "≤ 0.50×"),
         optimizer_row("momentum", False, 200, rounds, "≤ 0.50×"),
         optimizer_row("adam", True, 200, rounds, "≤ 0.55×"),
+        stateful_row(200, 100, rounds, "≤ 1.00×"),
         history_row(200, 100, rounds, "report"),
         history_row(200, 1000, rounds, "report"),
         compile_row(200, rounds, "report"),

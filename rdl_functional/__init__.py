@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
 from .codegen import Code
-from .combinators import add, compose, concat, parallel, residual
+from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
@@ -151,6 +151,7 @@ __all__ = [
     "elu",
     "evaluate",
     "exponential_decay",
+    "fan_out",
     "fit",
     "fit_stacked",
     "flatten",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from ._random import as_generator
 from .layers import Layer, Params, Pullback
 from .stateful import _NO_STATE, State, StatefulLayer, StatefulPullback, check_train, stateful
 
-__all__ = ["add", "compose", "concat", "parallel", "residual"]
+__all__ = ["add", "compose", "concat", "fan_out", "parallel", "residual"]
 
 # The params a parameterless layer gets when its (empty) entry is left out, as
 # rf.from_state_dict leaves it out: torch state dicts have no entry for ReLU.
@@ -246,9 +246,11 @@ def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], lis
     lifted, init_state, check_call = _state_of_children(name, who, keyed) if has_state else (keyed, None, None)
 
     def inputs(x: Tensor) -> list[Tensor]:
+        if split is not None:
+            return split(x)  # it checks x
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-        return split(x) if split is not None else [x] * len(keyed)
+        return [x] * len(keyed)
 
     def run(where: str, params: Params, x: Tensor, with_vjp: bool, state: State | None = None, train: bool = False,
             generator: Any = None) -> tuple[Tensor, State, list[Tensor], list[tuple[str, Any]]]:
@@ -277,12 +279,12 @@ def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], lis
 
     def make_pullback(params: Params, x: Tensor, y: Tensor, outputs: list[Tensor],
                       pullbacks: list[tuple[str, Any]]) -> Pullback:
-        shape = y.shape
+        shape = _shapes(y)
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            if not isinstance(dy, Tensor) or dy.shape != shape:
-                got = tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__
-                raise ValueError(f"{name} pullback: dy has shape {got} but the output y has shape {tuple(shape)}")
+            if _shapes(dy) != shape:
+                got = _shapes(dy) or type(dy).__name__
+                raise ValueError(f"{name} pullback: dy has shape {got} but the output y has shape {shape}")
             dparams, dxs = {}, []
             for (key, branch_pullback), dy_branch in zip(pullbacks, unmerge(dy, outputs), strict=True):
                 dparams[key], dx = branch_pullback(dy_branch)
@@ -314,6 +316,27 @@ def _branches(who: str, layers: tuple[Layer, ...], split: Callable[[Tensor], lis
     return Layer(init=init, apply=apply, vjp=vjp, name=name)
 
 
+def _shapes(value: Any) -> tuple | None:
+    """A tensor's shape, a tuple of tensors' shapes (as a tuple), or None for anything else."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape)
+    if isinstance(value, tuple) and value and all(isinstance(part, Tensor) for part in value):
+        return tuple(tuple(part.shape) for part in value)
+    return None
+
+
+def _parts(name: str, x: Any, count: int | None) -> list[Tensor]:
+    """The parts of a tuple input, checked: a tuple of ``count`` tensors (any number ≥ 1 when ``count`` is None)."""
+    if not isinstance(x, tuple) or not x or not all(isinstance(part, Tensor) for part in x) or (
+        count is not None and len(x) != count
+    ):
+        want = f"a tuple of {count} tensors" if count is not None else "a tuple of tensors"
+        got = (f"a tuple of {len(x)}: ({', '.join(type(part).__name__ for part in x)})" if isinstance(x, tuple)
+               else type(x).__name__)
+        raise TypeError(f"{name}: x must be {want} (as rf.fan_out or rf.parallel return), got {got}")
+    return list(x)
+
+
 def _merged(name: str, merge: Callable[[list[Tensor]], Tensor], outputs: list[Tensor]) -> Tensor:
     try:
         return merge(outputs)
@@ -333,45 +356,87 @@ def add(*layers: Layer) -> Layer:
     """One input to every layer; the outputs added: ``y = Σᵢ layerᵢ(x)``.
 
     Params ``{"0": ..., "1": ...}`` as compose's. Backward: each branch gets ``dy``,
-    and ``dx = Σᵢ dxᵢ``. The outputs must have one shape.
+    and ``dx = Σᵢ dxᵢ``. The outputs must have one shape. ``add()``, with no
+    layers, is the merge alone: it sums the parts of a tuple input (what
+    :func:`fan_out` and :func:`parallel` return), so
+    ``compose(fan_out(f, g), add())`` is ``add(f, g)``.
 
     >>> import torch, rdl_functional as rf
     >>> both = rf.add(rf.linear(2, 3), rf.linear(2, 3))
     >>> both(both.init(0), torch.ones(4, 2)).shape
     torch.Size([4, 3])
+    >>> rf.add()({}, (torch.ones(2), torch.ones(2)))
+    tensor([2., 2.])
     """
+    if not layers:
+        return _tuple_merge("add", _sum, lambda dy, parts: [dy.clone() for _ in parts])
     return _branches("add", layers, None, _sum, lambda dy, outputs: [dy] * len(outputs), lambda dxs, x: _sum(dxs))
+
+
+def _split_last(dy: Tensor, parts: list[Tensor]) -> list[Tensor]:
+    """``dy`` cut along the last dimension into the widths of ``parts``: a merge by concatenation, undone."""
+    return list(dy.split([part.shape[-1] for part in parts], dim=-1))
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts, dim=-1)
 
 
 def concat(*layers: Layer) -> Layer:
     """One input to every layer; the outputs joined along the last dimension: ``y = [layer₀(x), layer₁(x), ...]``.
 
     Params ``{"0": ..., "1": ...}`` as compose's. Backward: each branch gets its
-    slice of ``dy``, and ``dx = Σᵢ dxᵢ``.
+    slice of ``dy``, and ``dx = Σᵢ dxᵢ``. ``concat()``, with no layers, joins
+    the parts of a tuple input (see :func:`add`).
 
     >>> import torch, rdl_functional as rf
     >>> wide = rf.concat(rf.linear(2, 3), rf.linear(2, 4))
     >>> wide(wide.init(0), torch.ones(5, 2)).shape
     torch.Size([5, 7])
     """
-    return _branches(
-        "concat", layers, None, lambda outputs: torch.cat(outputs, dim=-1),
-        lambda dy, outputs: list(dy.split([y.shape[-1] for y in outputs], dim=-1)), lambda dxs, x: _sum(dxs),
-    )  # fmt: skip
+    if not layers:
+        return _tuple_merge("concat", _cat, lambda dy, parts: [part.clone() for part in _split_last(dy, parts)])
+    return _branches("concat", layers, None, _cat, _split_last, lambda dxs, x: _sum(dxs))
 
 
-def parallel(*layers: Layer, sizes: tuple[int, ...]) -> Layer:
-    """Split the input's last dimension into parts of ``sizes``; layer ``i`` takes part ``i``; the outputs joined.
+def fan_out(*layers: Layer) -> Layer:
+    """One input to every layer; the outputs as a tuple: ``y = (layer₀(x), layer₁(x), ...)``.
 
-    ``parallel(f, g, sizes=(2, 3))(params, x)`` is ``[f(x[..., :2]), g(x[..., 2:5])]``
-    along the last dimension. Backward: each branch gets its slice of ``dy``;
-    ``dx`` is the branches' input gradients joined back.
+    Params ``{"0": ..., "1": ...}`` as compose's. The pullback takes a tuple
+    ``dy`` (one cotangent per output) and returns ``dx = Σᵢ dxᵢ``. Follow it
+    with :func:`parallel` (each part through its own layers) and a merge,
+    ``add()`` or ``concat()``: stax's FanOut, parallel and FanIn.
+
+    >>> import torch, rdl_functional as rf
+    >>> model = rf.compose(rf.fan_out(rf.linear(2, 3), rf.tanh), rf.parallel(rf.relu, rf.linear(2, 1)), rf.concat())
+    >>> model(model.init(0), torch.ones(4, 2)).shape
+    torch.Size([4, 4])
+    """
+    return _branches("fan_out", layers, None, tuple, lambda dy, outputs: list(dy), lambda dxs, x: _sum(dxs))
+
+
+def parallel(*layers: Layer, sizes: tuple[int, ...] | None = None) -> Layer:
+    """Layer ``i`` applied to part ``i`` of the input.
+
+    The parts are a tuple's (``sizes=None``: ``x`` is a tuple of one tensor per
+    layer, as :func:`fan_out` returns, and ``y`` is the tuple of their outputs),
+    or slices of one tensor's last dimension (``sizes``: ``x[..., :2]``,
+    ``x[..., 2:5]``, ... for ``sizes=(2, 3)``, and the outputs joined along
+    the last dimension). Backward: each branch gets its part of ``dy``; ``dx``
+    is the branches' input gradients, as a tuple or joined back.
 
     >>> import torch, rdl_functional as rf
     >>> both = rf.parallel(rf.linear(2, 1), rf.tanh, sizes=(2, 3))
     >>> both(both.init(0), torch.ones(4, 5)).shape
     torch.Size([4, 4])
+    >>> pair = rf.parallel(rf.relu, rf.tanh)
+    >>> pair({}, (torch.tensor([-1.0]), torch.tensor([0.0])))
+    (tensor([0.]), tensor([0.]))
     """
+    if sizes is None:
+        name = f"parallel({', '.join(getattr(layer, 'name', '?') for layer in layers)})"
+        return _branches("parallel", layers, lambda x: _parts(name, x, len(layers)), tuple,
+                         lambda dy, outputs: list(dy), lambda dxs, x: tuple(dxs))
     if not isinstance(sizes, (tuple, list)) or len(sizes) != len(layers) or not all(
         isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
     ):
@@ -380,16 +445,49 @@ def parallel(*layers: Layer, sizes: tuple[int, ...]) -> Layer:
     sizes = tuple(sizes)
 
     def split(x: Tensor) -> list[Tensor]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"parallel: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != sum(sizes):
             raise ValueError(f"parallel: x must have {sum(sizes)} features (sizes {sizes}), got shape "
                              f"{tuple(x.shape)}")
         return list(x.split(sizes, dim=-1))
 
-    return _branches(
-        "parallel", layers, split, lambda outputs: torch.cat(outputs, dim=-1),
-        lambda dy, outputs: list(dy.split([y.shape[-1] for y in outputs], dim=-1)),
-        lambda dxs, x: torch.cat(dxs, dim=-1),
-    )  # fmt: skip
+    return _branches("parallel", layers, split, _cat, _split_last, lambda dxs, x: _cat(dxs))
+
+
+def _tuple_merge(who: str, merge: Callable[[list[Tensor]], Tensor],
+                 unmerge: Callable[[Tensor, list[Tensor]], list[Tensor]]) -> Layer:
+    """A parameterless layer that merges the parts of a tuple input into one tensor; ``dx`` is a tuple."""
+    name = f"{who}()"
+
+    def forward(where: str, params: Params, x: Any) -> tuple[Tensor, list[Tensor]]:
+        if params:
+            raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
+                             f"{sorted(params)}")
+        parts = _parts(f"{name}.{where}", x, None)
+        return _merged(name, merge, parts), parts
+
+    def apply(params: Params, x: Any) -> Tensor:
+        return forward("apply", params, x)[0]
+
+    def vjp(params: Params, x: Any) -> tuple[Tensor, Pullback]:
+        y, parts = forward("vjp", params, x)
+        shape, shapes = y.shape, [part.shape for part in parts]
+
+        def pullback(dy: Tensor) -> tuple[Params, tuple[Tensor, ...]]:
+            if not isinstance(dy, Tensor) or dy.shape != shape:
+                raise ValueError(f"{name} pullback: dy has shape {_shapes(dy) or type(dy).__name__} but the output "
+                                 f"y has shape {tuple(shape)}")
+            # The merge's inverse needs the parts' shapes only: the parts themselves are not kept alive.
+            return {}, tuple(unmerge(dy, [SimpleNamespace(shape=s) for s in shapes]))
+
+        return y, pullback
+
+    return Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
+
+
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    return {}
 
 
 def residual(layer: Layer | StatefulLayer) -> Layer | StatefulLayer:

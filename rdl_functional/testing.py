@@ -56,8 +56,20 @@ class VjpMismatch(AssertionError):
         self.report = report
 
 
+def _map(fn: Callable[..., Tensor], value: Any, *rest: Any) -> Any:
+    """``fn`` over the tensors of a params tree, a tensor, or a tuple of tensors (what fan_out passes on)."""
+    if isinstance(value, tuple):
+        return tuple(_map(fn, *parts) for parts in zip(value, *rest, strict=True))
+    return tree_map(fn, value, *rest)
+
+
+def _tree(value: Any) -> Tree:
+    """A tuple as the tree ``{"0": ..., "1": ...}``, so that it compares and flattens as params do."""
+    return {str(i): _tree(part) for i, part in enumerate(value)} if isinstance(value, tuple) else value
+
+
 def _float64(tree: Tree) -> Tree:
-    return tree_map(lambda t: t.to(torch.float64) if torch.is_floating_point(t) else t, tree)
+    return _map(lambda t: t.to(torch.float64) if torch.is_floating_point(t) else t, tree)
 
 
 def _max_error(got: Tensor, want: Tensor) -> float:
@@ -67,7 +79,7 @@ def _max_error(got: Tensor, want: Tensor) -> float:
 
 
 def _compare(rows: list, name: str, got: Tree, want: Tree, rtol: float, atol: float) -> None:
-    got_flat, want_flat = tree_flatten(got), tree_flatten(want)
+    got_flat, want_flat = tree_flatten(_tree(got)), tree_flatten(_tree(want))
     if list(got_flat) != list(want_flat):
         rows.append((f"{name} keys {list(got_flat)} vs torch's {list(want_flat)}", float("inf"), 0.0, False))
         return
@@ -79,17 +91,17 @@ def _compare(rows: list, name: str, got: Tree, want: Tree, rtol: float, atol: fl
 
 def _dot(a: Tree, b: Tree) -> Tensor:
     """Σ a·b over the leaves at the same paths; NaN where the trees do not match."""
-    flat_a, flat_b = tree_flatten(a), tree_flatten(b)
+    flat_a, flat_b = tree_flatten(_tree(a)), tree_flatten(_tree(b))
     if flat_a.keys() != flat_b.keys() or any(flat_a[k].shape != flat_b[k].shape for k in flat_a):
         return torch.tensor(float("nan"), dtype=torch.float64)
     return sum(((flat_a[k] * flat_b[k]).sum() for k in flat_a), torch.zeros((), dtype=torch.float64))
 
 
-def _central_difference(apply: Callable, primals: tuple, v: tuple, u: Tensor, eps: float) -> Tensor:
+def _central_difference(apply: Callable, primals: tuple, v: tuple, u: Any, eps: float) -> Tensor:
     def shifted(sign: float) -> tuple:
-        return tuple(tree_map(lambda p, d: p + sign * eps * d, p, d) for p, d in zip(primals, v, strict=True))
+        return tuple(_map(lambda p, d: p + sign * eps * d, p, d) for p, d in zip(primals, v, strict=True))
 
-    return ((apply(*shifted(+1)) - apply(*shifted(-1))) / (2 * eps) * u).sum()
+    return _dot(_map(lambda a, b: (a - b) / (2 * eps), apply(*shifted(+1)), apply(*shifted(-1))), u)
 
 
 def check_vjp(
@@ -180,7 +192,7 @@ def check_vjp(
     if isinstance(fn, StatefulLayer):
         _compare(rows, "new state (vjp vs apply)", new_states[0], new_states[-1], 0.0, 0.0)
 
-    u = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    u = _map(lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64), y)
     cotangents = pullback(u)
     is_layer = isinstance(fn, (Layer, StatefulLayer))
     names = ("dparams", "dx") if is_layer else ("dpred",)
@@ -192,7 +204,7 @@ def check_vjp(
 
     # A central difference that straddles a ReLU kink averages two slopes; a
     # 1000× smaller step tells such a point from a wrong pullback (which fails both).
-    v = tuple(tree_map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p) for p in primals)
+    v = tuple(_map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p) for p in primals)
     from_pullback = sum((_dot(d, c) for d, c in zip(v, cotangents, strict=True)), torch.zeros((), dtype=torch.float64))
     for eps, fd_rtol in ((1e-6, 1e-6), (1e-9, 1e-4)):
         from_differences = _central_difference(apply, primals, v, u, eps)

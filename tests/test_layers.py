@@ -51,6 +51,13 @@ LAYERS = [
      lambda p, x: torch.cat([F.linear(x, p["0"]["weight"], p["0"]["bias"]), F.relu(x)], dim=-1)),
     ("parallel", rf.parallel(rf.linear(2, 2), rf.sigmoid, sizes=(2, 1)), 3,
      lambda p, x: torch.cat([F.linear(x[:, :2], p["0"]["weight"], p["0"]["bias"]), torch.sigmoid(x[:, 2:])], dim=-1)),
+    ("fan_out", rf.fan_out(rf.linear(3, 2), rf.tanh), 3,
+     lambda p, x: (F.linear(x, p["0"]["weight"], p["0"]["bias"]), torch.tanh(x))),
+    ("fan_out_parallel_concat", rf.compose(rf.fan_out(rf.linear(3, 2), rf.identity), rf.parallel(rf.tanh, rf.relu),
+                                           rf.concat()), 3,
+     lambda p, x: torch.cat([torch.tanh(F.linear(x, p["0"]["0"]["weight"], p["0"]["0"]["bias"])), F.relu(x)], -1)),
+    ("fan_out_add", rf.compose(rf.fan_out(rf.linear(3, 3), rf.sigmoid), rf.add()), 3,
+     lambda p, x: F.linear(x, p["0"]["0"]["weight"], p["0"]["0"]["bias"]) + torch.sigmoid(x)),
     ("residual", rf.residual(rf.compose(rf.linear(3, 3), rf.tanh)), 3,
      lambda p, x: x + torch.tanh(F.linear(x, p["0"]["weight"], p["0"]["bias"]))),
     (
@@ -101,6 +108,23 @@ def test_linear_vjp_for_any_shape(batch, fan_in, fan_out, seed):
     generator = torch.Generator().manual_seed(seed)
     layer = rf.linear(fan_in, fan_out)
     params, x = _inputs(layer, fan_in, batch, generator)
+    rf.check_vjp(layer, params, x, generator=generator)
+
+
+# Layers that take a tuple (what fan_out returns): name, layer, the parts' widths, torch reference.
+TUPLE_INPUT = [
+    ("parallel_tuple", rf.parallel(rf.linear(2, 3), rf.tanh), (2, 4),
+     lambda p, x: (F.linear(x[0], p["0"]["weight"], p["0"]["bias"]), torch.tanh(x[1]))),
+    ("add_merge", rf.add(), (3, 3, 3), lambda p, x: x[0] + x[1] + x[2]),
+    ("concat_merge", rf.concat(), (2, 1), lambda p, x: torch.cat(x, dim=-1)),
+]
+
+
+@pytest.mark.parametrize(("name", "layer", "widths", "reference"), TUPLE_INPUT, ids=[c[0] for c in TUPLE_INPUT])
+def test_tuple_input_layers_match_torch(name, layer, widths, reference, generator):
+    params = layer.init(generator, dtype=torch.float64)
+    x = tuple(torch.randn(5, w, generator=generator, dtype=torch.float64) for w in widths)
+    assert_close(layer(params, x), reference(params, x), rtol=1e-12, atol=1e-12)
     rf.check_vjp(layer, params, x, generator=generator)
 
 
@@ -259,7 +283,7 @@ def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generato
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda: rf.add(), ValueError, r"add: expected at least one layer, got none"),
+        (lambda: rf.fan_out(), ValueError, r"fan_out: expected at least one layer, got none"),
         (lambda: rf.concat(rf.linear), TypeError, r"concat: argument 0 must be a Layer, got function"),
         (lambda: rf.parallel(rf.relu, rf.tanh, sizes=(2,)), ValueError,
          r"parallel: sizes must give a positive int for each of the 2 layers, got \(2,\)"),
@@ -268,6 +292,15 @@ def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generato
         (lambda: rf.add(rf.linear(3, 2), rf.relu)(rf.add(rf.linear(3, 2), rf.relu).init(0), torch.zeros(4, 3)),
          ValueError, r"add\(linear\(3, 2\), relu\): the branches' outputs cannot be merged: shapes \(4, 2\), "
                      r"\(4, 3\)"),
+        (lambda: rf.parallel(rf.relu, rf.tanh)({}, (torch.zeros(1),)), TypeError,
+         r"parallel\(relu, tanh\): x must be a tuple of 2 tensors \(as rf.fan_out or rf.parallel return\), got a "
+         r"tuple of 1: \(Tensor\)"),
+        (lambda: rf.concat()({}, torch.zeros(2, 2)), TypeError,
+         r"concat\(\)\.apply: x must be a tuple of tensors \(as rf.fan_out or rf.parallel return\), got Tensor"),
+        (lambda: rf.add()({}, (torch.zeros(2, 2), torch.zeros(2, 3))), ValueError,
+         r"add\(\): the branches' outputs cannot be merged: shapes \(2, 2\), \(2, 3\)"),
+        (lambda: rf.fan_out(rf.relu, rf.tanh).vjp({}, torch.zeros(2, 2))[1](torch.zeros(2, 2)), ValueError,
+         r"fan_out\(relu, tanh\) pullback: dy has shape \(2, 2\) but the output y has shape \(\(2, 2\), \(2, 2\)\)"),
         (lambda: rf.residual(rf.linear(3, 2))(rf.linear(3, 2).init(0), torch.zeros(4, 3)), ValueError,
          r"residual\(linear\(3, 2\)\): the layer's output has shape \(4, 2\) but x has \(4, 3\)"),
         (lambda: rf.concat(rf.linear(3, 2), rf.relu)({"0": rf.linear(3, 2).init(0), "5": {}}, torch.zeros(1, 3)),

@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
         seed_model,
         summarize,
     )
-    from .io import from_state_dict, load, save, to_state_dict
+    from .io import from_state_dict, load, save, split_state, to_state_dict
     from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
     from .testing import VjpMismatch, VjpReport, check_vjp
 
@@ -91,7 +91,7 @@ _LAZY = {
     **dict.fromkeys(("compiled_step",), "compiled"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "experiment"),
-    **dict.fromkeys(("from_state_dict", "load", "save", "to_state_dict"), "io"),
+    **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
     **dict.fromkeys(("plot_dataset", "plot_decision_boundary", "plot_history", "plot_seed_spread", "save_figure"),
                     "plots"),
     **dict.fromkeys(("VjpMismatch", "VjpReport", "check_vjp"), "testing"),
@@ -191,6 +191,7 @@ __all__ = [
     "silu",
     "softmax",
     "softplus",
+    "split_state",
     "stack_params",
     "stacked",
     "stateful",

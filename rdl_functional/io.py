@@ -22,7 +22,7 @@ from torch import Tensor
 from ._files import atomic_write
 from .tree import Tree, _is_node, tree_flatten, tree_unflatten
 
-__all__ = ["from_state_dict", "load", "save", "to_state_dict"]
+__all__ = ["from_state_dict", "load", "save", "split_state", "to_state_dict"]
 
 _FORMAT_KEY = "rdl_functional.tree"
 
@@ -99,6 +99,54 @@ def from_state_dict(flat: Mapping[str, Tensor]) -> dict[str, Any]:
         if not isinstance(value, Tensor):
             raise TypeError(f'from_state_dict: the value at "{key}" must be a torch.Tensor, got {type(value).__name__}')
     return tree_unflatten(flat)
+
+
+def split_state(tree: Tree, like: Tree) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Undo :func:`to_state_dict`'s merge: ``(params, state)`` from a tree holding both, laid out as ``like``.
+
+    ``like`` is a state of the model (``model.init_state()``): the paths it
+    has are taken as state, every other path as params. With
+    :func:`from_state_dict` this reads a ``torch.nn.Sequential`` with batch norm
+    back into params and state.
+
+    >>> import torch, rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.batch_norm(3))
+    >>> torch_model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    >>> params, state = rf.split_state(rf.from_state_dict(torch_model.state_dict()), model.init_state())
+    >>> list(params["1"]), list(state["1"])
+    (['weight', 'bias'], ['running_mean', 'running_var', 'num_batches_tracked'])
+
+    Raises:
+        ValueError: a path of ``like`` is missing from ``tree``.
+    """
+    if not _is_node(tree) or not _is_node(like):
+        raise TypeError(f"split_state: expected two dicts (the merged tree, and a state such as "
+                        f"model.init_state()), got {type(tree).__name__} and {type(like).__name__}")
+    return _split(tree, like, "")
+
+
+def _split(tree: Tree, like: Tree, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    params, state = {}, {}
+    for key, child in tree.items():
+        where = f"{path}.{key}" if path else key
+        if key not in like:
+            params[key] = child
+        elif _is_node(like[key]) and _is_node(child):
+            params[key], state[key] = _split(child, like[key], where)
+        elif not _is_node(like[key]) and not _is_node(child):
+            state[key] = child
+        else:
+            raise ValueError(f'split_state: "{where}" is a {"dict" if _is_node(child) else "tensor"} in the tree '
+                             f"but a {'dict' if _is_node(like[key]) else 'tensor'} in the state")
+    for key, child in like.items():
+        if key not in state:  # absent from the tree: fine for a layer without state, not for one with
+            state[key] = _split({}, child, f"{path}.{key}" if path else key)[1] if _is_node(child) else _missing(
+                f"{path}.{key}" if path else key)
+    return params, {key: state[key] for key in like}
+
+
+def _missing(where: str) -> Any:
+    raise ValueError(f'split_state: the tree has no "{where}", which the state holds (is it another model\'s tree?)')
 
 
 def _skeleton(tree: Tree) -> Any:

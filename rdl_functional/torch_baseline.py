@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .experiment import DiscSettings, draw_run
-from .io import to_state_dict
+from .io import split_state, to_state_dict
 from .layers import Params
 from .stateful import State, StatefulLayer
 from .train import fit, predict
@@ -92,20 +92,7 @@ def train_torch(
     trained = tree_unflatten({key: value.detach().clone() for key, value in model.state_dict().items()})
     if state is None:
         return trained, None
-    return _split(trained, state)
-
-
-def _split(tree: Params, state: State) -> tuple[Params, State]:
-    """A merged torch tree back into params and the state laid out as ``state``."""
-    params, new_state = {}, {}
-    for key, value in tree.items():
-        if key in state and isinstance(state[key], dict) and isinstance(value, dict):
-            params[key], new_state[key] = _split(value, state[key])
-        elif key in state:
-            new_state[key] = value
-        else:
-            params[key] = value
-    return params, {key: new_state.get(key, {}) for key in state}
+    return split_state(trained, state)
 
 
 @attrs.frozen

@@ -243,3 +243,14 @@ def test_bad_calls_name_the_layer_and_the_fix(case):
     call, error, message = _bad_calls()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_torch_state_dict_splits_back_into_params_and_state(generator):
+    model = _model()
+    module = _torch_model()
+    params, state = rf.split_state(rf.from_state_dict(module.state_dict()), model.init_state())
+    assert rf.to_state_dict(params, state).keys() == module.state_dict().keys()
+    x = torch.rand(5, 2, generator=generator)
+    assert torch.equal(model(params, state, x, train=False)[0], module.eval()(x).detach())
+    with pytest.raises(ValueError, match=r'split_state: the tree has no "1.running_mean", which the state holds'):
+        rf.split_state(rf.from_state_dict({"0.weight": torch.zeros(1)}), model.init_state())

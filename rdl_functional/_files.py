@@ -1,11 +1,36 @@
-"""Writing files whole or not at all."""
+"""Writing files whole or not at all, durably, and checking a path before any work is spent on it.
+
+Every file the library writes (``rf.save``, checkpoints, plots, ``--json``)
+goes through :func:`atomic_write`:
+
+- the data goes to a temporary file beside the target, which is flushed to
+  disk (``fsync``) and renamed over the target, and the folder is flushed
+  too: a reader, or a machine that loses power, sees the old file or the new
+  one, never a part;
+- the temporary file is removed if the write fails, if a catchable signal
+  (SIGINT, SIGTERM, SIGHUP, SIGQUIT) arrives during it, and, for one left by
+  an uncatchable SIGKILL, by the next write to the same path;
+- an existing file keeps its mode; a new one gets the mode ``open()`` would
+  give it; a symlink is written through, to its target;
+- the temporary name is short, so any name the file system accepts works.
+
+:func:`check_writable` says what is wrong with a path before anything runs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
@@ -14,20 +39,124 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` beside ``path``, then rename it to ``path``.
+def _temp_prefix(target: Path) -> str:
+    """``.rdl-<12 hex digits of the name's hash>.``: short, and the same for every write to one path."""
+    return f".rdl-{hashlib.sha256(target.name.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}."
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """The file a write to ``path`` replaces: a symlink's target (followed to the end), else ``path`` itself."""
+    target = Path(path)
+    if target.is_symlink():
+        return Path(os.path.realpath(target))
+    return target
+
+
+def check_writable(path: str | os.PathLike[str], who: str) -> Path:
+    """Raise ``OSError`` (naming ``path``) unless a file can be written there; return where it will be written.
+
+    Checked: the path is not a folder, its folder exists and is writable,
+    and its name is not longer than the file system allows.
+    """
+    given = Path(path)
+    target = resolve(given)
+    shown = f"{who}: {str(given)!r}"
+    if target.is_dir():
+        raise IsADirectoryError(f"{shown} is a folder; expected a file path")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{shown}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{shown}: the folder {str(folder)!r} is not writable")
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(target.name)) > limit:
+        raise OSError(f"{shown}: the name is {len(os.fsencode(target.name))} bytes long; "
+                                          f"this file system allows {limit}")
+    if target.exists() and not target.is_file():
+        raise OSError(f"{shown} exists and is not a regular file")
+    return target
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove the temporary files that earlier writes to ``target`` left (a SIGKILL cannot be caught)."""
+    prefix = _temp_prefix(target)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(target.parent):
+            if entry.name.startswith(prefix) and entry.name.endswith(_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def _removed_on_signal(temporary: list[str]) -> Iterator[None]:
+    """While the block runs, a catchable signal first removes the file named in ``temporary``, then does what
+    it did before (raise KeyboardInterrupt, end the process, ...). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum: int, frame: object) -> None:
+        for name in temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        before = previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, before)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    for signum in _SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(signum, before)
+
+
+def _fsync(path: Path | str, *, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems cannot sync a folder; the file itself must be synced
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *, who: str = "write") -> None:
+    """Call ``write(temporary_path)`` beside ``path``, then flush it to disk and rename it to ``path``.
 
     A reader sees the old file or the new one, never a part; if ``write``
-    fails, the temporary file is removed and ``path`` is untouched.
+    fails or a catchable signal arrives, the temporary file is removed and
+    ``path`` is untouched (see the module's doc for the rest).
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    target = check_writable(path, who)
+    _remove_stale(target)
+    if target.exists():
+        mode = stat.S_IMODE(target.stat().st_mode)
+    else:
+        mode = 0o666 & ~_umask()
+    temporary: list[str] = []
+    with _removed_on_signal(temporary):
+        tmp = str(target.parent / f"{_temp_prefix(target)}{secrets.token_hex(4)}{_SUFFIX}")
+        temporary.append(tmp)  # named before it exists, so that a signal at any moment finds it
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            write(tmp)
+            os.chmod(tmp, mode)
+            _fsync(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync(target.parent, folder=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
+import safetensors.torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -149,39 +151,106 @@ def _missing(where: str) -> Any:
     raise ValueError(f'split_state: the tree has no "{where}", which the state holds (is it another model\'s tree?)')
 
 
-def _skeleton(tree: Tree) -> Any:
-    """The tree's nesting with ``None`` for each leaf: what safetensors' flat keys lose."""
-    return {key: _skeleton(child) for key, child in tree.items()} if _is_node(tree) else None
+# Bounds on what a file may hold, so that a hostile or damaged file is refused with a message
+# rather than exhausting the stack or the memory: far beyond any model's.
+MAX_DEPTH = 256
+MAX_TENSORS = 1_000_000
+_MAX_HEADER_BYTES = 100 * 2**20
 
 
-def _fill(skeleton: Any, flat: Mapping[str, Tensor], path: str) -> Tree:
-    if skeleton is None:
-        return flat[path]
-    return {key: _fill(child, flat, f"{path}.{key}" if path else key) for key, child in skeleton.items()}
+def _skeleton(tree: Tree, who: str) -> Any:
+    """The tree's nesting with ``None`` for each leaf (what safetensors' flat keys lose), built without recursion."""
+    root: dict[str, Any] = {}
+    stack = [(tree, root, 0)]
+    while stack:
+        node, out, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"{who}: the tree nests deeper than {MAX_DEPTH} levels")
+        for key, child in node.items():
+            if _is_node(child):
+                out[key] = {}
+                stack.append((child, out[key], depth + 1))
+            else:
+                out[key] = None
+    return root
+
+
+def _fill(skeleton: Any, flat: Mapping[str, Tensor]) -> Tree:
+    """The tree ``skeleton`` describes, its leaves taken from ``flat`` by dotted path (without recursion)."""
+    if not isinstance(skeleton, dict):
+        raise TypeError(f"the record is a {type(skeleton).__name__}, not a dict")
+    root: dict[str, Any] = {}
+    stack = [(skeleton, root, "")]
+    while stack:
+        node, out, path = stack.pop()
+        for key, child in node.items():
+            where = f"{path}.{key}" if path else key
+            if child is None:
+                out[key] = flat[where]
+            elif isinstance(child, dict):
+                out[key] = {}
+                stack.append((child, out[key], where))
+            else:
+                raise TypeError(f'the record holds a {type(child).__name__} at "{where}"')
+    return root
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of brackets in a JSON text (strings skipped), found without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def save(params: Tree, path: str | os.PathLike[str]) -> None:
     """Write ``params`` to a safetensors file at ``path``, dtypes and nesting preserved.
 
-    The file is written under a temporary name beside ``path`` and renamed,
-    so an existing file is replaced whole or not at all. The tensors are
+    The file is written under a temporary name beside ``path``, flushed to
+    disk and renamed, so an existing file is replaced whole or not at all
+    (and keeps its mode; a symlink is written through). The tensors are
     plain safetensors entries with dotted keys, readable by any safetensors
     reader.
 
     Raises:
         TypeError: a leaf is not a tensor.
-        ValueError: a key could not be written as a dotted path.
-        OSError: the folder does not exist or is not writable.
+        ValueError: a key could not be written as a dotted path, or the tree
+            nests deeper than :data:`MAX_DEPTH` levels.
+        OSError: the path cannot be written (its folder is missing or not
+            writable, the name is too long, it is a folder); raised before
+            anything is written.
     """
-    flat = _check_tensor_tree("save", params)
+    _save(params, path, "save")
+
+
+def _save(tree: Tree, path: str | os.PathLike[str], who: str, extra: Mapping[str, str] | None = None) -> None:
+    """:func:`save` with more metadata (``extra``, strings), as checkpoints write."""
+    if not _is_node(tree):
+        raise TypeError(f"{who}: params must be a dict of tensors, got {type(tree).__name__}")
+    skeleton = _skeleton(tree, who)
+    flat = _check_tensor_tree(who, tree)
     tensors, seen = {}, set()
     for key, tensor in flat.items():
         tensor = tensor.detach().contiguous().cpu()
         storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         tensors[key] = tensor.clone() if storage in seen else tensor  # safetensors refuses shared memory
         seen.add(storage)
-    metadata = {_FORMAT_KEY: json.dumps(_skeleton(params))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    metadata = {_FORMAT_KEY: json.dumps(skeleton), **(extra or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), who=who)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -189,32 +258,81 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     A file written by :func:`save` comes back as the very tree that was saved;
     a plain safetensors state dict (``"0.weight"``, ...) comes back nested by
-    its dotted keys. Never unpickles.
+    its dotted keys. The file is read whole and closed: the tensors are the
+    process's own, so nothing done to the file afterwards (overwritten,
+    truncated, deleted) reaches them. Never unpickles.
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
-        ValueError: the file is not a whole safetensors file (truncated, or
-            some other format); the message names the file.
+        IsADirectoryError: ``path`` is a folder.
+        ValueError: the file is not a whole safetensors file (truncated,
+            damaged, another format, a FIFO or device), or holds more than
+            :data:`MAX_TENSORS` tensors or a tree deeper than :data:`MAX_DEPTH`.
+        Every message names the file.
     """
+    return _load(path, "load")[0]
+
+
+def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`load`, and the file's metadata."""
     target = Path(path)
-    if not target.is_file():
-        raise FileNotFoundError(f"load: no such file: {str(target)!r}")
+    shown = repr(str(target))
     try:
-        with safe_open(target, framework="pt") as reader:
-            metadata = reader.metadata() or {}
-            flat = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise ValueError(
-            f"load: {str(target)!r} is not a readable safetensors file "
-            f"(truncated, or another format?): {error}"
-        ) from None
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{who}: no such file: {shown}") from None
+    except OSError as error:
+        raise OSError(f"{who}: cannot read {shown}: {error.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{who}: {shown} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{who}: {shown} is not a regular file (a FIFO, socket or device?)")
+    try:
+        data = target.read_bytes()
+    except OSError as error:
+        raise OSError(f"{who}: cannot read {shown}: {error.strerror}") from None
+    metadata = _header_metadata(data, shown, who)
+    try:
+        # Each tensor is copied out of the bytes read: the process owns it, and it is writable.
+        flat = {key: tensor.clone() for key, tensor in safetensors.torch.load(data).items()}
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as error:
+        raise ValueError(f"{who}: {shown} is not a readable safetensors file (truncated, or another "
+                         f"format?): {error}") from None
     if _FORMAT_KEY not in metadata:
-        return from_state_dict(flat)
+        return from_state_dict(flat), metadata
     try:
-        skeleton = json.loads(metadata[_FORMAT_KEY])
-        params = _fill(skeleton, flat, "")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"load: {str(target)!r} has a damaged {_FORMAT_KEY} record: {error!r}") from None
-    if len(tree_flatten(params)) != len(flat):
-        raise ValueError(f"load: {str(target)!r} holds tensors that its {_FORMAT_KEY} record does not name")
-    return params
+        record = metadata[_FORMAT_KEY]
+        if _json_depth(record) > MAX_DEPTH:
+            raise ValueError(f"the tree nests deeper than {MAX_DEPTH} levels")
+        tree = _fill(json.loads(record), flat)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise ValueError(f"{who}: {shown} has a damaged {_FORMAT_KEY} record: {error}") from None
+    if len(tree_flatten(tree)) != len(flat):
+        raise ValueError(f"{who}: {shown} holds tensors that its {_FORMAT_KEY} record does not name")
+    return tree, metadata
+
+
+def _header_metadata(data: bytes, shown: str, who: str) -> dict[str, str]:
+    """The safetensors header's ``__metadata__``, after checking the header's length, depth and entry count."""
+    problem = f"{who}: {shown} is not a readable safetensors file"
+    if len(data) < 8:
+        raise ValueError(f"{problem}: it is {len(data)} bytes long, shorter than a header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8 or size > _MAX_HEADER_BYTES:
+        raise ValueError(f"{problem}: its header claims {size} bytes, but the file holds {len(data) - 8} after "
+                         "the length (truncated, or another format?)")
+    try:
+        text = data[8:8 + size].decode("utf-8")
+        if _json_depth(text) > 3:  # {"name": {"shape": [...]}} at most
+            raise ValueError("the header nests too deep")
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"{problem}: its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{problem}: its header is a {type(header).__name__}, not an object")
+    if len(header) > MAX_TENSORS + 1:
+        raise ValueError(f"{problem}: it names {len(header) - 1} tensors, more than the {MAX_TENSORS} allowed")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{problem}: its __metadata__ is not a map of strings")
+    return metadata

@@ -59,8 +59,9 @@ def check_writable(path: str | os.PathLike[str], who: str) -> Path:
     and its name is not longer than the file system allows.
     """
     given = Path(path)
-    target = resolve(given)
     shown = f"{who}: {str(given)!r}"
+    _check_name_length(given, shown)  # first: a name too long makes every other question fail
+    target = resolve(given)
     if target.is_dir():
         raise IsADirectoryError(f"{shown} is a folder; expected a file path")
     folder = target.parent
@@ -68,16 +69,20 @@ def check_writable(path: str | os.PathLike[str], who: str) -> Path:
         raise FileNotFoundError(f"{shown}: the folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{shown}: the folder {str(folder)!r} is not writable")
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    if len(os.fsencode(target.name)) > limit:
-        raise OSError(f"{shown}: the name is {len(os.fsencode(target.name))} bytes long; "
-                                          f"this file system allows {limit}")
+    _check_name_length(target, shown)
     if target.exists() and not target.is_file():
         raise OSError(f"{shown} exists and is not a regular file")
     return target
+
+
+def _check_name_length(target: Path, shown: str) -> None:
+    try:
+        limit = os.pathconf(target.parent if target.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(target.name)) > limit:
+        raise OSError(f"{shown}: the name is {len(os.fsencode(target.name))} bytes long; this file system "
+                      f"allows {limit}")
 
 
 def _remove_stale(target: Path) -> None:

@@ -60,7 +60,17 @@ def tree_leaves(tree: Tree) -> list[Any]:
     """
     if not _is_node(tree):
         return [tree]
-    return [leaf for child in tree.values() for leaf in tree_leaves(child)]
+    leaves: list[Any] = []
+    stack = [iter(tree.values())]  # a walk without recursion: any depth, no RecursionError
+    while stack:
+        for child in stack[-1]:
+            if _is_node(child):
+                stack.append(iter(child.values()))
+                break
+            leaves.append(child)
+        else:
+            stack.pop()
+    return leaves
 
 
 def tree_flatten(tree: Tree) -> dict[str, Any]:
@@ -76,21 +86,24 @@ def tree_flatten(tree: Tree) -> dict[str, Any]:
         ValueError: a key is not a non-empty string without dots, so the
             path could not be read back.
     """
+    if not _is_node(tree):
+        return {"": tree}
     flat: dict[str, Any] = {}
-
-    def walk(node: Tree, path: str) -> None:
-        if not _is_node(node):
-            flat[path] = node
-            return
-        for key, child in node.items():
+    stack = [(iter(tree.items()), "")]  # a walk without recursion: any depth, no RecursionError
+    while stack:
+        items, path = stack[-1]
+        for key, child in items:
             if not isinstance(key, str) or not key or "." in key:
                 raise ValueError(
                     f"tree_flatten: key {key!r} {_where(path)} must be a non-empty "
                     "string without dots, so that dotted paths can be read back"
                 )
-            walk(child, _join(path, key))
-
-    walk(tree, "")
+            if _is_node(child):
+                stack.append((iter(child.items()), _join(path, key)))
+                break
+            flat[_join(path, key)] = child
+        else:
+            stack.pop()
     return flat
 
 
@@ -138,7 +151,8 @@ def tree_difference(
     """
     a_name, b_name = names
 
-    def walk(a: Tree, b: Tree, path: str) -> str | None:
+    def visit(a: Tree, b: Tree, path: str) -> str | None:
+        """What differs at this pair itself (its keys, or its leaves); the children are visited after."""
         a_node, b_node = _is_node(a), _is_node(b)
         if a_node and b_node:
             for key in a:
@@ -147,10 +161,6 @@ def tree_difference(
             for key in b:
                 if key not in a:
                     return f'{b_name} has an entry at "{_join(path, key)}" that {a_name} lacks'
-            for key in a:
-                found = walk(a[key], b[key], _join(path, key))
-                if found:
-                    return found
             return None
         if a_node or b_node:
             return f"{a_name} has {_describe(a)} {_where(path)} but {b_name} has {_describe(b)}"
@@ -159,7 +169,23 @@ def tree_difference(
                 return f"{a_name} has {_describe(a)} {_where(path)} but {b_name} has {_describe(b)}"
         return None
 
-    return walk(tree, other, "")
+    found = visit(tree, other, "")
+    if found or not _is_node(tree):
+        return found
+    stack = [(iter(tree.items()), other, "")]  # depth first, in key order, without recursion
+    while stack:
+        items, twin, path = stack[-1]
+        for key, child in items:
+            where = _join(path, key)
+            found = visit(child, twin[key], where)
+            if found:
+                return found
+            if _is_node(child):
+                stack.append((iter(child.items()), twin[key], where))
+                break
+        else:
+            stack.pop()
+    return None
 
 
 def tree_same_structure(tree: Tree, other: Tree) -> bool:
@@ -172,9 +198,22 @@ def tree_same_structure(tree: Tree, other: Tree) -> bool:
 
 
 def _map(fn: Callable[..., Any], tree: Tree, rest: tuple[Tree, ...]) -> Tree:
-    if _is_node(tree):
-        return {key: _map(fn, child, tuple(r[key] for r in rest)) for key, child in tree.items()}
-    return fn(tree, *rest)
+    if not _is_node(tree):
+        return fn(tree, *rest)
+    root: dict[str, Any] = {}
+    stack = [(iter(tree.items()), rest, root)]  # a walk without recursion: any depth, no RecursionError
+    while stack:
+        items, others, out = stack[-1]
+        for key, child in items:
+            twins = tuple(r[key] for r in others)
+            if _is_node(child):
+                out[key] = {}
+                stack.append((iter(child.items()), twins, out[key]))
+                break
+            out[key] = fn(child, *twins)
+        else:
+            stack.pop()
+    return root
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
@@ -254,7 +293,10 @@ def _paired(tree: Tree, other: Tree) -> _Paired | None:
     if type(tree) is not dict or type(other) is not dict or len(tree) != len(other):
         return None
     paired = _Paired({}, [], [], [])
-    skeleton = _pair_walk(tree, other, paired)
+    try:
+        skeleton = _pair_walk(tree, other, paired)
+    except RecursionError:  # a tree nested thousands deep: the general path walks it without recursion
+        return None
     if skeleton is None:
         return None
     paired.skeleton = skeleton
@@ -264,10 +306,4 @@ def _paired(tree: Tree, other: Tree) -> _Paired | None:
 def _rebuild_like(tree: Tree, leaves: list[Any]) -> Tree:
     """A tree of plain dicts shaped like ``tree``, with ``leaves`` in its key order (as :func:`_paired` reads them)."""
     it = iter(leaves)
-    return _fill_like(tree, it)
-
-
-def _fill_like(node: Tree, it: Any) -> Tree:
-    if _is_node(node):
-        return {key: _fill_like(child, it) for key, child in node.items()}
-    return next(it)
+    return _map(lambda _: next(it), tree, ())

@@ -29,6 +29,7 @@ from .experiment import (
     TUNED,
     DiscResult,
     DiscSettings,
+    check_params_fit,
     run_disc,
     run_disc_together,
     summarize,
@@ -37,6 +38,7 @@ from .initializers import INITIALIZERS
 from .io import load
 from .layers import Params
 from .train import History
+from .tree import tree_leaves
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="with --seeds, train the seeds one after another, each exactly as --seed N "
                                "would (together, rounding can differ in the last bits; this is slower)")
     training.add_argument("--init-from", metavar="PATH", type=Path,
-                          help="start from params saved by --save (or rf.save) instead of drawing them")
+                          help="start from params saved by --save (or rf.save) instead of drawing them (the params "
+                               "only: batch norm's running statistics start afresh)")
     training.add_argument("--compile", action="store_true",
                           help="train through torch.compile: the first step compiles (tens of seconds), later "
                                "steps run faster; results equal eager training to float rounding")
@@ -220,6 +223,10 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail("--compare-torch trains with MSE, as the seed report did; it does not apply to --loss cross-entropy")
     if (args.dropout or args.batch_norm) and args.model != "mlp":
         _fail(f"--dropout and --batch-norm go into the seed MLP; they do not apply to --model {args.model}")
+    if args.batch_norm and (DEFAULTS.n_train % args.batch_size == 1 or args.batch_size == 1):
+        _fail(f"--batch-norm: batches of {args.batch_size} leave {'every' if args.batch_size == 1 else 'the last'} "
+              f"batch of an epoch ({DEFAULTS.n_train} points) one row, which batch norm cannot normalize in "
+              "training; choose another --batch-size")
     if args.compile and (args.dropout or args.batch_norm):
         _fail("--compile compiles a plain model's step; it does not apply with --dropout or --batch-norm")
     if args.compile and args.optimizer != "sgd":
@@ -330,7 +337,7 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
 
             save(results[0].params, args.save)
             print(f"saved the trained params to {args.save}")
-            if results[0].model_state is not None:
+            if results[0].model_state is not None and tree_leaves(results[0].model_state):
                 state_path = _state_path(args.save)
                 save(results[0].model_state, state_path)
                 print(f"saved the model's state (batch norm's running statistics) to {state_path}")
@@ -417,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
+    if init_params is not None:
+        try:
+            check_params_fit(settings.task.model, init_params)
+        except ValueError as error:
+            _fail(f"--init-from {args.init_from}: {error}")
     seeds = args.seeds or [args.seed]
     together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
@@ -428,8 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         callback, close = _progress(label, settings.epochs, args.quiet, sys.stderr)
         try:
             results.extend(train(callback))
-        except ValueError as error:  # --init-from params that do not fit the model
-            _fail(f"--init-from {args.init_from}: {error}")
+        except ValueError as error:  # what the settings could not be checked for before training
+            _fail(str(error))
         finally:
             close()
     summary = summarize(results) if len(results) > 1 else None

@@ -341,11 +341,21 @@ def _merged(name: str, merge: Callable[[list[Tensor]], Tensor], outputs: list[Te
     try:
         return merge(outputs)
     except RuntimeError:
-        shapes = ", ".join(str(tuple(y.shape)) for y in outputs)
-        raise ValueError(f"{name}: the branches' outputs cannot be merged: shapes {shapes}") from None
+        shapes = ", ".join(f"{tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}" for y in outputs)
+        raise ValueError(f"{name}: the branches' outputs cannot be merged: {shapes}") from None
+
+
+def _alike(tensors: list[Tensor], *, last_dim: bool = True) -> None:
+    """Raise RuntimeError (which _merged words) unless the parts have one dtype and one shape (but for the last
+    dimension, with ``last_dim=False``): a merge must not broadcast or promote, or the pullback's dx would not fit."""
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.dtype != first.dtype or (t.shape != first.shape if last_dim else t.shape[:-1] != first.shape[:-1]):
+            raise RuntimeError("parts differ")
 
 
 def _sum(tensors: list[Tensor]) -> Tensor:
+    _alike(tensors)
     total = tensors[0].clone()  # a new tensor even for one branch, as every layer returns
     for t in tensors[1:]:
         total = total + t
@@ -379,6 +389,7 @@ def _split_last(dy: Tensor, parts: list[Tensor]) -> list[Tensor]:
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
+    _alike(parts, last_dim=False)
     return torch.cat(parts, dim=-1)
 
 
@@ -461,9 +472,9 @@ def _tuple_merge(who: str, merge: Callable[[list[Tensor]], Tensor],
     name = f"{who}()"
 
     def forward(where: str, params: Params, x: Any) -> tuple[Tensor, list[Tensor]]:
-        if params:
-            raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
-                             f"{sorted(params)}")
+        if params or not isinstance(params, Mapping):
+            got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+            raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got {got}")
         parts = _parts(f"{name}.{where}", x, None)
         return _merged(name, merge, parts), parts
 

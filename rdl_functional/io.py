@@ -82,6 +82,8 @@ def _merged(params: Tree, state: Tree, path: str) -> Tree:
         else:
             raise ValueError(f'to_state_dict: params and state both hold "{where}"; a state is '
                              "model.init_state()'s tree, beside the params, not inside them")
+    if merged and all(key.isdigit() for key in merged):  # a compose's children: torch's order, by index
+        merged = {key: merged[key] for key in sorted(merged, key=int)}
     return merged
 
 

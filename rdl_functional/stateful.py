@@ -123,13 +123,13 @@ def stateful(layer: Layer) -> StatefulLayer:
 
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
-        if state:
+        if state or not isinstance(state, Mapping):
             check_no_state(f"{name}.apply", name, state)
         return layer.apply(params, x), {}
 
     def vjp(params: Params, state: State, x: Tensor, *, train: bool,
             generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
-        if state:
+        if state or not isinstance(state, Mapping):
             check_no_state(f"{name}.vjp", name, state)
         y, pullback = layer.vjp(params, x)
         return y, {}, pullback
@@ -181,6 +181,8 @@ def dropout(p: float) -> StatefulLayer:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}.{where}: x must be a torch.Tensor, got {type(x).__name__}")
         if not train:
+            if generator is not None:
+                as_generator(generator, f"{name}.{where}")  # checked, though evaluating draws nothing
             return None
         if generator is None:
             raise ValueError(f"{name}.{where}: in training (train=True) dropout draws a random mask and needs a "
@@ -232,7 +234,7 @@ _STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> StatefulLayer:
-    """Batch normalization, ``torch.nn.BatchNorm1d(features, eps, momentum, affine)`` exactly.
+    """Batch normalization of ``(batch, features)`` input: ``torch.nn.BatchNorm1d(features, eps, momentum, affine)``.
 
     Training, each feature is normalized with the batch's mean μ and biased
     variance σ²: ``y = (x − μ) / √(σ² + ε) · weight + bias``, and the running

@@ -72,10 +72,12 @@ def train_torch(
     before each step. With dropout, torch's modules draw their masks from the
     global RNG: it is set to ``generator``'s state for the run (and restored
     after), so that the masks are the ones ``fit`` draws from ``generator``.
-    ``state`` is the model's state to start from (with batch norm); the
-    returned state is ``None`` for a plain model.
+    ``state`` is the model's state to start from (with batch norm; a fresh
+    one by default); the returned state is ``None`` for a plain model.
     """
     settings = settings or DiscSettings()
+    if state is None and settings.batch_norm:
+        state = settings.task.model.init_state()
     model = torch_seed_model(dropout=settings.dropout, batch_norm=settings.batch_norm).train()
     model.load_state_dict(to_state_dict(params, state), strict=True)
     optimizer = torch_optimizer(settings, model.parameters())
@@ -89,6 +91,7 @@ def train_torch(
                 torch.nn.functional.mse_loss(model(x[rows]), target[rows]).backward()
                 optimizer.step()
                 count += 1
+        generator.set_state(torch.default_generator.get_state())  # advanced, as fit advances its generator
     trained = tree_unflatten({key: value.detach().clone() for key, value in model.state_dict().items()})
     if state is None:
         return trained, None

@@ -239,8 +239,14 @@ def fit(
             if compile:
                 params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], step_function(count))
             elif has_state:
-                _, grads, model_state = step(params, model_state, x_shuffled[start:stop],
-                                             target_shuffled[start:stop], generator=g)
+                try:
+                    _, grads, model_state = step(params, model_state, x_shuffled[start:stop],
+                                                 target_shuffled[start:stop], generator=g)
+                except ValueError as error:
+                    if stop <= x.shape[0]:
+                        raise
+                    raise ValueError(f"fit: the last batch of each epoch holds {x.shape[0] - start} row(s) "
+                                     f"({x.shape[0]} rows in batches of {batch_size}): {error}") from None
                 params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
                 del grads
             else:
@@ -292,7 +298,7 @@ def _optimizer(
 def _start_state(model: StatefulLayer, params: Params, x: Tensor, state: State | None) -> State:
     """The state to train from: ``state``, or ``model.init_state()`` in the dtype of the params (else of ``x``)."""
     if state is not None:
-        return state
+        return _copy(state)  # the caller's tensors are never handed back as the result
     floats = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
     dtype = floats[0].dtype if floats else x.dtype if isinstance(x, Tensor) and x.is_floating_point() else None
     return model.init_state(dtype=dtype or torch.float32)

@@ -215,6 +215,8 @@ def test_progress_bar_on_a_terminal():
         (["--optimizer", "nesterov", "--momentum", "0"], "--optimizer nesterov needs --momentum > 0"),
         (["--weight-decay", "-1"], "argument --weight-decay: must be a finite number ≥ 0, got -1"),
         (["--optimizer", "adam", "--compile"], "--compile trains with plain SGD"),
+        (["--batch-norm", "--batch-size", "333"], "--batch-norm: batches of 333 leave the last batch of an epoch"),
+        (["--batch-norm", "--batch-size", "1"], "--batch-norm: batches of 1 leave every batch"),
         (["--dropout", "1"], "argument --dropout: must be a probability in [0, 1), got 1"),
         (["--dropout", "-0.1"], "argument --dropout: must be a probability in [0, 1), got -0.1"),
         (["--model", "logistic", "--batch-norm"], "--dropout and --batch-norm go into the seed MLP"),

@@ -254,3 +254,38 @@ def test_a_torch_state_dict_splits_back_into_params_and_state(generator):
     assert torch.equal(model(params, state, x, train=False)[0], module.eval()(x).detach())
     with pytest.raises(ValueError, match=r'split_state: the tree has no "1.running_mean", which the state holds'):
         rf.split_state(rf.from_state_dict({"0.weight": torch.zeros(1)}), model.init_state())
+
+
+def test_review_findings_stay_fixed():
+    # Merges of a tuple refuse parts of different shapes or dtypes (a broadcast would give a dx of the wrong shape).
+    with pytest.raises(ValueError, match=r"add\(\): the branches' outputs cannot be merged: \(3, 1\) float64, "
+                                         r"\(3, 4\) float64"):
+        rf.add()({}, (torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"concat\(\): the branches' outputs cannot be merged"):
+        rf.concat()({}, (torch.zeros(3, 1), torch.zeros(3, 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"add\(\)\.apply: add\(\) has no parameters, so params must be \{\}, "
+                                         r"got NoneType"):
+        rf.add()(None, (torch.zeros(1), torch.zeros(1)))
+    with pytest.raises(TypeError, match=r"relu\.apply: state must be a dict"):
+        rf.stateful(rf.relu)({}, None, torch.zeros(1, 1), train=True)
+    with pytest.raises(TypeError, match=r"dropout\(0.5\)\.apply: expected a torch.Generator or an int seed"):
+        rf.dropout(0.5)({}, {}, torch.zeros(1, 1), train=False, generator="nonsense")
+    # epochs=0 hands back new tensors, not the caller's state.
+    model = _model()
+    state = model.init_state()
+    x, labels = rf.disc_dataset(10, 0)
+    _, history = rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=0, batch_size=5,
+                        lr=0.1, model_state=state, generator=0)
+    assert history.model_state is not state
+    assert not set(map(id, rf.tree_leaves(history.model_state))) & set(map(id, rf.tree_leaves(state)))
+    # A trailing batch of one row is named as such.
+    with pytest.raises(ValueError, match=r"fit: the last batch of each epoch holds 1 row\(s\) \(11 rows in batches "
+                                         r"of 5\): layer 1: batch_norm\(16\)\.vjp: in training"):
+        x, labels = rf.disc_dataset(11, 0)
+        rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=1, batch_size=5, lr=0.1,
+               generator=0)
+    # An affine=False batch norm's buffers come in the layer's place, as torch lists them.
+    plain = rf.compose(rf.linear(2, 3), rf.batch_norm(3, affine=False), rf.linear(3, 1))
+    params = {"0": plain.init(0)["0"], "2": plain.init(0)["2"]}  # as from_state_dict leaves it
+    assert list(rf.to_state_dict(params, plain.init_state()))[2:5] == [
+        "1.running_mean", "1.running_var", "1.num_batches_tracked"]

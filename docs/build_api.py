@@ -29,6 +29,7 @@ MODULES = [
     "combinators",
     "losses",
     "autodiff",
+    "checkpoint",
     "codegen",
     "activations",
     "initializers",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
+from .checkpoint import Checkpoint, read_checkpoint
 from .codegen import Code
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
@@ -55,7 +56,7 @@ from .optim import (
     warmup_cosine_decay_schedule,
 )
 from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
-from .train import History, accuracy, evaluate, fit, predict
+from .train import History, NonFiniteLoss, accuracy, evaluate, fit, predict
 from .tree import (
     tree_difference,
     tree_flatten,
@@ -113,6 +114,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DISC_CENTER",
     "DISC_RADIUS",
+    "Checkpoint",
     "Code",
     "DiscData",
     "DiscResult",
@@ -120,6 +122,7 @@ __all__ = [
     "History",
     "Layer",
     "Loss",
+    "NonFiniteLoss",
     "Optimizer",
     "Schedule",
     "State",
@@ -177,6 +180,7 @@ __all__ = [
     "plot_history",
     "plot_seed_spread",
     "predict",
+    "read_checkpoint",
     "relu",
     "residual",
     "rmsprop",

@@ -19,7 +19,8 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 from . import __version__
-from ._files import atomic_write
+from ._files import atomic_write, check_writable
+from .checkpoint import read_checkpoint
 from .experiment import (
     DEFAULTS,
     LOSSES,
@@ -37,7 +38,7 @@ from .experiment import (
 from .initializers import INITIALIZERS
 from .io import load
 from .layers import Params
-from .train import History
+from .train import History, NonFiniteLoss
 from .tree import tree_leaves
 
 
@@ -47,7 +48,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits, and larger ones would alias smaller ones
+MAX_SEEDS = 1000  # each seed is a whole run, and --seeds trains them as one stack held in memory at once
+
+
+def _int_at_least(minimum: int, maximum: int = MAX_SEED) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -55,6 +60,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be ≥ {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be ≤ {maximum}, got {value}")
         return value
 
     return parse
@@ -92,6 +99,11 @@ def _seeds(text: str) -> list[int]:
         if low < 0 or high < low:
             hint = f" (did you mean {high}-{low}?)" if high < low else ""
             raise argparse.ArgumentTypeError(f"the seed range {part.strip()} is empty or negative{hint}")
+        if high > MAX_SEED:
+            raise argparse.ArgumentTypeError(f"seeds must be ≤ {MAX_SEED}, got {high}")
+        if len(seeds) + high - low + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"{text!r} names more than {MAX_SEEDS} seeds: each is a whole run, "
+                                             "and they train as one stack held in memory at once")
         seeds.extend(range(low, high + 1))
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
@@ -160,7 +172,10 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--compile", action="store_true",
                           help="train through torch.compile: the first step compiles (tens of seconds), later "
                                "steps run faster; results equal eager training to float rounding")
-    training.add_argument("--threads", type=_int_at_least(1), default=1,
+    training.add_argument("--no-finite-check", dest="check_finite", action="store_false",
+                          help="train on when the loss turns NaN or infinite (by default the run stops there, "
+                               "naming the epoch and step)")
+    training.add_argument("--threads", type=_int_at_least(1, 1024), default=1,
                           help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
                                "count keeps results reproducible (default: %(default)s)")
     output = parser.add_argument_group("output")
@@ -172,6 +187,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="write the trained params (safetensors); with --dropout or --batch-norm also the "
                              "model's state, beside it as NAME-state.safetensors")
     output.add_argument("--json", metavar="PATH", type=Path, help="write the runs and their summary as JSON")
+    output.add_argument("--checkpoint", metavar="PATH", type=Path,
+                        help="write the run's whole state to PATH once an epoch (see --checkpoint-every), each "
+                             "write replacing the last whole or not at all; if PATH holds a checkpoint of this "
+                             "very run, continue it")
+    output.add_argument("--checkpoint-every", metavar="N", type=_int_at_least(1),
+                        help="steps between checkpoints (default: one epoch's)")
+    output.add_argument("--resume", metavar="PATH", type=Path,
+                        help="continue the run that the checkpoint at PATH records, with its settings (give no "
+                             "training flags; --save, --json, --plots, --compare-torch may be given again); it "
+                             "ends with the params and history of the run never interrupted, bit for bit")
     output.add_argument("--compare-torch", action="store_true",
                         help="also train the same MLP with torch.nn + autograd + the matching torch.optim "
                              "optimizer from the same params and batches, and compare accuracies, params and "
@@ -191,12 +216,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _check_output_file(flag: str, path: Path) -> None:
-    if path.is_dir():
-        _fail(f"{flag} {path}: is a folder, expected a file path")
-    if not path.parent.is_dir():
-        _fail(f"{flag} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        _fail(f"{flag} {path}: the folder {path.parent} is not writable")
+    try:
+        check_writable(path, flag)
+    except OSError as error:
+        _fail(str(error))
 
 
 def _check_plot_dir(path: Path) -> None:
@@ -235,9 +258,19 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(f"--momentum applies to momentum, nesterov and rmsprop, not to --optimizer {args.optimizer}")
     if args.optimizer in ("momentum", "nesterov") and args.momentum == 0:
         _fail(f"--optimizer {args.optimizer} needs --momentum > 0 (use --optimizer sgd for none)")
-    for flag, path in (("--save", args.save), ("--json", args.json)):
+    if args.checkpoint is not None and not single:
+        _fail("--checkpoint records one run; use --seed N rather than --seeds")
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        _fail("--checkpoint-every goes with --checkpoint PATH")
+    for flag, path in (("--save", args.save), ("--json", args.json), ("--checkpoint", args.checkpoint)):
         if path is not None:
             _check_output_file(flag, path)
+    if args.save is not None and args.save.is_file() and args.save.resolve() != (args.resume or Path()).resolve():
+        try:
+            load(args.save)
+        except (OSError, ValueError):
+            _fail(f"--save {args.save}: the file exists and is not a safetensors file of params; refusing to "
+                  "replace it (remove it, or choose another path)")
     if args.plots is not None:
         _check_plot_dir(args.plots)
 
@@ -361,7 +394,7 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                 "runs": [result.summary() for result in results],
                 "summary": summary,
             }
-            text = json.dumps(document, indent=2) + "\n"
+            text = json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
             atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
             print(f"wrote {args.json}")
     except OSError as error:
@@ -409,9 +442,47 @@ def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
           f"  (time ratio {comparison.seconds / comparison.torch_seconds:.2f}×)")
 
 
+def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--resume PATH``: the run's settings, seed and checkpoint path, taken from the checkpoint into ``args``."""
+    training = next(group for group in parser._action_groups if group.title == "training")
+    for action in training._group_actions:
+        if getattr(args, action.dest) != action.default:
+            _fail(f"--resume takes the run's settings from its checkpoint; leave out {action.option_strings[0]}")
+    if args.checkpoint is not None or args.checkpoint_every is not None:
+        _fail("--resume writes to the checkpoint it continues; leave out --checkpoint and --checkpoint-every")
+    try:
+        info = read_checkpoint(args.resume).settings.get("info")
+    except (OSError, ValueError) as error:
+        _fail(f"--resume: {error}")
+    caller = info.get("caller") if isinstance(info, dict) else None
+    if not isinstance(caller, dict) or caller.get("program") != "rdl-train":
+        _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use rf.fit(..., "
+              "checkpoint=PATH) with the same arguments to continue it)")
+    for name, value in info["settings"].items():
+        setattr(args, name, value)
+    args.seed, args.seeds, args.checkpoint = info["seed"], None, args.resume
+    args.init_from = Path(caller["init_from"]) if caller["init_from"] else None
+    args.checkpoint_every, args.check_finite, args.threads = (caller["checkpoint_every"], caller["check_finite"],
+                                                              caller["threads"])
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers (Python would write NaN, which is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rdl-train`` and ``python -m rdl_functional``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        _resume_settings(parser, args)
     args.seeds_text = ",".join(map(str, args.seeds)) if args.seeds else ""
     _check_args(args)
     init_params = _initial_params(args.init_from)
@@ -433,8 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
                                                                     callback=c))] if together else \
-        [(f"seed {seed}", lambda c, s=seed: [run_disc(s, settings, init_params=init_params, callback=c)])
-         for seed in seeds]
+        [(f"seed {seed}", lambda c, s=seed: [run_disc(
+            s, settings, init_params=init_params, callback=c, checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every, check_finite=args.check_finite,
+            checkpoint_info={"program": "rdl-train", "init_from": str(args.init_from) if args.init_from else None,
+                             "checkpoint_every": args.checkpoint_every, "check_finite": args.check_finite,
+                             "threads": args.threads})]) for seed in seeds]
     results: list[DiscResult] = []
     for label, train in runs:
         callback, close = _progress(label, settings.epochs, args.quiet, sys.stderr)
@@ -442,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.extend(train(callback))
         except ValueError as error:  # what the settings could not be checked for before training
             _fail(str(error))
+        except NonFiniteLoss as error:
+            close()
+            print(f"rdl-train: {error}", file=sys.stderr)
+            return 1
         finally:
             close()
     summary = summarize(results) if len(results) > 1 else None

@@ -7,8 +7,10 @@ logistic regression, is one linear layer trained on cross-entropy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -314,6 +316,10 @@ def run_disc(
     *,
     init_params: Params | None = None,
     callback: Callable[[int, Params, History], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_info: Any = None,
+    check_finite: bool = True,
 ) -> DiscResult:
     """Train a model on fresh disc data and evaluate it on fresh test points.
 
@@ -321,8 +327,10 @@ def run_disc(
     test set, the initial params and every epoch's shuffle: a seed names one
     whole run. ``init_params`` (checked with :func:`check_params_fit`)
     replaces the drawn initial params; they are drawn anyway, so a seed gives
-    the same data and batches either way. ``callback`` is passed to
-    :func:`~rdl_functional.fit`.
+    the same data and batches either way. ``callback``, ``checkpoint``,
+    ``checkpoint_every``, ``checkpoint_info`` and ``check_finite`` are passed
+    to :func:`~rdl_functional.fit` (the checkpoint records the seed and
+    settings besides).
     """
     start = time.perf_counter()
     task = settings.task
@@ -337,7 +345,11 @@ def run_disc(
     params, history = fit(
         model, task.loss, params, data.x_train, task.targets(data.labels_train),
         epochs=settings.epochs, batch_size=settings.batch_size, generator=g,
-        test=(data.x_test, task.targets(data.labels_test)), callback=callback, compile=settings.compile, **how,
+        test=(data.x_test, task.targets(data.labels_test)), callback=callback, compile=settings.compile,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite,
+        checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": attrs.asdict(settings),
+                                                         "caller": checkpoint_info},
+        **how,
     )  # fmt: skip
     return _result(seed, settings, model, params, history, data, time.perf_counter() - start)
 

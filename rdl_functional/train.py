@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -9,8 +11,10 @@ import attrs
 import torch
 from torch import Tensor
 
+from ._files import check_writable
 from ._random import as_generator
 from .autodiff import value_and_grad
+from .checkpoint import _HISTORY, Checkpoint, describe_rate, difference, digest, read_checkpoint, write_checkpoint
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Optimizer, Schedule, sgd, sgd_step
@@ -19,7 +23,7 @@ from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
 from .tree import Tree, tree_leaves, tree_map
 
-__all__ = ["History", "accuracy", "evaluate", "fit", "predict"]
+__all__ = ["History", "NonFiniteLoss", "accuracy", "evaluate", "fit", "predict"]
 
 StepFunction = Callable[[Tree, Tree, float], Tree]
 """``(params, grads, lr) -> new params``, as :func:`~rdl_functional.sgd_step`."""
@@ -143,6 +147,10 @@ def fit(
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
     compile: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_info: Any = None,
+    check_finite: bool = True,
 ) -> tuple[Params, History]:
     """Train on shuffled minibatches; return the final params and the per-epoch history.
 
@@ -196,6 +204,22 @@ def fit(
             (``torch.compile``; plain SGD only). The first step compiles, which
             takes tens of seconds on a CPU; the results equal eager training
             to float rounding, not bit for bit.
+        checkpoint: a file to write the run's state to every ``checkpoint_every``
+            steps (once an epoch by default) and at the end, each write
+            replacing the last whole or not at all. When the file exists, ``fit``
+            resumes from it: called again with the same arguments after a
+            crash or a kill, it ends with the params and history of the run never
+            interrupted, bit for bit. A checkpoint of another run (another model,
+            data, start, rate, ...) is refused with the difference named.
+            :func:`~rdl_functional.read_checkpoint` reads one.
+        checkpoint_every: steps between checkpoints, ≥ 1.
+        checkpoint_info: JSON-able data recorded in the checkpoint's settings,
+            which a resumed run must match (``rdl-train`` records its settings).
+        check_finite: stop at a loss that is NaN or infinite, raising
+            :class:`NonFiniteLoss` with its epoch and step. The losses are
+            checked together at each epoch's end (and before each checkpoint,
+            which is never written with params that are not finite), so there is
+            no host sync per step.
 
     With an :class:`~rdl_functional.Optimizer` or the default ``sgd_step``,
     ``fit`` updates private copies of the params and the optimizer state in
@@ -213,10 +237,10 @@ def fit(
     """
     _check_count("fit", "epochs", epochs, 0)
     _check_count("fit", "batch_size", batch_size, 1)
-    runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile)
     _check_rows("fit", x, target)
     if test is not None:
         _check_rows("fit: test", *test)
+    params = _detached(params)
     g = as_generator(generator, "fit")
     has_state = isinstance(model, StatefulLayer)
     if has_state:
@@ -226,49 +250,172 @@ def fit(
         model_state = _start_state(model, params, x, model_state)
     elif model_state is not None:
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
+    n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
+    resumed: Checkpoint | None = None
+    if checkpoint is not None:
+        check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
+        every = per_epoch if checkpoint_every is None else checkpoint_every
+        _check_count("fit", "checkpoint_every", every, 1)
+        settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
+                                 epochs, batch_size, generator, record_history, checkpoint_info, per_epoch)
+        resumed = _resume(checkpoint, settings)
+        if resumed is not None:
+            params, model_state = resumed.params, resumed.model_state
+            g.set_state(resumed.generator_state)
+    elif checkpoint_every is not None or checkpoint_info is not None:
+        raise ValueError("fit: checkpoint_every and checkpoint_info go with checkpoint=PATH")
+    runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
+                                       resumed=resumed.opt_state if resumed is not None else None)
     step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
     if runner is not None:
         params = runner.params
-    history, count = History(model_state=model_state if has_state else None), 0
-    for epoch in range(1, epochs + 1):
-        # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
-        order = torch.randperm(x.shape[0], generator=g)
+    history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
+    if resumed is not None:
+        history = History(**{name: tuple(values) for name, values in resumed.history.items()},
+                          model_state=model_state)
+        count, done, position = resumed.steps, resumed.epochs_done, resumed.position
+
+    def save(epochs_done: int, position: int, order: Tensor | None) -> None:
+        _check_params_finite(runner.params if runner is not None else params, epochs_done, checkpoint)
+        write_checkpoint(checkpoint, Checkpoint(
+            params=params, opt_state=runner.state() if runner is not None else None, model_state=model_state,
+            generator_state=g.get_state(), order=order, epochs_done=epochs_done, position=position, steps=count,
+            history={name: list(getattr(history, name)) for name in _HISTORY}, settings=settings,
+        ))
+
+    for epoch in range(done + 1, epochs + 1):
+        if resumed is not None and position:  # inside the epoch the checkpoint was written in
+            order, first = resumed.order, position
+        else:
+            # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
+            order, first = torch.randperm(n, generator=g), 0
+        resumed = None
         x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
-        for start in range(0, x.shape[0], batch_size):
+        losses: list[Tensor] = []  # this epoch's step losses, checked for NaN and inf without a sync per step
+        for start in range(first, n, batch_size):
             stop = start + batch_size
             if compile:
-                params = step(params, x_shuffled[start:stop], target_shuffled[start:stop], step_function(count))
+                value, params = step(params, x_shuffled[start:stop], target_shuffled[start:stop],
+                                     step_function(count))
             elif has_state:
                 try:
-                    _, grads, model_state = step(params, model_state, x_shuffled[start:stop],
-                                                 target_shuffled[start:stop], generator=g)
+                    value, grads, model_state = step(params, model_state, x_shuffled[start:stop],
+                                                     target_shuffled[start:stop], generator=g)
                 except ValueError as error:
-                    if stop <= x.shape[0]:
+                    if stop <= n:
                         raise
-                    raise ValueError(f"fit: the last batch of each epoch holds {x.shape[0] - start} row(s) "
-                                     f"({x.shape[0]} rows in batches of {batch_size}): {error}") from None
+                    raise ValueError(f"fit: the last batch of each epoch holds {n - start} row(s) "
+                                     f"({n} rows in batches of {batch_size}): {error}") from None
                 params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
                 del grads
             else:
-                _, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
+                value, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
                 params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
                 del grads  # not alive through the next step's forward pass
             count += 1
+            if check_finite:
+                losses.append(value)
+            if checkpoint is not None and count % every == 0 and stop < n:  # inside an epoch
+                _check_losses(losses, epoch, first, batch_size, checkpoint, check_finite)
+                save(epoch - 1, stop, order)
+        _check_losses(losses, epoch, first, batch_size, checkpoint, check_finite)
         if has_state:
             history = attrs.evolve(history, model_state=model_state)
         if record_history:
             on_test = evaluate(model, loss, params, *test, state=model_state) if test is not None else None
             history = history._append(evaluate(model, loss, params, x, target, state=model_state), on_test)
+        if checkpoint is not None and (count % every == 0 or epoch == epochs):
+            save(epoch, 0, None)
         if callback is not None:
             # A copy: the params in hand are updated in place by the next epoch.
             callback(epoch, _copy(params) if runner is not None else params, history)
     if runner is not None and isinstance(optimizer, Optimizer):  # a step function keeps no state
         history = attrs.evolve(history, opt_state=runner.state())
+    if runner is None and count == 0:  # nothing ran: still new tensors, never the caller's own
+        params = _copy(params)
     return params, history
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Raised by :func:`fit` when a step's loss is NaN or infinite; ``epoch`` and ``step`` (1-based) say where."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,
+                  check: bool) -> None:
+    """Raise :class:`NonFiniteLoss` at the first step of ``losses`` whose loss is not finite; empties the list.
+
+    One read of the device for the lot (here, at an epoch's end or before a checkpoint), not one per step.
+    """
+    if not check or not losses:
+        return
+    bad = ~torch.isfinite(torch.stack([value.detach().reshape(()) for value in losses]))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        value = float(losses[index])
+        step = first // batch_size + index + 1
+        kept = (f"; the checkpoint {str(checkpoint)!r} holds the last good state" if checkpoint is not None
+                else "")
+        raise NonFiniteLoss(f"fit: the loss is {value} at epoch {epoch}, step {step}: training stopped{kept}. "
+                            "Check the data and the initial params for NaN or inf, and try a smaller learning "
+                            "rate (or pass check_finite=False to train on regardless)", epoch, step)
+    losses.clear()
+
+
+def _check_params_finite(params: Params, epoch: int, checkpoint: Any) -> None:
+    """A checkpoint is never written over the last good one with params that are not finite."""
+    leaves = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+    if leaves and not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
+        raise NonFiniteLoss(f"fit: the params are no longer finite after epoch {epoch}: training stopped; the "
+                            f"checkpoint {str(checkpoint)!r} holds the last good state", epoch, 0)
+
+
+def _detached(params: Params) -> Params:
+    """The params detached from any autograd graph (a view each, no copy): params that require grad would
+    otherwise grow a graph through every update, which is never freed, and hand back results with a grad_fn."""
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, params)
+
+
+def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
+                  model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
+                  generator: Any, record_history: bool, info: Any, per_epoch: int) -> dict[str, Any]:
+    """What a checkpoint records of the run, and a resumed run must match."""
+    return {  # the plainest first, so that a difference is named by the plainest setting that shows it
+        "info": info,
+        "model": model.name,
+        "loss": loss.name,
+        "optimizer": getattr(optimizer, "name", None) or getattr(optimizer, "__qualname__", type(optimizer).__name__),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "data": f"{x.shape[0]} rows, {digest(x, target)}",
+        "test": digest(*test) if test is not None else None,
+        "start": digest(params, opt_state, model_state),
+        "generator": generator if isinstance(generator, int) else digest(generator.get_state()),
+        "record_history": record_history,
+        "lr": describe_rate(lr, epochs * per_epoch),
+        "optimizer_rates": [describe_rate(link.lr, epochs * per_epoch) for link in optimizer.links
+                            if link.rule] if isinstance(optimizer, Optimizer) else None,
+    }
+
+
+def _resume(path: Any, settings: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run."""
+    if not os.path.exists(path):
+        return None
+    saved = read_checkpoint(path)
+    found = difference(saved.settings, json.loads(json.dumps(settings)))
+    if found:
+        raise ValueError(f"fit: the checkpoint {str(path)!r} records another run ({found}); resume with the "
+                         "settings it was written with, or remove it to start afresh")
+    return saved
+
+
 def _optimizer(
-    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, compile: bool = False
+    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, compile: bool = False,
+    resumed: Tree | None = None,
 ) -> tuple[_Running | None, Callable[[int], float]]:
     """``(runner, rate)``: the optimizer run in place on private copies, or ``None`` and the rate of step
     ``count`` for a step function (``sgd_step`` compiled, or a user's own)."""
@@ -278,7 +425,7 @@ def _optimizer(
         if compile:
             raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other "
                              "optimizer")
-        return _Running(optimizer, params, opt_state, who), lambda count: 0.0
+        return _Running(optimizer, params, resumed if resumed is not None else opt_state, who), lambda count: 0.0
     if not callable(optimizer):
         raise TypeError(f"{who}: optimizer must be an rf.Optimizer or a step function (params, grads, lr) -> params, "
                         f"got {type(optimizer).__name__}")
@@ -289,7 +436,7 @@ def _optimizer(
         raise ValueError(f"{who}: opt_state goes with an rf.Optimizer; a step function keeps no state")
     schedule = lr if callable(lr) else _constant(lr, who)
     if optimizer is sgd_step and not compile:  # the same kernel, run in place by the one optimizer path
-        return _Running(sgd(schedule), params, None, who), lambda count: 0.0
+        return _Running(sgd(schedule), params, resumed, who), lambda count: 0.0
     if compile and optimizer is not sgd_step:
         raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
     return None, lambda count: _rate(schedule, count, who)
@@ -314,13 +461,13 @@ def _copy(tree: Tree) -> Tree:
     return tree_map(torch.clone, tree)
 
 
-def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], Params]:
+def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]:
     """The compiled step with the rate passed as a tensor, so that a schedule never recompiles it."""
     from .compiled import compiled_step
 
     step = compiled_step(model, loss)
 
-    def run(params: Params, x: Tensor, target: Tensor, lr: float) -> Params:
-        return step(params, x, target, torch.tensor(lr, dtype=x.dtype))[1]
+    def run(params: Params, x: Tensor, target: Tensor, lr: float) -> tuple[Tensor, Params]:
+        return step(params, x, target, torch.tensor(lr, dtype=x.dtype))
 
     return run

@@ -1,0 +1,172 @@
+"""Checkpoints: a run killed at any moment and resumed ends bit for bit as the run never interrupted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["--epochs", "20", "--batch-norm", "--dropout", "0.1", "--optimizer", "adam", "--checkpoint-every", "1",
+       "--quiet", "--seed", "3"]
+
+
+def _cli(args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    return subprocess.Popen([sys.executable, "-m", "rdl_functional", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def _steps(path) -> int:
+    """Steps done by the checkpoint at ``path`` (0 when none); it is always whole, so it can be read any time."""
+    return rf.read_checkpoint(path).steps if path.exists() else 0
+
+
+def _same_trees(a, b):
+    return rf.tree_difference(a, b, leaves=True) is None and all(
+        torch.equal(x, y) for x, y in zip(rf.tree_leaves(a), rf.tree_leaves(b), strict=True))
+
+
+def _assert_same_run(path_a, path_b):
+    a, b = rf.read_checkpoint(path_a), rf.read_checkpoint(path_b)
+    assert (a.epochs_done, a.position, a.steps) == (b.epochs_done, b.position, b.steps) == (20, 0, 200)
+    assert a.history == b.history and len(a.history["train_loss"]) == 20
+    for name in ("params", "opt_state", "model_state"):
+        assert _same_trees(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.generator_state, b.generator_state)
+
+
+def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrupted(tmp_path):
+    reference = _cli([*RUN, "--checkpoint", str(tmp_path / "reference.ckpt")])
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    path = tmp_path / "killed.ckpt"
+    rng = random.Random(20261128)
+    kills, during_a_write, steps_seen = 0, 0, [0]
+    process = _cli([*RUN, "--checkpoint", str(path)])
+    while kills < 12:
+        # Wait until this run has written a checkpoint beyond the last one (it is training), then kill it at a
+        # random moment soon after: most of a step's time goes on writing its checkpoint, so kills land there.
+        deadline = time.monotonic() + 120
+        while process.poll() is None and _steps(path) <= steps_seen[-1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if process.poll() is not None:
+            break
+        time.sleep(rng.uniform(0.0, 0.05))
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        kills += 1
+        during_a_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # its temporary file is left
+        steps_seen.append(_steps(path))
+        # The same command, as after a crash: it resumes from the checkpoint (or --resume PATH does).
+        process = _cli([*RUN, "--checkpoint", str(path)] if kills % 2 else ["--resume", str(path), "--quiet"])
+    _, err = process.communicate()
+    assert process.returncode == 0, err
+    assert kills >= 10, f"only {kills} kills landed before the run finished"
+    assert during_a_write >= 1, "no kill landed during a checkpoint write"
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] < 200  # each resumed run went on from the last
+    _assert_same_run(path, tmp_path / "reference.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.ckpt", "reference.ckpt"]  # no leftovers
+
+
+def _task():
+    x, labels = rf.disc_dataset(200, 0)
+    model = rf.seed_model(batch_norm=True, dropout=0.1)
+    return model, model.init(0), x, rf.one_hot(labels, 2)
+
+
+def test_fit_resumes_inside_an_epoch_and_refuses_another_runs_checkpoint(tmp_path):
+    model, params, x, target = _task()
+
+    def run(**kwargs):
+        return rf.fit(model, rf.mse_loss, params, x, target, epochs=4, batch_size=30,
+                      optimizer=rf.adam(rf.linear_schedule(0.01, 0.0, 28)), generator=5, **kwargs)
+
+    whole, history = run()
+    path = tmp_path / "run.ckpt"
+
+    def stop(epoch, params, history):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=path, checkpoint_every=5, callback=stop)
+    saved = rf.read_checkpoint(path)
+    assert (saved.epochs_done, saved.steps) == (1, 10) and saved.position == 90  # inside epoch 2
+    resumed, resumed_history = run(checkpoint=path, checkpoint_every=5)
+    assert _same_trees(resumed, whole)
+    assert resumed_history.train_loss == history.train_loss
+    assert _same_trees(resumed_history.model_state, history.model_state)
+    assert _same_trees(resumed_history.opt_state, history.opt_state)
+    with pytest.raises(ValueError, match=r"fit: the checkpoint .*run.ckpt' records another run \(batch_size: 30 in "
+                                         r"the checkpoint, 20 now\)"):
+        rf.fit(model, rf.mse_loss, params, x, target, epochs=4, batch_size=20, optimizer=rf.adam(1e-2),
+               generator=5, checkpoint=path)
+    with pytest.raises(FileNotFoundError, match=r"fit: checkpoint: .*: the folder .*nowhere' does not exist"):
+        run(checkpoint=tmp_path / "nowhere" / "run.ckpt")
+
+
+def test_nan_stops_training_naming_the_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, params, x, target = _task()
+    x = x.clone()
+    path = tmp_path / "run.ckpt"
+    rf.fit(model, rf.mse_loss, params, x, target, epochs=1, batch_size=40, lr=0.1, generator=0)  # finite: fine
+    poisoned = rf.tree_map(lambda t: t.clone(), params)
+    with pytest.raises(rf.NonFiniteLoss, match=r"fit: the loss is nan at epoch 3, step \d+: training stopped; the "
+                                               r"checkpoint .* holds the last good state") as caught:
+        def poison(epoch, p, history):
+            if epoch == 2:
+                x[70] = float("nan")  # the data turns bad after epoch 2 (as a stream might)
+
+        rf.fit(model, rf.mse_loss, poisoned, x, target, epochs=5, batch_size=40, lr=0.1, generator=0,
+               checkpoint=path, callback=poison)
+    assert (caught.value.epoch, caught.value.step) >= (3, 1)
+    good = rf.read_checkpoint(path)
+    assert good.epochs_done == 2 and all(torch.isfinite(t).all() for t in rf.tree_leaves(good.params))
+    # check_finite=False trains on regardless.
+    _, history = rf.fit(model, rf.mse_loss, params, x, target, epochs=1, batch_size=40, lr=0.1, generator=0,
+                        check_finite=False)
+    assert history.epochs == 1
+
+
+def test_params_that_require_grad_are_detached_not_leaked():
+    model = rf.seed_model()
+    params = rf.tree_map(lambda t: t.clone().requires_grad_(), model.init(0))
+    x, labels = rf.disc_dataset(100, 0)
+    for optimizer in (rf.sgd_step, rf.adam(1e-2), lambda p, g, lr: rf.sgd_step(p, g, lr)):
+        kwargs = {"lr": 0.1} if optimizer is not rf.adam else {}
+        trained, _ = rf.fit(model, rf.mse_loss, params, x, rf.one_hot(labels, 2), epochs=2, batch_size=50,
+                            optimizer=optimizer, generator=0, **({} if isinstance(optimizer, rf.Optimizer)
+                                                                 else kwargs))
+        assert all(leaf.grad_fn is None for leaf in rf.tree_leaves(trained))
+    before, _ = rf.fit(model, rf.mse_loss, params, x, rf.one_hot(labels, 2), epochs=0, batch_size=50,
+                       optimizer=lambda p, g, lr: p, lr=0.1, generator=0)
+    assert all(a is not b for a, b in zip(rf.tree_leaves(before), rf.tree_leaves(params), strict=True))
+
+
+@pytest.mark.slow
+def test_soak_twenty_thousand_steps_with_params_that_require_grad_grow_rss_under_20_mb():
+    """Not in the default run (``pytest -m slow``): 20,000 steps of fit, the resident memory measured."""
+    def rss_mb() -> float:
+        with open(f"/proc/{os.getpid()}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    model = rf.seed_model()
+    params = rf.tree_map(lambda t: t.clone().requires_grad_(), model.init(0))
+    x, labels = rf.disc_dataset(1000, 0)
+    target = rf.one_hot(labels, 2)
+    rf.fit(model, rf.mse_loss, params, x, target, epochs=20, batch_size=100, lr=0.1, generator=0)  # warm
+    start, clock = rss_mb(), time.perf_counter()
+    rf.fit(model, rf.mse_loss, params, x, target, epochs=2000, batch_size=100, lr=0.1, generator=0,
+           record_history=False)
+    assert rss_mb() - start < 20, f"RSS grew {rss_mb() - start:.1f} MB over 20,000 steps"
+    assert time.perf_counter() > clock

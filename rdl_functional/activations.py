@@ -133,10 +133,10 @@ def flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
         def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
             check("vjp", params, x)
             y = x.flatten(first, last).clone()
-            shape, in_shape = y.shape, x.shape
+            shape, in_shape, dtype = y.shape, x.shape, y.dtype
 
             def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-                _check_cotangent(name, dy, shape)
+                _check_cotangent(name, dy, shape, dtype)
                 return {}, dy.reshape(in_shape).clone()  # dx = dy, unflattened
 
             return y, pullback

@@ -117,14 +117,18 @@ def _check_tensor(where: str, what: str, x: Any) -> None:
         raise TypeError(f"{where}: {what} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def _check_cotangent(name: str, dy: Any, shape: torch.Size) -> None:
-    """``shape`` is the output's: a pullback keeps the shape, not the output, alive.
+def _check_cotangent(name: str, dy: Any, shape: torch.Size, dtype: torch.dtype) -> None:
+    """``shape`` and ``dtype`` are the output's: a pullback keeps them, not the output, alive.
 
     Runs on every backward step, so nothing is formatted unless ``dy`` is wrong.
     """
-    if not isinstance(dy, Tensor) or dy.shape != shape:
+    if not isinstance(dy, Tensor) or dy.shape != shape or dy.dtype != dtype:
         _check_tensor(f"{name} pullback", "the cotangent dy", dy)
-        raise ValueError(f"{name} pullback: dy has shape {tuple(dy.shape)} but the output y has shape {tuple(shape)}")
+        if dy.shape != shape:
+            raise ValueError(f"{name} pullback: dy has shape {tuple(dy.shape)} but the output y has shape "
+                             f"{tuple(shape)}")
+        raise TypeError(f"{name} pullback: dy is {dy.dtype} but the output y is {dtype} (a cotangent has its "
+                        "output's dtype)")
 
 
 # ---------------------------------------------------------------------------
@@ -168,10 +172,10 @@ def _elementwise(
         if params or not isinstance(x, Tensor):
             check("vjp", params, x)
         y = forward(x)
-        kept, shape = (y if keeps == "y" else x), y.shape
+        kept, shape, dtype = (y if keeps == "y" else x), y.shape, y.dtype
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            _check_cotangent(name, dy, shape)
+            _check_cotangent(name, dy, shape, dtype)
             return {}, backward(dy, kept)
 
         return y, pullback
@@ -310,32 +314,32 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
         return {"weight": weight, "bias": bias}
 
     def apply(params: Params, x: Tensor) -> Tensor:
-        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2)
+        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2, out_features)
         return _linear(x, weight, bias)  # y = x Wᵀ + b
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 2)
+        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 2, out_features)
         y = _linear(x, weight, bias)
-        shape = y.shape
+        shape, dtype = y.shape, y.dtype
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-            _check_cotangent(name, dy, shape)
+            _check_cotangent(name, dy, shape, dtype)
             # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
             return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
 
         return y, pullback
 
     def stacked_apply(params: Params, x: Tensor) -> Tensor:
-        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 3)
+        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 3, out_features)
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # yₘ = xₘ Wₘᵀ + bₘ
 
     def stacked_vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 3)
+        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 3, out_features)
         y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-        shape = y.shape
+        shape, dtype = y.shape, y.dtype
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-            _check_cotangent(name, dy, shape)
+            _check_cotangent(name, dy, shape, dtype)
             # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ, one batched product each.
             return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
 
@@ -367,7 +371,11 @@ def _linear_params_error(where: str, params: Any) -> Exception:
     return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
 
 
-def _linear_input_error(where: str, x: Any, weight: Tensor, in_features: int, dims: int) -> Exception:
+def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features: int, out_features: int,
+                        dims: int) -> Exception:
+    for key, value in (("weight", weight), ("bias", bias)):
+        if not isinstance(value, Tensor):
+            return TypeError(f"{where}: params[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
     if not isinstance(x, Tensor):
         return TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
     stacked = weight.dim() == 3
@@ -380,6 +388,15 @@ def _linear_input_error(where: str, x: Any, weight: Tensor, in_features: int, di
             if stacked
             else f"{where}: weight has shape {tuple(weight.shape)} but a stack of models needs (models, out, in)"
         )
+    models = (weight.shape[0],) if stacked else ()
+    if weight.shape[-2:] != (out_features, in_features):
+        return ValueError(f"{where}: params['weight'] has shape {tuple(weight.shape)} but the layer was built for "
+                          f"{(*models, out_features, in_features)} (out, in) (are these another layer's params?)")
+    if bias.shape != (*models, out_features):
+        return ValueError(f"{where}: params['bias'] has shape {tuple(bias.shape)} but the layer was built for "
+                          f"{(*models, out_features)} (are these another layer's params?)")
+    if bias.dtype != weight.dtype:
+        return TypeError(f"{where}: params['bias'] is {bias.dtype} but params['weight'] is {weight.dtype}")
     if x.dim() != weight.dim():
         expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
         return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
@@ -397,7 +414,7 @@ def _linear_input_error(where: str, x: Any, weight: Tensor, in_features: int, di
 
 
 def _linear_unpack(
-    name: str, where: str, params: Params, x: Tensor, in_features: int, dims: int
+    name: str, where: str, params: Params, x: Tensor, in_features: int, dims: int, out_features: int = 0
 ) -> tuple[Tensor, Tensor]:
     """``(weight, bias)`` once params and ``x`` (of ``dims`` dimensions, 3 for a stack) fit the layer.
 
@@ -412,11 +429,17 @@ def _linear_unpack(
         raise _linear_params_error(f"{name}.{where}", params)
     if (
         not isinstance(x, Tensor)
+        or not isinstance(weight, Tensor)
+        or not isinstance(bias, Tensor)
         or x.dim() != dims
         or weight.dim() != dims
-        or x.size(-1) != weight.size(-1)
+        or weight.shape[-2:] != (out_features, in_features)
+        or bias.dim() != dims - 1
+        or bias.size(-1) != out_features
+        or bias.dtype != weight.dtype
+        or x.size(-1) != in_features
         or x.dtype != weight.dtype
-        or (dims == 3 and x.size(0) != weight.size(0))
+        or (dims == 3 and (x.size(0) != weight.size(0) or bias.size(0) != weight.size(0)))
     ):
-        raise _linear_input_error(f"{name}.{where}", x, weight, in_features, dims)
+        raise _linear_input_error(f"{name}.{where}", x, weight, bias, in_features, out_features, dims)
     return weight, bias

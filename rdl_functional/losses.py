@@ -69,6 +69,8 @@ def _scalar_cotangent(where: str, g: Tensor | float, value: Tensor) -> Tensor:
     if not isinstance(g, Tensor) or g.dim() != 0:
         shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
         raise ValueError(f"{where}: the cotangent g must be a 0-dim tensor or a float, got {shape}")
+    if g.dtype != value.dtype:
+        raise TypeError(f"{where}: the cotangent g is {g.dtype} but the loss is {value.dtype}")
     return g
 
 

@@ -205,10 +205,10 @@ def dropout(p: float) -> StatefulLayer:
         _check_empty(name, "vjp", params, state)
         m = mask("vjp", x, train, generator)
         y = x.clone() if m is None else x * m
-        shape = y.shape
+        shape, dtype = y.shape, y.dtype
 
         def pullback(dy: Tensor) -> tuple[Params, Tensor]:
-            _check_cotangent(name, dy, shape)
+            _check_cotangent(name, dy, shape, dtype)
             return {}, dy.clone() if m is None else dy * m  # dx = dy ⊙ m
 
         return y, {}, pullback
@@ -333,10 +333,10 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
     def vjp(params: Params, state: State, x: Tensor, *, train: bool,
             generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
         y, new_state, (weight, mean, var, saved_mean, saved_invstd) = forward("vjp", params, state, x, train)
-        y_shape = y.shape
+        y_shape, dtype = y.shape, y.dtype
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
-            _check_cotangent(name, dy, y_shape)
+            _check_cotangent(name, dy, y_shape, dtype)
             # With x̂ = (x − μ)·s, s = 1/√(σ² + ε): dbias = Σ_batch dy, dweight = Σ_batch dy ⊙ x̂, and
             # training, dx = weight·s/n · (n·dy − Σ dy − x̂ ⊙ Σ dy ⊙ x̂) (μ and σ² depend on x);
             # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.

@@ -306,7 +306,8 @@ def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generato
         (lambda: rf.concat(rf.linear(3, 2), rf.relu)({"0": rf.linear(3, 2).init(0), "5": {}}, torch.zeros(1, 3)),
          ValueError, r"concat.apply: params has entries \['5'\] but the model has 2 layers"),
         (lambda: rf.concat(rf.linear(3, 2), rf.relu)({"0": rf.linear(2, 2).init(0)}, torch.zeros(1, 3)),
-         ValueError, r"layer 0: linear\(3, 2\)\.apply: x has 3 features but weight expects 2"),
+         ValueError, r"layer 0: linear\(3, 2\)\.apply: params\['weight'\] has shape \(2, 2\) but the layer was "
+                     r"built for \(2, 3\) \(out, in\)"),
     ],
 )
 def test_merges_say_what_is_wrong(make, error, message):
@@ -409,3 +410,44 @@ def test_batch_norm_train_vjp_matches_functional_call_of_BatchNorm1d(momentum, g
     assert_close(our_dx, dx, rtol=1e-10, atol=1e-10)
     # The module updated its buffers in place: they are our new state.
     assert_close(new_state, updated[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("bias", "error", "message"),
+    [
+        (torch.zeros(()), ValueError, r"params\['bias'\] has shape \(\) but the layer was built for \(2,\)"),
+        (torch.zeros(1), ValueError, r"params\['bias'\] has shape \(1,\) but the layer was built for \(2,\)"),
+        (torch.zeros(1, 2), ValueError, r"params\['bias'\] has shape \(1, 2\) but the layer was built for \(2,\)"),
+        (torch.zeros(5), ValueError, r"params\['bias'\] has shape \(5,\) but the layer was built for \(2,\)"),
+        (torch.zeros(2, dtype=torch.float64), TypeError,
+         r"params\['bias'\] is torch.float64 but params\['weight'\] is torch.float32"),
+        ([0.0, 0.0], TypeError, r"params\['bias'\] must be a torch.Tensor, got list"),
+    ],
+)
+def test_linear_checks_its_bias_and_never_broadcasts_it(bias, error, message):
+    """Regression (issue 10): a bias of shape (), (1,) or (1, out) used to broadcast, and its gradient came back
+    in another shape than the param's."""
+    layer = rf.linear(3, 2)
+    params = {"weight": layer.init(0)["weight"], "bias": bias}
+    for call in (lambda: layer(params, torch.zeros(4, 3)), lambda: layer.vjp(params, torch.zeros(4, 3)),
+                 lambda: rf.value_and_grad(rf.compose(layer), rf.mse_loss)({"0": params}, torch.zeros(4, 3),
+                                                                           torch.zeros(4, 2))):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_a_wrong_weight_is_named_as_the_param_not_blamed_on_the_input():
+    layer = rf.linear(3, 2)
+    with pytest.raises(ValueError, match=r"linear\(3, 2\)\.apply: params\['weight'\] has shape \(3, 2\) but the "
+                                         r"layer was built for \(2, 3\) \(out, in\)"):
+        layer({"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, torch.zeros(4, 3))
+
+
+def test_a_cotangent_of_another_dtype_is_refused():
+    _, pullback = rf.linear(3, 2).vjp(rf.linear(3, 2).init(0), torch.zeros(4, 3))
+    with pytest.raises(TypeError, match=r"linear\(3, 2\) pullback: dy is torch.float64 but the output y is "
+                                        r"torch.float32"):
+        pullback(torch.zeros(4, 2, dtype=torch.float64))
+    _, loss_pullback = rf.mse_loss.vjp(torch.zeros(2, 2), torch.zeros(2, 2))
+    with pytest.raises(TypeError, match=r"the cotangent g is torch.float64 but the loss is torch.float32"):
+        loss_pullback(torch.tensor(1.0, dtype=torch.float64))

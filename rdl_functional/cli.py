@@ -405,17 +405,29 @@ def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> No
     from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
 
     data = result.data
-    name = settings.task.description.split(",")[0]
+    name = _model_words(settings.task.description)
     figures = {
         "dataset.png": plot_dataset(data.x_train, data.labels_train,
                                     title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
         "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
         "decision-boundary.png": plot_decision_boundary(settings.task.model, result.params, data.x_test,
-                                                        data.labels_test, state=result.model_state),
+                                                        data.labels_test, state=result.model_state,
+                                                        title=f"Learned decision boundary, seed {result.seed}'s "
+                                                              f"test set: {result.test_accuracy:.1%} correct"),
     }
     for filename, figure in figures.items():
         save_figure(figure, folder / filename)
     print(f"wrote {', '.join(figures)} to {folder}")
+
+
+def _model_words(description: str) -> str:
+    """The model's part of a task's description: up to its first comma outside parentheses."""
+    depth = 0
+    for i, char in enumerate(description):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            return description[:i]
+    return description
 
 
 def _write_seed_plot(folder: Path, results: list[DiscResult], settings: DiscSettings) -> None:

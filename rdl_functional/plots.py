@@ -153,7 +153,7 @@ def plot_decision_boundary(
                label=f"misclassified: {int(wrong.sum())} of {len(x)}")
     _disc_outline(ax)
     accuracy = 1 - wrong.double().mean().item() if len(x) else float("nan")
-    _square_axes(ax, title or f"Learned decision boundary: {accuracy:.1%} correct")
+    _square_axes(ax, title or f"Learned decision boundary: {accuracy:.1%} of the {len(x)} points shown correct")
     return fig
 
 

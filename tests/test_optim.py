@@ -48,7 +48,7 @@ def test_sgd_step_rejects_a_bad_lr(lr, generator):
 
 def test_sgd_step_rejects_an_lr_that_is_not_a_number(generator):
     params, grads = _params_and_grads(generator)
-    with pytest.raises(TypeError, match=r"sgd_step: lr must be a float or a schedule, got str"):
+    with pytest.raises(TypeError, match=r"sgd_step: lr must be a number, got str"):
         rf.sgd_step(params, grads, "0.1")
 
 

@@ -57,7 +57,8 @@ def test_decision_boundary_marks_the_misclassified_points(run, tmp_path):
                                        resolution=50)
     legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert f"misclassified: {run.test_errors} of 1000" in legend
-    assert figure.axes[0].get_title() == f"Learned decision boundary: {run.test_accuracy:.1%} correct"
+    assert figure.axes[0].get_title() == (f"Learned decision boundary: {run.test_accuracy:.1%} of the "
+                                          f"{len(run.data.x_test)} points shown correct")
     rf.save_figure(figure, tmp_path / "boundary.png")
     assert min(png_size(tmp_path / "boundary.png")) > 500
 

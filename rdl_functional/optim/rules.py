@@ -11,13 +11,11 @@ the first), torch.optim's ``step`` after its increment.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..tree import Tree, _map, _paired, tree_difference
 from .base import Leaves, Ops, Optimizer, _at_least, _fraction, _Link, _lr
-from .schedules import Schedule, _check_lr
+from .schedules import MAX_LR, Schedule, _check_lr
 
 __all__ = ["adagrad", "adam", "adamw", "rmsprop", "sgd", "sgd_step"]
 
@@ -239,7 +237,7 @@ def sgd_step(params: Tree, grads: Tree, lr: float) -> Tree:
             negative, NaN or infinite.
         TypeError: ``lr`` is not a number.
     """
-    if type(lr) is not float or not 0 <= lr < math.inf:
+    if type(lr) is not float or not 0 <= lr <= MAX_LR:
         lr = _check_lr(lr)
     paired = _paired(params, grads)
     if paired is not None:

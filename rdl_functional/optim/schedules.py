@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 __all__ = [
@@ -19,18 +20,28 @@ Schedule = Callable[[int], float]
 """A learning rate as a function of the step count (0 for the first step), as in optax."""
 
 
+MAX_LR = 3.4028234663852886e38
+"""The largest rate: float32's largest number (torch turns the rate into a float32 factor for float32 params)."""
+
+
 def _check_lr(lr: float, where: str = "sgd_step") -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{where}: lr must be a float or a schedule, got {type(lr).__name__}")
-    if not math.isfinite(lr) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        if where == "sgd_step":  # the one place that takes no schedule
+            hint = ": a schedule goes to rf.sgd(schedule), or to fit's lr=" if callable(lr) else ""
+            raise TypeError(f"sgd_step: lr must be a number, got {type(lr).__name__}{hint}")
+        raise TypeError(f"{where}: lr must be a number or a schedule, got {type(lr).__name__}")
+    value = float(lr)  # a numpy float, a Fraction, ...: any real number
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}: lr must be finite and ≥ 0, got {lr}")
-    return float(lr)
+    if value > MAX_LR:
+        raise ValueError(f"{where}: lr must be at most {MAX_LR:.4g} (float32's largest number), got {lr}")
+    return value
 
 
 def _rate(schedule: Schedule, count: int, where: str) -> float:
     """The schedule's rate for step ``count``, checked; the message is composed only when it is bad."""
     rate = schedule(count)
-    if type(rate) is float and rate >= 0 and rate != float("inf"):
+    if type(rate) is float and 0 <= rate <= MAX_LR:
         return rate
     return _check_lr(rate, f"{where}: the lr schedule at step {count}")
 

@@ -8,7 +8,7 @@ goes through :func:`atomic_write`:
   too: a reader, or a machine that loses power, sees the old file or the new
   one, never a part;
 - the temporary file is removed if the write fails, if a catchable signal
-  (SIGINT, SIGTERM, SIGHUP, SIGQUIT) arrives during it, and, for one left by
+  (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, ...) arrives during it, and, for one left by
   an uncatchable SIGKILL, by the next write to the same path;
 - an existing file keeps its mode; a new one gets the mode ``open()`` would
   give it; a symlink is written through, to its target;
@@ -29,7 +29,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+# The catchable signals whose default is to end the process (SIGPIPE aside, which Python ignores).
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                                    "SIGALRM", "SIGXCPU", "SIGXFSZ") if hasattr(signal, name))
 _SUFFIX = ".tmp"
 
 
@@ -69,6 +71,14 @@ def check_writable(path: str | os.PathLike[str], who: str) -> Path:
         raise FileNotFoundError(f"{shown}: the folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{shown}: the folder {str(folder)!r} is not writable")
+    # Permission bits do not tell everything (a read-only mount, /proc, a full quota, root): try.
+    probe = folder / f"{_temp_prefix(target)}probe{secrets.token_hex(4)}{_SUFFIX}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as error:
+        raise OSError(f"{shown}: cannot create a file in {str(folder)!r}: {error.strerror}") from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     _check_name_length(target, shown)
     if target.exists() and not target.is_file():
         raise OSError(f"{shown} exists and is not a regular file")

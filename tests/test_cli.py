@@ -267,6 +267,42 @@ def test_init_from_params_of_another_model_fails_before_training(capsys, tmp_pat
     assert 'has a float32 tensor of shape (25, 2) at "0.weight" but the params has a float64 tensor' in err
 
 
+def test_the_reliability_defects_of_issue_10_stay_fixed(capsys, tmp_path):
+    # Paths and numbers are checked before training, and every failure says what is wrong.
+    assert "cannot create a file in '/proc'" in _fails(["--save", "/proc/x"], capsys)
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert "the file exists and is not a safetensors file of params; refusing to replace it" in _fails(
+        ["--save", str(tmp_path / "notes.txt")], capsys)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert "is a folder, not a file" in _fails(["--init-from", str(tmp_path)], capsys)
+    assert "argument --seed: must be ≤ 9223372036854775807, got 99999999999999999999" in _fails(
+        ["--seed", "99999999999999999999"], capsys)
+    assert "names more than 1000 seeds: each is a whole run" in _fails(["--seeds", "0-100000"], capsys)
+    assert "--checkpoint records one run" in _fails(["--seeds", "0-1", "--checkpoint", str(tmp_path / "c")], capsys)
+    assert "--resume takes the run's settings from its checkpoint; leave out --epochs" in _fails(
+        ["--resume", str(tmp_path / "c"), "--epochs", "3"], capsys)
+    assert "--resume: read_checkpoint: no such file" in _fails(["--resume", str(tmp_path / "c")], capsys)
+    rf.save(rf.seed_model().init(0), tmp_path / "params.safetensors")
+    assert "params.safetensors' is not a checkpoint of rdl_functional" in _fails(
+        ["--resume", str(tmp_path / "params.safetensors")], capsys)
+    model = rf.seed_model()
+    rf.fit(model, rf.mse_loss, model.init(0), torch.zeros(4, 2), torch.zeros(4, 2), epochs=1, batch_size=4, lr=0.1,
+           generator=0, checkpoint=tmp_path / "fit.ckpt")
+    assert "the checkpoint was not written by rdl-train (use rf.fit(..., checkpoint=PATH)" in _fails(
+        ["--resume", str(tmp_path / "fit.ckpt")], capsys)
+    # --epochs 0 writes JSON, with null where there is no number.
+    assert main(["--epochs", "0", "--quiet", "--json", str(tmp_path / "run.json")]) == 0
+    capsys.readouterr()
+    text = (tmp_path / "run.json").read_text()
+    assert "NaN" not in text and json.loads(text)["runs"][0]["train_loss"] is None
+    # A NaN in the initial params stops the run with the epoch and step, exit 1.
+    poisoned = rf.seed_model().init(0)
+    poisoned["0"]["weight"][0, 0] = float("nan")
+    rf.save(poisoned, tmp_path / "nan.safetensors")
+    assert main([*FAST, "--quiet", "--init-from", str(tmp_path / "nan.safetensors")]) == 1
+    assert "rdl-train: fit: the loss is nan at epoch 1, step 1: training stopped" in capsys.readouterr().err
+
+
 def test_python_dash_m_runs_it_in_a_fresh_process():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-m", "rdl_functional", "--epochs", "1", "--batch-size", "500"],

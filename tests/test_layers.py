@@ -13,15 +13,16 @@ from torch.testing import assert_close
 
 import rdl_functional as rf
 
+_SEQUENTIAL = torch.nn.Sequential(
+    torch.nn.Linear(3, 4), torch.nn.Tanh(),
+    torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+    torch.nn.Linear(4, 2), torch.nn.Sigmoid(),
+)  # fmt: skip
+
 
 def _sequential_reference(params, x):
-    """The nested compose below, as a torch.nn model fed our params."""
-    model = torch.nn.Sequential(
-        torch.nn.Linear(3, 4), torch.nn.Tanh(),
-        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
-        torch.nn.Linear(4, 2), torch.nn.Sigmoid(),
-    ).double()  # fmt: skip
-    return torch.func.functional_call(model, rf.to_state_dict(params), (x,))
+    """The nested compose below, as a torch.nn model fed our params (all of them: its own are never used)."""
+    return torch.func.functional_call(_SEQUENTIAL, rf.to_state_dict(params), (x,))
 
 
 # name, layer, in_features, torch reference(params, x). Adding a layer is one line.
@@ -451,3 +452,66 @@ def test_a_cotangent_of_another_dtype_is_refused():
     _, loss_pullback = rf.mse_loss.vjp(torch.zeros(2, 2), torch.zeros(2, 2))
     with pytest.raises(TypeError, match=r"the cotangent g is torch.float64 but the loss is torch.float32"):
         loss_pullback(torch.tensor(1.0, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------
+# Property tests over dtypes, strides, batch sizes and magnitudes: every layer with a torch twin,
+# its output and its pullback against torch.func.vjp of the twin, at the dtype's own tolerance.
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "reference"), [c for c in LAYERS if c[3]],
+                         ids=[c[0] for c in LAYERS if c[3]])
+@settings(max_examples=12, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64]), batch=st.integers(1, 7),
+       scale=st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e3]), strided=st.booleans(), seed=st.integers(0, 2**31))
+def test_every_layer_against_torch_func_for_any_dtype_stride_and_magnitude(name, layer, in_features, reference,
+                                                                           dtype, batch, scale, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = layer.init(g, dtype=dtype)
+    if strided:  # a non-contiguous view: every other column of a wider tensor, transposed storage
+        x = (scale * torch.randn(2 * in_features, batch, generator=g, dtype=dtype)).t()[:, ::2]
+    else:
+        x = scale * torch.randn(batch, in_features, generator=g, dtype=dtype)
+    y, pullback = layer.vjp(params, x)
+    y_ref, pullback_ref = torch.func.vjp(reference, params, x)
+    assert_close(y, y_ref)
+    dy = (torch.randn(y.shape, generator=g, dtype=dtype) if isinstance(y, torch.Tensor)
+          else tuple(torch.randn(t.shape, generator=g, dtype=dtype) for t in y))
+    dparams, dx = pullback(dy)
+    dparams_ref, dx_ref = pullback_ref(dy)
+    assert_close(dx, dx_ref)
+    assert rf.tree_difference(dparams, {k: v for k, v in dparams_ref.items() if k in dparams} if dparams else {},
+                              leaves=True) is None
+    for got, want in zip(rf.tree_leaves(dparams), rf.tree_leaves({k: dparams_ref[k] for k in dparams}), strict=True):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "twin"), [c for c in STATEFUL if c[3]],
+                         ids=[c[0] for c in STATEFUL if c[3]])
+@settings(max_examples=8, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64]), batch=st.integers(2, 7), train=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), strided=st.booleans(), seed=st.integers(0, 2**31))
+def test_every_stateful_layer_against_its_torch_module_for_any_dtype_and_stride(name, layer, in_features, twin,
+                                                                               dtype, batch, train, scale, strided,
+                                                                               seed):
+    g = torch.Generator().manual_seed(seed)
+    params, state = layer.init(g, dtype=dtype), layer.init_state(dtype=dtype)
+    x = scale * torch.randn(2 * in_features, batch, generator=g, dtype=dtype)
+    x = x.t()[:, ::2] if strided else x.t().contiguous()[:, :in_features]
+    module = twin().to(dtype).train(train)
+    module.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    # The oracle is torch's autograd on the module itself: under torch.func's transforms, torch's dropout
+    # takes another kernel path, which draws another mask from the same RNG state.
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        y_ref = module(x_ref)
+    y, _, pullback = layer.vjp(params, state, x, train=train, generator=torch.Generator().manual_seed(seed))
+    assert_close(y, y_ref.detach())
+    dy = torch.randn(y.shape, generator=g, dtype=dtype)
+    names, weights = zip(*module.named_parameters(), strict=True) if list(module.parameters()) else ((), ())
+    grads = torch.autograd.grad(y_ref, [*weights, x_ref], dy)
+    dparams, dx = pullback(dy)
+    assert_close(dx, grads[-1])
+    ours = rf.to_state_dict(dparams)
+    for n, want in zip(names, grads[:-1], strict=True):
+        assert_close(ours[n], want)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import rdl_functional as rf
@@ -107,3 +109,23 @@ def test_loss_pullback_rejects_a_non_scalar_cotangent():
     message = r"mse_loss pullback: the cotangent g must be a 0-dim tensor or a float, got \(2,\)"
     with pytest.raises(ValueError, match=message):
         pullback(torch.ones(2))
+
+
+@pytest.mark.parametrize(("name", "loss", "scale", "make_target", "reference"), LOSSES, ids=IDS)
+@settings(max_examples=12, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64]), batch=st.integers(1, 7), classes=st.integers(1, 5),
+       magnitude=st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e3]), strided=st.booleans(), seed=st.integers(0, 2**31))
+def test_every_loss_against_torch_func_for_any_dtype_stride_and_magnitude(name, loss, scale, make_target, reference,
+                                                                          dtype, batch, classes, magnitude, strided,
+                                                                          seed):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # a non-contiguous view
+        pred = (magnitude * torch.randn(2 * classes, batch, generator=g, dtype=dtype)).t()[:, ::2]
+    else:
+        pred = magnitude * torch.randn(batch, classes, generator=g, dtype=dtype)
+    target = make_target(pred, g)
+    value, pullback = loss.vjp(pred, target)
+    value_ref, pullback_ref = torch.func.vjp(lambda p: reference(p, target), pred)
+    assert_close(value, value_ref)
+    seed_cotangent = torch.randn((), generator=g, dtype=dtype)
+    assert_close(pullback(seed_cotangent), pullback_ref(seed_cotangent)[0])

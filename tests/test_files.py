@@ -129,7 +129,7 @@ def _corpus(tmp_path: Path) -> dict[str, Path]:
 
 def test_every_malformed_file_is_refused_with_a_message_naming_it(tmp_path):
     corpus = _corpus(tmp_path)
-    assert len(corpus) > 200
+    assert len(corpus) > 900
     refused = 0
     for name, path in corpus.items():
         try:
@@ -141,7 +141,7 @@ def test_every_malformed_file_is_refused_with_a_message_naming_it(tmp_path):
         else:  # a flipped byte inside a key or number can leave a valid file: it must load as a tree
             assert name.startswith("flipped_"), name
             assert all(isinstance(leaf, torch.Tensor) for leaf in rf.tree_leaves(tree))
-    assert refused > 190
+    assert refused > 900
     assert not (tmp_path / "PWNED").exists()  # no payload ever ran
 
 

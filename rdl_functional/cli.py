@@ -515,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds or [args.seed]
     together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
-                                                                    callback=c))] if together else \
+                                                                    callback=c, check_finite=args.check_finite))] \
+        if together else \
         [(f"seed {seed}", lambda c, s=seed: [run_disc(
             s, settings, init_params=init_params, callback=c, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, check_finite=args.check_finite,

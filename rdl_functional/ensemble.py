@@ -26,7 +26,7 @@ from .layers import Layer, Params, Pullback
 from .losses import Loss
 from .optim import Optimizer, Schedule, sgd_step
 from .stateful import StatefulLayer
-from .train import History, StepFunction, _check_count, _labels, _optimizer
+from .train import History, StepFunction, _check_count, _check_losses, _labels, _optimizer
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "stacked", "unstack_params"]
@@ -130,6 +130,7 @@ def fit_stacked(
     opt_state: Tree | None = None,
     callback: Callable[[int, Params, list[History]], None] | None = None,
     record_history: bool = True,
+    check_finite: bool = True,
 ) -> tuple[Params, list[History]]:
     """:func:`~rdl_functional.fit` for a stack of models: model ``m`` trains on ``x[m]``, shuffled by ``generators[m]``.
 
@@ -148,7 +149,8 @@ def fit_stacked(
         generators: one per model, for its shuffles.
         test: optional ``(x_test, target_test)``, stacked likewise.
         callback: ``callback(epoch, params, histories)`` after each epoch.
-        record_history: as for ``fit``.
+        record_history, check_finite: as for ``fit``; the loss checked is that of
+            all models together, so a NaN in any one model stops the stack.
 
     Returns:
         The stacked trained params and one :class:`~rdl_functional.History` per
@@ -182,12 +184,16 @@ def fit_stacked(
         order = (torch.stack([torch.randperm(n, generator=g) for g in generators]) + offsets).reshape(-1)
         x_shuffled = x_flat.index_select(0, order).reshape(x.shape)
         target_shuffled = target_flat.index_select(0, order).reshape(target.shape)
+        losses: list[Tensor] = []  # checked for NaN and inf at the epoch's end: no sync per step
         for start in range(0, n, batch_size):
             stop = start + batch_size
-            _, grads = step(params, x_shuffled[:, start:stop], target_shuffled[:, start:stop], seed)
+            value, grads = step(params, x_shuffled[:, start:stop], target_shuffled[:, start:stop], seed)
             params = runner(grads) if runner is not None else optimizer(params, grads, rate(count))
             del grads
             count += 1
+            if check_finite:
+                losses.append(value)
+        _check_losses(losses, epoch, 0, batch_size, None, check_finite, "fit_stacked (the loss of all models)")
         if record_history:
             train = _evaluate_each(model, loss, params, x, target)
             tested = _evaluate_each(model, loss, params, *test) if test is not None else [None] * models

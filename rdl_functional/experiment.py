@@ -384,6 +384,7 @@ def run_disc_together(
     *,
     init_params: Params | None = None,
     callback: Callable[[int, Params, list[History]], None] | None = None,
+    check_finite: bool = True,
 ) -> list[DiscResult]:
     """:func:`run_disc` for several seeds, trained together as one stack of models.
 
@@ -416,6 +417,7 @@ def run_disc_together(
         model, task.loss, stack_params([tree_unflatten(tree_flatten(p)) for p in starts]), x, target,
         epochs=settings.epochs, batch_size=settings.batch_size, optimizer=settings.make_optimizer(),
         generators=[g for _, _, g in drawn], test=(x_test, target_test), callback=callback,
+        check_finite=check_finite,
     )  # fmt: skip
     seconds = (time.perf_counter() - start) / len(seeds)
     return [

@@ -345,7 +345,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,
-                  check: bool) -> None:
+                  check: bool, who: str = "fit") -> None:
     """Raise :class:`NonFiniteLoss` at the first step of ``losses`` whose loss is not finite; empties the list.
 
     One read of the device for the lot (here, at an epoch's end or before a checkpoint), not one per step.
@@ -359,7 +359,7 @@ def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int,
         step = first // batch_size + index + 1
         kept = (f"; the checkpoint {str(checkpoint)!r} holds the last good state" if checkpoint is not None
                 else "")
-        raise NonFiniteLoss(f"fit: the loss is {value} at epoch {epoch}, step {step}: training stopped{kept}. "
+        raise NonFiniteLoss(f"{who}: the loss is {value} at epoch {epoch}, step {step}: training stopped{kept}. "
                             "Check the data and the initial params for NaN or inf, and try a smaller learning "
                             "rate (or pass check_finite=False to train on regardless)", epoch, step)
     losses.clear()

@@ -170,3 +170,33 @@ def test_soak_twenty_thousand_steps_with_params_that_require_grad_grow_rss_under
            record_history=False)
     assert rss_mb() - start < 20, f"RSS grew {rss_mb() - start:.1f} MB over 20,000 steps"
     assert time.perf_counter() > clock
+
+
+def test_small_defects_of_issue_10_stay_fixed(tmp_path):
+    import numpy as np
+
+    from rdl_functional.cli import _model_words
+
+    # A stack of models stops at a NaN too (rdl-train --seeds trains one).
+    x, labels = rf.disc_dataset(40, 0)
+    xs = torch.stack([x, x.clone()])
+    xs[1, 3] = float("nan")
+    model = rf.seed_model()
+    params = rf.stack_params([model.init(0), model.init(1)])
+    with pytest.raises(rf.NonFiniteLoss, match=r"fit_stacked \(the loss of all models\): the loss is nan at epoch "
+                                               r"1, step \d"):
+        rf.fit_stacked(model, rf.mse_loss, params, xs, torch.stack([rf.one_hot(labels, 2)] * 2), epochs=1,
+                       batch_size=20, lr=0.1, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    # Rates: a numpy float is a number; one beyond float32 is refused up front, not inside torch.
+    p = rf.linear(2, 2).init(0)
+    g = rf.tree_map(torch.ones_like, p)
+    assert torch.equal(rf.sgd_step(p, g, np.float32(0.5))["bias"], rf.sgd_step(p, g, 0.5)["bias"])
+    with pytest.raises(ValueError, match=r"sgd_step: lr must be at most 3.403e\+38 \(float32's largest number\)"):
+        rf.sgd_step(p, g, 1e308)
+    with pytest.raises(TypeError, match=r"sgd_step: lr must be a number, got function: a schedule goes to "
+                                        r"rf.sgd\(schedule\)"):
+        rf.sgd_step(p, g, rf.linear_schedule(0.1, 0.0, 10))
+    with pytest.raises(ValueError, match=r"sgd: lr must be at most"):
+        rf.sgd(1e39)
+    # The history plot's title keeps the model's name whole.
+    assert _model_words(rf.DiscSettings().task.description) == "2-25-25-25-2 MLP (ReLU, Tanh output)"

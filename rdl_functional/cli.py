@@ -38,6 +38,7 @@ from .experiment import (
 from .initializers import INITIALIZERS
 from .io import load
 from .layers import Params
+from .optim.schedules import MAX_LR
 from .train import History, NonFiniteLoss
 from .tree import tree_leaves
 
@@ -82,7 +83,7 @@ def _number(rule: str, holds: Callable[[float], bool]) -> Callable[[str], float]
     return parse
 
 
-_learning_rate = _number("a finite number > 0", lambda value: value > 0)
+_learning_rate = _number(f"a number > 0 and ≤ {MAX_LR:.4g} (float32's largest)", lambda value: 0 < value <= MAX_LR)
 _non_negative = _number("a finite number ≥ 0", lambda value: value >= 0)
 _probability = _number("a probability in [0, 1)", lambda value: 0 <= value < 1)
 

@@ -176,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--no-finite-check", dest="check_finite", action="store_false",
                           help="train on when the loss turns NaN or infinite (by default the run stops there, "
                                "naming the epoch and step)")
+    training.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                          help="where to train: cpu, cuda (an error when there is none), or auto (cuda when torch "
+                               "sees one); data and params are drawn on the CPU and moved, so a seed names the same "
+                               "run everywhere (default: %(default)s)")
+    training.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                          help="the floating dtype of the data and params (default: %(default)s)")
     training.add_argument("--threads", type=_int_at_least(1, 1024), default=1,
                           help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
                                "count keeps results reproducible (default: %(default)s)")
@@ -251,6 +257,12 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(f"--batch-norm: batches of {args.batch_size} leave {'every' if args.batch_size == 1 else 'the last'} "
               f"batch of an epoch ({DEFAULTS.n_train} points) one row, which batch norm cannot normalize in "
               "training; choose another --batch-size")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
+    if args.compare_torch and (args.device != "cpu" or args.dtype != "float32"):
+        _fail("--compare-torch compares on the CPU in float32; leave out --device and --dtype")
     if args.compile and (args.dropout or args.batch_norm):
         _fail("--compile compiles a plain model's step; it does not apply with --dropout or --batch-norm")
     if args.compile and args.optimizer != "sgd":
@@ -503,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                             model=args.model, compile=args.compile, optimizer=args.optimizer,
                             momentum=args.momentum, weight_decay=args.weight_decay, init=args.init, loss=args.loss,
-                            dropout=args.dropout, batch_norm=args.batch_norm)
+                            dropout=args.dropout, batch_norm=args.batch_norm, device=args.device,
+                            dtype=args.dtype)
     print(f"rdl-train {__version__}: {settings.task.description}, {settings.describe()}\n"
           f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "

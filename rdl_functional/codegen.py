@@ -4,7 +4,7 @@ A layer (or loss) may declare a :class:`Code`: its forward and backward
 pass as lines of Python, with placeholders for its input, output,
 cotangents and params. When every leaf of a model and its loss declare one,
 :func:`generate` writes the whole step as one function: a guard that checks
-everything the layers would check (each param's keys, shape and dtype, the
+everything the layers would check (each param's keys, shape, dtype and device, the
 input's and the target's), then the same kernel calls the layers make, in
 the same order, with no closure, dict or loop per layer. If the guard finds
 anything it does not vouch for, the step runs the general plan instead,
@@ -78,7 +78,7 @@ def generate(
              "    if type(x) is not _Tensor or not x.is_floating_point()"
              + (f" or x.dim() != 2 or x.shape[1] != {first_in}" if first_in is not None else "") + ":",
              "        return _fallback(params, x, target, seed)",
-             "    dtype = x.dtype"]
+             "    dtype, device = x.dtype, x.device"]
     if keys != [None]:
         lines += [f"    if type(params) is not dict or tuple(params) != {tuple(keys)!r}:",
                   "        return _fallback(params, x, target, seed)"]
@@ -98,7 +98,7 @@ def generate(
             fields[k], fields[f"d{k}"] = f"w{i}_{k}", f"g{i}_{k}"
             lines += [f"    w{i}_{k} = {p}[{k!r}]",
                       f"    if type(w{i}_{k}) is not _Tensor or w{i}_{k}.shape != {shape!r} or "
-                      f"w{i}_{k}.dtype != dtype:",
+                      f"w{i}_{k}.dtype != dtype or w{i}_{k}.device != device:",
                       "        return _fallback(params, x, target, seed)"]
         args.append(fields)
     n = len(codes)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .layers import Layer, Params, Pullback
+from .layers import Layer, Params, Pullback, placed, to_device
 from .stateful import _NO_STATE, State, StatefulLayer, StatefulPullback, check_train, stateful
 
 __all__ = ["add", "compose", "concat", "fan_out", "parallel", "residual"]
@@ -57,9 +57,11 @@ def _children(who: str, layers: tuple[Layer | StatefulLayer, ...]) -> tuple[
     keys = frozenset(key for key, _ in keyed)
     name = f"{who}({', '.join(layer.name for layer in layers)})"
 
-    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
-        return {key: layer.init(g, dtype=dtype) for key, layer in keyed}
+        # Drawn on the CPU, layer by layer (a layer of your own need not know devices), then moved at once.
+        return to_device({key: layer.init(g, dtype=dtype) for key, layer in keyed}, device, f"{name}.init")
 
     def check(where: str, params: Params) -> None:
         if type(params) is not dict and not isinstance(params, Mapping):
@@ -88,8 +90,8 @@ def _state_of_children(name: str, who: str, keyed: tuple[tuple[str, Any], ...]) 
     keys = frozenset(key for key, _ in keyed)
     last = len(keyed) - 1
 
-    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
-        return {key: layer.init_state(dtype=dtype) for key, layer in lifted}
+    def init_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
+        return to_device({key: layer.init_state(dtype=dtype) for key, layer in lifted}, device, f"{name}.init_state")
 
     def check(where: str, state: State, train: Any, generator: Any) -> torch.Generator | None:
         check_train(f"{name}.{where}", train)
@@ -497,7 +499,8 @@ def _tuple_merge(who: str, merge: Callable[[list[Tensor]], Tensor],
     return Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
 
 
-def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Params:
     return {}
 
 
@@ -538,8 +541,9 @@ def residual(layer: Layer | StatefulLayer) -> Layer | StatefulLayer:
             inner, new_state, inner_pullback = layer.vjp(params, state, x, train=train, generator=generator)
             return checked(inner, x), new_state, skip(inner_pullback)
 
-        return StatefulLayer(init=layer.init, init_state=layer.init_state, apply=stateful_apply, vjp=stateful_vjp,
-                             name=name)
+        return StatefulLayer(init=placed(layer.init, f"{name}.init"),
+                             init_state=placed(lambda *, dtype: layer.init_state(dtype=dtype), f"{name}.init_state"),
+                             apply=stateful_apply, vjp=stateful_vjp, name=name)
 
     def apply(params: Params, x: Tensor) -> Tensor:
         return checked(layer.apply(params, x), x)
@@ -548,4 +552,4 @@ def residual(layer: Layer | StatefulLayer) -> Layer | StatefulLayer:
         inner, inner_pullback = layer.vjp(params, x)
         return checked(inner, x), skip(inner_pullback)
 
-    return Layer(init=layer.init, apply=apply, vjp=vjp, name=name)
+    return Layer(init=placed(layer.init, f"{name}.init"), apply=apply, vjp=vjp, name=name)

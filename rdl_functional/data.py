@@ -61,10 +61,10 @@ def one_hot(labels: Tensor, num_classes: int, *, dtype: torch.dtype = torch.floa
         raise TypeError(f"one_hot: labels must be an integer tensor, got {what}")
     if labels.dim() != 1:
         raise ValueError(f"one_hot: labels must have shape (n,), got {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"one_hot: labels must lie in [0, {num_classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    targets = torch.zeros(labels.shape[0], num_classes, dtype=dtype)
+    targets = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     return targets.scatter_(1, labels[:, None].to(torch.int64), 1)

@@ -182,6 +182,7 @@ def fit_stacked(
     for epoch in range(1, epochs + 1):
         # Each model's shuffle, applied once an epoch; each batch is then a slice (a view, no copy).
         order = (torch.stack([torch.randperm(n, generator=g) for g in generators]) + offsets).reshape(-1)
+        order = order.to(x.device)
         x_shuffled = x_flat.index_select(0, order).reshape(x.shape)
         target_shuffled = target_flat.index_select(0, order).reshape(target.shape)
         losses: list[Tensor] = []  # checked for NaN and inf at the epoch's end: no sync per step

@@ -151,6 +151,9 @@ class DiscSettings:
         loss: ``"mse"`` or ``"cross-entropy"``; ``None``: the model's own.
         dropout, batch_norm: the seed model with dropout of this probability after each hidden
             ReLU, and batch norm after each hidden linear layer (see :func:`seed_model`).
+        device, dtype: where the data and params live (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...), and
+            their floating dtype (``"float32"`` or ``"float64"``). Everything is drawn on the CPU
+            first, so a seed names the same run on every device.
     """
 
     epochs: int = 200
@@ -169,6 +172,8 @@ class DiscSettings:
         ("mse", "cross-entropy"))))
     dropout: float = attrs.field(default=0.0, validator=lambda _, __, p: _check_probability(p))
     batch_norm: bool = False
+    device: str = "cpu"
+    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "float64")))
 
     @property
     def task(self) -> Task:
@@ -188,6 +193,11 @@ class DiscSettings:
         if self.init != "torch_default":
             description += f", {self.init} init"
         return Task(model, loss, targets, description)
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """What the task's loss compares the outputs with, for ``labels``, in these settings' dtype."""
+        target = self.task.targets(labels)
+        return target.to(getattr(torch, self.dtype)) if target.is_floating_point() else target
 
     def tuned(self, name: str) -> float:
         """The value of ``lr``, ``momentum`` or ``weight_decay``: the one set, or the optimizer's tuned one."""
@@ -306,8 +316,11 @@ def draw_run(seed: int, settings: DiscSettings = DEFAULTS) -> tuple[DiscData, Pa
     g = torch.Generator().manual_seed(seed)
     x_train, labels_train = disc_dataset(settings.n_train, g)
     x_test, labels_test = disc_dataset(settings.n_test, g)
-    params = settings.task.model.init(g)
-    return DiscData(x_train, labels_train, x_test, labels_test), params, g
+    dtype = getattr(torch, settings.dtype)
+    params = settings.task.model.init(g, dtype=dtype, device=settings.device)
+    data = DiscData(*(t.to(settings.device, dtype) if t.is_floating_point() else t.to(settings.device)
+                      for t in (x_train, labels_train, x_test, labels_test)))
+    return data, params, g
 
 
 def run_disc(
@@ -343,9 +356,9 @@ def run_disc(
         raise ValueError(f"run_disc: compile=True trains with plain SGD, not {settings.optimizer}")
     how = dict(lr=settings.learning_rate()) if settings.compile else dict(optimizer=settings.make_optimizer())
     params, history = fit(
-        model, task.loss, params, data.x_train, task.targets(data.labels_train),
+        model, task.loss, params, data.x_train, settings.targets(data.labels_train),
         epochs=settings.epochs, batch_size=settings.batch_size, generator=g,
-        test=(data.x_test, task.targets(data.labels_test)), callback=callback, compile=settings.compile,
+        test=(data.x_test, settings.targets(data.labels_test)), callback=callback, compile=settings.compile,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite,
         checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": attrs.asdict(settings),
                                                          "caller": checkpoint_info},
@@ -411,8 +424,8 @@ def run_disc_together(
     starts = [init_params if init_params is not None else params for _, params, _ in drawn]
     data = [d for d, _, _ in drawn]
     x, x_test = torch.stack([d.x_train for d in data]), torch.stack([d.x_test for d in data])
-    target = torch.stack([task.targets(d.labels_train) for d in data])
-    target_test = torch.stack([task.targets(d.labels_test) for d in data])
+    target = torch.stack([settings.targets(d.labels_train) for d in data])
+    target_test = torch.stack([settings.targets(d.labels_test) for d in data])
     stacked, histories = fit_stacked(
         model, task.loss, stack_params([tree_unflatten(tree_flatten(p)) for p in starts]), x, target,
         epochs=settings.epochs, batch_size=settings.batch_size, optimizer=settings.make_optimizer(),

@@ -135,8 +135,40 @@ def _check_cotangent(name: str, dy: Any, shape: torch.Size, dtype: torch.dtype) 
 # Parameterless, elementwise layers
 
 
-def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Params:
     return {}
+
+
+def to_device(tree: Any, device: torch.device | str | None, where: str) -> Any:
+    """``tree`` moved to ``device`` (``None``: left where it is), with a clear error for a device that is not there.
+
+    Params are drawn on the CPU and then moved, so a generator state gives the
+    same bits on every device.
+    """
+    if device is None:
+        return tree
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{where}: device must be a torch.device or a name such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where}: CUDA was asked for (device={str(device)!r}) but torch sees no CUDA device on this "
+                         "machine (torch.cuda.is_available() is False)")
+    from .tree import tree_map  # the tree module imports nothing of ours; imported here to keep layers first
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree) if isinstance(tree, Mapping) else \
+        tree.to(device)
+
+
+def placed(draw: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """``draw(generator, *, dtype)`` with a ``device`` keyword: drawn on the CPU, then moved there."""
+
+    def init(*args: Any, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Any:
+        return to_device(draw(*args, dtype=dtype), device, where)
+
+    return init
 
 
 def _elementwise(
@@ -302,7 +334,8 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
                         f"got {type(init).__name__}")
     bias_bound = 1 / math.sqrt(in_features)  # torch.nn.Linear's: uniform_(bias, ±1/√fan_in)
 
-    def init_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    def init_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
         weight = draw_weight(g, (out_features, in_features), dtype)
@@ -311,7 +344,7 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
             raise ValueError(f"{name}.init: the init function must return a {dtype} tensor of shape "
                              f"{(out_features, in_features)}, got {got}")
         bias = torch.empty(out_features, dtype=dtype).uniform_(-bias_bound, bias_bound, generator=g)
-        return {"weight": weight, "bias": bias}
+        return to_device({"weight": weight, "bias": bias}, device, f"{name}.init")
 
     def apply(params: Params, x: Tensor) -> Tensor:
         weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2, out_features)
@@ -397,6 +430,10 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
                           f"{(*models, out_features)} (are these another layer's params?)")
     if bias.dtype != weight.dtype:
         return TypeError(f"{where}: params['bias'] is {bias.dtype} but params['weight'] is {weight.dtype}")
+    for what, tensor in (("params['bias']", bias), ("x", x)):
+        if tensor.device != weight.device:
+            return ValueError(f"{where}: {what} is on {tensor.device} but params['weight'] is on {weight.device} "
+                              "(move them to one device: rf.tree_map(lambda p: p.to(device), params), x.to(device))")
     if x.dim() != weight.dim():
         expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
         return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
@@ -439,6 +476,8 @@ def _linear_unpack(
         or bias.dtype != weight.dtype
         or x.size(-1) != in_features
         or x.dtype != weight.dtype
+        or x.device != weight.device
+        or bias.device != weight.device
         or (dims == 3 and (x.size(0) != weight.size(0) or bias.size(0) != weight.size(0)))
     ):
         raise _linear_input_error(f"{name}.{where}", x, weight, bias, in_features, out_features, dims)

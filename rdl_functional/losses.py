@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .codegen import Code
-from .data import one_hot
 
 __all__ = [
     "Loss",
@@ -149,7 +148,9 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
             f"{where}: labels must have shape {tuple(logits.shape[:-1])} to match the logits, got {tuple(labels.shape)}"
         )
     classes = logits.shape[-1]
-    if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+    # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
+    # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(
             f"{where}: labels must lie in [0, {classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
@@ -170,7 +171,8 @@ def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPull
     def pullback(g: Tensor) -> Tensor:
         g = _scalar_cotangent("cross_entropy_loss pullback", g, value)
         # dz = (softmax(z) − onehot(y)) g / batch
-        target = one_hot(labels.reshape(-1), logits.shape[-1], dtype=logits.dtype).reshape(logits.shape)
+        # onehot(y), written in place of a fresh zero tensor: the labels were checked in the forward pass.
+        target = torch.zeros_like(logits).scatter_(-1, labels.unsqueeze(-1), 1.0)
         return (log_p.exp() - target) * (g / labels.numel())
 
     return value, pullback

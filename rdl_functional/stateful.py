@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .layers import Layer, Params, _check_cotangent, _check_features, _check_float_dtype
+from .layers import Layer, Params, _check_cotangent, _check_features, _check_float_dtype, placed, to_device
 
 State = dict[str, Any]
 StatefulPullback = Callable[..., tuple[Params, Tensor | None]]
@@ -118,7 +118,7 @@ def stateful(layer: Layer) -> StatefulLayer:
         raise TypeError(f"stateful: expected a Layer, got {type(layer).__name__}")
     name = layer.name
 
-    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
+    def init_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
         return {}
 
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
@@ -134,11 +134,17 @@ def stateful(layer: Layer) -> StatefulLayer:
         y, pullback = layer.vjp(params, x)
         return y, {}, pullback
 
-    return StatefulLayer(init=layer.init, init_state=init_state, apply=apply, vjp=vjp, name=name,
+    return StatefulLayer(init=placed(layer.init, f"{name}.init"), init_state=init_state, apply=apply, vjp=vjp,
+                         name=name,
                          skips_dx=layer.skips_dx)
 
 
-def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Params:
+    return {}
+
+
+def _no_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
     return {}
 
 
@@ -191,8 +197,12 @@ def dropout(p: float) -> StatefulLayer:
         g = as_generator(generator, f"{name}.{where}")
         if p == 0:  # as torch: nothing is dropped and nothing is drawn
             return None
-        # torch's CPU kernel, op for op: empty_like(x).bernoulli_(1 - p).div_(1 - p).
-        return torch.empty_like(x).bernoulli_(keep, generator=g).div_(keep)
+        # torch's CPU kernel, op for op: empty_like(x).bernoulli_(1 - p).div_(1 - p). On another device than the
+        # generator's, the mask is drawn where the generator is and moved: the same bits on every device.
+        if x.device == g.device:
+            return torch.empty_like(x).bernoulli_(keep, generator=g).div_(keep)
+        return torch.empty(x.shape, dtype=x.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep).to(
+            x.device)
 
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
@@ -213,7 +223,7 @@ def dropout(p: float) -> StatefulLayer:
 
         return y, {}, pullback
 
-    return StatefulLayer(init=_no_params, init_state=lambda *, dtype=torch.float32: {}, apply=apply, vjp=vjp,
+    return StatefulLayer(init=_no_params, init_state=_no_state, apply=apply, vjp=vjp,
                          name=name)
 
 
@@ -280,15 +290,18 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
     name = f"batch_norm({', '.join([str(features), *options])})"
     shape = (features,)
 
-    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32) -> Params:
+    def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> Params:
         as_generator(generator, f"{name}.init")  # checked; nothing is drawn, as torch draws nothing
         _check_float_dtype(f"{name}.init", dtype)
-        return {"weight": torch.ones(shape, dtype=dtype), "bias": torch.zeros(shape, dtype=dtype)} if affine else {}
+        params = {"weight": torch.ones(shape, dtype=dtype), "bias": torch.zeros(shape, dtype=dtype)} if affine else {}
+        return to_device(params, device, f"{name}.init")
 
-    def init_state(*, dtype: torch.dtype = torch.float32) -> State:
+    def init_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
         _check_float_dtype(f"{name}.init_state", dtype)
-        return {"running_mean": torch.zeros(shape, dtype=dtype), "running_var": torch.ones(shape, dtype=dtype),
-                "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
+        state = {"running_mean": torch.zeros(shape, dtype=dtype), "running_var": torch.ones(shape, dtype=dtype),
+                 "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
+        return to_device(state, device, f"{name}.init_state")
 
     def unpack(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
         at = f"{name}.{where}"

@@ -290,7 +290,8 @@ def fit(
             # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
             order, first = torch.randperm(n, generator=g), 0
         resumed = None
-        x_shuffled, target_shuffled = x.index_select(0, order), target.index_select(0, order)
+        on_device = order.to(x.device)  # drawn on the generator's device (the CPU), the same on every device
+        x_shuffled, target_shuffled = x.index_select(0, on_device), target.index_select(0, on_device)
         losses: list[Tensor] = []  # this epoch's step losses, checked for NaN and inf without a sync per step
         for start in range(first, n, batch_size):
             stop = start + batch_size

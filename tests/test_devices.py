@@ -1,0 +1,116 @@
+"""Devices: params drawn on the CPU and moved, layers that say when devices differ, and steps without host syncs.
+
+The meta device has shapes but no data, so any read of a value (``.item()``,
+``bool(tensor)``, a data-dependent branch) fails there: a whole training step
+that runs on it makes no host sync. On a GPU the same step runs under
+``torch.cuda.set_sync_debug_mode("error")`` (skipped without one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_layers import LAYERS, STATEFUL
+from test_losses import LOSSES
+
+import rdl_functional as rf
+
+OPTIMIZERS = [
+    rf.sgd(0.1), rf.sgd(rf.linear_schedule(0.1, 0.0, 10), momentum=0.9, nesterov=True), rf.adam(1e-3),
+    rf.adamw(1e-3, amsgrad=True), rf.rmsprop(1e-2, centered=True, momentum=0.5), rf.adagrad(0.1),
+    rf.chain(rf.clip_by_global_norm(1.0), rf.adam(1e-3)), rf.chain(rf.add_decayed_weights(1e-4), rf.sgd(0.1)),
+]
+
+
+def _like(y, device):
+    return torch.ones(y.shape, device=device) if isinstance(y, torch.Tensor) else tuple(
+        torch.ones(t.shape, device=device) for t in y)
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "reference"), LAYERS, ids=[c[0] for c in LAYERS])
+def test_every_layer_steps_on_the_meta_device(name, layer, in_features, reference):
+    params = layer.init(0, device="meta")
+    assert all(leaf.device.type == "meta" for leaf in rf.tree_leaves(params))
+    y, pullback = layer.vjp(params, torch.empty(4, in_features, device="meta"))
+    dparams, dx = pullback(_like(y, "meta"))
+    assert dx.device.type == "meta" and rf.tree_difference(dparams, params, leaves=True) is None
+
+
+@pytest.mark.parametrize(("name", "layer", "in_features", "twin"),
+                         [c for c in STATEFUL if "cumulative" not in c[0]],  # momentum=None reads the count
+                         ids=[c[0] for c in STATEFUL if "cumulative" not in c[0]])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_stateful_layer_steps_on_the_meta_device(name, layer, in_features, twin, train):
+    params, state = layer.init(0, device="meta"), layer.init_state(device="meta")
+    # A CPU generator: dropout draws its mask on the CPU, the same bits on every device, and moves it.
+    y, new_state, pullback = layer.vjp(params, state, torch.empty(4, in_features, device="meta"), train=train,
+                                       generator=torch.Generator())
+    assert all(leaf.device.type == "meta" for leaf in rf.tree_leaves(new_state))
+    pullback(_like(y, "meta"))
+
+
+@pytest.mark.parametrize(("name", "loss", "scale", "make_target", "reference"), LOSSES, ids=[c[0] for c in LOSSES])
+def test_every_loss_steps_on_the_meta_device(name, loss, scale, make_target, reference):
+    target = make_target(torch.zeros(4, 3), torch.Generator().manual_seed(0)).to("meta")
+    value, pullback = loss.vjp(torch.empty(4, 3, device="meta"), target)
+    assert pullback(torch.ones((), device="meta")).shape == (4, 3)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
+def test_every_optimizer_steps_on_the_meta_device(optimizer):
+    model = rf.seed_model()
+    params = model.init(0, device="meta")
+    state = optimizer.init(params)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, torch.empty(8, 2, device="meta"),
+                                                      torch.empty(8, 2, device="meta"))
+    new_params, state = optimizer.step(params, grads, state)
+    updates, _ = optimizer.update(grads, state, params)
+    assert all(leaf.device.type == "meta" for leaf in rf.tree_leaves(rf.apply_updates(new_params, updates)))
+
+
+def test_params_are_drawn_on_the_cpu_and_moved():
+    model = rf.compose(rf.linear(2, 3), rf.batch_norm(3), rf.residual(rf.linear(3, 3)))
+    on_cpu, moved = model.init(7), model.init(7, device="meta")
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(on_cpu), rf.tree_leaves(model.init(7, device="cpu")),
+                                                 strict=True))
+    assert [t.shape for t in rf.tree_leaves(moved)] == [t.shape for t in rf.tree_leaves(on_cpu)]
+    assert all(t.device.type == "meta" for t in rf.tree_leaves(moved))
+    assert all(t.device.type == "meta" for t in rf.tree_leaves(model.init_state(device="meta")))
+
+
+def test_a_layer_says_when_params_and_input_are_on_different_devices():
+    layer = rf.linear(2, 3)
+    with pytest.raises(ValueError, match=r"linear\(2, 3\)\.apply: x is on meta but params\['weight'\] is on cpu "
+                                         r"\(move them to one device"):
+        layer(layer.init(0), torch.empty(4, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"layer 0: linear\(2, 3\)\.vjp: x is on cpu but params\['weight'\] is on "
+                                         r"meta"):
+        model = rf.compose(layer, rf.relu)
+        rf.value_and_grad(model, rf.mse_loss)(model.init(0, device="meta"), torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_says_so():
+    with pytest.raises(ValueError, match=r"CUDA was asked for \(device='cuda'\) but torch sees no CUDA device"):
+        rf.seed_model().init(0, device="cuda")
+    with pytest.raises(ValueError, match=r"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
+                                         r"'gpu'"):
+        rf.seed_model().init(0, device="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_training_step_makes_no_host_sync():
+    model = rf.seed_model()
+    x, labels = rf.disc_dataset(200, 0)
+    x, target = x.cuda(), rf.one_hot(labels, 2).cuda()
+    for optimizer in OPTIMIZERS:
+        params = model.init(0, device="cuda")
+        state = optimizer.init(params)
+        step = rf.value_and_grad(model, rf.mse_loss)
+        step(params, x[:50], target[:50])  # warm: the first call may load kernels
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, grads = step(params, x[:50], target[:50])
+            params, state = optimizer.step(params, grads, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

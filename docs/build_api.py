@@ -34,6 +34,7 @@ MODULES = [
     "activations",
     "initializers",
     "compiled",
+    "distributed",
     "optim",
     "io",
     "data",

@@ -182,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
                                "run everywhere (default: %(default)s)")
     training.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                           help="the floating dtype of the data and params (default: %(default)s)")
+    training.add_argument("--nproc", type=_int_at_least(1, 64), default=1, metavar="N",
+                          help="train data-parallel in N processes that this command starts on 127.0.0.1 (gloo), "
+                               "each on its shard of every global batch; the result equals one process's to float "
+                               "rounding. Under torchrun, leave it out: the processes are torchrun's "
+                               "(default: %(default)s)")
     training.add_argument("--threads", type=_int_at_least(1, 1024), default=1,
                           help="torch intra-op threads; for this tiny model one is fastest, and a fixed "
                                "count keeps results reproducible (default: %(default)s)")
@@ -257,6 +262,15 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(f"--batch-norm: batches of {args.batch_size} leave {'every' if args.batch_size == 1 else 'the last'} "
               f"batch of an epoch ({DEFAULTS.n_train} points) one row, which batch norm cannot normalize in "
               "training; choose another --batch-size")
+    if args.nproc > 1 or _launched_by_torchrun():
+        how = f"--nproc {args.nproc}" if args.nproc > 1 else "torchrun"
+        if args.seeds is not None and len(args.seeds) > 1:
+            _fail(f"{how} trains one run data-parallel; use --seed N rather than --seeds")
+        for flag, value in (("--batch-norm", args.batch_norm), ("--dropout", args.dropout),
+                            ("--compile", args.compile), ("--checkpoint", args.checkpoint),
+                            ("--resume", args.resume), ("--compare-torch", args.compare_torch)):
+            if value:
+                _fail(f"{how} does not take {flag} yet")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -491,6 +505,19 @@ def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                                                               caller["threads"])
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` (the workers train; they start no workers of their own)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _json_safe(value: Any) -> Any:
     """NaN and infinities as null: JSON has no such numbers (Python would write NaN, which is not JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -502,12 +529,61 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+
+
+def _spawn_workers(argv: list[str], nproc: int) -> int:
+    """``--nproc N``: start N copies of this command as the ranks of a gloo group on 127.0.0.1, wait for them, and
+    if one fails, stop the others (a collective would otherwise wait for it until the group's timeout)."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # a free port, chosen by the OS
+        port = probe.getsockname()[1]
+    workers = []
+    for rank in range(nproc):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
+        workers.append(subprocess.Popen([sys.executable, "-m", "rdl_functional", *argv], env=env))
+    while True:
+        codes = [worker.poll() for worker in workers]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+            for worker in workers:
+                worker.wait()
+            rank, code = failed[0]
+            print(f"rdl-train: error: worker {rank} of {nproc} exited with {code}; stopped the others",
+                  file=sys.stderr)
+            return 1
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.05)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rdl-train`` and ``python -m rdl_functional``."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.resume is not None:
         _resume_settings(parser, args)
+    if args.nproc > 1 and not _launched_by_torchrun():
+        _check_args(args)  # here, once, before any worker starts
+        return _spawn_workers(_without_nproc(argv), args.nproc)
+    if _launched_by_torchrun():
+        from .distributed import init_from_environment
+
+        init_from_environment()
+        if torch.distributed.get_rank() != 0:  # only rank 0 prints, plots and writes files
+            sys.stdout = open(os.devnull, "w")
+            args.save = args.json = args.plots = None
+            args.quiet = True
     args.seeds_text = ",".join(map(str, args.seeds)) if args.seeds else ""
     _check_args(args)
     init_params = _initial_params(args.init_from)

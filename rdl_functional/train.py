@@ -13,8 +13,9 @@ from torch import Tensor
 
 from ._files import check_writable
 from ._random import as_generator
-from .autodiff import value_and_grad
+from .autodiff import _gradient_fn, value_and_grad
 from .checkpoint import _HISTORY, Checkpoint, describe_rate, difference, digest, read_checkpoint, write_checkpoint
+from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss
 from .optim import Optimizer, Schedule, sgd, sgd_step
@@ -251,6 +252,12 @@ def fit(
     elif model_state is not None:
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
+    rank, size = world()
+    if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
+        if has_state or compile or checkpoint is not None:
+            raise ValueError("fit: data-parallel training (torch.distributed with several processes) takes plain "
+                             "models, without compile=True or checkpoint= (not yet)")
+        params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
@@ -267,6 +274,8 @@ def fit(
     runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
                                        resumed=resumed.opt_state if resumed is not None else None)
     step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
+    if size > 1:
+        step = _data_parallel(model, loss, rank, size)
     if runner is not None:
         params = runner.params
     history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
@@ -343,6 +352,26 @@ class NonFiniteLoss(FloatingPointError):
     def __init__(self, message: str, epoch: int, step: int) -> None:
         super().__init__(message)
         self.epoch, self.step = epoch, step
+
+
+def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[Params, Tensor, Tensor],
+                                                                           tuple[Tensor, Params]]:
+    """``value_and_grad`` of a global minibatch, computed from this rank's shard: the shard's share of the global
+    mean loss (its cotangent is rows_shard / rows_batch), summed over the ranks by one all-reduce per dtype."""
+    run = _gradient_fn(model, loss)
+
+    def step(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
+        a, b = shard(0, x.shape[0], rank, size)
+        if b > a:
+            weight = torch.tensor((b - a) / x.shape[0], dtype=x.dtype, device=x.device)
+            value, grads = run(params, x[a:b], target[a:b], weight)
+            value = value * weight
+        else:  # a batch smaller than the world: this rank adds nothing
+            value, grads = torch.zeros((), dtype=x.dtype, device=x.device), tree_map(torch.zeros_like, params)
+        summed = all_reduce_mean({"grads": grads, "value": value.reshape(1)}, weight=1.0)
+        return summed["value"][0], summed["grads"]
+
+    return step
 
 
 def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,

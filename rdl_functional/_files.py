@@ -118,16 +118,15 @@ def _removed_on_signal(temporary: list[str]) -> Iterator[None]:
         for name in temporary:
             with contextlib.suppress(OSError):
                 os.unlink(name)
-        before = previous.get(signum, signal.SIG_DFL)
-        signal.signal(signum, before)
-        if callable(before):
-            before(signum, frame)
-        elif before == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # what the signal would have done: end the process
 
     for signum in _SIGNALS:
-        with contextlib.suppress(OSError, ValueError):
-            previous[signum] = signal.signal(signum, handler)
+        # Only where the signal would end the process at once: an ignored signal changes nothing, and a Python
+        # handler either returns (the write goes on) or raises (the write's own cleanup removes the file).
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:

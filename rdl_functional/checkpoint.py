@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +23,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from .io import _load, _save
+from .io import _json_depth, _load, _save
 from .tree import Tree, tree_flatten
 
 __all__ = ["Checkpoint", "read_checkpoint"]
@@ -83,7 +83,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     tree, metadata = _load(path, "read_checkpoint")
     shown = repr(str(path))
     try:
-        record = json.loads(metadata[_KEY])
+        text = metadata[_KEY]
+        if _json_depth(text) > 64:
+            raise ValueError("the record nests too deep")
+        record = json.loads(text)
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise ValueError("the record or its settings is not a JSON object")
         if record.get("format") != _FORMAT:
             raise ValueError(f"format {record.get('format')!r}, expected {_FORMAT}")
         return Checkpoint(
@@ -98,7 +103,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             history={name: [float(v) for v in record["history"][name]] for name in _HISTORY},
             settings=record["settings"],
         )
-    except (KeyError, ValueError, TypeError, AttributeError) as error:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError, OverflowError) as error:
         raise ValueError(f"read_checkpoint: {shown} is not a checkpoint of rdl_functional ({error!r} in its "
                          "record)") from None
 
@@ -125,18 +130,36 @@ def digest(*trees: Any) -> str:
 
 
 def describe_rate(lr: Any, steps: int) -> Any:
-    """A rate, or a schedule by its values at a few steps (a function cannot be compared otherwise)."""
+    """A rate, or a schedule by its first and last values and a fingerprint of its value at every step (a
+    function cannot be compared otherwise; past 100,000 steps, at 100,000 steps spread over the run)."""
     if not callable(lr):
-        return lr
-    counts = sorted({0, 1, steps // 2, max(steps - 1, 0), steps})
-    values = []
-    for count in counts:
+        return float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else repr(lr)
+    counts = range(steps + 1) if steps <= 100_000 else sorted({round(i * steps / 100_000) for i in range(100_001)})
+    try:
+        values = [float(lr(count)) for count in counts]
+    except Exception:
+        return getattr(lr, "__qualname__", type(lr).__name__)
+    return {"first": values[0], "last": values[-1], "every step": digest(torch.tensor(values, dtype=torch.float64))}
+
+
+def describe_optimizer(optimizer: Any, steps: int) -> Any:
+    """An optimizer by what it does: its name, and the params it makes of a fixed probe over three steps (which
+    tells momentum, betas, weight decay, ... apart); a step function by its code."""
+    if hasattr(optimizer, "links") and hasattr(optimizer, "init"):
+        probe = {"p": torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)}
         try:
-            value = float(lr(count))
+            state = optimizer.init(probe)
+            for k in range(3):
+                grads = {"p": torch.tensor([0.3, -0.1, 2.0, -1.5], dtype=torch.float64) * (k + 1)}
+                probe, state = optimizer.step(probe, grads, state)
+            behaviour = digest(probe)
         except Exception:
-            return getattr(lr, "__qualname__", type(lr).__name__)
-        values.append(value if math.isfinite(value) else repr(value))
-    return {str(c): v for c, v in zip(counts, values, strict=True)}
+            behaviour = None
+        rates = [describe_rate(link.lr, steps) for link in optimizer.links if link.rule]
+        return {"name": optimizer.name, "probe": behaviour, "rates": rates}
+    code = getattr(optimizer, "__code__", None)
+    fingerprint = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else None
+    return {"name": getattr(optimizer, "__qualname__", type(optimizer).__name__), "code": fingerprint}
 
 
 def difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:

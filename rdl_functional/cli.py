@@ -289,6 +289,10 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail("--checkpoint records one run; use --seed N rather than --seeds")
     if args.checkpoint_every is not None and args.checkpoint is None:
         _fail("--checkpoint-every goes with --checkpoint PATH")
+    checkpoint = args.checkpoint or args.resume
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path is not None and checkpoint is not None and path.resolve() == checkpoint.resolve():
+            _fail(f"{flag} {path}: that is the checkpoint's own file; choose another path")
     for flag, path in (("--save", args.save), ("--json", args.json), ("--checkpoint", args.checkpoint)):
         if path is not None:
             _check_output_file(flag, path)
@@ -610,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         [(f"seed {seed}", lambda c, s=seed: [run_disc(
             s, settings, init_params=init_params, callback=c, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, check_finite=args.check_finite,
-            checkpoint_info={"program": "rdl-train", "init_from": str(args.init_from) if args.init_from else None,
+            checkpoint_info={"program": "rdl-train",
+                             "init_from": str(args.init_from.resolve()) if args.init_from else None,
                              "checkpoint_every": args.checkpoint_every, "check_finite": args.check_finite,
                              "threads": args.threads})]) for seed in seeds]
     results: list[DiscResult] = []

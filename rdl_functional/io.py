@@ -301,7 +301,10 @@ def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[
         raise ValueError(f"{who}: {shown} is not a readable safetensors file (truncated, or another "
                          f"format?): {error}") from None
     if _FORMAT_KEY not in metadata:
-        return from_state_dict(flat), metadata
+        try:
+            return from_state_dict(flat), metadata
+        except ValueError as error:
+            raise ValueError(f"{who}: {shown}: its tensor names are not a tree ({error})") from None
     try:
         record = metadata[_FORMAT_KEY]
         if _json_depth(record) > MAX_DEPTH:

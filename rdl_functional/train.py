@@ -14,7 +14,16 @@ from torch import Tensor
 from ._files import check_writable
 from ._random import as_generator
 from .autodiff import _gradient_fn, value_and_grad
-from .checkpoint import _HISTORY, Checkpoint, describe_rate, difference, digest, read_checkpoint, write_checkpoint
+from .checkpoint import (
+    _HISTORY,
+    Checkpoint,
+    describe_optimizer,
+    describe_rate,
+    difference,
+    digest,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss
@@ -264,7 +273,12 @@ def fit(
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
         settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                 epochs, batch_size, generator, record_history, checkpoint_info, per_epoch)
+                                 epochs, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
+        try:  # before any work: the settings go into every checkpoint as JSON
+            settings = json.loads(json.dumps(settings, allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
+                             f"is not: {error}") from None
         resumed = _resume(checkpoint, settings)
         if resumed is not None:
             params, model_state = resumed.params, resumed.model_state
@@ -285,7 +299,9 @@ def fit(
         count, done, position = resumed.steps, resumed.epochs_done, resumed.position
 
     def save(epochs_done: int, position: int, order: Tensor | None) -> None:
-        _check_params_finite(runner.params if runner is not None else params, epochs_done, checkpoint)
+        if check_finite:
+            _check_params_finite(runner.params if runner is not None else params, epochs_done + (position > 0),
+                                 count, checkpoint)
         write_checkpoint(checkpoint, Checkpoint(
             params=params, opt_state=runner.state() if runner is not None else None, model_state=model_state,
             generator_state=g.get_state(), order=order, epochs_done=epochs_done, position=position, steps=count,
@@ -302,6 +318,7 @@ def fit(
         on_device = order.to(x.device)  # drawn on the generator's device (the CPU), the same on every device
         x_shuffled, target_shuffled = x.index_select(0, on_device), target.index_select(0, on_device)
         losses: list[Tensor] = []  # this epoch's step losses, checked for NaN and inf without a sync per step
+        loss_start = first  # the row where the batch of losses[0] starts
         for start in range(first, n, batch_size):
             stop = start + batch_size
             if compile:
@@ -326,9 +343,10 @@ def fit(
             if check_finite:
                 losses.append(value)
             if checkpoint is not None and count % every == 0 and stop < n:  # inside an epoch
-                _check_losses(losses, epoch, first, batch_size, checkpoint, check_finite)
+                _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
                 save(epoch - 1, stop, order)
-        _check_losses(losses, epoch, first, batch_size, checkpoint, check_finite)
+                loss_start = stop  # the losses checked so far are gone from the list
+        _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
         if has_state:
             history = attrs.evolve(history, model_state=model_state)
         if record_history:
@@ -387,20 +405,28 @@ def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int,
         index = int(bad.nonzero()[0])
         value = float(losses[index])
         step = first // batch_size + index + 1
-        kept = (f"; the checkpoint {str(checkpoint)!r} holds the last good state" if checkpoint is not None
-                else "")
-        raise NonFiniteLoss(f"{who}: the loss is {value} at epoch {epoch}, step {step}: training stopped{kept}. "
+        raise NonFiniteLoss(f"{who}: the loss is {value} at epoch {epoch}, step {step}: training stopped"
+                            f"{_kept(checkpoint)}. "
                             "Check the data and the initial params for NaN or inf, and try a smaller learning "
                             "rate (or pass check_finite=False to train on regardless)", epoch, step)
     losses.clear()
 
 
-def _check_params_finite(params: Params, epoch: int, checkpoint: Any) -> None:
+def _check_params_finite(params: Params, epoch: int, steps: int, checkpoint: Any) -> None:
     """A checkpoint is never written over the last good one with params that are not finite."""
     leaves = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
     if leaves and not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
-        raise NonFiniteLoss(f"fit: the params are no longer finite after epoch {epoch}: training stopped; the "
-                            f"checkpoint {str(checkpoint)!r} holds the last good state", epoch, 0)
+        raise NonFiniteLoss(f"fit: the params are no longer finite after step {steps} (in epoch {epoch}), though "
+                            f"the losses were: training stopped{_kept(checkpoint)}", epoch, 0)
+
+
+def _kept(checkpoint: Any) -> str:
+    """What the error says of the checkpoint: only what is true of it."""
+    if checkpoint is None:
+        return ""
+    if not os.path.exists(checkpoint):
+        return f"; no checkpoint was written to {str(checkpoint)!r} yet"
+    return f"; the checkpoint {str(checkpoint)!r} holds the last good state"
 
 
 def _detached(params: Params) -> Params:
@@ -411,13 +437,13 @@ def _detached(params: Params) -> Params:
 
 def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
                   model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
-                  generator: Any, record_history: bool, info: Any, per_epoch: int) -> dict[str, Any]:
+                  generator: Any, record_history: bool, info: Any, per_epoch: int,
+                  compile: bool = False) -> dict[str, Any]:
     """What a checkpoint records of the run, and a resumed run must match."""
     return {  # the plainest first, so that a difference is named by the plainest setting that shows it
         "info": info,
         "model": model.name,
         "loss": loss.name,
-        "optimizer": getattr(optimizer, "name", None) or getattr(optimizer, "__qualname__", type(optimizer).__name__),
         "epochs": epochs,
         "batch_size": batch_size,
         "data": f"{x.shape[0]} rows, {digest(x, target)}",
@@ -425,9 +451,9 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         "start": digest(params, opt_state, model_state),
         "generator": generator if isinstance(generator, int) else digest(generator.get_state()),
         "record_history": record_history,
+        "compile": compile,
+        "optimizer": describe_optimizer(optimizer, epochs * per_epoch),
         "lr": describe_rate(lr, epochs * per_epoch),
-        "optimizer_rates": [describe_rate(link.lr, epochs * per_epoch) for link in optimizer.links
-                            if link.rule] if isinstance(optimizer, Optimizer) else None,
     }
 
 

@@ -52,6 +52,13 @@ def _describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
+def _enter(on_path: set[int], node: Any, who: str, path: str) -> None:
+    """Note ``node`` as on the walk's current path; a dict met again there contains itself, a cycle."""
+    if id(node) in on_path:
+        raise ValueError(f"{who}: the tree contains itself {_where(path)} (a dict that holds itself is no tree)")
+    on_path.add(id(node))
+
+
 def tree_leaves(tree: Tree) -> list[Any]:
     """Return the leaves of ``tree`` in key order.
 
@@ -61,15 +68,17 @@ def tree_leaves(tree: Tree) -> list[Any]:
     if not _is_node(tree):
         return [tree]
     leaves: list[Any] = []
-    stack = [iter(tree.values())]  # a walk without recursion: any depth, no RecursionError
+    stack = [(iter(tree.values()), id(tree))]  # a walk without recursion: any depth, no RecursionError
+    on_path = {id(tree)}
     while stack:
-        for child in stack[-1]:
+        for child in stack[-1][0]:
             if _is_node(child):
-                stack.append(iter(child.values()))
+                _enter(on_path, child, "tree_leaves", "")
+                stack.append((iter(child.values()), id(child)))
                 break
             leaves.append(child)
         else:
-            stack.pop()
+            on_path.discard(stack.pop()[1])
     return leaves
 
 
@@ -89,9 +98,10 @@ def tree_flatten(tree: Tree) -> dict[str, Any]:
     if not _is_node(tree):
         return {"": tree}
     flat: dict[str, Any] = {}
-    stack = [(iter(tree.items()), "")]  # a walk without recursion: any depth, no RecursionError
+    stack = [(iter(tree.items()), "", id(tree))]  # a walk without recursion: any depth, no RecursionError
+    on_path = {id(tree)}
     while stack:
-        items, path = stack[-1]
+        items, path, _ = stack[-1]
         for key, child in items:
             if not isinstance(key, str) or not key or "." in key:
                 raise ValueError(
@@ -99,11 +109,12 @@ def tree_flatten(tree: Tree) -> dict[str, Any]:
                     "string without dots, so that dotted paths can be read back"
                 )
             if _is_node(child):
-                stack.append((iter(child.items()), _join(path, key)))
+                _enter(on_path, child, "tree_flatten", _join(path, key))
+                stack.append((iter(child.items()), _join(path, key), id(child)))
                 break
             flat[_join(path, key)] = child
         else:
-            stack.pop()
+            on_path.discard(stack.pop()[2])
     return flat
 
 
@@ -172,19 +183,21 @@ def tree_difference(
     found = visit(tree, other, "")
     if found or not _is_node(tree):
         return found
-    stack = [(iter(tree.items()), other, "")]  # depth first, in key order, without recursion
+    stack = [(iter(tree.items()), other, "", id(tree))]  # depth first, in key order, without recursion
+    on_path = {id(tree)}
     while stack:
-        items, twin, path = stack[-1]
+        items, twin, path, _ = stack[-1]
         for key, child in items:
             where = _join(path, key)
             found = visit(child, twin[key], where)
             if found:
                 return found
             if _is_node(child):
-                stack.append((iter(child.items()), twin[key], where))
+                _enter(on_path, child, "tree_difference", where)
+                stack.append((iter(child.items()), twin[key], where, id(child)))
                 break
         else:
-            stack.pop()
+            on_path.discard(stack.pop()[3])
     return None
 
 
@@ -201,18 +214,20 @@ def _map(fn: Callable[..., Any], tree: Tree, rest: tuple[Tree, ...]) -> Tree:
     if not _is_node(tree):
         return fn(tree, *rest)
     root: dict[str, Any] = {}
-    stack = [(iter(tree.items()), rest, root)]  # a walk without recursion: any depth, no RecursionError
+    stack = [(iter(tree.items()), rest, root, id(tree))]  # a walk without recursion: any depth, no RecursionError
+    on_path = {id(tree)}
     while stack:
-        items, others, out = stack[-1]
+        items, others, out, _ = stack[-1]
         for key, child in items:
             twins = tuple(r[key] for r in others)
             if _is_node(child):
+                _enter(on_path, child, "tree_map", key)
                 out[key] = {}
-                stack.append((iter(child.items()), twins, out[key]))
+                stack.append((iter(child.items()), twins, out[key], id(child)))
                 break
             out[key] = fn(child, *twins)
         else:
-            stack.pop()
+            on_path.discard(stack.pop()[3])
     return root
 
 

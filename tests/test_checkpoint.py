@@ -109,8 +109,8 @@ def test_fit_resumes_inside_an_epoch_and_refuses_another_runs_checkpoint(tmp_pat
     assert _same_trees(resumed_history.opt_state, history.opt_state)
     with pytest.raises(ValueError, match=r"fit: the checkpoint .*run.ckpt' records another run \(batch_size: 30 in "
                                          r"the checkpoint, 20 now\)"):
-        rf.fit(model, rf.mse_loss, params, x, target, epochs=4, batch_size=20, optimizer=rf.adam(1e-2),
-               generator=5, checkpoint=path)
+        rf.fit(model, rf.mse_loss, params, x, target, epochs=4, batch_size=20,
+               optimizer=rf.adam(rf.linear_schedule(0.01, 0.0, 28)), generator=5, checkpoint=path)
     with pytest.raises(FileNotFoundError, match=r"fit: checkpoint: .*: the folder .*nowhere' does not exist"):
         run(checkpoint=tmp_path / "nowhere" / "run.ckpt")
 
@@ -200,3 +200,65 @@ def test_small_defects_of_issue_10_stay_fixed(tmp_path):
         rf.sgd(1e39)
     # The history plot's title keeps the model's name whole.
     assert _model_words(rf.DiscSettings().task.description) == "2-25-25-25-2 MLP (ReLU, Tanh output)"
+
+
+def test_review_findings_of_issue_10_stay_fixed(tmp_path):
+    import numpy as np
+
+    _, _, x, target = _task()
+    plain = rf.seed_model()
+    # A numpy rate goes into the checkpoint's JSON; info that is not JSON is refused before any work.
+    rf.fit(plain, rf.mse_loss, plain.init(0), x, target, epochs=1, batch_size=50, lr=np.float32(0.1), generator=0,
+           checkpoint=tmp_path / "np.ckpt")
+    with pytest.raises(ValueError, match=r"fit: checkpoint_info must be JSON data"):
+        rf.fit(plain, rf.mse_loss, plain.init(0), x, target, epochs=1, batch_size=50, lr=0.1, generator=0,
+               checkpoint=tmp_path / "info.ckpt", checkpoint_info={"f": os.path})
+    assert not (tmp_path / "info.ckpt").exists()
+    # Another momentum, or another schedule, is another run.
+    run = dict(epochs=1, batch_size=50, generator=0, checkpoint=tmp_path / "opt.ckpt")
+    rf.fit(plain, rf.mse_loss, plain.init(0), x, target, optimizer=rf.sgd(0.1, momentum=0.9), **run)
+    with pytest.raises(ValueError, match=r"records another run \(optimizer.probe"):
+        rf.fit(plain, rf.mse_loss, plain.init(0), x, target, optimizer=rf.sgd(0.1, momentum=0.5), **run)
+    run["checkpoint"] = tmp_path / "sched.ckpt"
+    rf.fit(plain, rf.mse_loss, plain.init(0), x, target, lr=rf.piecewise_constant_schedule(0.1, {2: 0.5}), **run)
+    with pytest.raises(ValueError, match=r"records another run \(lr.every step"):
+        rf.fit(plain, rf.mse_loss, plain.init(0), x, target, lr=rf.piecewise_constant_schedule(0.1, {3: 0.5}), **run)
+    # The NaN's step is counted from the epoch's start even after a checkpoint inside the epoch; and
+    # check_finite=False trains on with a checkpoint too.
+    bad = x.clone()
+    bad[150:] = float("nan")  # rows 150.. of the unshuffled data: which steps they fall in depends on the shuffle
+    with pytest.raises(rf.NonFiniteLoss) as caught:
+        rf.fit(plain, rf.mse_loss, plain.init(0), bad, target, epochs=1, batch_size=10, lr=0.1, generator=0,
+               checkpoint=tmp_path / "nan.ckpt", checkpoint_every=2)
+    with pytest.raises(rf.NonFiniteLoss) as alone:
+        rf.fit(plain, rf.mse_loss, plain.init(0), bad, target, epochs=1, batch_size=10, lr=0.1, generator=0)
+    assert caught.value.step == alone.value.step
+    rf.fit(plain, rf.mse_loss, plain.init(0), bad, target, epochs=1, batch_size=10, lr=0.1, generator=0,
+           checkpoint=tmp_path / "nocheck.ckpt", check_finite=False)
+    # A dict that holds itself is refused, not walked forever.
+    cyclic = {"w": torch.zeros(1)}
+    cyclic["self"] = cyclic
+    with pytest.raises(ValueError, match=r'tree_flatten: the tree contains itself at "self"'):
+        rf.tree_flatten(cyclic)
+
+
+def test_a_signal_that_does_not_end_the_process_leaves_the_write_alone(tmp_path):
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from rdl_functional._files import atomic_write
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)            # as under nohup
+        flag = []
+        signal.signal(signal.SIGUSR1, lambda *_: flag.append(1))  # a graceful-shutdown flag
+        def write(tmp):
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            open(tmp, "w").write("whole")
+        atomic_write({str(tmp_path / "out.txt")!r}, write)
+        assert flag == [1]
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.txt").read_text() == "whole"

@@ -18,7 +18,6 @@ from typing import Any
 
 import safetensors.torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ._files import atomic_write
@@ -252,7 +251,10 @@ def _save(tree: Tree, path: str | os.PathLike[str], who: str, extra: Mapping[str
         tensors[key] = tensor.clone() if storage in seen else tensor  # safetensors refuses shared memory
         seen.add(storage)
     metadata = {_FORMAT_KEY: json.dumps(skeleton), **(extra or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), who=who)
+    # The bytes are made here and written into atomic_write's own temporary file: safetensors' save_file
+    # writes through a temporary file of its own (.tmpXXXXXX), which a kill would leave behind.
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), who=who)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:

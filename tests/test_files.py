@@ -185,6 +185,8 @@ def test_a_signal_during_a_write_removes_the_temporary_file_and_keeps_the_old_on
     script = textwrap.dedent(f"""
         import os, signal
         from rdl_functional._files import atomic_write
+        # As in a terminal: a background job may inherit SIGINT ignored, and an ignored signal leaves a write alone.
+        signal.signal({int(signum)}, signal.default_int_handler if {int(signum)} == signal.SIGINT else signal.SIG_DFL)
         def write(tmp):
             open(tmp, "w").write("half")
             os.kill(os.getpid(), {int(signum)})

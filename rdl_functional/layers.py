@@ -304,8 +304,10 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
     ``(generator, shape, dtype) -> weight``. The weight is drawn first, then
     the bias as ``torch.nn.Linear`` draws it.
 
-    Input ``x``: ``(batch, in_features)``; output: ``(batch, out_features)``.
-    Backward: ``dW = dyᵀ x``, ``db = Σ_batch dy``, ``dx = dy W``.
+    Input ``x``: ``(..., in_features)``, with any leading dimensions (none: one
+    example, as ``torch.func.vmap`` passes), as ``torch.nn.Linear`` takes it;
+    output: ``(..., out_features)``. Backward: ``dW = dyᵀ x``, ``db = Σ dy``
+    (the sums over all leading dimensions), ``dx = dy W``.
 
     >>> import torch
     >>> layer = linear(3, 2)
@@ -357,8 +359,13 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(name, dy, shape, dtype)
-            # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
-            return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
+            if x.dim() == 2:
+                # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
+                return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
+            # Any other leading dimensions (none: one example, as under vmap): the same sums over all of them.
+            flat_dy = dy.reshape(-1, out_features)
+            dweight = flat_dy.t().mm(x.reshape(-1, in_features))
+            return {"weight": dweight, "bias": flat_dy.sum(0)}, dy.matmul(weight) if need_dx else None
 
         return y, pullback
 
@@ -434,8 +441,8 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
         if tensor.device != weight.device:
             return ValueError(f"{where}: {what} is on {tensor.device} but params['weight'] is on {weight.device} "
                               "(move them to one device: rf.tree_map(lambda p: p.to(device), params), x.to(device))")
-    if x.dim() != weight.dim():
-        expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(batch, {in_features})"
+    if (x.dim() != weight.dim()) if stacked else x.dim() < 1:
+        expected = f"(models={weight.shape[0]}, batch, {in_features})" if stacked else f"(..., {in_features})"
         return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
     if stacked and x.shape[0] != weight.shape[0]:
         return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
@@ -468,7 +475,7 @@ def _linear_unpack(
         not isinstance(x, Tensor)
         or not isinstance(weight, Tensor)
         or not isinstance(bias, Tensor)
-        or x.dim() != dims
+        or (x.dim() != dims if dims == 3 else x.dim() < 1)
         or weight.dim() != dims
         or weight.shape[-2:] != (out_features, in_features)
         or bias.dim() != dims - 1

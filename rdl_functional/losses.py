@@ -135,10 +135,14 @@ For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a�
 # Cross-entropy on logits
 
 
+def _functorch_wrapped(tensor: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     _check_pred(where, logits)
-    if logits.dim() < 2:
-        raise ValueError(f"{where}: logits must have shape (batch, classes), got {tuple(logits.shape)}")
+    if logits.dim() < 1:
+        raise ValueError(f"{where}: logits must have shape (..., classes), got {tuple(logits.shape)}")
     if not isinstance(labels, Tensor):
         raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
@@ -150,7 +154,9 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     classes = logits.shape[-1]
     # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
     # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
-    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+    # Nor under torch.func's transforms (vmap), where a value read from the data is not allowed.
+    if (labels.device.type == "cpu" and not _functorch_wrapped(labels) and labels.numel()
+            and (labels.min() < 0 or labels.max() >= classes)):
         raise ValueError(
             f"{where}: labels must lie in [0, {classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
@@ -171,8 +177,10 @@ def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPull
     def pullback(g: Tensor) -> Tensor:
         g = _scalar_cotangent("cross_entropy_loss pullback", g, value)
         # dz = (softmax(z) − onehot(y)) g / batch
-        # onehot(y), written in place of a fresh zero tensor: the labels were checked in the forward pass.
-        target = torch.zeros_like(logits).scatter_(-1, labels.unsqueeze(-1), 1.0)
+        # onehot(y) by comparison (the labels were checked in the forward pass): no value read, and a rule
+        # that torch.func.vmap batches.
+        classes = torch.arange(logits.shape[-1], device=logits.device)
+        target = (labels.unsqueeze(-1) == classes).to(logits.dtype)
         return (log_p.exp() - target) * (g / labels.numel())
 
     return value, pullback
@@ -295,8 +303,9 @@ def bce_with_logits_loss(reduction: str = "mean") -> Loss:
 
 
 def nll_loss(reduction: str = "mean") -> Loss:
-    """Negative log-likelihood of log-probabilities ``(batch, classes)`` (from :data:`log_softmax`) at int64
-    labels ``(batch,)``: ``torch.nn.functional.nll_loss``, its kernels both ways.
+    """Negative log-likelihood of log-probabilities ``(..., classes)`` (from :data:`log_softmax`) at int64
+    labels ``(...)``: ``torch.nn.functional.nll_loss``, its kernels both ways. Any leading dimensions (none:
+    one example) are flattened into one batch: the mean is over all of them.
 
     >>> import torch
     >>> nll_loss()(torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])), torch.tensor([0, 0]))
@@ -305,22 +314,25 @@ def nll_loss(reduction: str = "mean") -> Loss:
     mode = _reduction("nll_loss", reduction)
     name = f"nll_loss(reduction={reduction!r})"
 
-    def check(where: str, pred: Tensor, labels: Tensor) -> None:
+    def check(where: str, pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernels' layout: ``(batch, classes)`` and ``(batch,)``, or one example's ``(classes,)`` and ``()``."""
         _check_cross_entropy(where, pred, labels)
-        if pred.dim() != 2:
-            raise ValueError(f"{where}: log-probabilities must have shape (batch, classes), got {tuple(pred.shape)}")
+        if pred.dim() > 2:
+            return pred.reshape(-1, pred.shape[-1]), labels.reshape(-1)
+        return pred, labels
 
     def apply(pred: Tensor, labels: Tensor) -> Tensor:
-        check(f"{name}.apply", pred, labels)
-        return torch.ops.aten.nll_loss_forward(pred, labels, None, mode, -100)[0]
+        flat, flat_labels = check(f"{name}.apply", pred, labels)
+        return torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)[0]
 
     def vjp(pred: Tensor, labels: Tensor) -> tuple[Tensor, LossPullback]:
-        check(f"{name}.vjp", pred, labels)
-        value, total_weight = torch.ops.aten.nll_loss_forward(pred, labels, None, mode, -100)
+        flat, flat_labels = check(f"{name}.vjp", pred, labels)
+        value, total_weight = torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)
 
         def pullback(g: Tensor) -> Tensor:
             g = _scalar_cotangent(f"{name} pullback", g, value)
-            return torch.ops.aten.nll_loss_backward(g, pred, labels, None, mode, -100, total_weight)
+            dflat = torch.ops.aten.nll_loss_backward(g, flat, flat_labels, None, mode, -100, total_weight)
+            return dflat.reshape(pred.shape)
 
         return value, pullback
 

@@ -114,3 +114,39 @@ def test_a_cuda_training_step_makes_no_host_sync():
             params, state = optimizer.step(params, grads, state)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+VMAP_LOSSES = [
+    (rf.mse_loss, "one_hot"), (rf.cross_entropy_loss, "labels"), (rf.huber_loss(), "one_hot"),
+    (rf.l1_loss("sum"), "one_hot"), (rf.bce_with_logits_loss(), "one_hot"), (rf.nll_loss(), "labels"),
+]
+
+
+@pytest.mark.parametrize(("loss", "kind"), VMAP_LOSSES, ids=[loss.name for loss, _ in VMAP_LOSSES])
+def test_vmap_of_value_and_grad_gives_per_example_gradients_equal_to_a_loop(loss, kind):
+    model = rf.compose(rf.linear(2, 8), rf.tanh, rf.linear(8, 2), *([rf.log_softmax] if loss.name.startswith("nll")
+                                                                   else []))
+    params = model.init(0, dtype=torch.float64)
+    x, labels = rf.disc_dataset(6, 0)
+    x = x.double()
+    target = labels if kind == "labels" else rf.one_hot(labels, 2, dtype=torch.float64)
+    value_and_grad = rf.value_and_grad(model, loss)
+    values, grads = torch.func.vmap(value_and_grad, in_dims=(None, 0, 0))(params, x, target)
+    for i in range(6):  # each example alone, as a batch of one
+        value, alone = value_and_grad(params, x[i:i + 1], target[i:i + 1])
+        torch.testing.assert_close(values[i], value, rtol=1e-12, atol=1e-12)
+        for stacked, one in zip(rf.tree_leaves(grads), rf.tree_leaves(alone), strict=True):
+            torch.testing.assert_close(stacked[i], one, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_and_losses_take_leading_dimensions(generator):
+    for layer in (rf.linear(3, 2), rf.compose(rf.linear(3, 4), rf.relu, rf.linear(4, 2)), rf.softmax, rf.gelu()):
+        params = layer.init(0, dtype=torch.float64)
+        rf.check_vjp(layer, params, torch.randn(2, 5, 3, generator=generator, dtype=torch.float64))
+    logits = torch.randn(2, 5, 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 5), generator=generator)
+    rf.check_vjp(rf.cross_entropy_loss, logits, labels)
+    rf.check_vjp(rf.nll_loss(), torch.log_softmax(logits, -1), labels)
+    torch.testing.assert_close(rf.nll_loss()(torch.log_softmax(logits, -1), labels),
+                               torch.nn.functional.nll_loss(torch.log_softmax(logits, -1).reshape(-1, 3),
+                                                            labels.reshape(-1)))

@@ -191,10 +191,13 @@ def test_linear_feature_mismatch_names_both_numbers():
         layer(layer.init(0), torch.zeros(5, 7))
 
 
-def test_linear_rejects_input_that_is_not_a_matrix():
+def test_linear_rejects_a_scalar_input_and_takes_any_leading_dimensions():
     layer = rf.linear(3, 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\), got \(3,\)"):
-        layer.vjp(layer.init(0), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), got \(\)"):
+        layer.vjp(layer.init(0), torch.zeros(()))
+    params = layer.init(0, dtype=torch.float64)
+    for shape in [(3,), (4, 3), (2, 5, 3)]:
+        rf.check_vjp(layer, params, torch.randn(shape, dtype=torch.float64))
 
 
 def test_linear_names_a_missing_param_key():

@@ -62,8 +62,10 @@ def generate(
 ) -> Callable[..., Any] | None:
     """``step(params, x, target, seed) -> (value, grads)`` for a compose of leaves keyed ``keys``
     (``[None]`` for a model that is one layer), or ``None`` when the step cannot be written out."""
+    from .layers import autocast_on  # here: layers imports this module
+
     names: dict[str, Any] = {"_Tensor": torch.Tensor, "_EMPTY": _EMPTY, "_fallback": fallback,
-                             "_ones_like": torch.ones_like}
+                             "_ones_like": torch.ones_like, "_autocast": autocast_on}
     for code in [*codes, loss]:
         for name, value in code.names.items():
             if names.setdefault(name, value) is not value:
@@ -75,7 +77,7 @@ def generate(
             return None
         width = code.out_features if code.out_features is not None else width
     lines = ["def step(params, x, target, seed):",
-             "    if type(x) is not _Tensor or not x.is_floating_point()"
+             "    if type(x) is not _Tensor or not x.is_floating_point() or _autocast(x.device.type)"
              + (f" or x.dim() != 2 or x.shape[1] != {first_in}" if first_in is not None else "") + ":",
              "        return _fallback(params, x, target, seed)",
              "    dtype, device = x.dtype, x.device"]

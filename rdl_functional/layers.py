@@ -162,6 +162,14 @@ def to_device(tree: Any, device: torch.device | str | None, where: str) -> Any:
         tree.to(device)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for a device type (``False`` for one autocast does not know, as meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def placed(draw: Callable[..., Any], where: str) -> Callable[..., Any]:
     """``draw(generator, *, dtype)`` with a ``device`` keyword: drawn on the CPU, then moved there."""
 
@@ -356,9 +364,12 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
         weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 2, out_features)
         y = _linear(x, weight, bias)
         shape, dtype = y.shape, y.dtype
+        mixed = dtype != weight.dtype or x.dtype != weight.dtype  # only under torch.autocast
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(name, dy, shape, dtype)
+            if mixed:
+                return _autocast_pullback(dy, x, weight, in_features, out_features, need_dx)
             if x.dim() == 2:
                 # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
                 return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
@@ -399,6 +410,16 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
     return Layer(init=init_params, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked, code=code)
 
 
+def _autocast_pullback(dy: Tensor, x: Tensor, weight: Tensor, in_features: int, out_features: int,
+                       need_dx: bool) -> tuple[Params, Tensor | None]:
+    """linear's pullback under torch.autocast: the products in the autocast dtype, as autograd runs them, and
+    each gradient in the dtype of what it is the gradient of (a float32 param's in float32, x's in x's)."""
+    flat_dy = dy.reshape(-1, out_features)
+    dweight = flat_dy.t().mm(x.reshape(-1, in_features).to(flat_dy.dtype)).to(weight.dtype)
+    dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if need_dx else None
+    return {"weight": dweight, "bias": flat_dy.sum(0).to(weight.dtype)}, dx
+
+
 def _linear_params_error(where: str, params: Any) -> Exception:
     if not isinstance(params, Mapping):
         return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
@@ -412,7 +433,7 @@ def _linear_params_error(where: str, params: Any) -> Exception:
 
 
 def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features: int, out_features: int,
-                        dims: int) -> Exception:
+                        dims: int) -> Exception | None:
     for key, value in (("weight", weight), ("bias", bias)):
         if not isinstance(value, Tensor):
             return TypeError(f"{where}: params[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
@@ -451,6 +472,8 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
             f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "
             f"(was the layer built as linear({x.shape[-1]}, ...)?)"
         )
+    if autocast_on(x.device.type):
+        return None  # under torch.autocast the dtypes differ on purpose: its rules cast them
     return TypeError(
         f"{where}: x is {x.dtype} but weight is {weight.dtype} "
         f"(convert x with x.to({weight.dtype}) or init the params with that dtype)"
@@ -487,5 +510,7 @@ def _linear_unpack(
         or bias.device != weight.device
         or (dims == 3 and (x.size(0) != weight.size(0) or bias.size(0) != weight.size(0)))
     ):
-        raise _linear_input_error(f"{name}.{where}", x, weight, bias, in_features, out_features, dims)
+        error = _linear_input_error(f"{name}.{where}", x, weight, bias, in_features, out_features, dims)
+        if error is not None:
+            raise error
     return weight, bias

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .codegen import Code
+from .layers import autocast_on
 
 __all__ = [
     "Loss",
@@ -94,7 +95,8 @@ def _check_mse(where: str, pred: Tensor, target: Tensor) -> None:
             f"{where}: target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)} "
             "(for class labels, compare with rf.one_hot(labels, num_classes))"
         )
-    if target.dtype != pred.dtype:
+    if target.dtype != pred.dtype and not autocast_on(pred.device.type):
+        # (under torch.autocast, dtypes differ on purpose, and the kernels follow autocast's rules)
         raise TypeError(f"{where}: target is {target.dtype} but pred is {pred.dtype}")
 
 

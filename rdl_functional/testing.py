@@ -128,7 +128,7 @@ def check_vjp(
     the same ``dparams``; and
     ``<v, Jᵀu>`` from the pullback equals ``<J v, u>`` by central differences
     (which catches a wrong pullback even when the forward is wrong in the
-    same way).
+    same way), relative to the size of the terms it sums, ``Σ|v|·|Jᵀu|``.
 
     Returns:
         The :class:`VjpReport`, when every row is within tolerance.
@@ -206,9 +206,15 @@ def check_vjp(
     # 1000× smaller step tells such a point from a wrong pullback (which fails both).
     v = tuple(_map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p) for p in primals)
     from_pullback = sum((_dot(d, c) for d, c in zip(v, cotangents, strict=True)), torch.zeros((), dtype=torch.float64))
+    # The scale the two are compared at: Σ|v|·|Jᵀu|, the size of the terms the dot product adds. A sum that
+    # cancels to nearly zero keeps the rounding error of its terms, so dividing by the sum alone would fail a
+    # right pullback (it did, for softplus, at <v, Jᵀu> = -9.2e-5 from terms of order 1).
+    magnitude = sum((_dot(_map(torch.abs, d), _map(torch.abs, c)) for d, c in zip(v, cotangents, strict=True)),
+                    torch.zeros((), dtype=torch.float64))
     for eps, fd_rtol in ((1e-6, 1e-6), (1e-9, 1e-4)):
         from_differences = _central_difference(apply, primals, v, u, eps)
-        error = ((from_pullback - from_differences).abs() / from_differences.abs().clamp_min(1e-8)).item()
+        scale = torch.maximum(from_differences.abs(), magnitude).clamp_min(1e-8)
+        error = ((from_pullback - from_differences).abs() / scale).item()
         error = error if error == error else float("inf")  # NaN: the cotangents did not fit the primals
         if error <= fd_rtol:
             break

@@ -150,3 +150,29 @@ def test_layers_and_losses_take_leading_dimensions(generator):
     torch.testing.assert_close(rf.nll_loss()(torch.log_softmax(logits, -1), labels),
                                torch.nn.functional.nll_loss(torch.log_softmax(logits, -1).reshape(-1, 3),
                                                             labels.reshape(-1)))
+
+
+def test_autocast_bfloat16_runs_the_seed_models_forward_and_step_as_torch_nn_does():
+    """Under torch.autocast on the CPU the forward pass runs in bfloat16 (autocast's rules), the loss in float32,
+    and each gradient comes back in its param's dtype; the numbers are torch.nn + autograd's, bit for bit."""
+    model = rf.seed_model()
+    params = model.init(0)
+    x, labels = rf.disc_dataset(64, 0)
+    target = rf.one_hot(labels, 2)
+    net = torch.nn.Sequential(*(m for m in [
+        torch.nn.Linear(2, 25), torch.nn.ReLU(), torch.nn.Linear(25, 25), torch.nn.ReLU(),
+        torch.nn.Linear(25, 25), torch.nn.ReLU(), torch.nn.Linear(25, 2), torch.nn.Tanh()]))
+    net.load_state_dict(rf.to_state_dict(params), strict=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(params, x)
+        value, grads = rf.value_and_grad(model, rf.mse_loss)(params, x, target)
+        expected = torch.nn.functional.mse_loss(net(x), target)
+    expected.backward()
+    assert y.dtype == torch.bfloat16 and value.dtype == torch.float32
+    assert torch.equal(value, expected.detach())
+    ours = rf.to_state_dict(grads)
+    for name, param in net.named_parameters():
+        assert ours[name].dtype == torch.float32
+        assert torch.equal(ours[name], param.grad), name
+    stepped = rf.sgd_step(params, grads, 0.1)
+    assert all(leaf.dtype == torch.float32 for leaf in rf.tree_leaves(stepped))

@@ -418,6 +418,8 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                              "weight_decay": settings.tuned("weight_decay"),
                              "schedule": settings.schedule, "init": settings.init,
                              "dropout": settings.dropout, "batch_norm": settings.batch_norm,
+                             "device": settings.device, "dtype": settings.dtype,
+                             "processes": int(os.environ.get("WORLD_SIZE", "1")),
                              "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
                              "n_train": settings.n_train,
                              "n_test": settings.n_test, "threads": torch.get_num_threads(),
@@ -551,7 +553,9 @@ def _spawn_workers(argv: list[str], nproc: int) -> int:
     for rank in range(nproc):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "rdl_functional", *argv], env=env))
+        # -P (Python ≥ 3.11): the installed package, not a checkout that happens to be the current folder.
+        safe = ["-P"] if sys.version_info >= (3, 11) else []
+        workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env))
     while True:
         codes = [worker.poll() for worker in workers]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
@@ -603,9 +607,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
     if init_params is not None:
         try:
-            check_params_fit(settings.task.model, init_params)
+            check_params_fit(settings.task.model, init_params, getattr(torch, settings.dtype))
         except ValueError as error:
             _fail(f"--init-from {args.init_from}: {error}")
+    if args.checkpoint is not None and args.checkpoint.exists():
+        try:
+            saved = read_checkpoint(args.checkpoint)
+            print(f"resuming from {args.checkpoint}: {saved.epochs_done} of {settings.epochs} epochs done, "
+                  f"step {saved.steps}{' (the run is finished)' if saved.epochs_done == settings.epochs else ''}\n",
+                  flush=True)
+        except (OSError, ValueError):
+            pass  # fit says what is wrong with it
     seeds = args.seeds or [args.seed]
     together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
@@ -627,8 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(str(error))
         except NonFiniteLoss as error:
             close()
-            print(f"rdl-train: {error}", file=sys.stderr)
+            print(f"rdl-train: {str(error).replace('pass check_finite=False', 'pass --no-finite-check')}",
+                  file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            close()
+            kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
+                    f"{args.checkpoint} goes on" if args.checkpoint is not None and args.checkpoint.exists() else "")
+            print(f"rdl-train: interrupted{kept}", file=sys.stderr)
+            return 130
         finally:
             close()
     summary = summarize(results) if len(results) > 1 else None

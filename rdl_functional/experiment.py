@@ -294,13 +294,13 @@ class DiscResult:
         }
 
 
-def check_params_fit(model: Layer | StatefulLayer, params: Params) -> None:
+def check_params_fit(model: Layer | StatefulLayer, params: Params, dtype: torch.dtype = torch.float32) -> None:
     """Raise ValueError naming the first path where ``params`` cannot serve ``model``.
 
-    Compares keys, shapes and dtypes with ``model.init``'s; the empty entries
-    of parameterless layers may be absent, as in a torch state dict.
+    Compares keys, shapes and dtypes with ``model.init(0, dtype=dtype)``'s; the
+    empty entries of parameterless layers may be absent, as in a torch state dict.
     """
-    expected = tree_unflatten(tree_flatten(model.init(0)))
+    expected = tree_unflatten(tree_flatten(model.init(0, dtype=dtype)))
     given = tree_unflatten(tree_flatten(params))
     found = tree_difference(expected, given, names=("the model", "the params"), leaves=True)
     if found:
@@ -350,7 +350,7 @@ def run_disc(
     model = task.model
     data, params, g = draw_run(seed, settings)
     if init_params is not None:
-        check_params_fit(model, init_params)
+        check_params_fit(model, init_params, getattr(torch, settings.dtype))
         params = init_params
     if settings.compile and settings.optimizer != "sgd":
         raise ValueError(f"run_disc: compile=True trains with plain SGD, not {settings.optimizer}")
@@ -420,7 +420,7 @@ def run_disc_together(
     model = task.model
     drawn = [draw_run(seed, settings) for seed in seeds]
     if init_params is not None:
-        check_params_fit(model, init_params)
+        check_params_fit(model, init_params, getattr(torch, settings.dtype))
     starts = [init_params if init_params is not None else params for _, params, _ in drawn]
     data = [d for d, _, _ in drawn]
     x, x_test = torch.stack([d.x_train for d in data]), torch.stack([d.x_test for d in data])

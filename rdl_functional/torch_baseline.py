@@ -118,7 +118,9 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
 
     Both sides start from one initial tree and draw one sequence of shuffles,
     all from ``seed``; neither measures the test set during training (ours
-    measures the training set after each epoch, as ``fit`` always does).
+    measures the training set after each epoch, as ``fit`` always does). Each
+    side first runs one untimed epoch, so that the times are of training, not
+    of loading torch's machinery on first use.
     """
     if settings.model != "mlp":
         raise ValueError(f"compare_with_torch: the torch baseline is the seed MLP, not {settings.model!r}")
@@ -132,6 +134,12 @@ def compare_with_torch(seed: int, settings: DiscSettings) -> TorchComparison:
     lr = settings.learning_rate()
     schedule = lr if callable(lr) else (lambda count: lr)
     state = model.init_state() if isinstance(model, StatefulLayer) else None
+    # One untimed epoch each first: torch's first backward pass loads its autograd machinery (about 2 s here),
+    # which is not the training's cost; ours has its own first-call costs. Both then train from the start.
+    fit(model, task.loss, params, data.x_train, target, epochs=1, batch_size=settings.batch_size,
+        optimizer=settings.make_optimizer(), generator=shuffles(), record_history=False)
+    train_torch(params, data.x_train, target, epochs=1, batch_size=settings.batch_size, lr=schedule,
+                generator=shuffles(), settings=settings, state=state)
     clock = time.perf_counter()
     ours, history = fit(model, task.loss, params, data.x_train, target, epochs=settings.epochs,
                         batch_size=settings.batch_size, optimizer=settings.make_optimizer(), generator=shuffles())

@@ -293,6 +293,9 @@ def test_the_reliability_defects_of_issue_10_stay_fixed(capsys, tmp_path):
            generator=0, checkpoint=tmp_path / "fit.ckpt")
     assert "the checkpoint was not written by rdl-train (use rf.fit(..., checkpoint=PATH)" in _fails(
         ["--resume", str(tmp_path / "fit.ckpt")], capsys)
+    rf.save(rf.seed_model().init(0), tmp_path / "f32.safetensors")
+    assert "the params do not fit" in _fails(["--dtype", "float64", "--init-from", str(tmp_path / "f32.safetensors")],
+                                             capsys)
     # --epochs 0 writes JSON, with null where there is no number.
     assert main(["--epochs", "0", "--quiet", "--json", str(tmp_path / "run.json")]) == 0
     capsys.readouterr()

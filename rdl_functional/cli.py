@@ -204,7 +204,9 @@ def _parser() -> argparse.ArgumentParser:
                              "write replacing the last whole or not at all; if PATH holds a checkpoint of this "
                              "very run, continue it")
     output.add_argument("--checkpoint-every", metavar="N", type=_int_at_least(1),
-                        help="steps between checkpoints (default: one epoch's)")
+                        help="steps between checkpoints (default: one epoch's; each is a write and an fsync, "
+                             "which for the seed model costs more than the epoch itself). It changes no result, so "
+                             "it may be given anew with --resume")
     output.add_argument("--resume", metavar="PATH", type=Path,
                         help="continue the run that the checkpoint at PATH records, with its settings (give no "
                              "training flags; --save, --json, --plots, --compare-torch may be given again); it "
@@ -235,6 +237,8 @@ def _check_output_file(flag: str, path: Path) -> None:
 
 
 def _check_plot_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        _fail(f"--plots {path}: is a file; --plots takes a folder to write the pictures into")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -287,8 +291,8 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail(f"--optimizer {args.optimizer} needs --momentum > 0 (use --optimizer sgd for none)")
     if args.checkpoint is not None and not single:
         _fail("--checkpoint records one run; use --seed N rather than --seeds")
-    if args.checkpoint_every is not None and args.checkpoint is None:
-        _fail("--checkpoint-every goes with --checkpoint PATH")
+    if args.checkpoint_every is not None and args.checkpoint is None and args.resume is None:
+        _fail("--checkpoint-every goes with --checkpoint PATH (or --resume PATH)")
     checkpoint = args.checkpoint or args.resume
     for flag, path in (("--save", args.save), ("--json", args.json)):
         if path is not None and checkpoint is not None and path.resolve() == checkpoint.resolve():
@@ -466,7 +470,7 @@ def _model_words(description: str) -> str:
 def _write_seed_plot(folder: Path, results: list[DiscResult], settings: DiscSettings) -> None:
     from .plots import plot_seed_spread, save_figure
 
-    seeds = ",".join(str(r.seed) for r in results) if len(results) <= 5 else f"{len(results)} seeds"
+    seeds = ("seeds " + ",".join(str(r.seed) for r in results)) if len(results) <= 5 else f"{len(results)} seeds"
     figure = plot_seed_spread([r.history for r in results],
                               title=f"{settings.describe()}, {settings.describe_rate()}: test set, {seeds}")
     save_figure(figure, folder / "seeds.png")
@@ -493,8 +497,8 @@ def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for action in training._group_actions:
         if getattr(args, action.dest) != action.default:
             _fail(f"--resume takes the run's settings from its checkpoint; leave out {action.option_strings[0]}")
-    if args.checkpoint is not None or args.checkpoint_every is not None:
-        _fail("--resume writes to the checkpoint it continues; leave out --checkpoint and --checkpoint-every")
+    if args.checkpoint is not None:
+        _fail("--resume writes to the checkpoint it continues; leave out --checkpoint")
     try:
         info = read_checkpoint(args.resume).settings.get("info")
     except (OSError, ValueError) as error:
@@ -507,8 +511,7 @@ def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         setattr(args, name, value)
     args.seed, args.seeds, args.checkpoint = info["seed"], None, args.resume
     args.init_from = Path(caller["init_from"]) if caller["init_from"] else None
-    args.checkpoint_every, args.check_finite, args.threads = (caller["checkpoint_every"], caller["check_finite"],
-                                                              caller["threads"])
+    args.check_finite, args.threads = caller["check_finite"], caller["threads"]
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -602,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             dropout=args.dropout, batch_norm=args.batch_norm, device=args.device,
                             dtype=args.dtype)
     print(f"rdl-train {__version__}: {settings.task.description}, {settings.describe()}\n"
-          f"{settings.epochs} epochs, batch size {settings.batch_size}, {settings.describe_rate()}, "
+          f"{settings.epochs} epoch{'' if settings.epochs == 1 else 's'}, batch size {settings.batch_size}, "
+          f"{settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
     if init_params is not None:
@@ -628,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every, check_finite=args.check_finite,
             checkpoint_info={"program": "rdl-train",
                              "init_from": str(args.init_from.resolve()) if args.init_from else None,
-                             "checkpoint_every": args.checkpoint_every, "check_finite": args.check_finite,
+                             "check_finite": args.check_finite,
                              "threads": args.threads})]) for seed in seeds]
     results: list[DiscResult] = []
     for label, train in runs:

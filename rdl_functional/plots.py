@@ -85,6 +85,8 @@ def plot_history(history: History, *, title: str | None = None) -> Figure:
     loss_ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="Loss")
     accuracy_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, accuracy_ax):
+        ax.xaxis.set_major_locator(_whole_epochs())
+    for ax in (loss_ax, accuracy_ax):
         ax.grid(True, alpha=0.3)
         ax.legend()
     if title:
@@ -114,6 +116,7 @@ def plot_seed_spread(histories: list[History], *, title: str | None = None) -> F
         ax.plot(epochs, median, label=f"median (last {last})")
         ax.grid(True, alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(_whole_epochs())
     accuracy_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     loss_ax.set(xlabel="epoch", ylabel="test loss", yscale="log", title="Test loss")
     if title:
@@ -155,6 +158,13 @@ def plot_decision_boundary(
     accuracy = 1 - wrong.double().mean().item() if len(x) else float("nan")
     _square_axes(ax, title or f"Learned decision boundary: {accuracy:.1%} of the {len(x)} points shown correct")
     return fig
+
+
+def _whole_epochs() -> Any:
+    """Ticks at whole epochs only (a short run would otherwise get epoch 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> None:

@@ -296,6 +296,8 @@ def test_the_reliability_defects_of_issue_10_stay_fixed(capsys, tmp_path):
     rf.save(rf.seed_model().init(0), tmp_path / "f32.safetensors")
     assert "the params do not fit" in _fails(["--dtype", "float64", "--init-from", str(tmp_path / "f32.safetensors")],
                                              capsys)
+    (tmp_path / "a-file.png").write_text("")
+    assert "is a file; --plots takes a folder" in _fails(["--plots", str(tmp_path / "a-file.png")], capsys)
     # --epochs 0 writes JSON, with null where there is no number.
     assert main(["--epochs", "0", "--quiet", "--json", str(tmp_path / "run.json")]) == 0
     capsys.readouterr()

@@ -271,8 +271,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.seeds is not None and len(args.seeds) > 1:
             _fail(f"{how} trains one run data-parallel; use --seed N rather than --seeds")
         for flag, value in (("--batch-norm", args.batch_norm), ("--dropout", args.dropout),
-                            ("--compile", args.compile), ("--checkpoint", args.checkpoint),
-                            ("--resume", args.resume), ("--compare-torch", args.compare_torch)):
+                            ("--compile", args.compile), ("--resume", args.resume),
+                            ("--compare-torch", args.compare_torch)):
             if value:
                 _fail(f"{how} does not take {flag} yet")
     if args.device == "auto":

@@ -263,9 +263,9 @@ def fit(
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
-        if has_state or compile or checkpoint is not None:
+        if has_state or compile:
             raise ValueError("fit: data-parallel training (torch.distributed with several processes) takes plain "
-                             "models, without compile=True or checkpoint= (not yet)")
+                             "models, without compile=True (not yet)")
         params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:
@@ -302,6 +302,8 @@ def fit(
         if check_finite:
             _check_params_finite(runner.params if runner is not None else params, epochs_done + (position > 0),
                                  count, checkpoint)
+        if rank != 0:  # every rank holds the same state; one writes it (and every rank resumes from it)
+            return
         write_checkpoint(checkpoint, Checkpoint(
             params=params, opt_state=runner.state() if runner is not None else None, model_state=model_state,
             generator_state=g.get_state(), order=order, epochs_done=epochs_done, position=position, steps=count,

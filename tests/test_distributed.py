@@ -34,12 +34,16 @@ WORKER = textwrap.dedent("""
     x, labels = rf.disc_dataset(500, 0)
     model = rf.seed_model()
     die_at = int(os.environ.get("DIE_AT_EPOCH", "0"))
+    stop_at = int(os.environ.get("STOP_AT_EPOCH", "0"))
     def callback(epoch, params, history):
         if die_at and epoch == die_at and dist.get_rank() == 1:
             os._exit(9)  # a rank that dies mid-training
+        if stop_at and epoch == stop_at:
+            os._exit(3)  # every rank stops, as after a crash
     params, history = rf.fit(model, rf.mse_loss, model.init(dist.get_rank()), x, rf.one_hot(labels, 2),
                              epochs=int(os.environ.get("EPOCHS", "5")), batch_size=50, optimizer=rf.adam(1e-2),
-                             generator=0, callback=callback)
+                             generator=0, callback=callback, checkpoint=os.environ.get("CHECKPOINT") or None,
+                             checkpoint_every=int(os.environ["EVERY"]) if "EVERY" in os.environ else None)
     if dist.get_rank() == 0:
         rf.save(params, sys.argv[1])
         print("ALL_REDUCES", calls["all_reduce"])
@@ -111,3 +115,22 @@ def test_nproc_refuses_what_it_does_not_take_yet():
     done = subprocess.run([sys.executable, "-m", "rdl_functional", "--nproc", "2", "--seeds", "0-1"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--nproc 2 trains one run data-parallel; use --seed N" in done.stderr
+
+
+def test_a_data_parallel_run_stopped_and_resumed_from_its_checkpoint_ends_as_the_run_never_stopped(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    procs = _spawn(whole, EPOCHS="4")
+    assert [p.communicate(timeout=240) and p.returncode for p in procs] == [0, 0]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    checkpoint = str(resumed / "run.ckpt")
+    procs = _spawn(resumed, EPOCHS="4", CHECKPOINT=checkpoint, EVERY="7", STOP_AT_EPOCH="2")
+    assert [p.communicate(timeout=240) and p.returncode for p in procs] == [3, 3]
+    saved = rf.read_checkpoint(checkpoint)
+    assert saved.steps == 14 and saved.position == 200  # written by rank 0, inside epoch 2 (10 steps an epoch)
+    procs = _spawn(resumed, EPOCHS="4", CHECKPOINT=checkpoint, EVERY="7")
+    assert [p.communicate(timeout=240) and p.returncode for p in procs] == [0, 0]
+    for a, b in zip(rf.tree_leaves(rf.load(whole / "params.safetensors")),
+                    rf.tree_leaves(rf.load(resumed / "params.safetensors")), strict=True):
+        assert torch.equal(a, b)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
-from .checkpoint import Checkpoint, read_checkpoint
 from .codegen import Code
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
@@ -67,6 +66,7 @@ from .tree import (
 )
 
 if TYPE_CHECKING:  # imported on first use (below); named here for type checkers and readers
+    from .checkpoint import Checkpoint, read_checkpoint
     from .compiled import compiled_step
     from .experiment import (
         DiscData,
@@ -89,6 +89,7 @@ __version__ = "0.1.0"
 # The modules a training step does not need load when one of their names is first used,
 # so that ``import rdl_functional`` stays light (Python compiles every module it imports).
 _LAZY = {
+    **dict.fromkeys(("Checkpoint", "read_checkpoint"), "checkpoint"),
     **dict.fromkeys(("compiled_step",), "compiled"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "experiment"),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .layers import Layer, Params, Pullback, placed, to_device
+from .layers import Layer, Params, Pullback, _no_params, placed, to_device
 from .stateful import _NO_STATE, State, StatefulLayer, StatefulPullback, check_train, stateful
 
 __all__ = ["add", "compose", "concat", "fan_out", "parallel", "residual"]
@@ -497,11 +497,6 @@ def _tuple_merge(who: str, merge: Callable[[list[Tensor]], Tensor],
         return y, pullback
 
     return Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
-
-
-def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Params:
-    return {}
 
 
 def residual(layer: Layer | StatefulLayer) -> Layer | StatefulLayer:

@@ -34,7 +34,16 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .layers import Layer, Params, _check_cotangent, _check_features, _check_float_dtype, placed, to_device
+from .layers import (
+    Layer,
+    Params,
+    _check_cotangent,
+    _check_features,
+    _check_float_dtype,
+    _no_params,
+    placed,
+    to_device,
+)
 
 State = dict[str, Any]
 StatefulPullback = Callable[..., tuple[Params, Tensor | None]]
@@ -101,6 +110,10 @@ def check_no_state(where: str, name: str, state: Any) -> None:
                          "(is the state of another model misplaced?)")
 
 
+def _no_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
+    return {}
+
+
 def stateful(layer: Layer) -> StatefulLayer:
     """A plain layer under the stateful contract: its state is ``{}``; ``train`` and ``generator`` are ignored.
 
@@ -118,9 +131,6 @@ def stateful(layer: Layer) -> StatefulLayer:
         raise TypeError(f"stateful: expected a Layer, got {type(layer).__name__}")
     name = layer.name
 
-    def init_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
-        return {}
-
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
         if state or not isinstance(state, Mapping):
@@ -134,18 +144,9 @@ def stateful(layer: Layer) -> StatefulLayer:
         y, pullback = layer.vjp(params, x)
         return y, {}, pullback
 
-    return StatefulLayer(init=placed(layer.init, f"{name}.init"), init_state=init_state, apply=apply, vjp=vjp,
+    return StatefulLayer(init=placed(layer.init, f"{name}.init"), init_state=_no_state, apply=apply, vjp=vjp,
                          name=name,
                          skips_dx=layer.skips_dx)
-
-
-def _no_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Params:
-    return {}
-
-
-def _no_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
-    return {}
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -14,16 +14,6 @@ from torch import Tensor
 from ._files import check_writable
 from ._random import as_generator
 from .autodiff import _gradient_fn, value_and_grad
-from .checkpoint import (
-    _HISTORY,
-    Checkpoint,
-    describe_optimizer,
-    describe_rate,
-    difference,
-    digest,
-    read_checkpoint,
-    write_checkpoint,
-)
 from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss
@@ -32,6 +22,9 @@ from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
 from .tree import Tree, tree_leaves, tree_map
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 __all__ = ["History", "NonFiniteLoss", "accuracy", "evaluate", "fit", "predict"]
 
@@ -269,6 +262,9 @@ def fit(
         params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:
+        # Here, not at the top: checkpoints bring safetensors, which `import rdl_functional` need not load.
+        from .checkpoint import _HISTORY, Checkpoint, write_checkpoint
+
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
@@ -287,9 +283,10 @@ def fit(
         raise ValueError("fit: checkpoint_every and checkpoint_info go with checkpoint=PATH")
     runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
                                        resumed=resumed.opt_state if resumed is not None else None)
-    step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
     if size > 1:
         step = _data_parallel(model, loss, rank, size)
+    else:
+        step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
     if runner is not None:
         params = runner.params
     history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
@@ -442,6 +439,8 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
                   generator: Any, record_history: bool, info: Any, per_epoch: int,
                   compile: bool = False) -> dict[str, Any]:
     """What a checkpoint records of the run, and a resumed run must match."""
+    from .checkpoint import describe_optimizer, describe_rate, digest
+
     return {  # the plainest first, so that a difference is named by the plainest setting that shows it
         "info": info,
         "model": model.name,
@@ -461,6 +460,8 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
 
 def _resume(path: Any, settings: dict[str, Any]) -> Checkpoint | None:
     """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run."""
+    from .checkpoint import difference, read_checkpoint
+
     if not os.path.exists(path):
         return None
     saved = read_checkpoint(path)

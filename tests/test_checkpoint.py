@@ -55,20 +55,27 @@ def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrup
     process = _cli([*RUN, "--checkpoint", str(path)])
     while kills < 12:
         # Wait until this run has written a checkpoint beyond the last one (it is training), then kill it at a
-        # random moment soon after: most of a step's time goes on writing its checkpoint, so kills land there.
+        # random moment soon after; every other time, at the moment a checkpoint's temporary file appears.
         deadline = time.monotonic() + 120
         while process.poll() is None and _steps(path) <= steps_seen[-1] and time.monotonic() < deadline:
             time.sleep(0.01)
         if process.poll() is not None:
             break
-        time.sleep(rng.uniform(0.0, 0.05))
+        if kills % 2:
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:  # watch the folder without sleeping: the temporary file lives for a millisecond or two
+            watch_until = time.monotonic() + 2
+            while time.monotonic() < watch_until and not any(name.endswith(".tmp") for name in os.listdir(tmp_path)):
+                pass
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
         kills += 1
         during_a_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # its temporary file is left
         steps_seen.append(_steps(path))
         # The same command, as after a crash: it resumes from the checkpoint (or --resume PATH does).
-        process = _cli([*RUN, "--checkpoint", str(path)] if kills % 2 else ["--resume", str(path), "--quiet"])
+        again = [*RUN, "--checkpoint", str(path)] if kills % 2 else ["--resume", str(path), "--quiet",
+                                                                     "--checkpoint-every", "1"]
+        process = _cli(again)
     _, err = process.communicate()
     assert process.returncode == 0, err
     assert kills >= 10, f"only {kills} kills landed before the run finished"

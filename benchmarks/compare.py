@@ -362,6 +362,47 @@ def compile_row(epochs: int, rounds: int, target: str) -> dict:
                target, compile_s=compile_seconds)
 
 
+def capture_row(steps: int, rounds: int, target: str) -> dict:
+    """On a GPU: the seed step (value_and_grad + sgd_step, batch 100) captured whole by ``rf.capture`` against
+    torch.nn + autograd + torch.optim.SGD (foreach) eager; our own eager step besides. Skipped without CUDA."""
+    name = f"seed step on CUDA, captured whole (rf.capture) vs torch.nn eager, batch 100, {steps} steps"
+    if not torch.cuda.is_available():
+        return {"workload": name, "threads": 1, "target": target, "skipped": "no CUDA device on this machine"}
+    model, params, x, y = seed_task()
+    params = rf.tree_map(lambda p: p.cuda(), params)
+    batches = [(x[i:i + 100].cuda(), y[i:i + 100].cuda()) for i in range(0, x.shape[0], 100)]
+    grad = rf.value_and_grad(model, rf.mse_loss)
+
+    def step(p, xb, yb):
+        loss, grads = grad(p, xb, yb)
+        return loss, rf.sgd_step(p, grads, 0.1)
+
+    captured = rf.capture(step)
+
+    def ours(run=captured) -> None:
+        p = params
+        for k in range(steps):
+            _, p = run(p, *batches[k % len(batches)])
+        torch.cuda.synchronize()
+
+    net = torch_seed_model().cuda()
+    net.load_state_dict(rf.to_state_dict(params), strict=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, foreach=True)
+
+    def theirs() -> None:
+        for k in range(steps):
+            xb, yb = batches[k % len(batches)]
+            optimizer.zero_grad()
+            F.mse_loss(net(xb), yb).backward()
+            optimizer.step()
+        torch.cuda.synchronize()
+
+    times = interleaved({"ours": ours, "torch": theirs, "eager": lambda: ours(step)}, rounds)
+    eager = statistics.median(times["eager"])
+    return row(name, 1, times, target, device=torch.cuda.get_device_name(), eager_s=eager,
+               captured_vs_eager=statistics.median(times["ours"]) / eager)
+
+
 def process_row(epochs: int, rounds: int, target: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     commands = {
@@ -461,6 +502,9 @@ def format_table(rows: list[dict], info: dict) -> str:
              "| workload | threads | ours | torch.nn | ratio (median) | min–max | target |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['workload']} | {r['threads']} | not measured: {r['skipped']} | | | | {r['target']} |")
+            continue
         if "process_s" in r:
             lines.append(f"| {r['workload']} | {r['threads']} | adds {r['added_ms']:.0f} ms "
                          f"(max {r['added_ms_max']:.0f}) | whole `import torch, rdl_functional`: "
@@ -482,6 +526,8 @@ def format_table(rows: list[dict], info: dict) -> str:
         if "floor_ratio" in r:
             note = (f" (same round: straight-line floor {r['floor_ratio']:.2f}×, "
                     f"{r['floor_ratio_min']:.2f}–{r['floor_ratio_max']:.2f}; fit {r['fit_ratio']:.2f}×)")
+        if "captured_vs_eager" in r:
+            note = f" ({r['device']}; captured {r['captured_vs_eager']:.2f}× of our eager step)"
         baseline = f" ({r['baseline']})" if "baseline" in r else ""
         lines.append(f"| {r['workload']}{note} | {r['threads']} | {r['ours_s'] * unit:.3g} {suffix} | "
                      f"{r['torch_s'] * unit:.3g} {suffix}{baseline} | {r['ratio']:.2f}× | {r['ratio_min']:.2f}–"
@@ -489,7 +535,9 @@ def format_table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, rounds: int) -> list[dict]:
+def run(quick: bool, rounds: int, gpu: bool = False) -> list[dict]:
+    if gpu:
+        return [capture_row(20 if quick else 1000, 1 if quick else rounds, "≤ 0.10× (≥ 10× faster)")]
     if quick:
         return [seed_task_row(2, 100, 1, "runs"), pure_loop_row(2, 100, 1, "runs"),
                 optimizer_row("adam", False, 2, 1, "runs"), optimizer_row("adam", True, 2, 1, "runs"),
@@ -516,6 +564,7 @@ def run(quick: bool, rounds: int) -> list[dict]:
         history_row(200, 100, rounds, "report"),
         history_row(200, 1000, rounds, "report"),
         compile_row(200, rounds, "report"),
+        capture_row(1000, rounds, "≤ 0.10× (≥ 10× faster)"),
     ]
     return rows
 
@@ -525,9 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that it runs")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per row (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU rows (a row says so when there is no GPU)")
     args = parser.parse_args(argv)
     info = machine()
-    rows = run(args.quick, args.rounds)
+    rows = run(args.quick, args.rounds, args.gpu)
     print(format_table(rows, info))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n", encoding="utf-8")

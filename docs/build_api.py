@@ -34,6 +34,7 @@ MODULES = [
     "activations",
     "initializers",
     "compiled",
+    "graphs",
     "distributed",
     "optim",
     "io",

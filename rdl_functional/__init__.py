@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
         seed_model,
         summarize,
     )
+    from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
     from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
     from .testing import VjpMismatch, VjpReport, check_vjp
@@ -90,6 +91,7 @@ __version__ = "0.1.0"
 # so that ``import rdl_functional`` stays light (Python compiles every module it imports).
 _LAZY = {
     **dict.fromkeys(("Checkpoint", "read_checkpoint"), "checkpoint"),
+    **dict.fromkeys(("Captured", "capture"), "graphs"),
     **dict.fromkeys(("compiled_step",), "compiled"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "experiment"),
@@ -115,6 +117,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DISC_CENTER",
     "DISC_RADIUS",
+    "Captured",
     "Checkpoint",
     "Code",
     "DiscData",
@@ -139,6 +142,7 @@ __all__ = [
     "apply_updates",
     "batch_norm",
     "bce_with_logits_loss",
+    "capture",
     "chain",
     "check_params_fit",
     "check_vjp",

@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--compile", action="store_true",
                           help="train through torch.compile: the first step compiles (tens of seconds), later "
                                "steps run faster; results equal eager training to float rounding")
+    training.add_argument("--capture", action="store_true",
+                          help="with --device cuda: record each step's forward and backward pass as a CUDA graph "
+                               "at the first step and replay it after, one launch a step (a plain model)")
     training.add_argument("--no-finite-check", dest="check_finite", action="store_false",
                           help="train on when the loss turns NaN or infinite (by default the run stops there, "
                                "naming the epoch and step)")
@@ -271,7 +274,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.seeds is not None and len(args.seeds) > 1:
             _fail(f"{how} trains one run data-parallel; use --seed N rather than --seeds")
         for flag, value in (("--batch-norm", args.batch_norm), ("--dropout", args.dropout),
-                            ("--compile", args.compile), ("--resume", args.resume),
+                            ("--compile", args.compile), ("--capture", args.capture), ("--resume", args.resume),
                             ("--compare-torch", args.compare_torch)):
             if value:
                 _fail(f"{how} does not take {flag} yet")
@@ -281,6 +284,11 @@ def _check_args(args: argparse.Namespace) -> None:
         _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
     if args.compare_torch and (args.device != "cpu" or args.dtype != "float32"):
         _fail("--compare-torch compares on the CPU in float32; leave out --device and --dtype")
+    if args.capture and args.device != "cuda":
+        _fail(f"--capture records CUDA graphs; it needs --device cuda (or auto on a machine with CUDA), not "
+              f"{args.device}")
+    if args.capture and (args.dropout or args.batch_norm or args.compile):
+        _fail("--capture records a plain model's step; it does not apply with --dropout, --batch-norm or --compile")
     if args.compile and (args.dropout or args.batch_norm):
         _fail("--compile compiles a plain model's step; it does not apply with --dropout or --batch-norm")
     if args.compile and args.optimizer != "sgd":
@@ -600,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_params = _initial_params(args.init_from)
     torch.set_num_threads(args.threads)
     settings = DiscSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                            model=args.model, compile=args.compile, optimizer=args.optimizer,
+                            model=args.model, compile=args.compile, capture=args.capture, optimizer=args.optimizer,
                             momentum=args.momentum, weight_decay=args.weight_decay, init=args.init, loss=args.loss,
                             dropout=args.dropout, batch_norm=args.batch_norm, device=args.device,
                             dtype=args.dtype)
@@ -623,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass  # fit says what is wrong with it
     seeds = args.seeds or [args.seed]
-    together = len(seeds) > 1 and not (args.separately or args.compile or args.dropout or args.batch_norm)
+    together = len(seeds) > 1 and not (args.separately or args.compile or args.capture or args.dropout
+                                       or args.batch_norm)
     runs = [(f"seeds {args.seeds_text}", lambda c: run_disc_together(seeds, settings, init_params=init_params,
                                                                     callback=c, check_finite=args.check_finite))] \
         if together else \

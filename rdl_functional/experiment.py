@@ -147,6 +147,8 @@ class DiscSettings:
         model: a key of :data:`MODELS`, ``"mlp"`` (the seed model) or ``"logistic"``.
         n_train, n_test: the sizes of the fresh training and test sets.
         compile: train through ``torch.compile`` (see ``fit``); plain SGD, one run at a time.
+        capture: run each step's gradient as a CUDA graph (see ``fit``); a CUDA ``device``,
+            a plain model, one run at a time.
         init: how the weights are drawn, a name of :data:`~rdl_functional.initializers.INITIALIZERS`.
         loss: ``"mse"`` or ``"cross-entropy"``; ``None``: the model's own.
         dropout, batch_norm: the seed model with dropout of this probability after each hidden
@@ -164,6 +166,7 @@ class DiscSettings:
     n_train: int = 1000
     n_test: int = 1000
     compile: bool = False
+    capture: bool = False
     optimizer: str = attrs.field(default="sgd", validator=attrs.validators.in_(OPTIMIZERS))
     momentum: float | None = None
     weight_decay: float | None = None
@@ -359,6 +362,7 @@ def run_disc(
         model, task.loss, params, data.x_train, settings.targets(data.labels_train),
         epochs=settings.epochs, batch_size=settings.batch_size, generator=g,
         test=(data.x_test, settings.targets(data.labels_test)), callback=callback, compile=settings.compile,
+        capture=settings.capture,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite,
         checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": attrs.asdict(settings),
                                                          "caller": checkpoint_info},
@@ -410,8 +414,9 @@ def run_disc_together(
     """
     if not seeds:
         raise ValueError("run_disc_together: expected at least one seed, got none")
-    if settings.compile:
-        raise ValueError("run_disc_together: a compiled step trains one model; run the seeds with run_disc")
+    if settings.compile or settings.capture:
+        raise ValueError(f"run_disc_together: a {'compiled' if settings.compile else 'captured'} step trains one "
+                         "model; run the seeds with run_disc")
     if settings.dropout or settings.batch_norm:
         raise ValueError("run_disc_together: a stack of models does not thread dropout's randomness or batch "
                          "norm's state; run the seeds with run_disc")

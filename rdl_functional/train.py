@@ -150,6 +150,7 @@ def fit(
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
     compile: bool = False,
+    capture: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     checkpoint_info: Any = None,
@@ -207,6 +208,12 @@ def fit(
             (``torch.compile``; plain SGD only). The first step compiles, which
             takes tens of seconds on a CPU; the results equal eager training
             to float rounding, not bit for bit.
+        capture: run each step's ``value_and_grad`` as a CUDA graph
+            (:func:`~rdl_functional.capture`): recorded at the first step of
+            each batch shape, then replayed with one launch; the optimizer's
+            foreach kernels run after it as usual, so any optimizer and
+            schedule works. A plain model, with ``x`` and the params on a CUDA
+            device.
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
             replacing the last whole or not at all. When the file exists, ``fit``
@@ -253,12 +260,14 @@ def fit(
         model_state = _start_state(model, params, x, model_state)
     elif model_state is not None:
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
+    if capture:
+        _check_capture(model, x, params, compile, has_state)
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
-        if has_state or compile:
+        if has_state or compile or capture:
             raise ValueError("fit: data-parallel training (torch.distributed with several processes) takes plain "
-                             "models, without compile=True (not yet)")
+                             "models, without compile=True or capture=True (not yet)")
         params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:
@@ -287,6 +296,10 @@ def fit(
         step = _data_parallel(model, loss, rank, size)
     else:
         step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
+        if capture:
+            from .graphs import capture as record  # imported on first use, as compile's module
+
+            step = record(step)
     if runner is not None:
         params = runner.params
     history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
@@ -389,6 +402,18 @@ def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[
         return summed["value"][0], summed["grads"]
 
     return step
+
+
+def _check_capture(model: Any, x: Tensor, params: Params, compile: bool, has_state: bool) -> None:
+    if compile:
+        raise ValueError("fit: compile=True and capture=True are two ways to run the step; choose one")
+    if has_state:
+        raise ValueError(f"fit: capture=True records a plain model's step as a CUDA graph; {model.name} carries state "
+                         "or randomness, which a graph would replay frozen")
+    devices = {str(x.device), *(str(leaf.device) for leaf in tree_leaves(params))}
+    if any(not device.startswith("cuda") for device in devices):
+        raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x and the params must be on a "
+                         f"CUDA device; they are on {', '.join(sorted(devices))}")
 
 
 def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,

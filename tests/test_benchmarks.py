@@ -37,3 +37,14 @@ def test_the_default_training_path_never_imports_dynamo_or_compile():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_gpu_benchmark_says_what_it_measured_or_that_there_is_no_gpu():
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--gpu", "--quick"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "captured whole (rf.capture) vs torch.nn eager" in done.stdout
+    assert ("not measured: no CUDA device" in done.stdout) != torch.cuda.is_available()

@@ -245,7 +245,7 @@ _STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> StatefulLayer:
-    """Batch normalization of ``(batch, features)`` input: ``torch.nn.BatchNorm1d(features, eps, momentum, affine)``.
+    """Batch normalization of ``(..., features)`` input: ``torch.nn.BatchNorm1d(features, eps, momentum, affine)``.
 
     Training, each feature is normalized with the batch's mean μ and biased
     variance σ²: ``y = (x − μ) / √(σ² + ε) · weight + bias``, and the running
@@ -258,7 +258,10 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
     Params (``affine=True``): ``{"weight": ones(features), "bias": zeros(features)}``;
     ``{}`` without. State: ``{"running_mean": zeros, "running_var": ones,
     "num_batches_tracked": 0}`` (a 0-dim int64 tensor), torch's names and values.
-    Input ``x``: ``(batch, features)``. The forward and backward passes run
+    Input ``x``: ``(batch, features)``, or any leading dimensions ``(..., features)``,
+    features last as for :func:`~rdl_functional.linear`, each leading position a
+    row of the batch. (BatchNorm1d takes ``(N, C, L)``, channels second: ours
+    on ``(N, L, C)`` equals it on ``x.transpose(1, 2)``.) The forward and backward passes run
     torch's own kernels (``native_batch_norm`` and its backward), so the
     bits are torch.nn's; the backward formula, through the batch statistics,
     is written out in docs/state-and-randomness.md.
@@ -311,22 +314,30 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         _check_bn_state(at, state, shape)
         if not isinstance(x, Tensor):
             raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != features:
-            raise ValueError(f"{at}: x must have shape (batch, {features}), got {tuple(x.shape)}")
+        if x.dim() == 0 or x.shape[-1] != features:
+            raise ValueError(f"{at}: x must have shape (..., {features}), features last, got {tuple(x.shape)}")
         mean, var = state["running_mean"], state["running_var"]
         for what, tensor in (("weight", params.get("weight")), ("bias", params.get("bias")), ("running_mean", mean),
                              ("running_var", var)):
             if tensor is not None and tensor.dtype != x.dtype:
                 raise TypeError(f"{at}: x is {x.dtype} but {what} is {tensor.dtype} (convert x with "
                                 f"x.to({tensor.dtype}), or init the params and state with that dtype)")
-        if train and x.shape[0] == 1:
+        if train and x.numel() == features:
             raise ValueError(f"{at}: in training, batch norm normalizes each feature over the batch, which needs "
-                             "more than one row, got a batch of 1; train on larger batches, or evaluate "
+                             f"more than one row, got a batch of 1{'' if x.dim() == 2 else f' {tuple(x.shape)}'}; "
+                             "train on larger batches, or evaluate "
                              "(train=False) to use the running statistics")
         return params.get("weight"), params.get("bias"), mean, var
 
     def forward(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
         weight, bias, mean, var = unpack(where, params, state, x, train)
+        if x.dim() != 2:  # (..., features): every leading position is a row of the batch
+            y, new_state, saved = forward2d(params, state, x.reshape(-1, features), train, weight, bias, mean, var)
+            return y.reshape(x.shape), new_state, saved
+        return forward2d(params, state, x, train, weight, bias, mean, var)
+
+    def forward2d(params: Params, state: State, x: Tensor, train: Any, weight: Any, bias: Any, mean: Tensor,
+                  var: Tensor) -> tuple[Any, ...]:
         if not train:  # the running statistics stand in for the batch's; nothing is updated
             y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)
             # New tensors, as every result is: writing into the new state never writes into the old.
@@ -354,9 +365,16 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             # With x̂ = (x − μ)·s, s = 1/√(σ² + ε): dbias = Σ_batch dy, dweight = Σ_batch dy ⊙ x̂, and
             # training, dx = weight·s/n · (n·dy − Σ dy − x̂ ⊙ Σ dy ⊙ x̂) (μ and σ² depend on x);
             # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.
-            dx, dweight, dbias = _native_batch_norm_backward(
-                dy, x, weight, mean, var, saved_mean, saved_invstd, train, eps, [need_dx, affine, affine]
-            )
+            if x.dim() != 2:  # rows as in the forward pass, dx back in x's shape
+                dx, dweight, dbias = _native_batch_norm_backward(
+                    dy.reshape(-1, features), x.reshape(-1, features), weight, mean, var, saved_mean, saved_invstd,
+                    train, eps, [need_dx, affine, affine]
+                )
+                dx = dx.reshape(x.shape) if dx is not None else None
+            else:
+                dx, dweight, dbias = _native_batch_norm_backward(
+                    dy, x, weight, mean, var, saved_mean, saved_invstd, train, eps, [need_dx, affine, affine]
+                )
             return ({"weight": dweight, "bias": dbias} if affine else {}), dx
 
         return y, new_state, pullback

@@ -218,7 +218,7 @@ def _bad_calls():
         (lambda: model(params, state, x.double(), train=False), TypeError,
          r"layer 0: linear\(3, 4\)\.apply: x is torch.float64 but weight is torch.float32"),
         (lambda: rf.batch_norm(4)(rf.batch_norm(4).init(0), rf.batch_norm(4).init_state(), x, train=False),
-         ValueError, r"batch_norm\(4\)\.apply: x must have shape \(batch, 4\), got \(5, 3\)"),
+         ValueError, r"batch_norm\(4\)\.apply: x must have shape \(\.\.\., 4\), features last, got \(5, 3\)"),
         (lambda: rf.batch_norm(2, affine=False)(rf.batch_norm(2).init(0), {}, x, train=False), ValueError,
          r"batch_norm\(2, affine=False\)\.apply: params must have the keys \[\], got \['bias', 'weight'\] "
          r"\(the layer was built with affine=False\)"),
@@ -289,3 +289,27 @@ def test_review_findings_stay_fixed():
     params = {"0": plain.init(0)["0"], "2": plain.init(0)["2"]}  # as from_state_dict leaves it
     assert list(rf.to_state_dict(params, plain.init_state()))[2:5] == [
         "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+def test_batch_norm_takes_leading_dimensions_features_last_as_batchnorm1d_on_the_transpose(generator):
+    bn = rf.batch_norm(3, momentum=0.3)
+    params = {"weight": torch.randn(3, generator=generator, dtype=torch.float64),
+              "bias": torch.randn(3, generator=generator, dtype=torch.float64)}
+    state = bn.init_state(dtype=torch.float64)
+    x = torch.randn(4, 5, 3, generator=generator, dtype=torch.float64)
+    twin = torch.nn.BatchNorm1d(3, momentum=0.3, dtype=torch.float64)
+    for train in (True, False):
+        twin.load_state_dict({**params, **state})
+        twin.train(train)
+        y, new_state = bn(params, state, x, train=train)
+        torch.testing.assert_close(y, twin(x.transpose(1, 2)).transpose(1, 2), rtol=0, atol=1e-14)
+        for key, value in twin.state_dict().items():
+            if key in new_state:
+                torch.testing.assert_close(new_state[key], value, rtol=0, atol=1e-15)
+        rf.check_vjp(bn, params, state, x, train=train)
+    one = bn(params, state, x[0, 0], train=False)[0]  # a single example, evaluating
+    torch.testing.assert_close(one, bn(params, state, x[:1, 0], train=False)[0][0])
+    with pytest.raises(ValueError, match=r"needs more than one row, got a batch of 1 \(1, 1, 3\);"):
+        bn(params, state, x[:1, :1], train=True)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), features last, got \(4, 3, 5\)"):
+        bn(params, state, x.transpose(1, 2), train=True)

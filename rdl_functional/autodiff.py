@@ -155,7 +155,14 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
     if not isinstance(loss, Loss):
         raise TypeError(f"value_and_grad: loss must be a Loss, got {type(loss).__name__}")
     if isinstance(model, StatefulLayer):
-        return _stateful_gradient_fn(model, loss)
+        run_stateful = _stateful_gradient_fn(model, loss)
+
+        def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, *,
+                              generator: torch.Generator | int | None = None,
+                              train: bool = True) -> tuple[Tensor, Params, State]:
+            return run_stateful(params, state, x, target, generator, train, None)
+
+        return value_and_grad_fn
     if not isinstance(model, Layer):
         raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
     run = _gradient_fn(model, loss)
@@ -166,20 +173,21 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
     return value_and_grad_fn
 
 
-def _stateful_gradient_fn(model: StatefulLayer, loss: Loss) -> StatefulValueAndGrad:
-    """The stateful model's ``model.vjp``, the loss's, and the pullback run with release and without ``dx``."""
+def _stateful_gradient_fn(model: StatefulLayer, loss: Loss) -> Callable[..., tuple[Tensor, Params, State]]:
+    """``fn(params, state, x, target, generator, train, seed) -> (value, grads, new_state)``: the stateful
+    model's ``model.vjp``, the loss's, and the pullback run with release and without ``dx``; ``seed`` is the
+    loss's cotangent (None: 1)."""
     loss_vjp = loss.vjp
     # A compose's pullback frees each layer's saved tensors as it goes; a leaf's is dropped whole.
     options = {"release": True} if model.sequence else {}
     if model.skips_dx:
         options["need_dx"] = False
 
-    def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, *,
-                          generator: torch.Generator | int | None = None,
-                          train: bool = True) -> tuple[Tensor, Params, State]:
+    def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, generator: Any, train: bool,
+                          seed: Tensor | None) -> tuple[Tensor, Params, State]:
         pred, new_state, pullback = model.vjp(params, state, x, train=train, generator=generator)
         value, loss_pullback = loss_vjp(pred, target)
-        grads, _ = pullback(loss_pullback(torch.ones_like(value)), **options)
+        grads, _ = pullback(loss_pullback(torch.ones_like(value) if seed is None else seed), **options)
         return value, grads, new_state
 
     return value_and_grad_fn

@@ -212,8 +212,9 @@ def _parser() -> argparse.ArgumentParser:
                              "it may be given anew with --resume")
     output.add_argument("--resume", metavar="PATH", type=Path,
                         help="continue the run that the checkpoint at PATH records, with its settings (give no "
-                             "training flags; --save, --json, --plots, --compare-torch may be given again); it "
-                             "ends with the params and history of the run never interrupted, bit for bit")
+                             "training flags but --nproc N; --save, --json, --plots, --compare-torch may be given "
+                             "again); it ends with the params and history of the run never interrupted, bit for "
+                             "bit (on as many processes as it ran on; to float rounding on another number)")
     output.add_argument("--compare-torch", action="store_true",
                         help="also train the same MLP with torch.nn + autograd + the matching torch.optim "
                              "optimizer from the same params and batches, and compare accuracies, params and "
@@ -273,8 +274,7 @@ def _check_args(args: argparse.Namespace) -> None:
         how = f"--nproc {args.nproc}" if args.nproc > 1 else "torchrun"
         if args.seeds is not None and len(args.seeds) > 1:
             _fail(f"{how} trains one run data-parallel; use --seed N rather than --seeds")
-        for flag, value in (("--batch-norm", args.batch_norm), ("--dropout", args.dropout),
-                            ("--compile", args.compile), ("--capture", args.capture), ("--resume", args.resume),
+        for flag, value in (("--compile", args.compile), ("--capture", args.capture),
                             ("--compare-torch", args.compare_torch)):
             if value:
                 _fail(f"{how} does not take {flag} yet")
@@ -502,8 +502,8 @@ def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
 def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--resume PATH``: the run's settings, seed and checkpoint path, taken from the checkpoint into ``args``."""
     training = next(group for group in parser._action_groups if group.title == "training")
-    for action in training._group_actions:
-        if getattr(args, action.dest) != action.default:
+    for action in training._group_actions:  # --nproc is how to run, not what: a run may resume on other processes
+        if action.dest != "nproc" and getattr(args, action.dest) != action.default:
             _fail(f"--resume takes the run's settings from its checkpoint; leave out {action.option_strings[0]}")
     if args.checkpoint is not None:
         _fail("--resume writes to the checkpoint it continues; leave out --checkpoint")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._random import as_generator
+from ._random import as_generator, as_source
 from .layers import Layer, Params, Pullback, _no_params, placed, to_device
 from .stateful import _NO_STATE, State, StatefulLayer, StatefulPullback, check_train, stateful
 
@@ -101,7 +101,7 @@ def _state_of_children(name: str, who: str, keyed: tuple[tuple[str, Any], ...]) 
         if not state.keys() <= keys:
             raise ValueError(f"{who}.{where}: state has entries {sorted(set(state) - keys)} but the model has "
                              f"{len(keyed)} layers, keyed '0'..'{last}' (is it another model's state?)")
-        return None if generator is None else as_generator(generator, f"{name}.{where}")
+        return as_source(generator, f"{name}.{where}")
 
     return lifted, init_state, check
 

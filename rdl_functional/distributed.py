@@ -7,6 +7,12 @@ shares, so every rank holds the global batch's gradient and makes the same
 update. The result equals training in one process on the same global batches,
 to float rounding (the all-reduce adds in another order).
 
+A model with state or randomness gets a :class:`BatchShard` where its generator
+goes, which says which rows of the global batch this process holds: dropout
+draws the global batch's mask and keeps its rows, and batch norm in training
+sums its statistics over the processes (as torch's SyncBatchNorm, on any
+device), so the result again equals one process's.
+
 ``rf.fit`` runs this way by itself when ``torch.distributed`` has been
 initialized with more than one process (``torchrun --nproc-per-node N``, or
 ``rdl-train --nproc N``, which starts the processes itself on 127.0.0.1 with
@@ -21,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._random import BatchShard
 from .tree import Tree, _rebuild_like, tree_leaves
 
-__all__ = ["all_reduce_mean", "broadcast_params", "is_data_parallel", "shard", "world"]
+__all__ = ["BatchShard", "all_reduce_mean", "broadcast_params", "is_data_parallel", "shard", "world"]
 
 
 def _dist() -> Any:

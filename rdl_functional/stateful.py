@@ -33,7 +33,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._random import as_generator
+from ._random import BatchShard, as_generator
+from .distributed import all_reduce_mean, is_data_parallel
 from .layers import (
     Layer,
     Params,
@@ -187,6 +188,10 @@ def dropout(p: float) -> StatefulLayer:
         check_train(f"{name}.{where}", train)
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}.{where}: x must be a torch.Tensor, got {type(x).__name__}")
+        shard = generator if isinstance(generator, BatchShard) else None
+        if shard is not None:  # data-parallel: the global batch's mask, this shard's rows of it
+            shard.check_rows(f"{name}.{where}", x)
+            generator = shard.generator
         if not train:
             if generator is not None:
                 as_generator(generator, f"{name}.{where}")  # checked, though evaluating draws nothing
@@ -200,6 +205,9 @@ def dropout(p: float) -> StatefulLayer:
             return None
         # torch's CPU kernel, op for op: empty_like(x).bernoulli_(1 - p).div_(1 - p). On another device than the
         # generator's, the mask is drawn where the generator is and moved: the same bits on every device.
+        if shard is not None:
+            whole = torch.empty((shard.rows, *x.shape[1:]), dtype=x.dtype, device=g.device)
+            return whole.bernoulli_(keep, generator=g).div_(keep)[shard.start:shard.stop].to(x.device)
         if x.device == g.device:
             return torch.empty_like(x).bernoulli_(keep, generator=g).div_(keep)
         return torch.empty(x.shape, dtype=x.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep).to(
@@ -307,7 +315,8 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
                  "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
         return to_device(state, device, f"{name}.init_state")
 
-    def unpack(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
+    def unpack(where: str, params: Params, state: State, x: Tensor, train: Any,
+               global_rows: int | None = None) -> tuple[Any, ...]:
         at = f"{name}.{where}"
         check_train(at, train)
         _check_bn_params(at, params, affine, shape)
@@ -322,14 +331,26 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             if tensor is not None and tensor.dtype != x.dtype:
                 raise TypeError(f"{at}: x is {x.dtype} but {what} is {tensor.dtype} (convert x with "
                                 f"x.to({tensor.dtype}), or init the params and state with that dtype)")
-        if train and x.numel() == features:
+        positions = x.numel() if global_rows is None else global_rows * math.prod(x.shape[1:])
+        if train and positions == features:
             raise ValueError(f"{at}: in training, batch norm normalizes each feature over the batch, which needs "
                              f"more than one row, got a batch of 1{'' if x.dim() == 2 else f' {tuple(x.shape)}'}; "
                              "train on larger batches, or evaluate "
                              "(train=False) to use the running statistics")
         return params.get("weight"), params.get("bias"), mean, var
 
-    def forward(where: str, params: Params, state: State, x: Tensor, train: Any) -> tuple[Any, ...]:
+    def forward(where: str, params: Params, state: State, x: Tensor, train: Any,
+                generator: Any = None) -> tuple[Any, ...]:
+        if train and isinstance(generator, BatchShard):  # data-parallel: this process's rows of the global batch
+            weight, bias, mean, var = unpack(where, params, state, x, train, generator.rows)
+            generator.check_rows(f"{name}.{where}", x)
+            if is_data_parallel():
+                return _synced_forward(x.reshape(-1, features), generator, weight, bias, mean, var,
+                                       state["num_batches_tracked"] + 1, momentum, eps, x.shape)
+            if generator.stop - generator.start != generator.rows:
+                raise ValueError(f"{name}.{where}: the shard is rows {generator.start}..{generator.stop} of "
+                                 f"{generator.rows}, but there is no process group (torch.distributed) to sum the "
+                                 "other rows' statistics over")
         weight, bias, mean, var = unpack(where, params, state, x, train)
         if x.dim() != 2:  # (..., features): every leading position is a row of the batch
             y, new_state, saved = forward2d(params, state, x.reshape(-1, features), train, weight, bias, mean, var)
@@ -352,13 +373,21 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
 
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
-        y, new_state, _ = forward("apply", params, state, x, train)
+        y, new_state, _ = forward("apply", params, state, x, train, generator)
         return y, new_state
 
     def vjp(params: Params, state: State, x: Tensor, *, train: bool,
             generator: torch.Generator | int | None = None) -> tuple[Tensor, State, StatefulPullback]:
-        y, new_state, (weight, mean, var, saved_mean, saved_invstd) = forward("vjp", params, state, x, train)
+        y, new_state, saved = forward("vjp", params, state, x, train, generator)
         y_shape, dtype = y.shape, y.dtype
+        if callable(saved):  # data-parallel: the synced backward pass
+            def synced_pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+                _check_cotangent(name, dy, y_shape, dtype)
+                dweight, dbias, dx = saved(dy, need_dx)
+                return ({"weight": dweight, "bias": dbias} if affine else {}), dx
+
+            return y, new_state, synced_pullback
+        weight, mean, var, saved_mean, saved_invstd = saved
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(name, dy, y_shape, dtype)
@@ -380,6 +409,42 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         return y, new_state, pullback
 
     return StatefulLayer(init=init, init_state=init_state, apply=apply, vjp=vjp, name=name, skips_dx=True)
+
+
+def _synced_forward(x: Tensor, shard: BatchShard, weight: Tensor | None, bias: Tensor | None,
+                    running_mean: Tensor, running_var: Tensor, count: Tensor, momentum: float | None, eps: float,
+                    shape: torch.Size) -> tuple[Tensor, State, Callable[[Tensor, bool], tuple[Any, Any, Any]]]:
+    """Batch norm in training on a shard, with the global batch's statistics (torch's SyncBatchNorm, on any
+    device): the mean, then the centred sum of squares, each summed over the processes by one all-reduce.
+
+    ``x`` is ``(rows, features)``: this shard's rows. The backward pass needs the global sums of ``dy`` and
+    ``dy ⊙ x̂`` for ``dx`` (one all-reduce of both); ``dweight`` and ``dbias`` stay this shard's sums, which the
+    gradient's all-reduce adds up as it does every other gradient.
+    """
+    n = shard.rows * math.prod(shape[1:-1])  # every leading position of every row of the global batch
+    total = all_reduce_mean({"sum": x.sum(0)}, weight=1.0)["sum"]
+    mean = total / n
+    centred = x - mean
+    var = all_reduce_mean({"sum": (centred * centred).sum(0)}, weight=1.0)["sum"] / n  # biased, as torch's
+    invstd = torch.rsqrt(var + eps)
+    x_hat = centred * invstd
+    y = x_hat * weight + bias if weight is not None else x_hat
+    factor = momentum if momentum is not None else 1.0 / float(count)
+    new_state = {"running_mean": running_mean * (1 - factor) + mean * factor,
+                 "running_var": running_var * (1 - factor) + var * (n / (n - 1) * factor),
+                 "num_batches_tracked": count}
+
+    def backward(dy: Tensor, need_dx: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        dy = dy.reshape(x.shape)
+        sums = {"dy": dy.sum(0), "dy_x_hat": (dy * x_hat).sum(0)}
+        dx = None
+        if need_dx:
+            every = all_reduce_mean(sums, weight=1.0)
+            scale = invstd / n if weight is None else weight * invstd / n
+            dx = (scale * (n * dy - every["dy"] - x_hat * every["dy_x_hat"])).reshape(shape)
+        return sums["dy_x_hat"], sums["dy"], dx
+
+    return y.reshape(shape), new_state, backward
 
 
 def _check_bn_params(where: str, params: Any, affine: bool, shape: tuple[int]) -> None:

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ._files import check_writable
-from ._random import as_generator
-from .autodiff import _gradient_fn, value_and_grad
+from ._random import BatchShard, as_generator
+from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
 from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss
@@ -214,6 +214,11 @@ def fit(
             foreach kernels run after it as usual, so any optimizer and
             schedule works. A plain model, with ``x`` and the params on a CUDA
             device.
+        (data-parallel) Started in a ``torch.distributed`` process group of
+            several processes (``torchrun``, ``rdl-train --nproc N``), ``fit``
+            trains data-parallel by itself: each process takes its shard of every
+            global batch, and the result equals one process's to float rounding,
+            batch norm and dropout included (docs/data-parallel.md).
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
             replacing the last whole or not at all. When the file exists, ``fit``
@@ -265,9 +270,9 @@ def fit(
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
-        if has_state or compile or capture:
-            raise ValueError("fit: data-parallel training (torch.distributed with several processes) takes plain "
-                             "models, without compile=True or capture=True (not yet)")
+        if compile or capture:
+            raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
+                             "as it is, without compile=True or capture=True (not yet)")
         params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:
@@ -293,7 +298,8 @@ def fit(
     runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
                                        resumed=resumed.opt_state if resumed is not None else None)
     if size > 1:
-        step = _data_parallel(model, loss, rank, size)
+        step = _data_parallel_stateful(model, loss, rank, size) if has_state else _data_parallel(model, loss, rank,
+                                                                                                 size)
     else:
         step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
         if capture:
@@ -400,6 +406,32 @@ def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[
             value, grads = torch.zeros((), dtype=x.dtype, device=x.device), tree_map(torch.zeros_like, params)
         summed = all_reduce_mean({"grads": grads, "value": value.reshape(1)}, weight=1.0)
         return summed["value"][0], summed["grads"]
+
+    return step
+
+
+def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: int) -> Callable[
+    ..., tuple[Tensor, Params, State]
+]:
+    """:func:`_data_parallel` for a model with state or randomness: each layer gets a :class:`BatchShard` where the
+    generator goes, so dropout keeps its rows of the global batch's mask and batch norm uses the global batch's
+    statistics; the new state is then the same on every rank, as one process would compute it."""
+    run = _stateful_gradient_fn(model, loss)
+
+    def step(params: Params, state: State, x: Tensor, target: Tensor, *, generator: torch.Generator) -> tuple[
+        Tensor, Params, State
+    ]:
+        rows = x.shape[0]
+        if rows < size:
+            raise ValueError(f"fit: a global batch of {rows} row(s) leaves a process of the {size} without rows, "
+                             "which a model with state or randomness cannot take (batch norm sums over every "
+                             "process); use batches of at least as many rows as processes")
+        a, b = shard(0, rows, rank, size)
+        weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
+        value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), True,
+                                      weight)
+        summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
+        return summed["value"][0], summed["grads"], new_state
 
     return step
 

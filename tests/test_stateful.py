@@ -313,3 +313,43 @@ def test_batch_norm_takes_leading_dimensions_features_last_as_batchnorm1d_on_the
         bn(params, state, x[:1, :1], train=True)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), features last, got \(4, 3, 5\)"):
         bn(params, state, x.transpose(1, 2), train=True)
+
+
+def test_a_shard_gives_dropout_its_rows_of_the_global_batchs_mask(generator):
+    from rdl_functional.distributed import BatchShard
+
+    drop = rf.dropout(0.4)
+    x = torch.randn(10, 3, 4, generator=generator)
+    whole, _ = drop({}, {}, x, train=True, generator=torch.Generator().manual_seed(7))
+    for a, b in ((0, 6), (6, 10), (3, 3)):
+        part, _ = drop({}, {}, x[a:b], train=True, generator=BatchShard(torch.Generator().manual_seed(7), a, b, 10))
+        assert torch.equal(part, whole[a:b])
+    with pytest.raises(ValueError, match=r"dropout\(0\.4\)\.apply: the shard is rows 0\.\.6 of 10, 6 rows, but x has "
+                                         r"shape \(5, 3, 4\)"):
+        drop({}, {}, x[:5], train=True, generator=BatchShard(torch.Generator(), 0, 6, 10))
+
+
+def test_batch_norm_given_a_shard_outside_data_parallel_training_takes_only_the_whole_batch(generator):
+    from rdl_functional.distributed import BatchShard
+
+    bn = rf.batch_norm(3)
+    params, state = bn.init(0), bn.init_state()
+    x = torch.randn(8, 3, generator=generator)
+    expected = bn(params, state, x, train=True)
+    got = bn(params, state, x, train=True, generator=BatchShard(torch.Generator(), 0, 8, 8))
+    assert torch.equal(got[0], expected[0]) and all(torch.equal(got[1][k], expected[1][k]) for k in expected[1])
+    with pytest.raises(ValueError, match=r"the shard is rows 0\.\.4 of 8, but there is no process group "
+                                         r"\(torch\.distributed\) to sum the other rows' statistics over"):
+        bn(params, state, x[:4], train=True, generator=BatchShard(torch.Generator(), 0, 4, 8))
+    bn(params, state, x[:4], train=False, generator=BatchShard(torch.Generator(), 0, 4, 8))  # evaluating needs no sums
+
+
+def test_a_shard_says_what_is_wrong_with_it():
+    from rdl_functional.distributed import BatchShard
+
+    with pytest.raises(TypeError, match=r"BatchShard: generator must be a torch\.Generator, got int"):
+        BatchShard(0, 0, 1, 1)
+    with pytest.raises(TypeError, match=r"BatchShard: stop must be an int, got 1\.0"):
+        BatchShard(torch.Generator(), 0, 1.0, 1)
+    with pytest.raises(ValueError, match=r"expected 0 ≤ start ≤ stop ≤ rows and rows ≥ 1, got start=2, stop=1"):
+        BatchShard(torch.Generator(), 2, 1, 4)

@@ -21,11 +21,14 @@ was then:
   step count read from a CPU tensor): pass what changes as a tensor argument
   on the device, or keep it outside (an optimizer with a step count, such as
   Adam, runs its few foreach kernels after the captured ``value_and_grad``);
-- randomness drawn on the CPU and moved (``rf.dropout``'s default generator);
+- randomness drawn on the CPU and moved (``rf.dropout``'s default
+  generator): the copy from the CPU fails at the recording (from pinned
+  memory, it would replay one mask forever);
 - a read back to the host (``.item()``), which fails at capture.
 
 Arguments must be trees (dicts, tuples, lists) of tensors on one CUDA
-device; a new shape or dtype records a new graph (at most ``max_shapes``).
+device; a new shape or dtype records a new graph (at most ``max_shapes``),
+and so does a call under ``torch.autocast`` where the last was not.
 """
 
 from __future__ import annotations
@@ -69,16 +72,32 @@ def _unflatten(spec: Spec, leaves: Any) -> Any:
 def _cuda_graph(fn: Callable[..., Any], args: tuple, warmup: int) -> tuple[Any, Callable[[], None]]:
     """Run ``fn(*args)`` ``warmup`` times on a side stream (cuBLAS and the allocator settle there, as torch's
     CUDA graph notes ask), then record one call; return its outputs and the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn(*args)
+    leaves: list[Tensor] = []
+    _flatten(args, leaves, "capture", "the arguments")
+    with torch.cuda.device(leaves[0].device):  # streams and the capture on the arguments' device, not device 0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            outputs = fn(*args)
     return outputs, graph.replay
+
+
+def _autocast(device_types: set[str]) -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast dtype of each of these device types where autocast is on (a device type autocast does not
+    know, such as meta, has none)."""
+    state = []
+    for kind in sorted(device_types):
+        try:
+            if torch.is_autocast_enabled(kind):
+                state.append((kind, torch.get_autocast_dtype(kind)))
+        except RuntimeError:
+            continue
+    return tuple(state)
 
 
 class _Recording:
@@ -115,7 +134,8 @@ class Captured:
     def __call__(self, *args: Any) -> Any:
         leaves: list[Tensor] = []
         spec = _flatten(args, leaves, self.name, "the arguments")
-        key = (spec, *((t.shape, t.dtype, t.device) for t in leaves))
+        # What the recording depends on besides the arguments' shapes: autocast (the layers read it), per device.
+        key = (spec, _autocast({t.device.type for t in leaves}), *((t.shape, t.dtype, t.device) for t in leaves))
         recording = self._recordings.get(key)
         with torch.no_grad():  # the copies never join an autograd graph, whatever the arguments require
             if recording is None:
@@ -142,10 +162,11 @@ class Captured:
                     "has no launches to save: run it as it is, or compile it)")
         if len(self._recordings) >= self.max_shapes:
             raise ValueError(
-                f"{who}: called with a {len(self._recordings) + 1}th set of shapes; each is a graph of its own that "
-                f"holds its own memory (max_shapes={self.max_shapes}). Pad the inputs to a few shapes, or raise "
-                "max_shapes")
-        inputs = [torch.empty_like(t) for t in leaves]
+                f"{who}: called with new shapes after {len(self._recordings)} recorded; each set of shapes is a "
+                f"graph of its own that holds its own memory (max_shapes={self.max_shapes}). Pad the inputs to a "
+                "few shapes, or raise max_shapes")
+        with torch.inference_mode(False):  # buffers that later calls may write, in inference mode or not
+            inputs = [torch.empty_like(t) for t in leaves]
         torch._foreach_copy_(inputs, leaves)
         static = _unflatten(spec, iter(inputs))
         try:

@@ -266,7 +266,7 @@ def fit(
     elif model_state is not None:
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
     if capture:
-        _check_capture(model, x, params, compile, has_state)
+        _check_capture(model, x, target, params, compile, has_state)
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
@@ -436,16 +436,16 @@ def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: i
     return step
 
 
-def _check_capture(model: Any, x: Tensor, params: Params, compile: bool, has_state: bool) -> None:
+def _check_capture(model: Any, x: Tensor, target: Tensor, params: Params, compile: bool, has_state: bool) -> None:
     if compile:
         raise ValueError("fit: compile=True and capture=True are two ways to run the step; choose one")
     if has_state:
         raise ValueError(f"fit: capture=True records a plain model's step as a CUDA graph; {model.name} carries state "
                          "or randomness, which a graph would replay frozen")
-    devices = {str(x.device), *(str(leaf.device) for leaf in tree_leaves(params))}
-    if any(not device.startswith("cuda") for device in devices):
-        raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x and the params must be on a "
-                         f"CUDA device; they are on {', '.join(sorted(devices))}")
+    devices = {str(x.device), str(target.device), *(str(leaf.device) for leaf in tree_leaves(params))}
+    if len(devices) > 1 or not next(iter(devices)).startswith("cuda"):
+        raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x, target and the params must be "
+                         f"on one CUDA device; they are on {', '.join(sorted(devices))}")
 
 
 def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,

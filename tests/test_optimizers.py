@@ -115,6 +115,29 @@ def test_fit_in_place_equals_the_pure_step_bit_for_bit(name, ours, theirs):
                                                  strict=True))
 
 
+@pytest.mark.parametrize(("name", "ours", "theirs"), OPTIMIZERS, ids=IDS)
+def test_the_one_rule_fast_path_equals_the_general_path_bit_for_bit(name, ours, theirs, monkeypatch):
+    """A lone rule reads params, grads and buffers in one walk (optim.base._run_rule); the chain's general path
+    must give the same trees, key order included."""
+    import rdl_functional.optim.base as base
+
+    model, params, x, target = _setup(torch.float32)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:20], target[:20])
+    optimizer = ours()
+    state = optimizer.init(params)
+    fast = [optimizer.step(params, grads, state), optimizer.update(grads, state, params)]
+    fast.append(optimizer.step(params, grads, fast[0][1]))
+    monkeypatch.setattr(base, "_run_rule", lambda *args: None)
+    general = [optimizer.step(params, grads, state), optimizer.update(grads, state, params)]
+    general.append(optimizer.step(params, grads, general[0][1]))
+    for a, b in zip(fast, general, strict=True):
+        assert rf.tree_flatten(a[0]).keys() == rf.tree_flatten(b[0]).keys()
+        assert list(a[1]) == list(b[1])
+        for tree_a, tree_b in zip(a, b, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(rf.tree_leaves(tree_a), rf.tree_leaves(tree_b),
+                                                         strict=True))
+
+
 def test_update_then_apply_updates_equals_step_to_rounding():
     model, params, x, target = _setup(torch.float64)
     _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:20], target[:20])

@@ -30,7 +30,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..tree import Tree, _paired, _rebuild_like, tree_difference, tree_flatten, tree_map
+from ..tree import Tree, _paired, _paired_many, _rebuild_like, tree_difference, tree_flatten, tree_map
 from .schedules import Schedule, _check_lr, _rate
 
 __all__ = ["Optimizer", "apply_updates", "chain", "gradient_transform"]
@@ -167,6 +167,10 @@ class Optimizer:
     def _run(self, params: Tree, grads: Tree, state: Tree, who: str) -> tuple[Leaves, Leaves, Any, Tree]:
         """The pure run: ``(params leaves, final leaves, pairing, new state)``; the final leaves are the
         new params when the chain ends in a rule, else updates."""
+        if not self.chained and self.links[0].rule is not None:  # one rule (adam, sgd, ...): the hot path
+            ran = _run_rule(self.links[0], params, grads, state, who)
+            if ran is not None:
+                return ran
         paired = _paired(params, grads)
         if paired is None:
             found = tree_difference(params, grads, names=("params", "grads"), leaves=True)
@@ -204,14 +208,38 @@ class Optimizer:
     def update(self, grads: Tree, opt_state: Tree, params: Tree) -> tuple[Tree, Tree]:
         """``(updates, new_opt_state)``: what to add to params (:func:`apply_updates`), as in optax."""
         p, final, paired, state = self._run(params, grads, opt_state, f"{self.name}.update")
-        if self.links[-1].rule is not None:
-            final = torch._foreach_sub(final, p) if p else []
+        if self.links[-1].rule is not None:  # the rule made the new params: their difference is new tensors
+            return paired.fill(torch._foreach_sub(final, p) if p else []), state
         callers = {id(t) for t in paired.theirs}  # a leaf a transform passed through is still the caller's grad
         return paired.fill([t.clone() if id(t) in callers else t for t in final]), state
 
     @property
     def elementwise(self) -> bool:
         return all(link.elementwise for link in self.links)
+
+
+def _run_rule(link: _Link, params: Tree, grads: Tree, state: Any, who: str) -> tuple[Leaves, Leaves, Any,
+                                                                                      Tree] | None:
+    """:meth:`Optimizer._run` of one rule, with params, grads and every buffer read in one walk and the new
+    buffer trees laid out in it; ``None`` for anything unusual, which the general path then explains."""
+    if type(state) is not dict or len(state) != 2 + len(link.buffers):
+        return None
+    count = state.get("count")
+    if not isinstance(count, Tensor) or count.dim() != 0 or count.dtype != torch.int64 or "lr" not in state:
+        return None
+    trees = [state.get(name) for name, _ in link.buffers]
+    paired = _paired_many(params, [grads, *trees], 1 + len(trees))
+    if paired is None:
+        return None
+    p, g = paired.mine, paired.theirs[0]
+    buffers = {name: leaves for (name, _), leaves in zip(link.buffers, paired.theirs[1:], strict=True)}
+    count = int(count)
+    lr = _rate(link.lr, count, who)
+    new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr) if p else (p, buffers)
+    new_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(lr, dtype=torch.float64)}
+    for i, (name, _) in enumerate(link.buffers, start=1):
+        new_state[name] = paired.fill(buffers[name], i)
+    return p, new_p, paired, new_state
 
 
 def _custom(link: _Link, g: Leaves, state: Any, params: Tree, who: str) -> tuple[Leaves, Any]:

@@ -278,6 +278,13 @@ def _check_args(args: argparse.Namespace) -> None:
                             ("--compare-torch", args.compare_torch)):
             if value:
                 _fail(f"{how} does not take {flag} yet")
+        processes = args.nproc if args.nproc > 1 else int(os.environ["WORLD_SIZE"])
+        smallest = min(args.batch_size, DEFAULTS.n_train % args.batch_size or args.batch_size)
+        if (args.dropout or args.batch_norm) and smallest < processes:
+            _fail(f"{how}: with --dropout or --batch-norm every process needs rows of every batch, but batches of "
+                  f"{args.batch_size} over {DEFAULTS.n_train} points leave {smallest} row(s) in "
+                  f"{'each' if smallest == args.batch_size else 'the last'} for {processes} processes; choose "
+                  "another --batch-size")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -553,21 +560,68 @@ def _launched_by_torchrun() -> bool:
 def _spawn_workers(argv: list[str], nproc: int) -> int:
     """``--nproc N``: start N copies of this command as the ranks of a gloo group on 127.0.0.1, wait for them, and
     if one fails, stop the others (a collective would otherwise wait for it until the group's timeout)."""
+    import signal
     import socket
     import subprocess
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))  # a free port, chosen by the OS
         port = probe.getsockname()[1]
-    workers = []
-    for rank in range(nproc):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
-        # -P (Python ≥ 3.11): the installed package, not a checkout that happens to be the current folder.
-        safe = ["-P"] if sys.version_info >= (3, 11) else []
-        workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env))
+    # Ctrl-C or a SIGTERM to the launcher reaches the workers (Ctrl-C at a terminal reaches them anyway, as the
+    # launcher's process group): each writes nothing half, rank 0 says where the checkpoint is, and the launcher
+    # waits for them rather than leave them running.
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    workers: list[subprocess.Popen] = []
+    try:
+        for rank in range(nproc):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                   "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
+            # -P (Python ≥ 3.11): the installed package, not a checkout that happens to be the current folder.
+            safe = ["-P"] if sys.version_info >= (3, 11) else []
+            workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env,
+                                            preexec_fn=_die_with_parent))
+        return _watch(workers, nproc, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: a SIGTERM when the launcher dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _watch(workers: list[Any], nproc: int, received: list[int]) -> int:
+    """Wait for the workers; stop the others when one fails, pass on a signal the launcher received."""
+    import subprocess
+    import time
+
     while True:
+        if received:
+            signal_number = received[0]
+            deadline = time.monotonic() + 1.0  # a Ctrl-C at a terminal reached them too: let them finish
+            while time.monotonic() < deadline and any(worker.poll() is None for worker in workers):
+                time.sleep(0.05)
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal_number)
+            deadline = time.monotonic() + 30.0
+            for worker in workers:
+                try:
+                    worker.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+            return 128 + signal_number
         codes = [worker.poll() for worker in workers]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
@@ -595,11 +649,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nproc > 1 and not _launched_by_torchrun():
         _check_args(args)  # here, once, before any worker starts
         return _spawn_workers(_without_nproc(argv), args.nproc)
+    rank, size = 0, 1
     if _launched_by_torchrun():
         from .distributed import init_from_environment
 
         init_from_environment()
-        if torch.distributed.get_rank() != 0:  # only rank 0 prints, plots and writes files
+        rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if rank != 0:  # only rank 0 prints, plots and writes files
             sys.stdout = open(os.devnull, "w")
             args.save = args.json = args.plots = None
             args.quiet = True
@@ -616,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{settings.epochs} epoch{'' if settings.epochs == 1 else 's'}, batch size {settings.batch_size}, "
           f"{settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
+          f"{torch.get_num_threads()} thread(s){f' in each of {size} processes' if size > 1 else ''}, "
+          f"torch {torch.__version__}\n", flush=True)
     if init_params is not None:
         try:
             check_params_fit(settings.task.model, init_params, getattr(torch, settings.dtype))
@@ -657,8 +714,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             close()
+            if rank != 0:  # rank 0 speaks for the run
+                return 130
+            nproc = f" --nproc {size}" if size > 1 else ""
             kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
-                    f"{args.checkpoint} goes on" if args.checkpoint is not None and args.checkpoint.exists() else "")
+                    f"{args.checkpoint}{nproc} goes on" if args.checkpoint is not None and args.checkpoint.exists()
+                    else "")
             print(f"rdl-train: interrupted{kept}", file=sys.stderr)
             return 130
         finally:

@@ -18,9 +18,11 @@ Everything else is fixed at the first call of each shape and replayed as it
 was then:
 
 - a Python number computed inside the function (a rate from a schedule, a
-  step count read from a CPU tensor): pass what changes as a tensor argument
-  on the device, or keep it outside (an optimizer with a step count, such as
-  Adam, runs its few foreach kernels after the captured ``value_and_grad``);
+  step count read from a CPU tensor): keep it outside (an optimizer with a
+  step count, such as Adam, runs its few foreach kernels after the captured
+  ``value_and_grad``), or pass it as a 0-dim tensor argument on the device
+  and use it in tensor arithmetic (``p - lr * g``; ``sgd_step`` takes a
+  Python number);
 - randomness drawn on the CPU and moved (``rf.dropout``'s default
   generator): the copy from the CPU fails at the recording (from pinned
   memory, it would replay one mask forever);
@@ -133,7 +135,8 @@ class Captured:
 
     def __call__(self, *args: Any) -> Any:
         leaves: list[Tensor] = []
-        spec = _flatten(args, leaves, self.name, "the arguments")
+        specs = tuple(_flatten(arg, leaves, self.name, f"argument {i}") for i, arg in enumerate(args))
+        spec = (tuple, len(args), specs)
         # What the recording depends on besides the arguments' shapes: autocast (the layers read it), per device.
         key = (spec, _autocast({t.device.type for t in leaves}), *((t.shape, t.dtype, t.device) for t in leaves))
         recording = self._recordings.get(key)
@@ -158,8 +161,8 @@ class Captured:
             if len(devices) > 1 or next(iter(devices)).type != "cuda":
                 names = ", ".join(sorted(str(d) for d in devices))
                 raise ValueError(
-                    f"{who}: a CUDA graph needs every argument on one CUDA device, got tensors on {names} (a CPU step "
-                    "has no launches to save: run it as it is, or compile it)")
+                    f"{who}: a CUDA graph needs every argument on one CUDA device, got tensors on {names} (only CUDA "
+                    "launches can be recorded; on the CPU run the step as it is, or compile it)")
         if len(self._recordings) >= self.max_shapes:
             raise ValueError(
                 f"{who}: called with new shapes after {len(self._recordings)} recorded; each set of shapes is a "
@@ -224,6 +227,8 @@ def capture(fn: Callable[..., Any], *, warmup: int = 3, max_shapes: int = 8) -> 
     """
     if not callable(fn):
         raise TypeError(f"capture: expected a function to capture, got {type(fn).__name__}")
+    if isinstance(fn, Captured):
+        raise TypeError(f"capture: {fn!r} is captured already (a graph's replay cannot be recorded in another)")
     for name, value, low in (("warmup", warmup, 1), ("max_shapes", max_shapes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"capture: {name} must be an int ≥ {low}, got {value!r}")

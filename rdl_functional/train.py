@@ -424,8 +424,9 @@ def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: i
         rows = x.shape[0]
         if rows < size:
             raise ValueError(f"fit: a global batch of {rows} row(s) leaves a process of the {size} without rows, "
-                             "which a model with state or randomness cannot take (batch norm sums over every "
-                             "process); use batches of at least as many rows as processes")
+                             "which a model with state or randomness cannot take (every process runs the model, to "
+                             "draw the same masks and take part in batch norm's sums); use batches of at least as "
+                             "many rows as processes")
         a, b = shard(0, rows, rank, size)
         weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
         value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), True,
@@ -441,7 +442,8 @@ def _check_capture(model: Any, x: Tensor, target: Tensor, params: Params, compil
         raise ValueError("fit: compile=True and capture=True are two ways to run the step; choose one")
     if has_state:
         raise ValueError(f"fit: capture=True records a plain model's step as a CUDA graph; {model.name} carries state "
-                         "or randomness, which a graph would replay frozen")
+                         "or randomness, whose step takes a generator and a state that the graph does not carry yet "
+                         "(and dropout draws its masks on the CPU)")
     devices = {str(x.device), str(target.device), *(str(leaf.device) for leaf in tree_leaves(params))}
     if len(devices) > 1 or not next(iter(devices)).startswith("cuda"):
         raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x, target and the params must be "

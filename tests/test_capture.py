@@ -128,14 +128,16 @@ def test_too_many_shapes_are_refused_with_what_to_do():
 
 
 def test_bad_arguments_are_refused_by_name():
-    with pytest.raises(TypeError, match=r"capture\(<lambda>\): the arguments\[1\] must be a tensor, or a dict, tuple "
+    with pytest.raises(TypeError, match=r"capture\(<lambda>\): argument 1 must be a tensor, or a dict, tuple "
                                         r"or list of them, got float: a number is fixed at capture; pass one that "
                                         r"changes as a 0-dim tensor on the device"):
         rf.capture(lambda x, lr: x * lr)(torch.zeros(1), 0.1)
-    with pytest.raises(TypeError, match=r"the arguments\[0\]\['w'\] must be a tensor.* got str$"):
+    with pytest.raises(TypeError, match=r"argument 0\['w'\] must be a tensor.* got str$"):
         rf.capture(lambda p: p)({"w": "no"})
     with pytest.raises(ValueError, match="needs at least one tensor argument"):
         rf.capture(lambda: torch.zeros(1))()
+    with pytest.raises(TypeError, match=r"capture: <capture of <lambda>: 0 shapes recorded> is captured already"):
+        rf.capture(rf.capture(lambda x: x))
     with pytest.raises(TypeError, match="capture: expected a function to capture, got int"):
         rf.capture(3)
     with pytest.raises(ValueError, match=r"capture: warmup must be an int ≥ 1, got 0"):
@@ -148,7 +150,7 @@ def test_cpu_tensors_are_refused_since_a_cpu_step_has_no_launches_to_save():
     model, step = seed_step()
     x, target = batches(1)[0]
     with pytest.raises(ValueError, match=r"capture\(step\): a CUDA graph needs every argument on one CUDA device, "
-                                         r"got tensors on cpu \(a CPU step has no launches to save"):
+                                         r"got tensors on cpu \(only CUDA launches can be recorded"):
         rf.capture(step)(model.init(0), x, target)
 
 
@@ -180,7 +182,7 @@ def test_fit_with_capture_refuses_what_a_graph_cannot_hold():
     with pytest.raises(ValueError, match="compile=True and capture=True are two ways to run the step; choose one"):
         rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), capture=True, compile=True, **common)
     noisy = rf.compose(rf.linear(2, 4), rf.dropout(0.5), rf.linear(4, 2))
-    with pytest.raises(ValueError, match="carries state or randomness, which a graph would replay frozen"):
+    with pytest.raises(ValueError, match="carries state or randomness, whose step takes a generator and a state"):
         rf.fit(noisy, rf.mse_loss, noisy.init(0), x, rf.one_hot(labels, 2), capture=True, **common)
 
 

@@ -206,3 +206,33 @@ def test_batch_norm_and_dropout_in_two_processes_equal_one_process_on_the_same_g
         # all-reduced: equal to rounding, which 36 float32 steps grow to about 2e-6.
         torch.testing.assert_close(rank0[key], value, rtol=tolerance * 10, atol=tolerance * 10)
         assert torch.equal(rank0[key], rank1[key]), key  # every rank holds the same bits
+
+
+def test_a_sigint_to_the_nproc_launcher_stops_every_worker_with_one_message(tmp_path):
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    checkpoint = tmp_path / "run.ckpt"
+    run = subprocess.Popen([sys.executable, "-m", "rdl_functional", "--nproc", "2", "--epochs", "200", "--quiet",
+                            "--checkpoint", str(checkpoint)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    assert checkpoint.exists(), run.communicate(timeout=60)
+    run.send_signal(signal.SIGINT)  # to the launcher alone: it passes the signal on
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert err.count("rdl-train: interrupted") == 1 and "Traceback" not in err, err
+    assert f"rdl-train --resume {checkpoint} --nproc 2 goes on" in err
+    with pytest.raises(ProcessLookupError):  # no worker left behind in the session
+        os.killpg(run.pid, 0)
+
+
+def test_nproc_with_dropout_refuses_batches_that_leave_a_process_without_rows():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "rdl_functional", "--nproc", "3", "--batch-size", "2", "--dropout",
+                           "0.1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("error") == 1, done.stderr
+    assert ("--nproc 3: with --dropout or --batch-norm every process needs rows of every batch, but batches of 2 "
+            "over 1000 points leave 2 row(s) in each for 3 processes") in done.stderr

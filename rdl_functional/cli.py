@@ -580,29 +580,34 @@ def _spawn_workers(argv: list[str], nproc: int) -> int:
                    "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
             # -P (Python ≥ 3.11): the installed package, not a checkout that happens to be the current folder.
             safe = ["-P"] if sys.version_info >= (3, 11) else []
-            workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env,
-                                            preexec_fn=_die_with_parent))
+            env[_LAUNCHER] = str(os.getpid())
+            workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env))
         return _watch(workers, nproc, received)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _die_with_parent() -> None:
-    """In a worker, before it runs: a SIGTERM when the launcher dies, however it dies (Linux's
-    PR_SET_PDEATHSIG; elsewhere nothing)."""
+_LAUNCHER = "RDL_TRAIN_LAUNCHER_PID"  # set by --nproc's launcher for its workers
+
+
+def _die_with_launcher() -> None:
+    """In a worker that ``--nproc`` started: a SIGTERM when the launcher dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing), and an exit now if it died before this ran."""
     import ctypes
     import signal
 
+    launcher = int(os.environ[_LAUNCHER])
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != launcher:  # the launcher is gone already: nobody waits for this worker
+        sys.exit(143)
 
 
 def _watch(workers: list[Any], nproc: int, received: list[int]) -> int:
     """Wait for the workers; stop the others when one fails, pass on a signal the launcher received."""
-    import subprocess
     import time
 
     while True:
@@ -614,13 +619,13 @@ def _watch(workers: list[Any], nproc: int, received: list[int]) -> int:
             for worker in workers:
                 if worker.poll() is None:
                     worker.send_signal(signal_number)
-            deadline = time.monotonic() + 30.0
+            deadline = time.monotonic() + 30.0  # or until a second signal: then at once
+            while time.monotonic() < deadline and len(received) < 2 and any(w.poll() is None for w in workers):
+                time.sleep(0.05)
             for worker in workers:
-                try:
-                    worker.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                if worker.poll() is None:
                     worker.kill()
-                    worker.wait()
+                worker.wait()
             return 128 + signal_number
         codes = [worker.poll() for worker in workers]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
@@ -650,6 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)  # here, once, before any worker starts
         return _spawn_workers(_without_nproc(argv), args.nproc)
     rank, size = 0, 1
+    if os.environ.get(_LAUNCHER, "").isdigit():
+        _die_with_launcher()
     if _launched_by_torchrun():
         from .distributed import init_from_environment
 
@@ -714,13 +721,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             close()
-            if rank != 0:  # rank 0 speaks for the run
-                return 130
-            nproc = f" --nproc {size}" if size > 1 else ""
-            kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
-                    f"{args.checkpoint}{nproc} goes on" if args.checkpoint is not None and args.checkpoint.exists()
-                    else "")
-            print(f"rdl-train: interrupted{kept}", file=sys.stderr)
+            if rank == 0:  # rank 0 speaks for the run
+                nproc = f" --nproc {size}" if size > 1 else ""
+                kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
+                        f"{args.checkpoint}{nproc} goes on" if args.checkpoint is not None
+                        and args.checkpoint.exists() else "")
+                print(f"rdl-train: interrupted{kept}", file=sys.stderr)
+            if size > 1:
+                # Out at once: the process group's threads, torn down at the interpreter's exit while a peer may
+                # be inside a collective, would abort the process instead. Files are whole (every write is atomic).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
             return 130
         finally:
             close()

@@ -273,6 +273,9 @@ def fit(
         if compile or capture:
             raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
                              "as it is, without compile=True or capture=True (not yet)")
+        if "reduction='sum'" in loss.name:
+            raise ValueError(f"fit: data-parallel training weighs each process's loss by its share of the rows, "
+                             f"which is right for a mean over rows; {loss.name} sums (use reduction='mean')")
         params = broadcast_params(params)
     resumed: Checkpoint | None = None
     if checkpoint is not None:

@@ -45,7 +45,8 @@ WORKER = textwrap.dedent("""
             os._exit(9)  # a rank that dies mid-training
         if stop_at and epoch == stop_at:
             os._exit(3)  # every rank stops, as after a crash
-    params, history = rf.fit(model, rf.mse_loss, model.init(dist.get_rank(), dtype=dtype), x,
+    loss = rf.l1_loss("sum") if os.environ.get("LOSS") == "sum" else rf.mse_loss
+    params, history = rf.fit(model, loss, model.init(dist.get_rank(), dtype=dtype), x,
                              rf.one_hot(labels, 2, dtype=dtype),
                              epochs=int(os.environ.get("EPOCHS", "5")),
                              optimizer=rf.sgd(0.1, momentum=0.9) if noisy else rf.adam(1e-2),
@@ -236,3 +237,11 @@ def test_nproc_with_dropout_refuses_batches_that_leave_a_process_without_rows():
     assert done.returncode == 2 and done.stderr.count("error") == 1, done.stderr
     assert ("--nproc 3: with --dropout or --batch-norm every process needs rows of every batch, but batches of 2 "
             "over 1000 points leave 2 row(s) in each for 3 processes") in done.stderr
+
+
+def test_a_summed_loss_is_refused_in_data_parallel_training(tmp_path):
+    procs = _spawn(tmp_path, EPOCHS="1", LOSS="sum")
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outputs
+    assert ("fit: data-parallel training weighs each process's loss by its share of the rows, which is right for a "
+            "mean over rows; l1_loss(reduction='sum') sums (use reduction='mean')") in outputs[0][1]

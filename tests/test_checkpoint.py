@@ -53,7 +53,7 @@ def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrup
     rng = random.Random(20261128)
     kills, during_a_write, steps_seen = 0, 0, [0]
     process = _cli([*RUN, "--checkpoint", str(path)])
-    while kills < 12:
+    while kills < 12 or (not during_a_write and kills < 40):  # on a loaded machine a write may slip by: retry
         # Wait until this run has written a checkpoint beyond the last one (it is training), then kill it at a
         # random moment soon after; every other time, at the moment a checkpoint's temporary file appears.
         deadline = time.monotonic() + 120

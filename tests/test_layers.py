@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -493,6 +493,7 @@ def test_every_layer_against_torch_func_for_any_dtype_stride_and_magnitude(name,
 @settings(max_examples=8, deadline=None)
 @given(dtype=st.sampled_from([torch.float32, torch.float64]), batch=st.integers(2, 7), train=st.booleans(),
        scale=st.sampled_from([1e-3, 1.0, 1e3]), strided=st.booleans(), seed=st.integers(0, 2**31))
+@example(dtype=torch.float32, batch=7, train=False, scale=1e3, strided=False, seed=1980941)  # found by CI
 def test_every_stateful_layer_against_its_torch_module_for_any_dtype_and_stride(name, layer, in_features, twin,
                                                                                dtype, batch, train, scale, strided,
                                                                                seed):
@@ -504,7 +505,9 @@ def test_every_stateful_layer_against_its_torch_module_for_any_dtype_and_stride(
     module.load_state_dict(rf.to_state_dict(params, state), strict=True)
     # The oracle is torch's autograd on the module itself: under torch.func's transforms, torch's dropout
     # takes another kernel path, which draws another mask from the same RNG state.
-    x_ref = x.detach().clone().requires_grad_()
+    # x itself, not a clone: clone() makes a strided x contiguous, and batch norm's float32 sums then run in
+    # another order (6e-5 apart at scale 1e3); the same layout gives the same bits.
+    x_ref = x.detach().requires_grad_()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         y_ref = module(x_ref)

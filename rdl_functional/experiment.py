@@ -307,7 +307,12 @@ def check_params_fit(model: Layer | StatefulLayer, params: Params, dtype: torch.
     given = tree_unflatten(tree_flatten(params))
     found = tree_difference(expected, given, names=("the model", "the params"), leaves=True)
     if found:
-        raise ValueError(f"the params do not fit {model.name}: {found}")
+        hint = ""
+        if isinstance(given, dict) and given.keys() != expected.keys():
+            hint = (f" (the params hold the layers {', '.join(given)}, the model has params in its layers "
+                    f"{', '.join(expected)}: params of another arrangement of layers, such as the model with or "
+                    "without dropout or batch norm, do not fit it)")
+        raise ValueError(f"the params do not fit {model.name}: {found}{hint}")
 
 
 def draw_run(seed: int, settings: DiscSettings = DEFAULTS) -> tuple[DiscData, Params, torch.Generator]:

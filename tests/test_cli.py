@@ -268,6 +268,11 @@ def test_init_from_params_of_another_model_fails_before_training(capsys, tmp_pat
     rf.save(rf.tree_map(torch.Tensor.double, rf.seed_model().init(0)), tmp_path / "f64.safetensors")
     err = _fails(["--init-from", str(tmp_path / "f64.safetensors")], capsys)
     assert 'has a float32 tensor of shape (25, 2) at "0.weight" but the params has a float64 tensor' in err
+    rf.save(rf.seed_model().init(0), tmp_path / "plain.safetensors")  # the plain MLP's into one with dropout
+    err = _fails(["--dropout", "0.1", "--init-from", str(tmp_path / "plain.safetensors")], capsys)
+    assert ("(the params hold the layers 0, 2, 4, 6, the model has params in its layers 0, 3, 6, 9: params of "
+            "another arrangement of layers, such as the model with or without dropout or batch norm, do not fit "
+            "it)") in err
 
 
 def test_the_reliability_defects_of_issue_10_stay_fixed(capsys, tmp_path):

@@ -666,6 +666,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")
             args.save = args.json = args.plots = None
             args.quiet = True
+    if size == 1:
+        return _train(args, rank, size)
+    try:
+        return _train(args, rank, size)
+    finally:
+        # Torn down here, not at the interpreter's exit, where gloo's threads can abort the process.
+        torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, size: int) -> int:
+    """The run itself, in this process (one rank of a data-parallel run when ``size > 1``)."""
     args.seeds_text = ",".join(map(str, args.seeds)) if args.seeds else ""
     _check_args(args)
     init_params = _initial_params(args.init_from)

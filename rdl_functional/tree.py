@@ -318,67 +318,6 @@ def _paired(tree: Tree, other: Tree) -> _Paired | None:
     return paired
 
 
-class _PairedMany:
-    """One tree's tensor leaves and those of several trees like it, read in one walk, and ``outputs`` new trees
-    shaped like the first to put results in: an optimizer's params, grads and buffers in one pass."""
-
-    __slots__ = ("mine", "skeletons", "slots", "theirs")
-
-    def __init__(self, outputs: int, others: int) -> None:
-        self.skeletons: list[dict] = [{} for _ in range(outputs)]
-        self.slots: list[tuple[list[dict], str]] = []
-        self.mine: list[Any] = []
-        self.theirs: list[list[Any]] = [[] for _ in range(others)]
-
-    def fill(self, leaves: list[Any], output: int = 0) -> dict:
-        """New tree number ``output``, with ``leaves`` where the first tree had its leaves (in its key order)."""
-        for (nodes, key), leaf in zip(self.slots, leaves, strict=True):
-            nodes[output][key] = leaf
-        return self.skeletons[output]
-
-
-def _pair_walk_many(a: dict, others: list[dict], outs: list[dict], paired: _PairedMany) -> bool:
-    # Module-level, as _pair_walk, for the same reason.
-    for key, child in a.items():
-        twins = [other.get(key) for other in others]
-        if type(child) is dict:
-            for twin in twins:
-                if type(twin) is not dict or len(twin) != len(child):
-                    return False
-            inner = [{} for _ in outs]
-            for out, node in zip(outs, inner, strict=True):
-                out[key] = node
-            if child and not _pair_walk_many(child, twins, inner, paired):
-                return False
-        elif isinstance(child, torch.Tensor):
-            shape, dtype = child.shape, child.dtype
-            for twin in twins:
-                if not isinstance(twin, torch.Tensor) or twin.shape != shape or twin.dtype != dtype:
-                    return False
-            for out in outs:
-                out[key] = None  # keeps the key's place; filled by _PairedMany.fill
-            paired.slots.append((outs, key))
-            paired.mine.append(child)
-            for leaves, twin in zip(paired.theirs, twins, strict=True):
-                leaves.append(twin)
-        else:
-            return False
-    return True
-
-
-def _paired_many(tree: Tree, others: list[Tree], outputs: int) -> _PairedMany | None:
-    """:func:`_paired` of ``tree`` with several trees at once; ``None`` when any of them differs from it."""
-    if type(tree) is not dict or any(type(other) is not dict or len(other) != len(tree) for other in others):
-        return None
-    paired = _PairedMany(outputs, len(others))
-    try:
-        if not _pair_walk_many(tree, others, paired.skeletons, paired):
-            return None
-    except RecursionError:
-        return None
-    return paired
-
-
 def _rebuild_like(tree: Tree, leaves: list[Any]) -> Tree:
     """A tree of plain dicts shaped like ``tree``, with ``leaves`` in its key order (as :func:`_paired` reads them).
 

@@ -117,7 +117,7 @@ def test_fit_in_place_equals_the_pure_step_bit_for_bit(name, ours, theirs):
 
 @pytest.mark.parametrize(("name", "ours", "theirs"), OPTIMIZERS, ids=IDS)
 def test_the_one_rule_fast_path_equals_the_general_path_bit_for_bit(name, ours, theirs, monkeypatch):
-    """A lone rule reads params, grads and buffers in one walk (optim.base._run_rule); the chain's general path
+    """A lone rule pairs params with grads and each buffer once (optim.base._run_rule); the chain's general path
     must give the same trees, key order included."""
     import rdl_functional.optim.base as base
 

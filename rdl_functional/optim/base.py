@@ -30,7 +30,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..tree import Tree, _paired, _paired_many, _rebuild_like, tree_difference, tree_flatten, tree_map
+from ..tree import Tree, _paired, _rebuild_like, tree_difference, tree_flatten, tree_map
 from .schedules import Schedule, _check_lr, _rate
 
 __all__ = ["Optimizer", "apply_updates", "chain", "gradient_transform"]
@@ -220,26 +220,28 @@ class Optimizer:
 
 def _run_rule(link: _Link, params: Tree, grads: Tree, state: Any, who: str) -> tuple[Leaves, Leaves, Any,
                                                                                       Tree] | None:
-    """:meth:`Optimizer._run` of one rule, with params, grads and every buffer read in one walk and the new
-    buffer trees laid out in it; ``None`` for anything unusual, which the general path then explains."""
+    """:meth:`Optimizer._run` of one rule: each buffer tree is read by the walk that pairs it with the params,
+    and its new tree filled into the skeleton that walk laid out; ``None`` for anything unusual, which the
+    general path then explains."""
     if type(state) is not dict or len(state) != 2 + len(link.buffers):
         return None
     count = state.get("count")
     if not isinstance(count, Tensor) or count.dim() != 0 or count.dtype != torch.int64 or "lr" not in state:
         return None
-    trees = [state.get(name) for name, _ in link.buffers]
-    paired = _paired_many(params, [grads, *trees], 1 + len(trees))
-    if paired is None:
+    pairs = [_paired(params, grads)]
+    for name, _ in link.buffers:
+        pairs.append(_paired(params, state.get(name)))
+    if None in pairs:
         return None
-    p, g = paired.mine, paired.theirs[0]
-    buffers = {name: leaves for (name, _), leaves in zip(link.buffers, paired.theirs[1:], strict=True)}
+    p, g = pairs[0].mine, pairs[0].theirs
+    buffers = {name: pair.theirs for (name, _), pair in zip(link.buffers, pairs[1:], strict=True)}
     count = int(count)
     lr = _rate(link.lr, count, who)
     new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr) if p else (p, buffers)
     new_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(lr, dtype=torch.float64)}
-    for i, (name, _) in enumerate(link.buffers, start=1):
-        new_state[name] = paired.fill(buffers[name], i)
-    return p, new_p, paired, new_state
+    for (name, _), pair in zip(link.buffers, pairs[1:], strict=True):
+        new_state[name] = pair.fill(buffers[name])
+    return p, new_p, pairs[0], new_state
 
 
 def _custom(link: _Link, g: Leaves, state: Any, params: Tree, who: str) -> tuple[Leaves, Any]:

@@ -352,24 +352,19 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
                                  f"{generator.rows}, but there is no process group (torch.distributed) to sum the "
                                  "other rows' statistics over")
         weight, bias, mean, var = unpack(where, params, state, x, train)
-        if x.dim() != 2:  # (..., features): every leading position is a row of the batch
-            y, new_state, saved = forward2d(params, state, x.reshape(-1, features), train, weight, bias, mean, var)
-            return y.reshape(x.shape), new_state, saved
-        return forward2d(params, state, x, train, weight, bias, mean, var)
-
-    def forward2d(params: Params, state: State, x: Tensor, train: Any, weight: Any, bias: Any, mean: Tensor,
-                  var: Tensor) -> tuple[Any, ...]:
+        rows = x.reshape(-1, features)  # (..., features): every leading position is a row (a view of x for 2-D)
         if not train:  # the running statistics stand in for the batch's; nothing is updated
-            y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)
+            y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, mean, var, False, 0.0, eps)
             # New tensors, as every result is: writing into the new state never writes into the old.
-            return y, {key: state[key].clone() for key in _STATE_KEYS}, (weight, mean, var, saved_mean, saved_invstd)
+            return y.reshape(x.shape), {key: state[key].clone() for key in _STATE_KEYS}, (
+                weight, mean, var, saved_mean, saved_invstd)
         count = state["num_batches_tracked"] + 1
         factor = momentum if momentum is not None else 1.0 / float(count)
         # The kernel updates the running statistics in place: it gets copies, which become the new state.
         mean, var = mean.clone(), var.clone()
-        y, saved_mean, saved_invstd = _native_batch_norm(x, weight, bias, mean, var, True, factor, eps)
+        y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, mean, var, True, factor, eps)
         new_state = {"running_mean": mean, "running_var": var, "num_batches_tracked": count}
-        return y, new_state, (weight, mean, var, saved_mean, saved_invstd)
+        return y.reshape(x.shape), new_state, (weight, mean, var, saved_mean, saved_invstd)
 
     def apply(params: Params, state: State, x: Tensor, *, train: bool,
               generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
@@ -394,16 +389,11 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             # With x̂ = (x − μ)·s, s = 1/√(σ² + ε): dbias = Σ_batch dy, dweight = Σ_batch dy ⊙ x̂, and
             # training, dx = weight·s/n · (n·dy − Σ dy − x̂ ⊙ Σ dy ⊙ x̂) (μ and σ² depend on x);
             # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.
-            if x.dim() != 2:  # rows as in the forward pass, dx back in x's shape
-                dx, dweight, dbias = _native_batch_norm_backward(
-                    dy.reshape(-1, features), x.reshape(-1, features), weight, mean, var, saved_mean, saved_invstd,
-                    train, eps, [need_dx, affine, affine]
-                )
-                dx = dx.reshape(x.shape) if dx is not None else None
-            else:
-                dx, dweight, dbias = _native_batch_norm_backward(
-                    dy, x, weight, mean, var, saved_mean, saved_invstd, train, eps, [need_dx, affine, affine]
-                )
+            dx, dweight, dbias = _native_batch_norm_backward(  # on rows, as the forward pass; dx in x's shape
+                dy.reshape(-1, features), x.reshape(-1, features), weight, mean, var, saved_mean, saved_invstd,
+                train, eps, [need_dx, affine, affine]
+            )
+            dx = dx.reshape(x.shape) if dx is not None else None
             return ({"weight": dweight, "bias": dbias} if affine else {}), dx
 
         return y, new_state, pullback

@@ -404,13 +404,19 @@ def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[
         if b > a:
             weight = torch.tensor((b - a) / x.shape[0], dtype=x.dtype, device=x.device)
             value, grads = run(params, x[a:b], target[a:b], weight)
-            value = value * weight
         else:  # a batch smaller than the world: this rank adds nothing
-            value, grads = torch.zeros((), dtype=x.dtype, device=x.device), tree_map(torch.zeros_like, params)
-        summed = all_reduce_mean({"grads": grads, "value": value.reshape(1)}, weight=1.0)
-        return summed["value"][0], summed["grads"]
+            weight = torch.zeros((), dtype=x.dtype, device=x.device)
+            value, grads = weight, tree_map(torch.zeros_like, params)
+        return _summed(value, grads, weight)
 
     return step
+
+
+def _summed(value: Tensor, grads: Params, weight: Tensor) -> tuple[Tensor, Params]:
+    """The global batch's loss and gradient from each rank's: its shard's loss weighted by the shard's share of
+    the rows (the gradient is weighted already, through the loss's cotangent), summed by one all-reduce per dtype."""
+    summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
+    return summed["value"][0], summed["grads"]
 
 
 def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: int) -> Callable[
@@ -434,8 +440,7 @@ def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: i
         weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
         value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), True,
                                       weight)
-        summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
-        return summed["value"][0], summed["grads"], new_state
+        return *_summed(value, grads, weight), new_state
 
     return step
 

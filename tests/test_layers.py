@@ -280,8 +280,14 @@ def test_new_layers_and_losses_say_what_is_wrong(make, error, message):
 def test_flatten_takes_a_stack_of_models_and_each_new_activation_stacks(generator):
     x = torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64)
     assert rf.stacked(rf.flatten())({}, x).shape == (3, 4, 10)
-    for layer in (rf.softmax, rf.log_softmax, rf.elu(), rf.gelu(), rf.silu, rf.softplus()):
+    for layer in (rf.softmax, rf.log_softmax, rf.elu(), rf.gelu(), rf.silu):
         assert torch.equal(rf.stacked(layer)({}, x), torch.stack([layer({}, xm) for xm in x]))
+    # softplus runs one aten kernel on the whole stack either way, but on AVX-512 that kernel computes the last,
+    # partial vector of a tensor by another path than the full ones, so the same number can round differently
+    # (by 1 ulp) depending on where it lies in the tensor: torch's own softplus on x and on x[0] disagree there.
+    # So the stack is compared with the kernel's own per-model results to the rounding of one float64 operation.
+    stacked, one_by_one = rf.stacked(rf.softplus())({}, x), torch.stack([rf.softplus()({}, xm) for xm in x])
+    torch.testing.assert_close(stacked, one_by_one, rtol=2 * torch.finfo(torch.float64).eps, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -132,3 +132,24 @@ def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_dir_of_the_package_lists_the_public_api_only_and_loads_no_lazy_module():
+    """Regression: dir(rf) listed the package's own imports (Any, TYPE_CHECKING, importlib, annotations) and
+    its submodules beside the API."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, rdl_functional as rf\n"
+            "names = dir(rf)\n"
+            "lazy = {'rdl_functional.' + m for m in ('io', 'checkpoint', 'experiment', 'plots', 'testing', 'graphs',"
+            " 'compiled')}\n"
+            "assert not lazy & set(sys.modules), sorted(lazy & set(sys.modules))\n"
+            "print(json.dumps(names))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    names = json.loads(done.stdout)
+    assert not {"Any", "TYPE_CHECKING", "importlib", "annotations", "layers", "autodiff"} & set(names)
+    assert {name for name in names if not name.startswith("__")} == set(rf.__all__)
+    assert "__version__" in names and names == sorted(names)

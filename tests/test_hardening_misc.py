@@ -153,3 +153,33 @@ def test_dir_of_the_package_lists_the_public_api_only_and_loads_no_lazy_module()
     assert not {"Any", "TYPE_CHECKING", "importlib", "annotations", "layers", "autodiff"} & set(names)
     assert {name for name in names if not name.startswith("__")} == set(rf.__all__)
     assert "__version__" in names and names == sorted(names)
+
+
+def test_the_readmes_fifteen_line_example_trains_on_one_thread(monkeypatch):
+    """Regression: the README's example left torch's default threads, and ran 5-20× slower than rdl-train on a
+    2-core machine; getting-started.md sets one thread, the README now too."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"^## In fifteen lines\n\n```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE).group(1)
+    assert len(example.strip().splitlines()) <= 15
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fit(*args, **kwargs):  # the example as far as its training, which is all this test needs
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(rf, "fit", fit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stop):
+            exec(compile(example, "README.md fifteen lines", "exec"), {"__name__": "readme"})
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

@@ -112,7 +112,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    """The public API (``__all__``, lazy names included) and the module's dunders: not its imports
+    (``importlib``, ``Any``, ...), nor its submodules, which tab completion would otherwise offer."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__") and name.endswith("__"))})
 
 __all__ = [
     "DISC_CENTER",

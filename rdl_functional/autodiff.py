@@ -99,9 +99,11 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
                 return general(params, x, target, seed)
         pullbacks = []
         for key, below, vjp, path in steps:
-            leaf_params = params if key is None else params.get(key, _NO_PARAMS)
+            # An absent entry (a parameterless layer's, in a torch state dict) reads as a fresh {}: torch.compile
+            # (2.13) takes an empty MappingProxyType for true, and broke its graph on the layer's check.
+            leaf_params = params if key is None else params[key] if key in params else {}
             for inner in below:
-                leaf_params = leaf_params.get(inner, _NO_PARAMS)
+                leaf_params = leaf_params[inner] if inner in leaf_params else {}
             try:
                 x, pullback = vjp(leaf_params, x)
             except (ValueError, TypeError) as error:

@@ -9,7 +9,10 @@ input's and the target's), then the same kernel calls the layers make, in
 the same order, with no closure, dict or loop per layer. If the guard finds
 anything it does not vouch for, the step runs the general plan instead,
 which gives the same results and raises the same messages; so the code is
-only ever a faster way to the same bits.
+only ever a faster way to the same bits. The params may be laid out as
+``model.init`` gives them (an entry per layer) or as a torch state dict
+(:func:`~rdl_functional.from_state_dict`: no entry for a parameterless layer);
+the grads have the params' keys either way.
 """
 
 from __future__ import annotations
@@ -81,17 +84,27 @@ def generate(
              + (f" or x.dim() != 2 or x.shape[1] != {first_in}" if first_in is not None else "") + ":",
              "        return _fallback(params, x, target, seed)",
              "    dtype, device = x.dtype, x.device"]
+    # Two layouts of the params take this path: model.init's, an entry per layer, and a torch state dict's
+    # (rf.from_state_dict), without the parameterless layers' entries; the grads have exactly the params' keys.
+    given = tuple(keys)
+    sparse = tuple(key for key, code in zip(keys, codes, strict=True) if code.params)
     if keys != [None]:
-        lines += [f"    if type(params) is not dict or tuple(params) != {tuple(keys)!r}:",
-                  "        return _fallback(params, x, target, seed)"]
+        lines += ["    if type(params) is not dict:", "        return _fallback(params, x, target, seed)",
+                  f"    full = tuple(params) == {given!r}"]
+        if sparse != given:
+            lines += [f"    if not full and tuple(params) != {sparse!r}:",
+                      "        return _fallback(params, x, target, seed)"]
+        else:
+            lines += ["    if not full:", "        return _fallback(params, x, target, seed)"]
     args: list[dict[str, str]] = []
     for i, (key, code) in enumerate(zip(keys, codes, strict=True)):
         p = "params" if key is None else f"p{i}"
-        if key is not None:
-            lines.append(f"    {p} = params[{key!r}]")
-        if not code.params:
-            lines += [f"    if {p}:", "        return _fallback(params, x, target, seed)"]
+        if not code.params:  # in a state dict's layout the entry is absent; in model.init's, it must be empty
+            check = "params" if key is None else f"full and params[{key!r}]"
+            lines += [f"    if {check}:", "        return _fallback(params, x, target, seed)"]
         else:
+            if key is not None:
+                lines.append(f"    {p} = params[{key!r}]")
             order = tuple(k for k, _ in code.params)
             lines += [f"    if type({p}) is not dict or tuple({p}) != {order!r}:",
                       "        return _fallback(params, x, target, seed)"]
@@ -130,7 +143,10 @@ def generate(
     if keys == [None]:
         lines.append(f"    return value, {grads[0]}")
     else:
-        lines.append(f"    return value, {{{', '.join(f'{k!r}: {g}' for k, g in zip(keys, grads, strict=True))}}}")
+        entries = {key: f"{key!r}: {g}" for key, g in zip(keys, grads, strict=True)}
+        if sparse != given:
+            lines += ["    if not full:", f"        return value, {{{', '.join(entries[key] for key in sparse)}}}"]
+        lines.append(f"    return value, {{{', '.join(entries.values())}}}")
     source = "\n".join(lines) + "\n"
     scope: dict[str, Any] = dict(names)
     exec(compile(source, "<rdl_functional generated step>", "exec"), scope)

@@ -90,9 +90,10 @@ def from_state_dict(flat: Mapping[str, Tensor]) -> dict[str, Any]:
     """Nest a flat state dict: ``{"0.weight": w}`` becomes ``{"0": {"weight": w}}``.
 
     Accepts a ``torch.nn.Sequential``'s ``state_dict()``; the result feeds the
-    equivalent :func:`~rdl_functional.compose` model (which accepts the absent
-    entries of parameterless layers). Tensors are taken as they are (detached
-    by torch's ``state_dict`` already).
+    equivalent :func:`~rdl_functional.compose` model, which accepts the absent
+    entries of parameterless layers (its grads have none either) and trains on
+    this tree as fast as on ``model.init``'s. Tensors are taken as they are
+    (detached by torch's ``state_dict`` already).
     """
     if not isinstance(flat, Mapping):
         raise TypeError(f"from_state_dict: expected a dict of tensors, got {type(flat).__name__}")

@@ -97,6 +97,9 @@ def plot_history(history: History, *, title: str | None = None) -> Figure:
 def plot_seed_spread(histories: list[History], *, title: str | None = None) -> Figure:
     """Test accuracy and loss per epoch over several runs: the median, and a band from the worst to the best.
 
+    The median is :func:`~rdl_functional.summarize`'s: for an even number of
+    runs, the mean of the two middle ones.
+
     One figure per optimizer (or setting) makes them comparable at a glance:
     the line is where a typical seed is, the band how far the seeds scatter.
     """
@@ -109,7 +112,8 @@ def plot_seed_spread(histories: list[History], *, title: str | None = None) -> F
     epochs = range(1, histories[0].epochs + 1)
     for ax, name, scale in ((accuracy_ax, "test_accuracy", 100.0), (loss_ax, "test_loss", 1.0)):
         values = torch.tensor([getattr(h, name) for h in histories], dtype=torch.float64) * scale
-        median = values.median(dim=0).values
+        # quantile, as summarize's table: torch's median is the lower of the two middle values for an even count
+        median = values.quantile(0.5, dim=0)
         ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values, alpha=0.3,
                         label=f"worst to best of {len(histories)} seeds")
         last = f"{median[-1]:.1f}%" if scale != 1.0 else f"{median[-1]:.4f}"

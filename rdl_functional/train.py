@@ -255,7 +255,11 @@ def fit(
     _check_rows("fit", x, target)
     if test is not None:
         _check_rows("fit: test", *test)
-    params = _detached(params)
+    # Data that requires grad would make every step record an autograd graph that the updates carry on: detached
+    # (views, no copy) as the params are.
+    params, x, target = _detached(params), x.detach(), target.detach()
+    if test is not None:
+        test = (test[0].detach(), test[1].detach())
     g = as_generator(generator, "fit")
     has_state = isinstance(model, StatefulLayer)
     if has_state:

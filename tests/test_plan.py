@@ -213,6 +213,11 @@ def _bad_seed_model_calls():
         ("target of another shape", good, x, torch.zeros(4, 3)),
         ("target of another dtype", good, x, target.double()),
         ("target a list", good, x, [[0.0, 0.0]] * 4),
+        ("state-dict tree, a weight of another shape", {"0": good["0"], "2": good["2"], "4": {**good["4"], "weight":
+                                                        torch.zeros(25, 24)}, "6": good["6"]}, x, target),
+        ("state-dict tree, a linear missing", {"0": good["0"], "2": good["2"], "6": good["6"]}, x, target),
+        ("state-dict tree, wrong features", {key: good[key] for key in ("0", "2", "4", "6")}, torch.zeros(4, 5),
+         target),
     ]
 
 

@@ -101,3 +101,18 @@ def test_the_core_imports_and_trains_without_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "rdl_functional's plots need matplotlib: pip install 'rdl_functional[plot]'"
+
+
+def test_seed_spread_plots_the_true_median_of_an_even_number_of_seeds():
+    """Regression: the line labelled median was torch.median's, the lower middle value for an even count, where
+    summarize's table (and rdl-train's) shows the mean of the two middle ones."""
+    accuracies = [(0.50, 0.90), (0.60, 0.80), (0.70, 0.95), (0.90, 0.70)]  # per seed, two epochs
+    histories = [rf.History(train_loss=(1.0, 1.0), train_accuracy=(0.5, 0.5), test_loss=(a, b),
+                            test_accuracy=(a, b)) for a, b in accuracies]
+    figure = rf.plot_seed_spread(histories)
+    accuracy_ax, loss_ax = figure.axes
+    (accuracy_line,), (loss_line,) = accuracy_ax.get_lines(), loss_ax.get_lines()
+    assert list(accuracy_line.get_ydata()) == pytest.approx([65.0, 85.0])  # (60 + 70) / 2 and (80 + 90) / 2
+    assert list(loss_line.get_ydata()) == pytest.approx([0.65, 0.85])
+    assert accuracy_line.get_label() == "median (last 85.0%)"
+    assert loss_line.get_label() == "median (last 0.8500)"

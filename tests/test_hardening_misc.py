@@ -1,0 +1,185 @@
+"""Regressions from issue 16's user and adversary trials: each test is named after the defect it pins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rdl_functional as rf
+
+
+def _saved_for_backward(run) -> int:
+    """How many tensors autograd saved for a backward pass while ``run`` ran: 0 when no graph was recorded."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        run()
+    return len(saved)
+
+
+@pytest.mark.parametrize("requires_grad", ["x", "target", "test"])
+@pytest.mark.parametrize("optimizer", ["sgd_step", "adam"])
+def test_fit_with_data_that_requires_grad_builds_no_autograd_graph(requires_grad, optimizer):
+    """Regression: an x (or target, or test data) that required grad made every step record an autograd graph
+    that the updates carried on (+360 MiB at 8,000 steps), and the params came back with a grad_fn."""
+    x, labels = rf.disc_dataset(60, 0)
+    target = rf.one_hot(labels, 2)
+    data = {"x": x.clone(), "target": target.clone(), "test": x[:10].clone()}
+    data[requires_grad].requires_grad_(True)
+    model = rf.compose(rf.linear(2, 4), rf.tanh, rf.linear(4, 2))
+    settings = dict(lr=0.1) if optimizer == "sgd_step" else dict(optimizer=rf.adam(0.01))
+    result = []
+    saved = _saved_for_backward(lambda: result.append(rf.fit(
+        model, rf.mse_loss, model.init(0), data["x"], data["target"], epochs=2, batch_size=20, generator=0,
+        test=(data["test"], target[:10]), **settings)))
+    params, history = result[0]
+    assert saved == 0
+    assert all(p.grad_fn is None and not p.requires_grad for p in rf.tree_leaves(params))
+    assert all(t.grad_fn is None for t in rf.tree_leaves(history.opt_state or {}))
+    expected, _ = rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=2, batch_size=20, generator=0,
+                         test=(x[:10], target[:10]), **settings)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(params), rf.tree_leaves(expected), strict=True))
+
+
+STATE_DICT_MODELS = {
+    "seed_model": lambda: rf.seed_model(),
+    "every_activation": lambda: rf.compose(rf.sigmoid, rf.linear(2, 4), rf.leaky_relu(0.2), rf.identity,
+                                           rf.linear(4, 3), rf.tanh, rf.linear(3, 2), rf.relu),
+}
+
+
+def _spy_on_fallback(monkeypatch, step) -> list[int]:
+    """Calls of the generated step's way out to the general plan, recorded (the step must be generated)."""
+    assert step.__code__.co_filename == "<rdl_functional generated step>"
+    calls: list[int] = []
+    fallback = step.__globals__["_fallback"]
+    monkeypatch.setitem(step.__globals__, "_fallback", lambda *args: calls.append(1) or fallback(*args))
+    return calls
+
+
+@pytest.mark.parametrize("name", STATE_DICT_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_state_dict_tree_takes_the_fast_path_with_the_bits_of_model_inits_tree(name, dtype, monkeypatch, generator):
+    """Regression: a tree read with rf.from_state_dict (no entries for relu, tanh, ...) left the generated step
+    for the general plan, 1.36× slower, and torch.compile broke its graph on it."""
+    from rdl_functional.autodiff import _gradient_fn
+
+    model = STATE_DICT_MODELS[name]()
+    full = model.init(generator, dtype=dtype)
+    sparse = rf.from_state_dict(rf.to_state_dict(full))
+    assert len(sparse) < len(full)
+    x = torch.randn(9, 2, generator=generator, dtype=dtype)
+    target = torch.rand(9, 2, generator=generator, dtype=dtype)
+    step = _gradient_fn(model, rf.mse_loss)
+    calls = _spy_on_fallback(monkeypatch, step)
+    value, grads = step(sparse, x, target, None)
+    expected_value, expected = step(full, x, target, None)
+    assert calls == []
+    assert list(grads) == list(sparse)  # dparams has exactly the keys of params
+    assert torch.equal(value, expected_value)
+    assert all(torch.equal(grads[key][k], expected[key][k]) for key in grads for k in grads[key])
+
+
+def test_a_torch_sequentials_state_dict_steps_on_the_fast_path(monkeypatch):
+    from rdl_functional.autodiff import _gradient_fn
+
+    torch_model = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2), torch.nn.Tanh())
+    model = rf.compose(rf.linear(2, 5), rf.relu, rf.linear(5, 2), rf.tanh)
+    params = rf.from_state_dict(torch_model.state_dict())
+    step = _gradient_fn(model, rf.mse_loss)
+    calls = _spy_on_fallback(monkeypatch, step)
+    _, grads = step(params, torch.rand(4, 2), torch.rand(4, 2), None)
+    assert calls == [] and list(grads) == ["0", "2"]
+
+
+def test_a_state_dict_tree_in_another_order_still_gets_the_plans_grads_in_its_order(monkeypatch):
+    from rdl_functional.autodiff import _gradient_fn
+
+    model = rf.seed_model()
+    full = model.init(0)
+    reordered = {key: full[key] for key in ("2", "0", "4", "6")}  # not a layout the generated step vouches for
+    step = _gradient_fn(model, rf.mse_loss)
+    calls = _spy_on_fallback(monkeypatch, step)
+    x, target = torch.rand(4, 2), torch.rand(4, 2)
+    _, grads = step(reordered, x, target, None)
+    _, expected = step(full, x, target, None)
+    assert calls == [1] and list(grads) == ["2", "0", "4", "6"]
+    assert all(torch.equal(grads[key][k], expected[key][k]) for key in grads for k in grads[key])
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["generated", "planned"])
+def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
+    """Regression: fit(compile=True) broke its graph at every parameterless layer of a state-dict tree: dynamo
+    (torch 2.13) takes an empty MappingProxyType, the plan's stand-in for an absent entry, for true."""
+    import torch._dynamo
+
+    from rdl_functional.compiled import _sgd
+
+    if nested:  # a nested compose is run by the plan, not by generated code
+        model = rf.compose(rf.linear(2, 4), rf.compose(rf.relu, rf.linear(4, 2)), rf.tanh)
+    else:
+        model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2), rf.tanh)
+    sparse = rf.from_state_dict(rf.to_state_dict(model.init(0)))
+    value_and_grad = rf.value_and_grad(model, rf.mse_loss)
+
+    def step(params, x, target, lr):  # compiled_step's own step, here so that explain sees its graphs
+        value, grads = value_and_grad(params, x, target)
+        return value, _sgd(params, grads, lr)
+
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(step)(sparse, torch.rand(4, 2), torch.rand(4, 2), torch.tensor(0.1))
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_dir_of_the_package_lists_the_public_api_only_and_loads_no_lazy_module():
+    """Regression: dir(rf) listed the package's own imports (Any, TYPE_CHECKING, importlib, annotations) and
+    its submodules beside the API."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, rdl_functional as rf\n"
+            "names = dir(rf)\n"
+            "lazy = {'rdl_functional.' + m for m in ('io', 'checkpoint', 'experiment', 'plots', 'testing', 'graphs',"
+            " 'compiled')}\n"
+            "assert not lazy & set(sys.modules), sorted(lazy & set(sys.modules))\n"
+            "print(json.dumps(names))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    names = json.loads(done.stdout)
+    assert not {"Any", "TYPE_CHECKING", "importlib", "annotations", "layers", "autodiff"} & set(names)
+    assert {name for name in names if not name.startswith("__")} == set(rf.__all__)
+    assert "__version__" in names and names == sorted(names)
+
+
+def test_the_readmes_fifteen_line_example_trains_on_one_thread(monkeypatch):
+    """Regression: the README's example left torch's default threads, and ran 5-20× slower than rdl-train on a
+    2-core machine; getting-started.md sets one thread, the README now too."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"^## In fifteen lines\n\n```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE).group(1)
+    assert len(example.strip().splitlines()) <= 15
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fit(*args, **kwargs):  # the example as far as its training, which is all this test needs
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(rf, "fit", fit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stop):
+            exec(compile(example, "README.md fifteen lines", "exec"), {"__name__": "readme"})
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

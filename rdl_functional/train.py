@@ -285,14 +285,13 @@ def fit(
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
-        settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                 epochs, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
-        try:  # before any work: the settings go into every checkpoint as JSON
-            settings = json.loads(json.dumps(settings, allow_nan=False))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
-                             f"is not: {error}") from None
-        resumed = _resume(checkpoint, settings)
+
+        def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
+            return _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
+                                 total, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
+
+        settings = describe(epochs)
+        resumed = _resume(checkpoint, settings, describe)
         if resumed is not None:
             params, model_state = resumed.params, resumed.model_state
             g.set_state(resumed.generator_state)
@@ -505,10 +504,21 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
                   model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
                   generator: Any, record_history: bool, info: Any, per_epoch: int,
                   compile: bool = False) -> dict[str, Any]:
-    """What a checkpoint records of the run, and a resumed run must match."""
-    from .checkpoint import describe_optimizer, describe_rate, digest
+    """What a checkpoint records of the run, and a resumed run must match, as JSON data."""
+    from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
 
-    return {  # the plainest first, so that a difference is named by the plainest setting that shows it
+    reason = unidentified(optimizer) if info is None else None
+    if reason:
+        inner = getattr(optimizer, "func", optimizer)  # a functools.partial's function
+        name = getattr(inner, "__qualname__", None) or type(optimizer).__name__
+        values = ", ".join(f"'{free}': ..." for free in getattr(getattr(optimizer, "__code__", None), "co_freevars",
+                                                                ())) or "'values': ..."
+        raise ValueError(f"fit: checkpoint= knows a run by its settings, and the step function {name} {reason}: "
+                         "a checkpoint of it would be taken up by another that differs only there (as one of "
+                         "make(1.0) by make(3.0)). Pass checkpoint_info naming it and those values (e.g. "
+                         f"checkpoint_info={{'step': '{name}', {values}}}), which a resumed run must match; or use "
+                         "an rf.Optimizer, or a module-level function without a closure")
+    settings = {  # the plainest first, so that a difference is named by the plainest setting that shows it
         "info": info,
         "model": model.name,
         "loss": loss.name,
@@ -523,20 +533,46 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         "optimizer": describe_optimizer(optimizer, epochs * per_epoch),
         "lr": describe_rate(lr, epochs * per_epoch),
     }
+    try:  # before any work: the settings go into every checkpoint as JSON
+        return json.loads(json.dumps(settings, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
+                         f"is not: {error}") from None
 
 
-def _resume(path: Any, settings: dict[str, Any]) -> Checkpoint | None:
-    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run."""
+def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[str, Any]]) -> Checkpoint | None:
+    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run.
+
+    A run of another length is the same run extended (or cut short) when everything else matches, the
+    optimizer's rate at every step the two lengths share included (``describe(total)`` describes this run as
+    if it were ``total`` epochs long): a constant rate, or a schedule that does not depend on the total.
+    """
     from .checkpoint import difference, read_checkpoint
 
     if not os.path.exists(path):
         return None
     saved = read_checkpoint(path)
-    found = difference(saved.settings, json.loads(json.dumps(settings)))
-    if found:
-        raise ValueError(f"fit: the checkpoint {str(path)!r} records another run ({found}); resume with the "
-                         "settings it was written with, or remove it to start afresh")
-    return saved
+    shown, epochs = repr(str(path)), settings["epochs"]
+    found = difference(saved.settings, settings)
+    if found is None:
+        return saved
+    total = saved.settings.get("epochs")
+    if isinstance(total, int) and not isinstance(total, bool) and 0 <= total != epochs:
+        found = difference(saved.settings, describe(total))
+        if found is None:
+            if saved.epochs_done > epochs:
+                raise ValueError(f"fit: the checkpoint {shown} has {saved.epochs_done} epochs done, more than "
+                                 f"epochs={epochs}; resume it with epochs ≥ {saved.epochs_done}")
+            return saved
+        if found.startswith(("optimizer", "lr")):
+            raise ValueError(f"fit: the checkpoint {shown} records a run of {total} epochs, which cannot go on to "
+                             f"{epochs}: the optimizer or its rate would differ over the steps it has taken "
+                             f"({found}). A schedule tied to the run's length (a linear or cosine decay to its "
+                             "last step) changes with it; only a run with a constant rate, or a schedule that does "
+                             f"not depend on the total, can be extended. Resume it with epochs={total}, or remove "
+                             "it to start afresh")
+    raise ValueError(f"fit: the checkpoint {shown} records another run ({found}); resume with the "
+                     "settings it was written with, or remove it to start afresh")
 
 
 def _optimizer(

@@ -599,7 +599,8 @@ def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     default), or it is refused by name; ``--epochs`` may extend the run, which :func:`_accept_checkpoint` checks.
     """
     if args.checkpoint is not None:
-        _fail("--resume writes to the checkpoint it continues; leave out --checkpoint")
+        _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
+              f"{args.checkpoint}")
     try:
         checkpoint = read_checkpoint(args.resume)
     except (OSError, ValueError) as error:

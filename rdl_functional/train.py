@@ -225,11 +225,19 @@ def fit(
             resumes from it: called again with the same arguments after a
             crash or a kill, it ends with the params and history of the run never
             interrupted, bit for bit. A checkpoint of another run (another model,
-            data, start, rate, ...) is refused with the difference named.
-            :func:`~rdl_functional.read_checkpoint` reads one.
+            data, start, rate, ...) is refused with the difference named. Called
+            with more ``epochs`` (or fewer, not fewer than done), it goes on with
+            the same run extended when the rate of every step taken is unchanged
+            (a constant rate, or a schedule that does not depend on the total);
+            a schedule tied to the total (a decay to the last step) is refused
+            with the reason. :func:`~rdl_functional.read_checkpoint` reads one.
         checkpoint_every: steps between checkpoints, ≥ 1.
         checkpoint_info: JSON-able data recorded in the checkpoint's settings,
             which a resumed run must match (``rdl-train`` records its settings).
+            A step function is known by its code, so one that carries values
+            (a closure such as ``make(1.0)``, a lambda, a ``functools.partial``,
+            a callable object) is refused with ``checkpoint`` unless
+            ``checkpoint_info`` names it and its values.
         check_finite: stop at a loss that is NaN or infinite, raising
             :class:`NonFiniteLoss` with its epoch and step. The losses are
             checked together at each epoch's end (and before each checkpoint,
@@ -288,7 +296,8 @@ def fit(
 
         def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
             return _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                 total, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
+                                 total, batch_size, generator, record_history, checkpoint_info, per_epoch, compile,
+                                 checkpoint)
 
         settings = describe(epochs)
         resumed = _resume(checkpoint, settings, describe)
@@ -503,8 +512,8 @@ def _detached(params: Params) -> Params:
 def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
                   model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
                   generator: Any, record_history: bool, info: Any, per_epoch: int,
-                  compile: bool = False) -> dict[str, Any]:
-    """What a checkpoint records of the run, and a resumed run must match, as JSON data."""
+                  compile: bool = False, path: Any = None) -> dict[str, Any]:
+    """What a checkpoint (at ``path``) records of the run, and a resumed run must match, as JSON data."""
     from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
 
     reason = unidentified(optimizer) if info is None else None
@@ -513,7 +522,8 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         name = getattr(inner, "__qualname__", None) or type(optimizer).__name__
         values = ", ".join(f"'{free}': ..." for free in getattr(getattr(optimizer, "__code__", None), "co_freevars",
                                                                 ())) or "'values': ..."
-        raise ValueError(f"fit: checkpoint= knows a run by its settings, and the step function {name} {reason}: "
+        raise ValueError(f"fit: checkpoint={str(path)!r} knows a run by its settings, and the step function {name} "
+                         f"{reason}: "
                          "a checkpoint of it would be taken up by another that differs only there (as one of "
                          "make(1.0) by make(3.0)). Pass checkpoint_info naming it and those values (e.g. "
                          f"checkpoint_info={{'step': '{name}', {values}}}), which a resumed run must match; or use "
@@ -537,7 +547,7 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         return json.loads(json.dumps(settings, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
-                         f"is not: {error}") from None
+                         f"is not: {error} (it goes into the checkpoint {str(path)!r})") from None
 
 
 def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[str, Any]]) -> Checkpoint | None:

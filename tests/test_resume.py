@@ -94,7 +94,7 @@ def _module_level_step(params, grads, lr):
     (_Stepper(1.0), r"is a callable _Stepper object, whose fields a checkpoint does not record"),
 ])
 def test_a_step_function_of_unknown_identity_is_refused_with_checkpoint(step, why, tmp_path):
-    with pytest.raises(ValueError, match=r"fit: checkpoint= knows a run by its settings, and .*" + why):
+    with pytest.raises(ValueError, match=r"fit: checkpoint='.*run.ckpt' knows a run by its settings, and .*" + why):
         _fit(tmp_path / "run.ckpt", optimizer=step)
     assert not (tmp_path / "run.ckpt").exists()
     _fit(None, optimizer=step)  # without a checkpoint there is nothing to tell apart
@@ -277,3 +277,12 @@ def test_device_auto_says_which_device_it_chose(capsys):
     assert main([*TINY, "--epochs", "1", "--device", "auto"]) == 0
     chosen = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"thread(s) on {chosen} (chosen by --device auto), torch" in capsys.readouterr().out.splitlines()[1]
+
+
+def test_messages_about_a_checkpoint_name_its_file(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"checkpoint_info must be JSON data .* \(it goes into the checkpoint "
+                                         r"'.*info.ckpt'\)"):
+        _fit(tmp_path / "info.ckpt", checkpoint_info={"f": object()})
+    path = str(tmp_path / "run.ckpt")
+    assert f"--resume {path} writes to the checkpoint it continues; leave out --checkpoint {path}2" in _refused(
+        ["--resume", path, "--checkpoint", path + "2"], capsys)

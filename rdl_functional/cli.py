@@ -577,7 +577,7 @@ def _checkpoint_run(path: Path, where: str, checkpoint: Any) -> dict[str, Any]:
     caller = info.get("caller") if isinstance(info, dict) else None
     if not isinstance(caller, dict) or caller.get("program") != "rdl-train":
         _fail(f"{shown}: the checkpoint was not written by rdl-train (use rf.fit(..., checkpoint=PATH) with the "
-              "same arguments to continue it)")
+              f"same arguments to continue it{', or choose another path' if where == '--checkpoint' else ''})")
     settings = info.get("settings")
     if not isinstance(settings, dict):
         _fail(f"{shown}: the checkpoint's record of its rdl-train run has no settings")

@@ -283,6 +283,10 @@ def test_messages_about_a_checkpoint_name_its_file(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"checkpoint_info must be JSON data .* \(it goes into the checkpoint "
                                          r"'.*info.ckpt'\)"):
         _fit(tmp_path / "info.ckpt", checkpoint_info={"f": object()})
+    _fit(tmp_path / "fit.ckpt")
+    assert (f"--checkpoint {tmp_path / 'fit.ckpt'}: the checkpoint was not written by rdl-train (use rf.fit(..., "
+            "checkpoint=PATH) with the same arguments to continue it, or choose another path)") in _refused(
+        [*TINY, "--checkpoint", str(tmp_path / "fit.ckpt")], capsys)
     path = str(tmp_path / "run.ckpt")
     assert f"--resume {path} writes to the checkpoint it continues; leave out --checkpoint {path}2" in _refused(
         ["--resume", path, "--checkpoint", path + "2"], capsys)

@@ -118,7 +118,8 @@ def digest(*trees: Any) -> str:
         if tree is None:
             h.update(b"none")
             continue
-        for path, leaf in (tree_flatten(tree).items() if isinstance(tree, Mapping) else [("", tree)]):
+        # By path, not by the dicts' order: the same trees built in another order are the same start.
+        for path, leaf in (sorted(tree_flatten(tree).items()) if isinstance(tree, Mapping) else [("", tree)]):
             h.update(path.encode())
             if isinstance(leaf, Tensor):
                 t = leaf.detach().cpu().contiguous()
@@ -144,7 +145,8 @@ def describe_rate(lr: Any, steps: int) -> Any:
 
 def describe_optimizer(optimizer: Any, steps: int) -> Any:
     """An optimizer by what it does: its name, and the params it makes of a fixed probe over three steps (which
-    tells momentum, betas, weight decay, ... apart); a step function by its code."""
+    tells momentum, betas, weight decay, ... apart); a step function by its module, name, code (its bytecode,
+    constants and the names it calls) and defaults."""
     if hasattr(optimizer, "links") and hasattr(optimizer, "init"):
         probe = {"p": torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)}
         try:
@@ -158,8 +160,59 @@ def describe_optimizer(optimizer: Any, steps: int) -> Any:
         rates = [describe_rate(link.lr, steps) for link in optimizer.links if link.rule]
         return {"name": optimizer.name, "probe": behaviour, "rates": rates}
     code = getattr(optimizer, "__code__", None)
-    fingerprint = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else None
-    return {"name": getattr(optimizer, "__qualname__", type(optimizer).__name__), "code": fingerprint}
+    if code is None:
+        return {"name": getattr(optimizer, "__qualname__", type(optimizer).__name__), "code": None}
+    h = hashlib.sha256()
+    _hash_code(h, code)
+    h.update(_stable_repr(getattr(optimizer, "__defaults__", None)).encode())
+    h.update(_stable_repr(sorted((getattr(optimizer, "__kwdefaults__", None) or {}).items())).encode())
+    return {"name": f"{getattr(optimizer, '__module__', None)}.{optimizer.__qualname__}",
+            "code": h.hexdigest()[:16]}
+
+
+def _hash_code(h: Any, code: Any) -> None:
+    """A code object's bytecode, constants and names into ``h``; nested code (an inner function, a generator
+    expression) by its own content, not by its repr, which holds a memory address."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(h, const)
+        elif isinstance(const, frozenset):  # `x in {"a", "b"}`: its order follows the strings' hash, per process
+            h.update(repr(sorted(map(repr, const))).encode())
+        else:
+            h.update(repr(const).encode())
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` of plain data; other objects by their type alone (their repr may hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_stable_repr(item) for item in value) + ")"
+    return type(value).__qualname__
+
+
+def unidentified(step: Any) -> str | None:
+    """Why a checkpoint cannot tell the step function ``step`` from another, or ``None`` when it can: a plain
+    function without a closure is its code and defaults; a closure's values, a lambda, a ``functools.partial``'s
+    arguments and a callable object's fields are not in any record (``make(1.0)`` and ``make(3.0)`` share their
+    code)."""
+    import functools
+    import types
+
+    if not callable(step) or (hasattr(step, "links") and hasattr(step, "init")):
+        return None  # an Optimizer, described by what it does; a non-callable is refused elsewhere
+    if isinstance(step, functools.partial):
+        return "is a functools.partial, whose bound arguments a checkpoint does not record"
+    if not isinstance(step, types.FunctionType):
+        return f"is a callable {type(step).__name__} object, whose fields a checkpoint does not record"
+    if step.__name__ == "<lambda>":
+        return "is a lambda, which a checkpoint can record by neither name nor values"
+    if step.__closure__:
+        names = ", ".join(step.__code__.co_freevars)
+        return f"closes over values ({names}) that a checkpoint does not record"
+    return None
 
 
 def difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from ._files import atomic_write, check_writable
+from .checkpoint import _KEY as _CHECKPOINT_KEY
 from .checkpoint import read_checkpoint
 from .experiment import (
     DEFAULTS,
@@ -30,13 +31,14 @@ from .experiment import (
     TUNED,
     DiscResult,
     DiscSettings,
+    _resolved,
     check_params_fit,
     run_disc,
     run_disc_together,
     summarize,
 )
 from .initializers import INITIALIZERS
-from .io import load
+from .io import _load, load
 from .layers import Params
 from .optim.schedules import MAX_LR
 from .train import History, NonFiniteLoss
@@ -126,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
                           help="mlp: the seed model, MSE on one-hot targets; logistic: one linear layer, "
                                "cross-entropy (the baseline) (default: %(default)s)")
-    training.add_argument("--epochs", type=_int_at_least(0), default=DEFAULTS.epochs,
-                          help="passes over the training set (default: %(default)s)")
+    training.add_argument("--epochs", type=_int_at_least(1), default=DEFAULTS.epochs,
+                          help="passes over the training set; with --resume, a run of --schedule constant may be "
+                               "given more (default: %(default)s)")
     training.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS.batch_size,
                           help="points per SGD step (default: %(default)s)")
     training.add_argument("--init", choices=tuple(INITIALIZERS), default=DEFAULTS.init,
@@ -169,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
                                "would (together, rounding can differ in the last bits; this is slower)")
     training.add_argument("--init-from", metavar="PATH", type=Path,
                           help="start from params saved by --save (or rf.save) instead of drawing them (the params "
-                               "only: batch norm's running statistics start afresh)")
+                               "only: batch norm's running statistics start afresh); a checkpoint's run goes on with "
+                               "--resume PATH instead")
     training.add_argument("--compile", action="store_true",
                           help="train through torch.compile: the first step compiles (tens of seconds), later "
                                "steps run faster; results equal eager training to float rounding")
@@ -181,8 +185,8 @@ def _parser() -> argparse.ArgumentParser:
                                "naming the epoch and step)")
     training.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                           help="where to train: cpu, cuda (an error when there is none), or auto (cuda when torch "
-                               "sees one); data and params are drawn on the CPU and moved, so a seed names the same "
-                               "run everywhere (default: %(default)s)")
+                               "sees one; the first line printed says which); data and params are drawn on the CPU "
+                               "and moved, so a seed names the same run everywhere (default: %(default)s)")
     training.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                           help="the floating dtype of the data and params (default: %(default)s)")
     training.add_argument("--nproc", type=_int_at_least(1, 64), default=1, metavar="N",
@@ -211,9 +215,10 @@ def _parser() -> argparse.ArgumentParser:
                              "which for the seed model costs more than the epoch itself). It changes no result, so "
                              "it may be given anew with --resume")
     output.add_argument("--resume", metavar="PATH", type=Path,
-                        help="continue the run that the checkpoint at PATH records, with its settings (give no "
-                             "training flags but --nproc N; --save, --json, --plots, --compare-torch may be given "
-                             "again); it ends with the params and history of the run never interrupted, bit for "
+                        help="continue the run that the checkpoint at PATH records, with its settings (a training "
+                             "flag given must have the run's own value, but --nproc N and, for a run of --schedule "
+                             "constant, --epochs N to extend it; --save, --json, --plots, --compare-torch may be "
+                             "given again); it ends with the params and history of the run never interrupted, bit for "
                              "bit (on as many processes as it ran on; to float rounding on another number)")
     output.add_argument("--compare-torch", action="store_true",
                         help="also train the same MLP with torch.nn + autograd + the matching torch.optim "
@@ -287,6 +292,7 @@ def _check_args(args: argparse.Namespace) -> None:
                   "another --batch-size")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device_chosen = True  # the header says so
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
     if args.compare_torch and (args.device != "cpu" or args.dtype != "float32"):
@@ -334,9 +340,13 @@ def _initial_params(path: Path | None) -> Params | None:
     if path is None:
         return None
     try:
-        return load(path)
+        params, metadata = _load(path, "load")
     except (OSError, ValueError) as error:
         _fail(f"--init-from: {error}")
+    if _CHECKPOINT_KEY in metadata:
+        _fail(f"--init-from {path}: the file is a checkpoint (of --checkpoint or fit(..., checkpoint=)), not params "
+              f"saved by --save; to continue its run, use --resume {path}")
+    return params
 
 
 # ---------------------------------------------------------------------------
@@ -506,27 +516,151 @@ def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
           f"  (time ratio {comparison.seconds / comparison.torch_seconds:.2f}×)")
 
 
-def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--resume PATH``: the run's settings, seed and checkpoint path, taken from the checkpoint into ``args``."""
-    training = next(group for group in parser._action_groups if group.title == "training")
-    for action in training._group_actions:  # --nproc is how to run, not what: a run may resume on other processes
-        if action.dest != "nproc" and getattr(args, action.dest) != action.default:
-            _fail(f"--resume takes the run's settings from its checkpoint; leave out {action.option_strings[0]}")
-    if args.checkpoint is not None:
-        _fail("--resume writes to the checkpoint it continues; leave out --checkpoint")
-    try:
-        info = read_checkpoint(args.resume).settings.get("info")
-    except (OSError, ValueError) as error:
-        _fail(f"--resume: {error}")
+_RECORDED = ("epochs", "batch_size", "lr", "schedule", "model", "compile", "capture", "optimizer", "momentum",
+             "weight_decay", "init", "loss", "dropout", "batch_norm", "device", "dtype")  # DiscSettings' flags
+_CALLER = ("init_from", "check_finite", "threads")  # the rest of a run, as rdl-train records it
+_MISSING = object()
+
+
+def _typed(argv: list[str]) -> dict[str, Any]:
+    """The flags given on the command line, by dest, with their parsed values: a second parse without defaults."""
+    parser = _parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions}
+
+
+def _shown(action: argparse.Action, value: Any) -> str:
+    """A flag's value in words: on/off for a switch, "none" for no value."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "on" if value == action.const else "off"
+    return "none" if value is None else str(value)
+
+
+def _validated(action: argparse.Action, value: Any, where: str) -> Any:
+    """A value a checkpoint records for ``action``'s flag, checked as the parser checks a typed one."""
+    flag = action.option_strings[0]
+    if value is _MISSING:
+        _fail(f"{where}: the checkpoint's record of its rdl-train run has no value for {flag}")
+    problem = None
+    if value is None:
+        problem = None if action.default is None else "none, where the flag takes a value"
+    elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        problem = None if isinstance(value, bool) else f"{value!r}, not true or false"
+    elif action.choices is not None:
+        problem = None if value in action.choices else f"{value!r}, not one of {', '.join(map(str, action.choices))}"
+    elif action.type is Path:
+        if not isinstance(value, str) or not value:
+            problem = f"{value!r}, not a path"
+        else:
+            return Path(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        problem = f"{value!r}, not a number"
+    else:
+        try:
+            return action.type(str(value))
+        except argparse.ArgumentTypeError as error:
+            problem = f"{value!r}, which {flag} refuses ({error})"
+    if problem:
+        _fail(f"{where}: the checkpoint records {flag} {problem}: a damaged or hand-made record")
+    return value
+
+
+def _checkpoint_run(path: Path, where: str, checkpoint: Any) -> dict[str, Any]:
+    """The rdl-train run a checkpoint records, by dest, each value checked by the parser's own validators."""
+    shown = f"{where} {path}"
+    info = checkpoint.settings.get("info")
     caller = info.get("caller") if isinstance(info, dict) else None
     if not isinstance(caller, dict) or caller.get("program") != "rdl-train":
-        _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use rf.fit(..., "
-              "checkpoint=PATH) with the same arguments to continue it)")
-    for name, value in info["settings"].items():
-        setattr(args, name, value)
-    args.seed, args.seeds, args.checkpoint = info["seed"], None, args.resume
-    args.init_from = Path(caller["init_from"]) if caller["init_from"] else None
-    args.check_finite, args.threads = caller["check_finite"], caller["threads"]
+        _fail(f"{shown}: the checkpoint was not written by rdl-train (use rf.fit(..., checkpoint=PATH) with the "
+              f"same arguments to continue it{', or choose another path' if where == '--checkpoint' else ''})")
+    settings = info.get("settings")
+    if not isinstance(settings, dict):
+        _fail(f"{shown}: the checkpoint's record of its rdl-train run has no settings")
+    for name in ("n_train", "n_test"):
+        if settings.get(name) != getattr(DEFAULTS, name):
+            _fail(f"{shown}: the checkpoint records a run of {name} {settings.get(name)!r}; rdl-train trains on "
+                  f"{getattr(DEFAULTS, name)} points")
+    recorded = {**settings, "epochs": checkpoint.settings.get("epochs", _MISSING), "seed": info.get("seed", _MISSING),
+                **{name: caller.get(name, _MISSING) for name in _CALLER}}
+    actions = _actions(_parser())
+    return {dest: _validated(actions[dest], recorded.get(dest, _MISSING), shown)
+            for dest in (*_RECORDED, "seed", *_CALLER)}
+
+
+def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """``--resume PATH``: the run's settings, seed and checkpoint path, taken from the checkpoint into ``args``.
+
+    A training flag given as well must have the run's value (compared as trained with: ``--lr 0.8`` is SGD's
+    default), or it is refused by name; ``--epochs`` may extend the run, which :func:`_accept_checkpoint` checks.
+    """
+    if args.checkpoint is not None:
+        _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
+              f"{args.checkpoint}")
+    try:
+        checkpoint = read_checkpoint(args.resume)
+    except (OSError, ValueError) as error:
+        _fail(f"--resume: {error}")
+    run = _checkpoint_run(args.resume, "--resume", checkpoint)
+    typed, actions = _typed(argv), _actions(parser)
+    if "seeds" in typed and typed["seeds"] != [run["seed"]]:
+        _fail(f"--resume {args.resume}: the checkpoint records one run, of seed {run['seed']}; leave out --seeds")
+    differ = []
+    for dest, value in typed.items():
+        if dest in run and dest != "epochs":
+            now = (value.resolve() if dest == "init_from" else _auto_device() if (dest, value) == ("device", "auto")
+                   else value)
+            if now != run[dest]:
+                differ.append(f"{actions[dest].option_strings[0]} {_shown(actions[dest], now)} here, "
+                              f"{_shown(actions[dest], run[dest])} in the run")
+    if differ:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of other settings ({'; '.join(differ)}); leave "
+              "those flags out: --resume takes the run's settings from its checkpoint")
+    for dest, value in run.items():
+        if dest != "epochs" or "epochs" not in typed:
+            setattr(args, dest, value)
+    args.seeds, args.checkpoint = None, args.resume
+
+
+def _auto_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None:
+    """With ``--checkpoint PATH`` (or ``--resume PATH``) holding a checkpoint: refuse it, by flag name, if it
+    records another run, compared by the values trained with; else say where the run resumes. A run of another
+    ``--epochs`` is the same run extended when its rate does not depend on its length (``--schedule constant``)."""
+    path = args.checkpoint
+    if path is None or not path.exists():
+        return
+    try:
+        checkpoint = read_checkpoint(path)
+    except (OSError, ValueError):
+        return  # fit says what is wrong with it, naming the file
+    where = "--resume" if args.resume is not None else "--checkpoint"
+    run, actions = _checkpoint_run(path, where, checkpoint), _actions(_parser())
+    now = {**_resolved(settings), "seed": args.seed, "init_from": args.init_from.resolve() if args.init_from else None,
+           "check_finite": args.check_finite, "threads": args.threads}
+    differ = [f"{actions[dest].option_strings[0]} {_shown(actions[dest], run[dest])} in the checkpoint, "
+              f"{_shown(actions[dest], now[dest])} now" for dest in run if dest != "epochs" and run[dest] != now[dest]]
+    if differ:
+        _fail(f"--checkpoint {path}: the checkpoint records another run ({'; '.join(differ)}); give the flags it was "
+              f"written with (or rdl-train --resume {path}), or choose another path")
+    if now["epochs"] != run["epochs"]:
+        if checkpoint.epochs_done > now["epochs"]:
+            _fail(f"{where} {path}: the checkpoint has {checkpoint.epochs_done} epochs done, more than --epochs "
+                  f"{now['epochs']}")
+        if run["schedule"] != "constant":
+            _fail(f"{where} {path}: the run's rate, {settings.describe_rate()} (--schedule {run['schedule']}), is "
+                  f"tied to its {run['epochs']} epochs, so it cannot go on to --epochs {now['epochs']}: only a run "
+                  f"of --schedule constant can be extended (or give --epochs {run['epochs']})")
+    finished = " (the run is finished)" if checkpoint.epochs_done == settings.epochs else ""
+    print(f"resuming from {path}: {checkpoint.epochs_done} of {settings.epochs} epochs done, step "
+          f"{checkpoint.steps}{finished}\n", flush=True)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -650,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.resume is not None:
-        _resume_settings(parser, args)
+        _resume_settings(parser, args, argv)
     if args.nproc > 1 and not _launched_by_torchrun():
         _check_args(args)  # here, once, before any worker starts
         return _spawn_workers(_without_nproc(argv), args.nproc)
@@ -690,21 +824,15 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
           f"{settings.epochs} epoch{'' if settings.epochs == 1 else 's'}, batch size {settings.batch_size}, "
           f"{settings.describe_rate()}, "
           f"{settings.n_train} train / {settings.n_test} test points, "
-          f"{torch.get_num_threads()} thread(s){f' in each of {size} processes' if size > 1 else ''}, "
+          f"{torch.get_num_threads()} thread(s){f' in each of {size} processes' if size > 1 else ''}"
+          f"{f' on {args.device} (chosen by --device auto)' if getattr(args, 'device_chosen', False) else ''}, "
           f"torch {torch.__version__}\n", flush=True)
     if init_params is not None:
         try:
             check_params_fit(settings.task.model, init_params, getattr(torch, settings.dtype))
         except ValueError as error:
             _fail(f"--init-from {args.init_from}: {error}")
-    if args.checkpoint is not None and args.checkpoint.exists():
-        try:
-            saved = read_checkpoint(args.checkpoint)
-            print(f"resuming from {args.checkpoint}: {saved.epochs_done} of {settings.epochs} epochs done, "
-                  f"step {saved.steps}{' (the run is finished)' if saved.epochs_done == settings.epochs else ''}\n",
-                  flush=True)
-        except (OSError, ValueError):
-            pass  # fit says what is wrong with it
+    _accept_checkpoint(args, settings)
     seeds = args.seeds or [args.seed]
     together = len(seeds) > 1 and not (args.separately or args.compile or args.capture or args.dropout
                                        or args.batch_norm)

@@ -182,7 +182,8 @@ class DiscSettings:
     def task(self) -> Task:
         """The model (with ``init``'s weights) and the loss (``loss``, else the model's own)."""
         task = MODELS[self.model]
-        if self.init == "torch_default" and self.loss is None and not (self.dropout or self.batch_norm):
+        own_loss = self.loss is None or LOSSES[self.loss][0] is task.loss
+        if self.init == "torch_default" and own_loss and not (self.dropout or self.batch_norm):
             return task  # one object per model, so a compiled step serves every run
         if self.model != "mlp" and (self.dropout or self.batch_norm):
             raise ValueError(f"DiscSettings: dropout and batch norm go into the seed MLP, not model={self.model!r}")
@@ -254,6 +255,16 @@ class DiscSettings:
 
 
 DEFAULTS = DiscSettings()
+
+
+def _resolved(settings: DiscSettings) -> dict[str, Any]:
+    """The values a run trains with, as JSON data: ``settings`` with the optimizer's tuned lr, momentum and weight
+    decay and the model's own loss filled in (momentum ``None`` for an optimizer that has none), so that a value
+    given and the same value left to its default name one run."""
+    own_loss = next(name for name, (loss, _, _) in LOSSES.items() if loss is MODELS[settings.model].loss)
+    takes_momentum = settings.optimizer in ("momentum", "nesterov", "rmsprop")
+    return {**attrs.asdict(settings), "lr": settings.rate, "weight_decay": settings.tuned("weight_decay"),
+            "momentum": settings.tuned("momentum") if takes_momentum else None, "loss": settings.loss or own_loss}
 
 
 @attrs.frozen
@@ -350,8 +361,10 @@ def run_disc(
     replaces the drawn initial params; they are drawn anyway, so a seed gives
     the same data and batches either way. ``callback``, ``checkpoint``,
     ``checkpoint_every``, ``checkpoint_info`` and ``check_finite`` are passed
-    to :func:`~rdl_functional.fit` (the checkpoint records the seed and
-    settings besides).
+    to :func:`~rdl_functional.fit` (the checkpoint records the seed and the
+    settings besides, by the values trained with: ``lr=None`` and the tuned
+    rate it stands for are one run). A run of more (or fewer) epochs resumes
+    from a checkpoint as ``fit`` allows: with ``schedule="constant"``.
     """
     start = time.perf_counter()
     task = settings.task
@@ -369,11 +382,17 @@ def run_disc(
         test=(data.x_test, settings.targets(data.labels_test)), callback=callback, compile=settings.compile,
         capture=settings.capture,
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite,
-        checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": attrs.asdict(settings),
+        checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": _recorded(settings),
                                                          "caller": checkpoint_info},
         **how,
     )  # fmt: skip
     return _result(seed, settings, model, params, history, data, time.perf_counter() - start)
+
+
+def _recorded(settings: DiscSettings) -> dict[str, Any]:
+    """What a checkpoint's info records of ``settings``: the resolved values, less ``epochs``, which ``fit``
+    records itself (and compares as the length of a run that may be extended)."""
+    return {name: value for name, value in _resolved(settings).items() if name != "epochs"}
 
 
 def _result(

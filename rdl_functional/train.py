@@ -225,11 +225,19 @@ def fit(
             resumes from it: called again with the same arguments after a
             crash or a kill, it ends with the params and history of the run never
             interrupted, bit for bit. A checkpoint of another run (another model,
-            data, start, rate, ...) is refused with the difference named.
-            :func:`~rdl_functional.read_checkpoint` reads one.
+            data, start, rate, ...) is refused with the difference named. Called
+            with more ``epochs`` (or fewer, not fewer than done), it goes on with
+            the same run extended when the rate of every step taken is unchanged
+            (a constant rate, or a schedule that does not depend on the total);
+            a schedule tied to the total (a decay to the last step) is refused
+            with the reason. :func:`~rdl_functional.read_checkpoint` reads one.
         checkpoint_every: steps between checkpoints, ≥ 1.
         checkpoint_info: JSON-able data recorded in the checkpoint's settings,
             which a resumed run must match (``rdl-train`` records its settings).
+            A step function is known by its code, so one that carries values
+            (a closure such as ``make(1.0)``, a lambda, a ``functools.partial``,
+            a callable object) is refused with ``checkpoint`` unless
+            ``checkpoint_info`` names it and its values.
         check_finite: stop at a loss that is NaN or infinite, raising
             :class:`NonFiniteLoss` with its epoch and step. The losses are
             checked together at each epoch's end (and before each checkpoint,
@@ -289,14 +297,14 @@ def fit(
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
-        settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                 epochs, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
-        try:  # before any work: the settings go into every checkpoint as JSON
-            settings = json.loads(json.dumps(settings, allow_nan=False))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
-                             f"is not: {error}") from None
-        resumed = _resume(checkpoint, settings)
+
+        def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
+            return _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
+                                 total, batch_size, generator, record_history, checkpoint_info, per_epoch, compile,
+                                 checkpoint)
+
+        settings = describe(epochs)
+        resumed = _resume(checkpoint, settings, describe)
         if resumed is not None:
             params, model_state = resumed.params, resumed.model_state
             g.set_state(resumed.generator_state)
@@ -508,11 +516,23 @@ def _detached(params: Params) -> Params:
 def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
                   model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
                   generator: Any, record_history: bool, info: Any, per_epoch: int,
-                  compile: bool = False) -> dict[str, Any]:
-    """What a checkpoint records of the run, and a resumed run must match."""
-    from .checkpoint import describe_optimizer, describe_rate, digest
+                  compile: bool = False, path: Any = None) -> dict[str, Any]:
+    """What a checkpoint (at ``path``) records of the run, and a resumed run must match, as JSON data."""
+    from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
 
-    return {  # the plainest first, so that a difference is named by the plainest setting that shows it
+    reason = unidentified(optimizer) if info is None else None
+    if reason:
+        inner = getattr(optimizer, "func", optimizer)  # a functools.partial's function
+        name = getattr(inner, "__qualname__", None) or type(optimizer).__name__
+        values = ", ".join(f"'{free}': ..." for free in getattr(getattr(optimizer, "__code__", None), "co_freevars",
+                                                                ())) or "'values': ..."
+        raise ValueError(f"fit: checkpoint={str(path)!r} knows a run by its settings, and the step function {name} "
+                         f"{reason}: "
+                         "a checkpoint of it would be taken up by another that differs only there (as one of "
+                         "make(1.0) by make(3.0)). Pass checkpoint_info naming it and those values (e.g. "
+                         f"checkpoint_info={{'step': '{name}', {values}}}), which a resumed run must match; or use "
+                         "an rf.Optimizer, or a module-level function without a closure")
+    settings = {  # the plainest first, so that a difference is named by the plainest setting that shows it
         "info": info,
         "model": model.name,
         "loss": loss.name,
@@ -527,20 +547,46 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         "optimizer": describe_optimizer(optimizer, epochs * per_epoch),
         "lr": describe_rate(lr, epochs * per_epoch),
     }
+    try:  # before any work: the settings go into every checkpoint as JSON
+        return json.loads(json.dumps(settings, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
+                         f"is not: {error} (it goes into the checkpoint {str(path)!r})") from None
 
 
-def _resume(path: Any, settings: dict[str, Any]) -> Checkpoint | None:
-    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run."""
+def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[str, Any]]) -> Checkpoint | None:
+    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run.
+
+    A run of another length is the same run extended (or cut short) when everything else matches, the
+    optimizer's rate at every step the two lengths share included (``describe(total)`` describes this run as
+    if it were ``total`` epochs long): a constant rate, or a schedule that does not depend on the total.
+    """
     from .checkpoint import difference, read_checkpoint
 
     if not os.path.exists(path):
         return None
     saved = read_checkpoint(path)
-    found = difference(saved.settings, json.loads(json.dumps(settings)))
-    if found:
-        raise ValueError(f"fit: the checkpoint {str(path)!r} records another run ({found}); resume with the "
-                         "settings it was written with, or remove it to start afresh")
-    return saved
+    shown, epochs = repr(str(path)), settings["epochs"]
+    found = difference(saved.settings, settings)
+    if found is None:
+        return saved
+    total = saved.settings.get("epochs")
+    if isinstance(total, int) and not isinstance(total, bool) and 0 <= total != epochs:
+        found = difference(saved.settings, describe(total))
+        if found is None:
+            if saved.epochs_done > epochs:
+                raise ValueError(f"fit: the checkpoint {shown} has {saved.epochs_done} epochs done, more than "
+                                 f"epochs={epochs}; resume it with epochs ≥ {saved.epochs_done}")
+            return saved
+        if found.startswith(("optimizer", "lr")):
+            raise ValueError(f"fit: the checkpoint {shown} records a run of {total} epochs, which cannot go on to "
+                             f"{epochs}: the optimizer or its rate would differ over the steps it has taken "
+                             f"({found}). A schedule tied to the run's length (a linear or cosine decay to its "
+                             "last step) changes with it; only a run with a constant rate, or a schedule that does "
+                             f"not depend on the total, can be extended. Resume it with epochs={total}, or remove "
+                             "it to start afresh")
+    raise ValueError(f"fit: the checkpoint {shown} records another run ({found}); resume with the "
+                     "settings it was written with, or remove it to start afresh")
 
 
 def _optimizer(

@@ -6,6 +6,9 @@ in tests/test_layers.py's shared table (STATEFUL).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -174,7 +177,9 @@ def test_a_plain_compose_stays_plain_and_a_stateful_one_says_how_to_call_it():
         (lambda: rf.dropout("0.5"), ValueError, r"dropout: p must be a probability in \[0, 1\)"),
         (lambda: rf.batch_norm(0), ValueError, r"batch_norm: features must be a positive int, got 0"),
         (lambda: rf.batch_norm(3, momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\] or None"),
-        (lambda: rf.batch_norm(3, eps=-1), ValueError, r"batch_norm: eps must be a finite number ≥ 0"),
+        (lambda: rf.batch_norm(3, eps=-1), ValueError, r"batch_norm: eps must be a finite number > 0"),
+        (lambda: rf.batch_norm(3, eps=0), ValueError, r"batch_norm: eps must be a finite number > 0 \(it keeps "
+                                                       r"1/√\(σ² \+ ε\) finite.*got 0"),
     ],
 )
 def test_bad_constructor_arguments_say_what_was_expected(call, error, message):
@@ -353,3 +358,99 @@ def test_a_shard_says_what_is_wrong_with_it():
         BatchShard(torch.Generator(), 0, 1.0, 1)
     with pytest.raises(ValueError, match=r"expected 0 ≤ start ≤ stop ≤ rows and rows ≥ 1, got start=2, stop=1"):
         BatchShard(torch.Generator(), 2, 1, 4)
+
+
+def _batch_norm_against_torch(x, *, train, backward=True):
+    """(ours, torch.nn's): the output, the new state and (``backward``) the gradients of ``Σ y ⊙ dy``; ours on
+    ``(N, [L,] C)``, BatchNorm1d (cumulative momentum) on the transpose ``(N, C, [L])``, transposed back."""
+    layer, module = rf.batch_norm(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None).train(train)
+    params = {"weight": torch.tensor([0.5, 2.0, -1.0]), "bias": torch.tensor([0.1, 0.2, 0.3])}
+    module.load_state_dict(rf.to_state_dict(params, layer.init_state()), strict=True)
+    flip = (lambda t: t.transpose(1, 2)) if x.dim() == 3 else (lambda t: t)
+    y, state, pullback = layer.vjp(params, layer.init_state(), x, train=train)
+    leaf = flip(x).clone().requires_grad_()
+    expected = module(leaf)
+    ours, theirs = [y, state], [flip(expected.detach()), module.state_dict()]
+    if backward:
+        dy = torch.ones_like(x)
+        grads, dx = pullback(dy)
+        expected.backward(flip(dy))
+        ours += [grads["weight"], grads["bias"], dx]
+        theirs += [module.weight.grad, module.bias.grad, flip(leaf.grad)]
+    return ours, theirs
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0, 3)])
+def test_batch_norm_on_an_empty_batch_returns_an_empty_output_as_batchnorm1d(train, shape):
+    """Training, an empty batch raised aten's 'input tensor must have at least one element'. As torch.nn: an
+    empty output, the running statistics unchanged (the count moves on in training), zero param gradients.
+    (Evaluating, the pullback used to kill the interpreter: the next test runs it in a child process.)"""
+    ours, theirs = _batch_norm_against_torch(torch.zeros(shape), train=train, backward=train)
+    assert ours[0].shape == theirs[0].shape == shape
+    assert torch.equal(ours[0], theirs[0])
+    for key, value in ours[1].items():
+        assert torch.equal(value, theirs[1][key]), key
+    assert int(ours[1]["num_batches_tracked"]) == int(train)
+    for got, want in zip(ours[2:], theirs[2:], strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    if train:
+        assert torch.equal(ours[2], torch.zeros(3)) and torch.equal(ours[3], torch.zeros(3))
+
+
+def test_batch_norm_pullback_on_an_empty_batch_does_not_kill_the_interpreter():
+    """Evaluating, the pullback on an empty batch ran aten's backward kernel, which divides by the batch's size:
+    SIGFPE, the whole interpreter gone. Run in a child process, so that a regression fails this test only."""
+    code = ("import torch, rdl_functional as rf\n"
+            "bn = rf.batch_norm(3)\n"
+            "for train in (False, True):\n"
+            "    y, state, pullback = bn.vjp(bn.init(0), bn.init_state(), torch.zeros(0, 3), train=train)\n"
+            "    grads, dx = pullback(torch.zeros(0, 3))\n"
+            "    assert dx.shape == (0, 3) and torch.equal(grads['weight'], torch.zeros(3))\n"
+            "    assert pullback(torch.zeros(0, 3), need_dx=False)[1] is None\n"
+            "print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "survived"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_under_cpu_autocast_follows_batchnorm1d(train, generator):
+    """Under torch.autocast (bfloat16 on the CPU) batch norm refused 'x is torch.bfloat16 but weight is
+    torch.float32'. As BatchNorm1d: the output in x's dtype, the statistics and param gradients in float32,
+    torch's kernels both ways, so the very bits."""
+    x = torch.randn(6, 3, generator=generator).to(torch.bfloat16)
+    dy = torch.randn(6, 3, generator=generator).to(torch.bfloat16)
+    layer, module = rf.batch_norm(3), torch.nn.BatchNorm1d(3).train(train)
+    params = {"weight": torch.tensor([0.5, 2.0, -1.0]), "bias": torch.tensor([0.1, 0.2, 0.3])}
+    state = {"running_mean": torch.tensor([0.1, -0.2, 0.3]), "running_var": torch.tensor([1.5, 0.5, 2.0]),
+             "num_batches_tracked": torch.tensor(3)}
+    module.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    leaf = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, new_state = layer(params, state, x, train=train)
+        y_vjp, _, pullback = layer.vjp(params, state, x, train=train)
+        expected = module(leaf)
+    expected.backward(dy)
+    grads, dx = pullback(dy)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(y, expected.detach()) and torch.equal(y_vjp, y)
+    for key, value in new_state.items():
+        assert torch.equal(value, module.state_dict()[key]), key
+    assert grads["weight"].dtype == torch.float32 and dx.dtype == torch.bfloat16
+    assert torch.equal(grads["weight"], module.weight.grad) and torch.equal(grads["bias"], module.bias.grad)
+    assert torch.equal(dx, leaf.grad)
+
+
+def test_batch_norm_in_a_model_trains_under_cpu_autocast(generator):
+    """A linear's bfloat16 output into batch norm's float32 params: the stateful step runs, float32 gradients."""
+    model = rf.compose(rf.linear(2, 4), rf.batch_norm(4), rf.relu, rf.linear(4, 2))
+    params, state = model.init(0), model.init_state()
+    x, target = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grads, new_state = rf.value_and_grad(model, rf.mse_loss)(params, state, x, target)
+    assert all(leaf.dtype == torch.float32 for leaf in rf.tree_leaves(grads))
+    assert new_state["1"]["running_mean"].dtype == torch.float32 and torch.isfinite(value)
+    norm = rf.batch_norm(4)
+    with pytest.raises(TypeError, match=r"batch_norm\(4\)\.apply: x is torch.bfloat16 but weight is torch.float32"):
+        norm(norm.init(0), norm.init_state(), x.new_ones(2, 4, dtype=torch.bfloat16), train=False)  # outside autocast

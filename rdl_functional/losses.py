@@ -91,13 +91,29 @@ def _check_mse(where: str, pred: Tensor, target: Tensor) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{where}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.shape != pred.shape:
-        raise ValueError(
-            f"{where}: target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)} "
-            "(for class labels, compare with rf.one_hot(labels, num_classes))"
-        )
+        raise ValueError(f"{where}: target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)}"
+                         + _shape_hint(pred, target))
     if target.dtype != pred.dtype and not autocast_on(pred.device.type):
         # (under torch.autocast, dtypes differ on purpose, and the kernels follow autocast's rules)
         raise TypeError(f"{where}: target is {target.dtype} but pred is {pred.dtype}")
+
+
+def _shape_hint(pred: Tensor, target: Tensor) -> str:
+    """The likely fix for a target shaped unlike pred: a reshape where the two hold the same values (an ``(n,)``
+    target for an ``(n, 1)`` pred, which would otherwise broadcast to ``(n, n)``), one-hot for class labels."""
+    if target.numel() == pred.numel():
+        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+            return (f" (the same {target.numel()} values, one per row: pass target.unsqueeze(-1), that is "
+                    "target[..., None], to give it pred's shape, or compare pred.squeeze(-1) with target)")
+        if target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
+            return (f" (the same {target.numel()} values, one per row: pass target.squeeze(-1) to give it pred's "
+                    "shape)")
+        if target.squeeze().shape == pred.squeeze().shape:
+            return f" (the same {target.numel()} values: pass target.reshape({tuple(pred.shape)}))"
+    if pred.dim() == target.dim() + 1 and pred.shape[:-1] == target.shape and pred.shape[-1] > 1:
+        return (f" (for class labels, compare with rf.one_hot(labels, {pred.shape[-1]}), or use "
+                "rf.cross_entropy_loss on the labels)")
+    return ""
 
 
 def _mse_apply(pred: Tensor, target: Tensor) -> Tensor:

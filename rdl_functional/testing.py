@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._random import as_generator
 from .layers import Layer
-from .losses import Loss
+from .losses import Loss, check_loss
 from .stateful import StatefulLayer
 from .tree import Tree, tree_flatten, tree_map
 
@@ -182,7 +182,7 @@ def check_vjp(
         def apply(pred: Tensor) -> Tensor:
             return fn.apply(pred, target)
     else:
-        raise TypeError(f"check_vjp: expected a Layer, a StatefulLayer or a Loss, got {type(fn).__name__}")
+        check_loss("check_vjp", fn, "expected a Layer, a StatefulLayer or a Loss")
 
     rows: list[tuple[str, float, float, bool]] = []
     y, pullback = vjp(*primals)

@@ -155,3 +155,30 @@ def test_a_column_against_a_vector_suggests_the_reshape_not_one_hot(loss, pred, 
     there is a reshape; one-hot stays the hint for labels against several outputs."""
     with pytest.raises(ValueError, match=message):
         loss(pred, target)
+
+
+@pytest.mark.parametrize("factory", ["l1_loss", "huber_loss", "bce_with_logits_loss", "nll_loss"])
+def test_a_loss_factory_passed_uncalled_is_told_to_call_it(factory):
+    """rf.l1_loss for rf.l1_loss() said 'loss must be a Loss, got function' and nothing about calling it."""
+    uncalled = getattr(rf, factory)
+    message = (rf"loss must be a Loss, got function rf\.{factory}: rf\.{factory} is a factory: call it, "
+               rf"rf\.{factory}\(\)")
+    model = rf.linear(2, 1)
+    with pytest.raises(TypeError, match=rf"^value_and_grad: {message}$"):
+        rf.value_and_grad(model, uncalled)
+    with pytest.raises(TypeError, match=rf"^fit: {message}$"):
+        rf.fit(model, uncalled, model.init(0), torch.zeros(4, 2), torch.zeros(4, 1), epochs=1, batch_size=2, lr=0.1,
+               generator=0)
+    with pytest.raises(TypeError, match=rf"^check_vjp: expected a Layer, a StatefulLayer or a Loss, got function "
+                                        rf"rf\.{factory}: rf\.{factory} is a factory"):
+        rf.check_vjp(uncalled, torch.zeros(2), torch.zeros(2))
+
+
+def test_torchs_loss_function_and_a_called_loss_value_say_what_to_pass():
+    with pytest.raises(TypeError, match=r"^value_and_grad: loss must be a Loss, got function "
+                                        r"torch.nn.functional.binary_cross_entropy_with_logits \(a plain function has "
+                                        r"no pullback: use rf.bce_with_logits_loss\(\)\)$"):
+        rf.value_and_grad(rf.linear(2, 1), torch.nn.functional.binary_cross_entropy_with_logits)
+    with pytest.raises(TypeError, match=r"^mse_loss: a Loss is called as loss\(pred, target\), got 0 arguments "
+                                        r"\(mse_loss is a Loss already, not a factory: pass it without calling it\)$"):
+        rf.mse_loss()

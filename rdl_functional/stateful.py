@@ -43,7 +43,9 @@ from .layers import (
     _check_float_dtype,
     _no_params,
     autocast_on,
+    called_as,
     placed,
+    seeded,
     to_device,
 )
 
@@ -55,7 +57,6 @@ __all__ = ["State", "StatefulLayer", "batch_norm", "dropout", "stateful"]
 _NO_STATE: Mapping[str, Any] = MappingProxyType({})
 _native_batch_norm = torch.ops.aten.native_batch_norm.default
 _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
-_MISSING: Any = object()
 
 
 @attrs.frozen
@@ -65,6 +66,9 @@ class StatefulLayer:
     ``layer(params, state, x, train=..., generator=...)`` is ``layer.apply(...)``
     and returns ``(y, new_state)``. Build one with :func:`dropout`,
     :func:`batch_norm`, or ``rf.compose`` of layers among which one is stateful.
+    As a :class:`~rdl_functional.Layer`'s, its ``init`` gets a generator for an
+    int seed, and its ``apply`` called the wrong way (``model.apply(params, x)``)
+    raises a ``TypeError`` that says how it is called.
 
     Attributes:
         init: ``(generator, *, dtype=torch.float32) -> params``, as a Layer's.
@@ -85,14 +89,15 @@ class StatefulLayer:
     skips_dx: bool = False
     sequence: tuple[Layer | StatefulLayer, ...] = ()
 
-    def __call__(self, params: Params, state: State = _MISSING, x: Tensor = _MISSING, *, train: bool = _MISSING,
-                 generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
-        if state is _MISSING or x is _MISSING or train is _MISSING:
-            raise TypeError(
-                f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
-                "generator=...) -> (y, new_state), with state = layer.init_state() to start from"
-            )
-        return self.apply(params, state, x, train=train, generator=generator)
+    def __attrs_post_init__(self) -> None:
+        # As a Layer's: init gets a torch.Generator for an int seed, and apply called the wrong way says how.
+        object.__setattr__(self, "init", seeded(self.init))
+        object.__setattr__(self, "apply", called_as(self.apply, lambda: (
+            f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
+            "generator=...) -> (y, new_state) (or layer.apply(...)), with state = layer.init_state() to start from")))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, State]:
+        return self.apply(*args, **kwargs)
 
     def __repr__(self) -> str:
         return self.name

@@ -521,3 +521,52 @@ def test_every_stateful_layer_against_its_torch_module_for_any_dtype_and_stride(
     ours = rf.to_state_dict(dparams)
     for n, want in zip(names, grads[:-1], strict=True):
         assert_close(ours[n], want)
+
+
+def test_a_custom_layers_init_gets_a_generator_for_an_int_seed_as_compose_passes_one():
+    """init(0) handed the raw int to a layer's own init function, where compose hands it a torch.Generator."""
+    seen = []
+
+    def init(generator, *, dtype=torch.float32):
+        seen.append(type(generator))
+        return {"weight": torch.randn(2, 3, generator=generator, dtype=dtype)}
+
+    layer = rf.Layer(init=init, apply=lambda params, x: x @ params["weight"].t(), vjp=None, name="custom")
+    alone, by_keyword = layer.init(0), layer.init(generator=0)
+    in_compose = rf.compose(layer).init(0)["0"]
+    assert seen == [torch.Generator] * 3
+    assert torch.equal(alone["weight"], in_compose["weight"]) and torch.equal(by_keyword["weight"], alone["weight"])
+    assert torch.equal(alone["weight"], layer.init(torch.Generator().manual_seed(0))["weight"])
+    mine = rf.StatefulLayer(init=init, init_state=lambda **_: {}, apply=None, vjp=None, name="custom stateful")
+    assert torch.equal(mine.init(0)["weight"], alone["weight"]) and seen[-1] is torch.Generator
+    with pytest.raises(TypeError, match=r"linear\(2, 3\)\.init: expected a torch.Generator or an int seed, got str"):
+        rf.linear(2, 3).init("0")  # the library's own checks are as they were
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda model, p: model(p, {}, torch.zeros(4, 2), train=True),
+         r"^compose\(linear\(2, 3\), relu\): a Layer is called as layer\(params, x\) -> y \(or layer.apply\(params, "
+         r"x\)\); got \(dict, dict, Tensor, train=True\); it has no state and takes no train= or generator=: call "
+         r"layer\(params, x\), or lift it with rf.stateful\(layer\) to call it as layer\(params, \{\}, x, "
+         r"train=\.\.\.\)$"),
+        (lambda model, p: model.apply(p, torch.zeros(4, 2), generator=0),
+         r"^compose\(.*\): a Layer is called as layer\(params, x\).*; got \(dict, Tensor, generator=0\); it has no "
+         r"state"),
+        (lambda model, p: model(p), r"^compose\(.*\): a Layer is called as layer\(params, x\) -> y \(or "
+                                    r"layer.apply\(params, x\)\); got \(dict\)$"),
+    ],
+    ids=["train_flag", "generator", "no_x"],
+)
+def test_a_plain_layer_called_as_a_stateful_one_says_how_it_is_called(call, message):
+    """plain(p, {}, x, train=True) raised Python's 'got an unexpected keyword argument' from a closure."""
+    model = rf.compose(rf.linear(2, 3), rf.relu)
+    with pytest.raises(TypeError, match=message):
+        call(model, model.init(0))
+
+
+def test_a_type_error_from_inside_a_layer_is_its_own():
+    """Only a call the function cannot take is reworded; a TypeError the layer raises keeps its message."""
+    with pytest.raises(TypeError, match=r"^linear\(2, 3\)\.apply: x must be a torch.Tensor, got list$"):
+        rf.linear(2, 3).apply(rf.linear(2, 3).init(0), [1.0, 2.0])

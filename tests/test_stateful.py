@@ -412,3 +412,22 @@ def test_batch_norm_pullback_on_an_empty_batch_does_not_kill_the_interpreter():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip() == "survived"
+
+
+@pytest.mark.parametrize(
+    ("call", "got"),
+    [
+        (lambda model, p: model.apply(p, torch.zeros(4, 2)), r"\(dict, Tensor\)"),
+        (lambda model, p: model.apply(p, model.init_state(), torch.zeros(4, 2)), r"\(dict, dict, Tensor\)"),
+        (lambda model, p: model(p, torch.zeros(4, 2), train=False), r"\(dict, Tensor, train=False\)"),
+    ],
+    ids=["apply_without_state_or_train", "apply_without_train", "call_without_state"],
+)
+def test_a_stateful_model_called_as_a_plain_one_says_how_it_is_called(call, got):
+    """stateful_model.apply(params, x) raised Python's "apply() missing 1 required positional argument: 'x'"."""
+    model = rf.compose(rf.linear(2, 3), rf.dropout(0.1))
+    message = (r"^compose\(linear\(2, 3\), dropout\(0.1\)\) carries state or randomness: call it as layer\(params, "
+               r"state, x, train=True or False, generator=\.\.\.\) -> \(y, new_state\) \(or layer.apply\(\.\.\.\)\), "
+               rf"with state = layer.init_state\(\) to start from; got {got}$")
+    with pytest.raises(TypeError, match=message):
+        call(model, model.init(0))

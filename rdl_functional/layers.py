@@ -545,6 +545,12 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
         return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
     if stacked and x.shape[0] != weight.shape[0]:
         return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
+    if x.dim() == 1 and x.shape[0] != weight.shape[-1]:  # read as one example: its entries are its features
+        n, expected = x.shape[0], weight.shape[-1]
+        fix = (f"for {n} rows of one feature, pass x[:, None] or x.reshape(-1, 1)" if expected == 1 else
+               f"a batch is (batch, {expected}), one example ({expected},)")
+        return ValueError(f"{where}: x is 1-D with {n} entries, which reads as one example of {n} features, but "
+                          f"weight expects {expected} ({fix})")
     if x.shape[-1] != weight.shape[-1]:
         return ValueError(
             f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "

@@ -570,3 +570,24 @@ def test_a_type_error_from_inside_a_layer_is_its_own():
     """Only a call the function cannot take is reworded; a TypeError the layer raises keeps its message."""
     with pytest.raises(TypeError, match=r"^linear\(2, 3\)\.apply: x must be a torch.Tensor, got list$"):
         rf.linear(2, 3).apply(rf.linear(2, 3).init(0), [1.0, 2.0])
+
+
+def test_a_1d_x_is_not_reported_as_one_row_of_n_features():
+    """fit with a 1-D x of 50 rows said 'x has 50 features but weight expects 1 (was the layer built as
+    linear(50, ...)?)': the batch read as features. Now the shape is named and the reshape suggested."""
+    model = rf.compose(rf.linear(1, 4), rf.relu, rf.linear(4, 1))
+    x, target = torch.linspace(-1, 1, 50), torch.zeros(50, 1)
+    with pytest.raises(ValueError, match=r"^layer 0: linear\(1, 4\)\.vjp: x is 1-D with 50 entries, which reads as "
+                                         r"one example of 50 features, but weight expects 1 \(for 50 rows of one "
+                                         r"feature, pass x\[:, None\] or x.reshape\(-1, 1\)\)$"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=50, lr=0.1, generator=0)
+    with pytest.raises(ValueError, match=r"^linear\(3, 2\)\.apply: x is 1-D with 5 entries, which reads as one "
+                                         r"example of 5 features, but weight expects 3 \(a batch is \(batch, 3\), "
+                                         r"one example \(3,\)\)$"):
+        rf.linear(3, 2)(rf.linear(3, 2).init(0), torch.zeros(5))
+    norm = rf.batch_norm(1)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 1\), features last, got \(50,\) \(x is 1-D "
+                                         r"with 50 entries, read as one row of 50 features; for 50 rows of one "
+                                         r"feature pass x\[:, None\] or x.reshape\(-1, 1\)\)$"):
+        norm(norm.init(0), norm.init_state(), x, train=True)
+    assert rf.linear(3, 2)(rf.linear(3, 2).init(0), torch.zeros(3)).shape == (2,)  # one example still runs

@@ -75,9 +75,9 @@ class Layer:
     The record keeps one contract for every layer, the library's and yours:
     ``init`` called with an int seed passes your init function a
     ``torch.Generator`` seeded with it (as ``compose`` passes one), and
-    ``apply`` called with arguments it cannot take (``layer(params, state, x,
-    train=True)``) raises a ``TypeError`` that says how it is called and what
-    was passed.
+    ``apply`` called with arguments it cannot take
+    (``layer(params, state, x, train=True)``) raises a ``TypeError`` that says
+    how it is called and what was passed.
 
     Attributes:
         init: ``(generator, *, dtype=torch.float32) -> params``.

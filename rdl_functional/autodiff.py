@@ -26,7 +26,7 @@ from torch import Tensor
 from .codegen import generate
 from .combinators import _NO_PARAMS, _in_layer
 from .layers import Layer, Params
-from .losses import Loss
+from .losses import Loss, check_loss
 from .stateful import State, StatefulLayer
 
 __all__ = ["value_and_grad"]
@@ -154,8 +154,7 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
     >>> value.shape, list(grads["0"])
     (torch.Size([]), ['weight', 'bias'])
     """
-    if not isinstance(loss, Loss):
-        raise TypeError(f"value_and_grad: loss must be a Loss, got {type(loss).__name__}")
+    check_loss("value_and_grad", loss)
     if isinstance(model, StatefulLayer):
         run_stateful = _stateful_gradient_fn(model, loss)
 

@@ -25,6 +25,8 @@ bit for bit.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,6 +72,13 @@ class Layer:
     constructors (:func:`linear`, :func:`leaky_relu`, :func:`~rdl_functional.compose`)
     or use the parameterless values (:data:`relu`, :data:`tanh`, ...).
 
+    The record keeps one contract for every layer, the library's and yours:
+    ``init`` called with an int seed passes your init function a
+    ``torch.Generator`` seeded with it (as ``compose`` passes one), and
+    ``apply`` called with arguments it cannot take
+    (``layer(params, state, x, train=True)``) raises a ``TypeError`` that says
+    how it is called and what was passed.
+
     Attributes:
         init: ``(generator, *, dtype=torch.float32) -> params``.
         apply: ``(params, x) -> y``.
@@ -100,11 +109,80 @@ class Layer:
     stacked: Layer | None = None
     code: Code | None = attrs.field(default=None, repr=False)
 
-    def __call__(self, params: Params, x: Tensor) -> Tensor:
-        return self.apply(params, x)
+    def __attrs_post_init__(self) -> None:
+        # Said once here for every layer, the library's and yours: init gets a torch.Generator for an int seed
+        # (as compose passes one), and apply called the wrong way says how it is called.
+        object.__setattr__(self, "init", seeded(self.init))
+        object.__setattr__(self, "apply", called_as(self.apply, lambda: (
+            f"{self.name}: a Layer is called as layer(params, x) -> y (or layer.apply(params, x))"), _plain_hint))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.apply(*args, **kwargs)
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _plain_hint(args: tuple, kwargs: dict) -> str:
+    if len(args) > 2 or {"state", "train", "generator"} & kwargs.keys():
+        return ("; it has no state and takes no train= or generator=: call layer(params, x), or lift it with "
+                "rf.stateful(layer) to call it as layer(params, {}, x, train=...)")
+    return ""
+
+
+def seeded(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``init`` given a ``torch.Generator`` seeded with an int where it was called with the int (``init(0)``),
+    as ``compose`` passes a generator to its layers: one kind of argument for every init function."""
+    if getattr(init, "_rf_seeded", False):
+        return init
+
+    @functools.wraps(init)
+    def init_from_seed(*args: Any, **kwargs: Any) -> Any:
+        if args and type(args[0]) is int:
+            args = (torch.Generator().manual_seed(args[0]), *args[1:])
+        elif type(kwargs.get("generator")) is int:
+            kwargs["generator"] = torch.Generator().manual_seed(kwargs["generator"])
+        return init(*args, **kwargs)
+
+    init_from_seed._rf_seeded = True  # type: ignore[attr-defined]
+    return init_from_seed
+
+
+def called_as(fn: Callable[..., Any], contract: Callable[[], str],
+              hint: Callable[[tuple, dict], str] = lambda args, kwargs: "") -> Callable[..., Any]:
+    """``fn``, whose call with arguments it cannot take raises a ``TypeError`` saying ``contract()`` (how it
+    is called) and what was passed, instead of Python's "missing 1 required positional argument". Costs
+    nothing more than a call until then: the arguments are looked at only when the call fails."""
+    if getattr(fn, "_rf_called_as", False):
+        return fn
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TypeError:
+            if _binds(fn, args, kwargs):
+                raise  # a TypeError from inside fn, the layer's own message
+            passed = [type(a).__name__ for a in args] + [
+                f"{key}={value!r}" if value is None or type(value) in (bool, int, float) else
+                f"{key}={type(value).__name__}" for key, value in kwargs.items()]
+            raise TypeError(f"{contract()}; got ({', '.join(passed)}){hint(args, kwargs)}") from None
+
+    checked._rf_called_as = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _binds(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """Whether ``fn`` takes these arguments (True where its signature cannot be read: nothing to say then)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_float_dtype(where: str, dtype: Any) -> None:
@@ -467,6 +545,12 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
         return ValueError(f"{where}: x must have shape {expected}, got {tuple(x.shape)}")
     if stacked and x.shape[0] != weight.shape[0]:
         return ValueError(f"{where}: x holds {x.shape[0]} models' inputs but the params stack {weight.shape[0]}")
+    if x.dim() == 1 and x.shape[0] != weight.shape[-1]:  # read as one example: its entries are its features
+        n, expected = x.shape[0], weight.shape[-1]
+        fix = (f"for {n} rows of one feature, pass x[:, None] or x.reshape(-1, 1)" if expected == 1 else
+               f"a batch is (batch, {expected}), one example ({expected},)")
+        return ValueError(f"{where}: x is 1-D with {n} entries, which reads as one example of {n} features, but "
+                          f"weight expects {expected} ({fix})")
     if x.shape[-1] != weight.shape[-1]:
         return ValueError(
             f"{where}: x has {x.shape[-1]} features but weight expects {weight.shape[-1]} "

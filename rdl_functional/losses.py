@@ -48,11 +48,39 @@ class Loss:
     name: str = "loss"
     code: Code | None = attrs.field(default=None, repr=False)
 
-    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
-        return self.apply(pred, target)
+    def __call__(self, *args: Tensor) -> Tensor:
+        if len(args) != 2:
+            raise TypeError(f"{self.name}: a Loss is called as loss(pred, target), got {len(args)} arguments"
+                            + (f" ({self.name} is a Loss already, not a factory: pass it without calling it)"
+                               if not args else ""))
+        return self.apply(*args)
 
     def __repr__(self) -> str:
         return self.name
+
+
+def check_loss(where: str, loss: object, expected: str = "loss must be a Loss") -> None:
+    """Raise a ``TypeError`` unless ``loss`` is a :class:`Loss`: the one check of a loss argument.
+
+    A loss factory passed uncalled (``rf.l1_loss`` for ``rf.l1_loss()``) is
+    told to call it, and torch's plain function to use ours (which has a pullback).
+
+    >>> check_loss("fit", l1_loss)
+    Traceback (most recent call last):
+    TypeError: fit: loss must be a Loss, got function rf.l1_loss: rf.l1_loss is a factory: call it, rf.l1_loss()
+    """
+    if not isinstance(loss, Loss):
+        raise TypeError(f"{where}: {expected}, got {type(loss).__name__}{_not_a_loss_hint(loss)}")
+
+
+def _not_a_loss_hint(value: object) -> str:
+    name = getattr(value, "__name__", None)
+    if any(value is factory for factory in _FACTORIES):
+        return f" rf.{name}: rf.{name} is a factory: call it, rf.{name}()"
+    if callable(value) and name in _OURS:
+        module = getattr(value, "__module__", None) or "?"
+        return f" {module}.{name} (a plain function has no pullback: use {_OURS[name]})"
+    return ""
 
 
 def _check_pred(where: str, pred: object) -> Tensor:
@@ -91,13 +119,29 @@ def _check_mse(where: str, pred: Tensor, target: Tensor) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{where}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.shape != pred.shape:
-        raise ValueError(
-            f"{where}: target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)} "
-            "(for class labels, compare with rf.one_hot(labels, num_classes))"
-        )
+        raise ValueError(f"{where}: target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)}"
+                         + _shape_hint(pred, target))
     if target.dtype != pred.dtype and not autocast_on(pred.device.type):
         # (under torch.autocast, dtypes differ on purpose, and the kernels follow autocast's rules)
         raise TypeError(f"{where}: target is {target.dtype} but pred is {pred.dtype}")
+
+
+def _shape_hint(pred: Tensor, target: Tensor) -> str:
+    """The likely fix for a target shaped unlike pred: a reshape where the two hold the same values (an ``(n,)``
+    target for an ``(n, 1)`` pred, which would otherwise broadcast to ``(n, n)``), one-hot for class labels."""
+    if target.numel() == pred.numel():
+        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+            return (f" (the same {target.numel()} values, one per row: pass target.unsqueeze(-1), that is "
+                    "target[..., None], to give it pred's shape, or compare pred.squeeze(-1) with target)")
+        if target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
+            return (f" (the same {target.numel()} values, one per row: pass target.squeeze(-1) to give it pred's "
+                    "shape)")
+        if target.squeeze().shape == pred.squeeze().shape:
+            return f" (the same {target.numel()} values: pass target.reshape({tuple(pred.shape)}))"
+    if pred.dim() == target.dim() + 1 and pred.shape[:-1] == target.shape and pred.shape[-1] > 1:
+        return (f" (for class labels, compare with rf.one_hot(labels, {pred.shape[-1]}), or use "
+                "rf.cross_entropy_loss on the labels)")
+    return ""
 
 
 def _mse_apply(pred: Tensor, target: Tensor) -> Tensor:
@@ -339,3 +383,13 @@ def nll_loss(reduction: str = "mean") -> Loss:
         return value, pullback
 
     return Loss(apply=apply, vjp=vjp, name=name)
+
+
+# The factories, which a loss argument gets uncalled by mistake; torch's functions and the Loss to use for each.
+_FACTORIES = (huber_loss, l1_loss, bce_with_logits_loss, nll_loss)
+_OURS = {
+    "mse_loss": "rf.mse_loss", "cross_entropy": "rf.cross_entropy_loss",
+    "cross_entropy_loss": "rf.cross_entropy_loss", "l1_loss": "rf.l1_loss()", "huber_loss": "rf.huber_loss()",
+    "nll_loss": "rf.nll_loss()", "binary_cross_entropy_with_logits": "rf.bce_with_logits_loss()",
+    "bce_with_logits_loss": "rf.bce_with_logits_loss()",
+}

@@ -42,7 +42,10 @@ from .layers import (
     _check_features,
     _check_float_dtype,
     _no_params,
+    autocast_on,
+    called_as,
     placed,
+    seeded,
     to_device,
 )
 
@@ -54,7 +57,6 @@ __all__ = ["State", "StatefulLayer", "batch_norm", "dropout", "stateful"]
 _NO_STATE: Mapping[str, Any] = MappingProxyType({})
 _native_batch_norm = torch.ops.aten.native_batch_norm.default
 _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
-_MISSING: Any = object()
 
 
 @attrs.frozen
@@ -64,6 +66,9 @@ class StatefulLayer:
     ``layer(params, state, x, train=..., generator=...)`` is ``layer.apply(...)``
     and returns ``(y, new_state)``. Build one with :func:`dropout`,
     :func:`batch_norm`, or ``rf.compose`` of layers among which one is stateful.
+    As a :class:`~rdl_functional.Layer`'s, its ``init`` gets a generator for an
+    int seed, and its ``apply`` called the wrong way (``model.apply(params, x)``)
+    raises a ``TypeError`` that says how it is called.
 
     Attributes:
         init: ``(generator, *, dtype=torch.float32) -> params``, as a Layer's.
@@ -84,14 +89,15 @@ class StatefulLayer:
     skips_dx: bool = False
     sequence: tuple[Layer | StatefulLayer, ...] = ()
 
-    def __call__(self, params: Params, state: State = _MISSING, x: Tensor = _MISSING, *, train: bool = _MISSING,
-                 generator: torch.Generator | int | None = None) -> tuple[Tensor, State]:
-        if state is _MISSING or x is _MISSING or train is _MISSING:
-            raise TypeError(
-                f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
-                "generator=...) -> (y, new_state), with state = layer.init_state() to start from"
-            )
-        return self.apply(params, state, x, train=train, generator=generator)
+    def __attrs_post_init__(self) -> None:
+        # As a Layer's: init gets a torch.Generator for an int seed, and apply called the wrong way says how.
+        object.__setattr__(self, "init", seeded(self.init))
+        object.__setattr__(self, "apply", called_as(self.apply, lambda: (
+            f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
+            "generator=...) -> (y, new_state) (or layer.apply(...)), with state = layer.init_state() to start from")))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, State]:
+        return self.apply(*args, **kwargs)
 
     def __repr__(self) -> str:
         return self.name
@@ -274,6 +280,13 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
     bits are torch.nn's; the backward formula, through the batch statistics,
     is written out in docs/state-and-randomness.md.
 
+    An empty batch (no rows) gives an empty output, as ``torch.nn`` does in
+    both modes: the running statistics unchanged (training still counts it in
+    ``num_batches_tracked``), zero param gradients. Under ``torch.autocast``, a
+    float16 or bfloat16 ``x`` takes float32 params and state, as BatchNorm1d
+    does: the output in ``x``'s dtype, the statistics and param gradients in
+    float32, torch's kernels both ways.
+
     >>> import torch, rdl_functional as rf
     >>> bn = rf.batch_norm(2)
     >>> y, state = bn(bn.init(0), bn.init_state(), torch.tensor([[1.0, 2.0], [3.0, 6.0]]), train=True)
@@ -285,14 +298,15 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
 
     Raises:
         ValueError: ``features`` is not a positive int, ``momentum`` is not in
-            [0, 1] or None, ``eps`` is negative; in training, a batch of one row.
+            [0, 1] or None, ``eps`` is not > 0; in training, a batch of one row.
     """
     _check_features("batch_norm", features=features)
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 <= momentum <= 1):
         raise ValueError(f"batch_norm: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"batch_norm: eps must be a finite number ≥ 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"batch_norm: eps must be a finite number > 0 (it keeps 1/√(σ² + ε) finite for a feature "
+                         f"whose batch variance is 0; torch refuses eps ≤ 0 too), got {eps!r}")
     if not isinstance(affine, bool):
         raise TypeError(f"batch_norm: affine must be True or False, got {affine!r}")
     eps = float(eps)
@@ -324,11 +338,12 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         if not isinstance(x, Tensor):
             raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != features:
-            raise ValueError(f"{at}: x must have shape (..., {features}), features last, got {tuple(x.shape)}")
+            raise ValueError(f"{at}: x must have shape (..., {features}), features last, got {tuple(x.shape)}"
+                             + _one_feature_hint(x, features))
         mean, var = state["running_mean"], state["running_var"]
         for what, tensor in (("weight", params.get("weight")), ("bias", params.get("bias")), ("running_mean", mean),
                              ("running_var", var)):
-            if tensor is not None and tensor.dtype != x.dtype:
+            if tensor is not None and tensor.dtype != x.dtype and not _autocast_mix(x, tensor):
                 raise TypeError(f"{at}: x is {x.dtype} but {what} is {tensor.dtype} (convert x with "
                                 f"x.to({tensor.dtype}), or init the params and state with that dtype)")
         positions = x.numel() if global_rows is None else global_rows * math.prod(x.shape[1:])
@@ -352,6 +367,10 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
                                  f"{generator.rows}, but there is no process group (torch.distributed) to sum the "
                                  "other rows' statistics over")
         weight, bias, mean, var = unpack(where, params, state, x, train)
+        if x.numel() == 0:  # torch.nn's rule for an empty batch: an empty output, the running statistics unchanged
+            count = state["num_batches_tracked"] + 1 if train else state["num_batches_tracked"].clone()
+            new_state = {"running_mean": mean.clone(), "running_var": var.clone(), "num_batches_tracked": count}
+            return x.clone(), new_state, None
         rows = x.reshape(-1, features)  # (..., features): every leading position is a row (a view of x for 2-D)
         if not train:  # the running statistics stand in for the batch's; nothing is updated
             y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, mean, var, False, 0.0, eps)
@@ -382,6 +401,14 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
                 return ({"weight": dweight, "bias": dbias} if affine else {}), dx
 
             return y, new_state, synced_pullback
+        if saved is None:  # an empty batch: no kernel runs (torch's backward kernel divides by the batch's size)
+            empty_params = {key: torch.zeros_like(value) for key, value in params.items()}
+
+            def empty_pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
+                _check_cotangent(name, dy, y_shape, dtype)
+                return {key: value.clone() for key, value in empty_params.items()}, dy.clone() if need_dx else None
+
+            return y, new_state, empty_pullback
         weight, mean, var, saved_mean, saved_invstd = saved
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
@@ -399,6 +426,21 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         return y, new_state, pullback
 
     return StatefulLayer(init=init, init_state=init_state, apply=apply, vjp=vjp, name=name, skips_dx=True)
+
+
+def _autocast_mix(x: Tensor, param: Tensor) -> bool:
+    """Under ``torch.autocast``, a float16 or bfloat16 ``x`` meets float32 params and state on purpose: torch's
+    kernels take the mix (BatchNorm1d's output is in ``x``'s dtype, its statistics and gradients stay float32)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and param.dtype == torch.float32
+            and autocast_on(x.device.type))
+
+
+def _one_feature_hint(x: Tensor, features: int) -> str:
+    """For a 1-D ``x`` where a column was meant: the reshape that makes its entries rows of one feature."""
+    if x.dim() == 1 and features == 1:
+        return (f" (x is 1-D with {x.shape[0]} entries, read as one row of {x.shape[0]} features; for "
+                f"{x.shape[0]} rows of one feature pass x[:, None] or x.reshape(-1, 1))")
+    return ""
 
 
 def _synced_forward(x: Tensor, shard: BatchShard, weight: Tensor | None, bias: Tensor | None,

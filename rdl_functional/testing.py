@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._random import as_generator
 from .layers import Layer
-from .losses import Loss
+from .losses import Loss, check_loss
 from .stateful import StatefulLayer
 from .tree import Tree, tree_flatten, tree_map
 
@@ -72,14 +72,41 @@ def _float64(tree: Tree) -> Tree:
     return _map(lambda t: t.to(torch.float64) if torch.is_floating_point(t) else t, tree)
 
 
-def _max_error(got: Tensor, want: Tensor) -> float:
-    if got.shape != want.shape:
+def _is_float(leaf: Any) -> bool:
+    return isinstance(leaf, Tensor) and leaf.is_floating_point()
+
+
+def _leaves(primals: tuple) -> list[Tensor]:
+    """The floating leaves of ``primals``, in order: what has a cotangent (an embedding's integer ids have none)."""
+    found: list[Tensor] = []
+    for primal in primals:
+        _map(lambda t: found.append(t) if _is_float(t) else None, primal)
+    return found
+
+
+def _with_leaves(primals: tuple, leaves: Any) -> tuple:
+    """``primals`` with their floating leaves replaced, in order, by ``leaves``; the others kept."""
+    given = iter(leaves)
+    return tuple(_map(lambda t: next(given) if _is_float(t) else t, primal) for primal in primals)
+
+
+def _float_entries(primal: Any, cotangent: Any) -> dict[str, Any]:
+    """``{path: leaf}`` of a cotangent, less the paths where the primal is not floating (no cotangent there:
+    what the pullback gives for them, ``None`` by convention, is not read). A path the primal lacks stays, so
+    that a wrong key shows."""
+    skip = {path for path, leaf in tree_flatten(_tree(primal)).items() if not _is_float(leaf)}
+    return {path: leaf for path, leaf in tree_flatten(_tree(cotangent)).items() if path not in skip}
+
+
+def _max_error(got: Any, want: Tensor) -> float:
+    if not isinstance(got, Tensor) or got.shape != want.shape:
         return float("inf")
     return (got.to(torch.float64) - want).abs().max().item() if want.numel() else 0.0
 
 
-def _compare(rows: list, name: str, got: Tree, want: Tree, rtol: float, atol: float) -> None:
-    got_flat, want_flat = tree_flatten(_tree(got)), tree_flatten(_tree(want))
+def _compare(rows: list, name: str, got_flat: dict[str, Any], want_flat: dict[str, Tensor], rtol: float,
+             atol: float) -> None:
+    """One row per leaf of ``want_flat`` (``{path: tensor}``), or one failed row when the paths differ."""
     if list(got_flat) != list(want_flat):
         rows.append((f"{name} keys {list(got_flat)} vs torch's {list(want_flat)}", float("inf"), 0.0, False))
         return
@@ -89,19 +116,28 @@ def _compare(rows: list, name: str, got: Tree, want: Tree, rtol: float, atol: fl
         rows.append((f"{name}{'.' + path if path else ''}", error, allowed, error <= allowed))
 
 
-def _dot(a: Tree, b: Tree) -> Tensor:
-    """Σ a·b over the leaves at the same paths; NaN where the trees do not match."""
-    flat_a, flat_b = tree_flatten(_tree(a)), tree_flatten(_tree(b))
-    if flat_a.keys() != flat_b.keys() or any(flat_a[k].shape != flat_b[k].shape for k in flat_a):
+def _flat(tree: Any) -> dict[str, Any]:
+    return tree_flatten(_tree(tree))
+
+
+def _abs(flat: dict[str, Any]) -> dict[str, Any]:
+    return {path: leaf.abs() if isinstance(leaf, Tensor) else leaf for path, leaf in flat.items()}
+
+
+def _dot(flat_a: dict[str, Any], flat_b: dict[str, Any]) -> Tensor:
+    """Σ a·b over the leaves at the same paths; NaN where they do not match."""
+    if flat_a.keys() != flat_b.keys() or any(
+        not isinstance(flat_b[k], Tensor) or flat_a[k].shape != flat_b[k].shape for k in flat_a
+    ):
         return torch.tensor(float("nan"), dtype=torch.float64)
     return sum(((flat_a[k] * flat_b[k]).sum() for k in flat_a), torch.zeros((), dtype=torch.float64))
 
 
-def _central_difference(apply: Callable, primals: tuple, v: tuple, u: Any, eps: float) -> Tensor:
-    def shifted(sign: float) -> tuple:
-        return tuple(_map(lambda p, d: p + sign * eps * d, p, d) for p, d in zip(primals, v, strict=True))
+def _central_difference(apply: Callable, leaves: list[Tensor], v: list[Tensor], u: Any, eps: float) -> Tensor:
+    def shifted(sign: float) -> list[Tensor]:
+        return [p + sign * eps * d for p, d in zip(leaves, v, strict=True)]
 
-    return _dot(_map(lambda a, b: (a - b) / (2 * eps), apply(*shifted(+1)), apply(*shifted(-1))), u)
+    return _dot(_flat(_map(lambda a, b: (a - b) / (2 * eps), apply(*shifted(+1)), apply(*shifted(-1)))), _flat(u))
 
 
 def check_vjp(
@@ -122,6 +158,11 @@ def check_vjp(
     plain function of ``(params, x)``; its new state from ``vjp`` must equal
     ``apply``'s. For a :class:`~rdl_functional.Loss` pass ``(pred, target)``
     (the gradient is with respect to ``pred``). Floating tensors are converted to float64.
+    Only floating tensors have a cotangent: integer and bool ones (an
+    embedding's ids, a mask) are passed as they are and held fixed, so the
+    float parts alone (params, float inputs) are compared against
+    ``torch.func.vjp`` and differenced; what the pullback returns for an
+    integer input (``None`` by convention) is not read.
     Checked: the output equals ``fn.apply``'s and torch's; the pullback of a
     random cotangent equals ``torch.func.vjp``'s, key order included; for a
     layer that declares ``skips_dx``, ``pullback(u, need_dx=False)`` gives
@@ -182,37 +223,47 @@ def check_vjp(
         def apply(pred: Tensor) -> Tensor:
             return fn.apply(pred, target)
     else:
-        raise TypeError(f"check_vjp: expected a Layer, a StatefulLayer or a Loss, got {type(fn).__name__}")
+        check_loss("check_vjp", fn, "expected a Layer, a StatefulLayer or a Loss")
 
     rows: list[tuple[str, float, float, bool]] = []
     y, pullback = vjp(*primals)
-    y_ref, pullback_ref = torch.func.vjp(apply, *primals)
-    _compare(rows, "y (vjp vs torch.func)", y, y_ref, rtol, atol)
-    _compare(rows, "y (vjp vs apply)", y, apply(*primals), 0.0, 0.0)
+    # torch.func differentiates the floating leaves only: integer or bool ones (an embedding's ids) stay fixed.
+    leaves = _leaves(primals)
+
+    def apply_leaves(*floats: Tensor) -> Any:
+        return apply(*_with_leaves(primals, floats))
+
+    y_ref, pullback_ref = torch.func.vjp(apply_leaves, *leaves)
+    _compare(rows, "y (vjp vs torch.func)", _flat(y), _flat(y_ref), rtol, atol)
+    _compare(rows, "y (vjp vs apply)", _flat(y), _flat(apply(*primals)), 0.0, 0.0)
     if isinstance(fn, StatefulLayer):
-        _compare(rows, "new state (vjp vs apply)", new_states[0], new_states[-1], 0.0, 0.0)
+        _compare(rows, "new state (vjp vs apply)", _flat(new_states[0]), _flat(new_states[-1]), 0.0, 0.0)
 
     u = _map(lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64), y)
     cotangents = pullback(u)
     is_layer = isinstance(fn, (Layer, StatefulLayer))
     names = ("dparams", "dx") if is_layer else ("dpred",)
-    for name, got, want in zip(names, cotangents, pullback_ref(u), strict=True):
-        _compare(rows, name, got, want, rtol, atol)
+    ours = [_float_entries(p, c) for p, c in zip(primals, cotangents, strict=True)]
+    for name, primal, got, want in zip(names, primals, ours, _with_leaves(primals, pullback_ref(u)), strict=True):
+        _compare(rows, name, got, _float_entries(primal, want), rtol, atol)
     if is_layer and fn.skips_dx:
         # The declaration is a promise: skipping dx must leave dparams exactly as they were.
-        _compare(rows, "dparams with need_dx=False", vjp(*primals)[1](u, need_dx=False)[0], cotangents[0], 0.0, 0.0)
+        _compare(rows, "dparams with need_dx=False", _flat(vjp(*primals)[1](u, need_dx=False)[0]),
+                 _flat(cotangents[0]), 0.0, 0.0)
 
     # A central difference that straddles a ReLU kink averages two slopes; a
     # 1000× smaller step tells such a point from a wrong pullback (which fails both).
-    v = tuple(_map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p) for p in primals)
-    from_pullback = sum((_dot(d, c) for d, c in zip(v, cotangents, strict=True)), torch.zeros((), dtype=torch.float64))
+    v = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in leaves]
+    directions = [_float_entries(p, d) for p, d in zip(primals, _with_leaves(primals, v), strict=True)]
+    from_pullback = sum((_dot(d, c) for d, c in zip(directions, ours, strict=True)),
+                        torch.zeros((), dtype=torch.float64))
     # The scale the two are compared at: Σ|v|·|Jᵀu|, the size of the terms the dot product adds. A sum that
     # cancels to nearly zero keeps the rounding error of its terms, so dividing by the sum alone would fail a
     # right pullback (it did, for softplus, at <v, Jᵀu> = -9.2e-5 from terms of order 1).
-    magnitude = sum((_dot(_map(torch.abs, d), _map(torch.abs, c)) for d, c in zip(v, cotangents, strict=True)),
+    magnitude = sum((_dot(_abs(d), _abs(c)) for d, c in zip(directions, ours, strict=True)),
                     torch.zeros((), dtype=torch.float64))
     for eps, fd_rtol in ((1e-6, 1e-6), (1e-9, 1e-4)):
-        from_differences = _central_difference(apply, primals, v, u, eps)
+        from_differences = _central_difference(apply_leaves, leaves, v, u, eps)
         scale = torch.maximum(from_differences.abs(), magnitude).clamp_min(1e-8)
         error = ((from_pullback - from_differences).abs() / scale).item()
         error = error if error == error else float("inf")  # NaN: the cotangents did not fit the primals

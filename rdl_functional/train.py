@@ -16,7 +16,7 @@ from ._random import BatchShard, as_generator
 from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
 from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
-from .losses import Loss
+from .losses import Loss, check_loss
 from .optim import Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
@@ -269,6 +269,7 @@ def fit(
     if test is not None:
         test = (test[0].detach(), test[1].detach())
     g = as_generator(generator, "fit")
+    check_loss("fit", loss)
     has_state = isinstance(model, StatefulLayer)
     if has_state:
         if compile:

@@ -176,3 +176,45 @@ def test_autocast_bfloat16_runs_the_seed_models_forward_and_step_as_torch_nn_doe
         assert torch.equal(ours[name], param.grad), name
     stepped = rf.sgd_step(params, grads, 0.1)
     assert all(leaf.dtype == torch.float32 for leaf in rf.tree_leaves(stepped))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_under_cpu_autocast_follows_batchnorm1d(train, generator):
+    """Under torch.autocast (bfloat16 on the CPU) batch norm refused 'x is torch.bfloat16 but weight is
+    torch.float32'. As BatchNorm1d: the output in x's dtype, the statistics and param gradients in float32,
+    torch's kernels both ways, so the very bits."""
+    x = torch.randn(6, 3, generator=generator).to(torch.bfloat16)
+    dy = torch.randn(6, 3, generator=generator).to(torch.bfloat16)
+    layer, module = rf.batch_norm(3), torch.nn.BatchNorm1d(3).train(train)
+    params = {"weight": torch.tensor([0.5, 2.0, -1.0]), "bias": torch.tensor([0.1, 0.2, 0.3])}
+    state = {"running_mean": torch.tensor([0.1, -0.2, 0.3]), "running_var": torch.tensor([1.5, 0.5, 2.0]),
+             "num_batches_tracked": torch.tensor(3)}
+    module.load_state_dict(rf.to_state_dict(params, state), strict=True)
+    leaf = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, new_state = layer(params, state, x, train=train)
+        y_vjp, _, pullback = layer.vjp(params, state, x, train=train)
+        expected = module(leaf)
+    expected.backward(dy)
+    grads, dx = pullback(dy)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(y, expected.detach()) and torch.equal(y_vjp, y)
+    for key, value in new_state.items():
+        assert torch.equal(value, module.state_dict()[key]), key
+    assert grads["weight"].dtype == torch.float32 and dx.dtype == torch.bfloat16
+    assert torch.equal(grads["weight"], module.weight.grad) and torch.equal(grads["bias"], module.bias.grad)
+    assert torch.equal(dx, leaf.grad)
+
+
+def test_batch_norm_in_a_model_trains_under_cpu_autocast(generator):
+    """A linear's bfloat16 output into batch norm's float32 params: the stateful step runs, float32 gradients."""
+    model = rf.compose(rf.linear(2, 4), rf.batch_norm(4), rf.relu, rf.linear(4, 2))
+    params, state = model.init(0), model.init_state()
+    x, target = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grads, new_state = rf.value_and_grad(model, rf.mse_loss)(params, state, x, target)
+    assert all(leaf.dtype == torch.float32 for leaf in rf.tree_leaves(grads))
+    assert new_state["1"]["running_mean"].dtype == torch.float32 and torch.isfinite(value)
+    norm = rf.batch_norm(4)
+    with pytest.raises(TypeError, match=r"batch_norm\(4\)\.apply: x is torch.bfloat16 but weight is torch.float32"):
+        norm(norm.init(0), norm.init_state(), x.new_ones(2, 4, dtype=torch.bfloat16), train=False)  # outside autocast

@@ -527,3 +527,73 @@ def test_every_stateful_layer_against_its_torch_module_for_any_dtype_and_stride(
     ours = rf.to_state_dict(dparams)
     for n, want in zip(names, grads[:-1], strict=True):
         assert_close(ours[n], want)
+
+
+def test_a_custom_layers_init_gets_a_generator_for_an_int_seed_as_compose_passes_one():
+    """init(0) handed the raw int to a layer's own init function, where compose hands it a torch.Generator."""
+    seen = []
+
+    def init(generator, *, dtype=torch.float32):
+        seen.append(type(generator))
+        return {"weight": torch.randn(2, 3, generator=generator, dtype=dtype)}
+
+    layer = rf.Layer(init=init, apply=lambda params, x: x @ params["weight"].t(), vjp=None, name="custom")
+    alone, by_keyword = layer.init(0), layer.init(generator=0)
+    in_compose = rf.compose(layer).init(0)["0"]
+    assert seen == [torch.Generator] * 3
+    assert torch.equal(alone["weight"], in_compose["weight"]) and torch.equal(by_keyword["weight"], alone["weight"])
+    assert torch.equal(alone["weight"], layer.init(torch.Generator().manual_seed(0))["weight"])
+    mine = rf.StatefulLayer(init=init, init_state=lambda **_: {}, apply=None, vjp=None, name="custom stateful")
+    assert torch.equal(mine.init(0)["weight"], alone["weight"]) and seen[-1] is torch.Generator
+    with pytest.raises(TypeError, match=r"linear\(2, 3\)\.init: expected a torch.Generator or an int seed, got str"):
+        rf.linear(2, 3).init("0")  # the library's own checks are as they were
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda model, p: model(p, {}, torch.zeros(4, 2), train=True),
+         r"^compose\(linear\(2, 3\), relu\): a Layer is called as layer\(params, x\) -> y \(or layer.apply\(params, "
+         r"x\)\); got \(dict, dict, Tensor, train=True\); it has no state and takes no train= or generator=: call "
+         r"layer\(params, x\), or lift it with rf.stateful\(layer\) to call it as layer\(params, \{\}, x, "
+         r"train=\.\.\.\)$"),
+        (lambda model, p: model.apply(p, torch.zeros(4, 2), generator=0),
+         r"^compose\(.*\): a Layer is called as layer\(params, x\).*; got \(dict, Tensor, generator=0\); it has no "
+         r"state"),
+        (lambda model, p: model(p), r"^compose\(.*\): a Layer is called as layer\(params, x\) -> y \(or "
+                                    r"layer.apply\(params, x\)\); got \(dict\)$"),
+    ],
+    ids=["train_flag", "generator", "no_x"],
+)
+def test_a_plain_layer_called_as_a_stateful_one_says_how_it_is_called(call, message):
+    """plain(p, {}, x, train=True) raised Python's 'got an unexpected keyword argument' from a closure."""
+    model = rf.compose(rf.linear(2, 3), rf.relu)
+    with pytest.raises(TypeError, match=message):
+        call(model, model.init(0))
+
+
+def test_a_type_error_from_inside_a_layer_is_its_own():
+    """Only a call the function cannot take is reworded; a TypeError the layer raises keeps its message."""
+    with pytest.raises(TypeError, match=r"^linear\(2, 3\)\.apply: x must be a torch.Tensor, got list$"):
+        rf.linear(2, 3).apply(rf.linear(2, 3).init(0), [1.0, 2.0])
+
+
+def test_a_1d_x_is_not_reported_as_one_row_of_n_features():
+    """fit with a 1-D x of 50 rows said 'x has 50 features but weight expects 1 (was the layer built as
+    linear(50, ...)?)': the batch read as features. Now the shape is named and the reshape suggested."""
+    model = rf.compose(rf.linear(1, 4), rf.relu, rf.linear(4, 1))
+    x, target = torch.linspace(-1, 1, 50), torch.zeros(50, 1)
+    with pytest.raises(ValueError, match=r"^layer 0: linear\(1, 4\)\.vjp: x is 1-D with 50 entries, which reads as "
+                                         r"one example of 50 features, but weight expects 1 \(for 50 rows of one "
+                                         r"feature, pass x\[:, None\] or x.reshape\(-1, 1\)\)$"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=50, lr=0.1, generator=0)
+    with pytest.raises(ValueError, match=r"^linear\(3, 2\)\.apply: x is 1-D with 5 entries, which reads as one "
+                                         r"example of 5 features, but weight expects 3 \(a batch is \(batch, 3\), "
+                                         r"one example \(3,\)\)$"):
+        rf.linear(3, 2)(rf.linear(3, 2).init(0), torch.zeros(5))
+    norm = rf.batch_norm(1)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 1\), features last, got \(50,\) \(x is 1-D "
+                                         r"with 50 entries, read as one row of 50 features; for 50 rows of one "
+                                         r"feature pass x\[:, None\] or x.reshape\(-1, 1\)\)$"):
+        norm(norm.init(0), norm.init_state(), x, train=True)
+    assert rf.linear(3, 2)(rf.linear(3, 2).init(0), torch.zeros(3)).shape == (2,)  # one example still runs

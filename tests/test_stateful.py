@@ -6,6 +6,9 @@ in tests/test_layers.py's shared table (STATEFUL).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -174,7 +177,9 @@ def test_a_plain_compose_stays_plain_and_a_stateful_one_says_how_to_call_it():
         (lambda: rf.dropout("0.5"), ValueError, r"dropout: p must be a probability in \[0, 1\)"),
         (lambda: rf.batch_norm(0), ValueError, r"batch_norm: features must be a positive int, got 0"),
         (lambda: rf.batch_norm(3, momentum=1.5), ValueError, r"batch_norm: momentum must be in \[0, 1\] or None"),
-        (lambda: rf.batch_norm(3, eps=-1), ValueError, r"batch_norm: eps must be a finite number ≥ 0"),
+        (lambda: rf.batch_norm(3, eps=-1), ValueError, r"batch_norm: eps must be a finite number > 0"),
+        (lambda: rf.batch_norm(3, eps=0), ValueError, r"batch_norm: eps must be a finite number > 0 \(it keeps "
+                                                       r"1/√\(σ² \+ ε\) finite.*got 0"),
     ],
 )
 def test_bad_constructor_arguments_say_what_was_expected(call, error, message):
@@ -353,3 +358,76 @@ def test_a_shard_says_what_is_wrong_with_it():
         BatchShard(torch.Generator(), 0, 1.0, 1)
     with pytest.raises(ValueError, match=r"expected 0 ≤ start ≤ stop ≤ rows and rows ≥ 1, got start=2, stop=1"):
         BatchShard(torch.Generator(), 2, 1, 4)
+
+
+def _batch_norm_against_torch(x, *, train, backward=True):
+    """(ours, torch.nn's): the output, the new state and (``backward``) the gradients of ``Σ y ⊙ dy``; ours on
+    ``(N, [L,] C)``, BatchNorm1d (cumulative momentum) on the transpose ``(N, C, [L])``, transposed back."""
+    layer, module = rf.batch_norm(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None).train(train)
+    params = {"weight": torch.tensor([0.5, 2.0, -1.0]), "bias": torch.tensor([0.1, 0.2, 0.3])}
+    module.load_state_dict(rf.to_state_dict(params, layer.init_state()), strict=True)
+    flip = (lambda t: t.transpose(1, 2)) if x.dim() == 3 else (lambda t: t)
+    y, state, pullback = layer.vjp(params, layer.init_state(), x, train=train)
+    leaf = flip(x).clone().requires_grad_()
+    expected = module(leaf)
+    ours, theirs = [y, state], [flip(expected.detach()), module.state_dict()]
+    if backward:
+        dy = torch.ones_like(x)
+        grads, dx = pullback(dy)
+        expected.backward(flip(dy))
+        ours += [grads["weight"], grads["bias"], dx]
+        theirs += [module.weight.grad, module.bias.grad, flip(leaf.grad)]
+    return ours, theirs
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0, 3)])
+def test_batch_norm_on_an_empty_batch_returns_an_empty_output_as_batchnorm1d(train, shape):
+    """Training, an empty batch raised aten's 'input tensor must have at least one element'. As torch.nn: an
+    empty output, the running statistics unchanged (the count moves on in training), zero param gradients.
+    (Evaluating, the pullback used to kill the interpreter: the next test runs it in a child process.)"""
+    ours, theirs = _batch_norm_against_torch(torch.zeros(shape), train=train, backward=train)
+    assert ours[0].shape == theirs[0].shape == shape
+    assert torch.equal(ours[0], theirs[0])
+    for key, value in ours[1].items():
+        assert torch.equal(value, theirs[1][key]), key
+    assert int(ours[1]["num_batches_tracked"]) == int(train)
+    for got, want in zip(ours[2:], theirs[2:], strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    if train:
+        assert torch.equal(ours[2], torch.zeros(3)) and torch.equal(ours[3], torch.zeros(3))
+
+
+def test_batch_norm_pullback_on_an_empty_batch_does_not_kill_the_interpreter():
+    """Evaluating, the pullback on an empty batch ran aten's backward kernel, which divides by the batch's size:
+    SIGFPE, the whole interpreter gone. Run in a child process, so that a regression fails this test only."""
+    code = ("import torch, rdl_functional as rf\n"
+            "bn = rf.batch_norm(3)\n"
+            "for train in (False, True):\n"
+            "    y, state, pullback = bn.vjp(bn.init(0), bn.init_state(), torch.zeros(0, 3), train=train)\n"
+            "    grads, dx = pullback(torch.zeros(0, 3))\n"
+            "    assert dx.shape == (0, 3) and torch.equal(grads['weight'], torch.zeros(3))\n"
+            "    assert pullback(torch.zeros(0, 3), need_dx=False)[1] is None\n"
+            "print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "survived"
+
+
+@pytest.mark.parametrize(
+    ("call", "got"),
+    [
+        (lambda model, p: model.apply(p, torch.zeros(4, 2)), r"\(dict, Tensor\)"),
+        (lambda model, p: model.apply(p, model.init_state(), torch.zeros(4, 2)), r"\(dict, dict, Tensor\)"),
+        (lambda model, p: model(p, torch.zeros(4, 2), train=False), r"\(dict, Tensor, train=False\)"),
+    ],
+    ids=["apply_without_state_or_train", "apply_without_train", "call_without_state"],
+)
+def test_a_stateful_model_called_as_a_plain_one_says_how_it_is_called(call, got):
+    """stateful_model.apply(params, x) raised Python's "apply() missing 1 required positional argument: 'x'"."""
+    model = rf.compose(rf.linear(2, 3), rf.dropout(0.1))
+    message = (r"^compose\(linear\(2, 3\), dropout\(0.1\)\) carries state or randomness: call it as layer\(params, "
+               r"state, x, train=True or False, generator=\.\.\.\) -> \(y, new_state\) \(or layer.apply\(\.\.\.\)\), "
+               rf"with state = layer.init_state\(\) to start from; got {got}$")
+    with pytest.raises(TypeError, match=message):
+        call(model, model.init(0))

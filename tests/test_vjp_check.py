@@ -90,3 +90,48 @@ def test_check_vjp_holds_a_layer_to_its_skips_dx_declaration(generator):
     with pytest.raises(rf.VjpMismatch, match=r"dparams with need_dx=False"):
         rf.check_vjp(liar, params, torch.randn(4, 3, generator=generator, dtype=torch.float64))
     assert rf.check_vjp(layer, params, torch.randn(4, 3, generator=generator, dtype=torch.float64)).ok
+
+
+def _embedding(num, dim, *, bug=False):
+    """A small embedding: integer ids (...) in, rows of weight (num, dim) out; a gradient for the weight only.
+    ``bug``: the pullback adds each row's cotangent at the next id (a wrong index the check must catch)."""
+
+    def init(generator, *, dtype=torch.float32):
+        return {"weight": torch.randn(num, dim, generator=generator, dtype=dtype)}
+
+    def vjp(params, ids):
+        weight = params["weight"]
+
+        def pullback(dy):
+            # dweight[i] = Σ over positions with ids == i of dy; ids have no cotangent
+            at = (ids.reshape(-1) + 1) % num if bug else ids.reshape(-1)
+            return {"weight": torch.zeros_like(weight).index_add(0, at, dy.reshape(-1, dim))}, None
+
+        return weight[ids], pullback
+
+    return rf.Layer(init=init, apply=lambda params, ids: params["weight"][ids], vjp=vjp, name="embedding")
+
+
+def test_check_vjp_compares_only_the_float_parts_of_a_layer_with_integer_inputs(generator):
+    """An embedding (integer ids in) failed with torch's 'only Tensors of floating point dtype can require
+    gradients': the ids have no cotangent, so only the weight's gradient is compared (and differenced)."""
+    layer = _embedding(5, 3)
+    params, ids = layer.init(generator), torch.tensor([[0, 2], [2, 4]])
+    report = rf.check_vjp(layer, params, ids, generator=generator)
+    assert [row[0] for row in report.rows] == ["y (vjp vs torch.func)", "y (vjp vs apply)", "dparams.weight",
+                                               "<v, Jᵀu> vs finite differences (relative)"]
+    with pytest.raises(rf.VjpMismatch, match=r"dparams.weight .*FAIL"):
+        rf.check_vjp(_embedding(5, 3, bug=True), params, ids, generator=generator)
+
+
+def test_check_vjp_skips_a_bool_mask_beside_a_float_input(generator):
+    """A tuple input of a float tensor and a bool mask: dx is compared for the float part only."""
+
+    def vjp(params, x):
+        values, mask = x
+        return values * mask, lambda dy: ({}, (dy * mask, None))  # dvalues = dy ⊙ mask
+
+    masked = rf.Layer(init=lambda g, **_: {}, apply=lambda params, x: x[0] * x[1], vjp=vjp, name="masked")
+    x = (torch.randn(3, 4, generator=generator), torch.rand(3, 4, generator=generator) > 0.5)
+    report = rf.check_vjp(masked, {}, x, generator=generator)
+    assert "dx.0" in str(report) and "dx.1" not in str(report)

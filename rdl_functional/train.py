@@ -166,8 +166,9 @@ def evaluate(model: Layer | StatefulLayer, loss: Loss, params: Params, x: Tensor
 def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tensor, target: Tensor,
                  test: tuple[Tensor, Tensor] | None, task: str | None, rows: int = 1) -> str:
     """The task the history measures, found and checked before the first step: ``run`` (the model, evaluating) on
-    the first row of the training and the test set, and the loss on it, so that a model, target or test set that the
-    loss or the metrics cannot take fails now, never after an epoch of training."""
+    the first row of the training and the test set, and the loss on the test set's (the training set's meets it at
+    the first step), so that a model, target or test set that the loss or the metrics cannot take fails now, never
+    after an epoch of training. ``rows``: 2 for a stack of models, whose rows are ``x[:, i]``."""
     first = (slice(None),) * (rows - 1) + (slice(0, 1),)
     with torch.no_grad():
         pred = run(x[first])

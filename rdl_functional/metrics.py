@@ -141,9 +141,7 @@ def check_fits(where: str, task: str, pred: Tensor, target: Tensor, rows: int = 
     outputs, given = tuple(pred.shape[rows:]), tuple(target.shape[rows:])
     shown = f"the model gives {outputs} per row and the target {given} ({target.dtype})"
     if task == "classification":
-        if not outputs or outputs[-1] < 2:
-            raise ValueError(f"{where}: task='classification' takes one output per class (at least 2), but "
-                             f"{shown}; for one output per row, {_ASK}")
+        _check_classes(where, outputs)
         if (not target.is_floating_point() and given == outputs[:-1]) or given == outputs:
             return
         raise ValueError(f"{where}: task='classification' compares with int64 labels ({outputs[:-1]} per row) or "
@@ -187,7 +185,12 @@ def task_of_outputs(where: str, pred: Tensor, task: str | None, rows: int = 1) -
             raise ValueError(f"{where}: the model gives one output per row, which may be a logit, a probability or a "
                              f"value: {_ASK}")
         return "classification"
-    if task == "classification" and (pred.dim() <= rows or pred.shape[-1] < 2):
-        raise ValueError(f"{where}: task='classification' takes one output per class (at least 2), but the model "
-                         f"gives {tuple(pred.shape[rows:])} per row; for one output per row, {_ASK}")
+    if task == "classification":
+        _check_classes(where, tuple(pred.shape[rows:]))
     return task
+
+
+def _check_classes(where: str, outputs: tuple[int, ...]) -> None:
+    if not outputs or outputs[-1] < 2:
+        raise ValueError(f"{where}: task='classification' takes one output per class (at least 2), but the model "
+                         f"gives {outputs} per row; for one output per row, {_ASK}")

@@ -125,6 +125,15 @@ def test_evaluate_of_a_regression_gives_rmse_and_r2_not_an_accuracy_of_one():
         _, _ = result
 
 
+def test_r2_of_a_constant_target_is_one_if_exact_else_zero_as_scikit_learn_has_it():
+    x = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
+    flat = {"weight": torch.zeros(1, 1, dtype=torch.float64), "bias": torch.full((1,), 3.0, dtype=torch.float64)}
+    exact = rf.evaluate(rf.linear(1, 1), rf.mse_loss, flat, x, torch.full((3, 1), 3.0, dtype=torch.float64))
+    off = rf.evaluate(rf.linear(1, 1), rf.mse_loss, flat, x, torch.full((3, 1), 4.0, dtype=torch.float64))
+    assert (exact.task, exact.r2, exact.rmse) == ("regression", 1.0, 0.0)
+    assert (off.r2, off.rmse) == (0.0, 1.0)  # not 0/0 nor -inf
+
+
 def test_predict_of_a_one_output_model_is_never_always_zero():
     model, x = rf.linear(2, 1), torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.2, 0.0]])
     params = {"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.zeros(1)}
@@ -184,7 +193,7 @@ def test_fit_refuses_a_task_the_model_cannot_serve_before_the_first_step():
         return rf.sgd_step(params, grads, lr)
 
     with pytest.raises(ValueError, match=r"fit: task='classification' takes one output per class \(at least 2\), but "
-                                         r"the model gives \(1,\) per row and the target \(1,\) \(torch.float32\)"):
+                                         r"the model gives \(1,\) per row; for one output per row, pass task="):
         rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=16, lr=0.1, generator=0,
                optimizer=counting, task="classification")
     assert steps == []

@@ -366,7 +366,7 @@ def fit(
         _check_count("fit", "checkpoint_every", every, 1)
         settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
                                  epochs, batch_size, generator, record_history, checkpoint_info, per_epoch, compile)
-        settings["task"] = task if record_history else None  # what the history measures: a resumed run the same
+        settings["task"] = task if record_history else None  # what the history measures; a resumed run measures alike
         try:  # before any work: the settings go into every checkpoint as JSON
             settings = json.loads(json.dumps(settings, allow_nan=False))
         except (TypeError, ValueError) as error:

@@ -40,6 +40,7 @@ MODULES = [
     "io",
     "data",
     "train",
+    "metrics",
     "ensemble",
     "experiment",
     "testing",

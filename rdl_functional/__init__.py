@@ -33,6 +33,7 @@ from .losses import (
     mse_loss,
     nll_loss,
 )
+from .metrics import TASKS, Evaluation
 from .optim import (
     Optimizer,
     Schedule,
@@ -119,12 +120,14 @@ def __dir__() -> list[str]:
 __all__ = [
     "DISC_CENTER",
     "DISC_RADIUS",
+    "TASKS",
     "Captured",
     "Checkpoint",
     "Code",
     "DiscData",
     "DiscResult",
     "DiscSettings",
+    "Evaluation",
     "History",
     "Layer",
     "Loss",

@@ -108,7 +108,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                          "record)") from None
 
 
-_HISTORY = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+_HISTORY = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_rmse", "train_r2", "test_rmse",
+            "test_r2")
 
 
 def digest(*trees: Any) -> str:

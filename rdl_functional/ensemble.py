@@ -24,9 +24,10 @@ from .autodiff import _gradient_fn
 from .combinators import compose
 from .layers import Layer, Params, Pullback
 from .losses import Loss
+from .metrics import Evaluation, check_task, measure
 from .optim import Optimizer, Schedule, sgd_step
 from .stateful import StatefulLayer
-from .train import History, StepFunction, _check_count, _check_losses, _labels, _optimizer
+from .train import History, StepFunction, _check_count, _check_losses, _optimizer, _task_of_run
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "stacked", "unstack_params"]
@@ -107,11 +108,13 @@ def unstack_params(stacked: Tree) -> list[Tree]:
     return [tree_map(lambda leaf, i=i: leaf[i].clone(), stacked) for i in range(models)]
 
 
-def _evaluate_each(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor) -> list[tuple[float, float]]:
-    """``(loss, accuracy)`` of each stacked model on its own data set."""
+def _evaluate_each(model: Layer, loss: Loss, params: Params, x: Tensor, target: Tensor, task: str) -> list[Evaluation]:
+    """The loss and the task's metrics of each stacked model on its own data set."""
     pred = model.apply(params, x)
-    correct = (pred.argmax(dim=-1) == _labels(target)).double().mean(dim=1).tolist()
-    return [(loss.apply(pred[m], target[m]).item(), correct[m]) for m in range(pred.shape[0])]
+    metrics = {name: values.tolist() for name, values in measure(pred, target, task, rows=2).items()}
+    return [Evaluation(loss.apply(pred[m], target[m]).item(), task, **{name: values[m] for name, values in
+                                                                         metrics.items()})
+            for m in range(pred.shape[0])]
 
 
 def fit_stacked(
@@ -131,6 +134,7 @@ def fit_stacked(
     callback: Callable[[int, Params, list[History]], None] | None = None,
     record_history: bool = True,
     check_finite: bool = True,
+    task: str | None = None,
 ) -> tuple[Params, list[History]]:
     """:func:`~rdl_functional.fit` for a stack of models: model ``m`` trains on ``x[m]``, shuffled by ``generators[m]``.
 
@@ -151,6 +155,8 @@ def fit_stacked(
         callback: ``callback(epoch, params, histories)`` after each epoch.
         record_history, check_finite: as for ``fit``; the loss checked is that of
             all models together, so a NaN in any one model stops the stack.
+        task: as for ``fit``, one for all the models, inferred from the loss and
+            all the models' targets where not given.
 
     Returns:
         The stacked trained params and one :class:`~rdl_functional.History` per
@@ -174,6 +180,9 @@ def fit_stacked(
     # its own mean loss's when the seed cotangent is the number of models.
     seed = torch.tensor(float(models), dtype=x.dtype)
     model = stacked(model)
+    check_task("fit_stacked", task)
+    if record_history:  # before any step: data that the metrics cannot measure fails now
+        task = _task_of_run("fit_stacked", lambda rows: model.apply(params, rows), loss, x, target, test, task, 2)
     step = _gradient_fn(model, loss)
     runner, rate = _optimizer("fit_stacked", optimizer, lr, params, opt_state)
     if runner is not None:
@@ -196,8 +205,8 @@ def fit_stacked(
                 losses.append(value)
         _check_losses(losses, epoch, 0, batch_size, None, check_finite, "fit_stacked (the loss of all models)")
         if record_history:
-            train = _evaluate_each(model, loss, params, x, target)
-            tested = _evaluate_each(model, loss, params, *test) if test is not None else [None] * models
+            train = _evaluate_each(model, loss, params, x, target, task)
+            tested = _evaluate_each(model, loss, params, *test, task) if test is not None else [None] * models
             histories = [h._append(a, b) for h, a, b in zip(histories, train, tested, strict=True)]
         if callback is not None:
             callback(epoch, tree_map(torch.clone, params), histories)

@@ -17,6 +17,7 @@ from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
 from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss, check_loss
+from .metrics import Evaluation, check_fits, check_task, infer_task, measure, predictions, task_of_outputs
 from .optim import Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
@@ -36,9 +37,18 @@ StepFunction = Callable[[Tree, Tree, float], Tree]
 class History:
     """What :func:`fit` measured at the end of each epoch, one entry per epoch.
 
-    Losses are means over the whole set; accuracies are the fraction of rows
-    whose largest output is the row's class. ``test_*`` are empty when
-    ``fit`` had no test data. ``opt_state`` is the optimizer's state at the
+    Losses are means over the whole set. What else is measured fits the task
+    (:data:`~rdl_functional.TASKS`, given to ``fit`` as ``task=`` or inferred from
+    the loss, the target and the model's output; :mod:`rdl_functional.metrics`
+    has the rules), and ``task`` names it:
+
+    - a classification, or a binary task (one logit or probability): ``*_accuracy``,
+      the fraction of rows predicted right; ``*_rmse`` and ``*_r2`` stay empty;
+    - a regression: ``*_rmse`` and ``*_r2`` (the coefficient of determination);
+      ``*_accuracy`` stays empty.
+
+    ``test_*`` are empty when ``fit`` had no test data; everything is empty, and
+    ``task`` ``None``, when nothing was measured. ``opt_state`` is the optimizer's state at the
     end of the run (``None`` for a step function such as ``sgd_step``), to continue from:
     ``fit(..., optimizer=opt, opt_state=history.opt_state)``. ``model_state`` is a
     stateful model's state (batch norm's running statistics) after the last step,
@@ -52,20 +62,21 @@ class History:
     test_accuracy: tuple[float, ...] = ()
     opt_state: Tree | None = attrs.field(default=None, eq=False, repr=False)
     model_state: State | None = attrs.field(default=None, eq=False, repr=False)
+    train_rmse: tuple[float, ...] = ()
+    train_r2: tuple[float, ...] = ()
+    test_rmse: tuple[float, ...] = ()
+    test_r2: tuple[float, ...] = ()
+    task: str | None = None
 
     @property
     def epochs(self) -> int:
         return len(self.train_loss)
 
-    def _append(self, train: tuple[float, float], test: tuple[float, float] | None) -> History:
-        return History(
-            train_loss=(*self.train_loss, train[0]),
-            train_accuracy=(*self.train_accuracy, train[1]),
-            test_loss=(*self.test_loss, test[0]) if test else self.test_loss,
-            test_accuracy=(*self.test_accuracy, test[1]) if test else self.test_accuracy,
-            opt_state=self.opt_state,
-            model_state=self.model_state,
-        )
+    def _append(self, train: Evaluation, test: Evaluation | None) -> History:
+        grown = {f"{kind}_{name}": (*getattr(self, f"{kind}_{name}"), value)
+                 for kind, measured in (("train", train), ("test", test)) if measured is not None
+                 for name, value in measured._measured().items()}
+        return attrs.evolve(self, task=train.task, **grown)
 
 
 def _forward(who: str, model: Layer | StatefulLayer, params: Params, x: Tensor, state: State | None) -> Tensor:
@@ -80,43 +91,97 @@ def _forward(who: str, model: Layer | StatefulLayer, params: Params, x: Tensor, 
     return model.apply(params, x)
 
 
-def predict(model: Layer | StatefulLayer, params: Params, x: Tensor, *, state: State | None = None) -> Tensor:
-    """Class predictions: the index of the largest output, ``(batch,)`` int64.
+def predict(model: Layer | StatefulLayer, params: Params, x: Tensor, *, state: State | None = None,
+            task: str | None = None) -> Tensor:
+    """The model's predictions on ``x``, as fit the task (:data:`~rdl_functional.TASKS`):
 
+    - ``"classification"`` (the default for several outputs): the index of the largest output, ``(batch,)`` int64;
+    - ``"binary_logit"``, ``"binary_probability"``: 1 where the output is above 0 (a logit) or 0.5
+      (a probability), else 0, int64: ``(batch,)`` for one output, ``(batch, labels)`` for several;
+    - ``"regression"``: the output itself.
+
+    A model with one output per row needs ``task``: the output alone does not tell a logit
+    from a probability or a value (``rf.fit`` returns the task it measured as ``history.task``).
     A stateful model (dropout, batch norm) is evaluated (``train=False``) with ``state``.
+
+    >>> import rdl_functional as rf
+    >>> x, labels = rf.disc_dataset(4, 0)
+    >>> rf.predict(rf.linear(2, 1), rf.linear(2, 1).init(0), x, task="binary_logit").shape
+    torch.Size([4])
     """
-    return _forward("predict", model, params, x, state).argmax(dim=1)
-
-
-def _labels(target: Tensor) -> Tensor:
-    """Class indices from a target: the target itself (integer indices) or its argmax (one-hot).
-
-    Works with leading dimensions too, as a stack of models has.
-    """
-    return target if not target.is_floating_point() else target.argmax(dim=-1)
+    check_task("predict", task)
+    pred = _forward("predict", model, params, x, state)
+    return predictions(pred, task_of_outputs("predict", pred, task))
 
 
 def accuracy(model: Layer | StatefulLayer, params: Params, x: Tensor, labels: Tensor, *,
-             state: State | None = None) -> float:
-    """The fraction of rows of ``x`` whose predicted class equals ``labels`` (int64, ``(batch,)``)."""
+             state: State | None = None, task: str | None = None) -> float:
+    """The fraction of rows of ``x`` whose prediction (:func:`predict`'s) equals ``labels``.
+
+    ``labels``: int64 classes ``(batch,)`` (or one-hot rows) for a classification, whose task is
+    inferred from several outputs; 0 and 1, ``(batch,)`` or ``(batch, 1)``, for a binary task, which a
+    one-output model must name, ``task="binary_logit"`` or ``"binary_probability"`` (``history.task``
+    after ``rf.fit``). A regression has no accuracy: :func:`evaluate` measures its RMSE and R².
+    """
+    check_task("accuracy", task)
     _check_rows("accuracy", x, labels)
-    if labels.shape != x.shape[:1]:
-        raise ValueError(f"accuracy: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-    return (_forward("accuracy", model, params, x, state).argmax(dim=1) == labels).double().mean().item()
+    pred = _forward("accuracy", model, params, x, state)
+    task = task or infer_task("accuracy", None, pred, labels)
+    if task == "regression":
+        raise ValueError("accuracy: a regression has no accuracy; rf.evaluate measures its RMSE and R² (or pass the "
+                         "task the outputs serve, if not a regression)")
+    check_fits("accuracy", task, pred, labels)
+    return measure(pred, labels, task)["accuracy"].item()
 
 
 def evaluate(model: Layer | StatefulLayer, loss: Loss, params: Params, x: Tensor, target: Tensor, *,
-             state: State | None = None) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``params`` on a whole data set.
+             state: State | None = None, task: str | None = None) -> Evaluation:
+    """The loss of ``params`` on a whole data set, and the metrics that fit the task, as an :class:`Evaluation`.
 
-    The accuracy compares the largest output with the class of each row:
-    ``target`` itself when it holds class indices, its argmax when it is one-hot.
+    ``task`` (:data:`~rdl_functional.TASKS`) is inferred from the loss, the target and the
+    model's output where not given (:mod:`rdl_functional.metrics` has the rules): a
+    classification's accuracy compares the largest output with each row's class (``target``
+    itself when it holds class indices, its argmax when it is one-hot); a binary task's
+    compares the output above 0 (a logit, with ``bce_with_logits_loss``) or 0.5 (a
+    probability) with the target above 0.5; a regression has RMSE and R² instead.
+    ``loss, accuracy = rf.evaluate(...)`` unpacks a task with an accuracy.
     A stateful model is evaluated (``train=False``) with ``state``.
+
+    >>> import rdl_functional as rf, torch
+    >>> x = torch.linspace(0, 1, 8).reshape(8, 1)
+    >>> result = rf.evaluate(rf.linear(1, 1), rf.mse_loss, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)}, x,
+    ...                      2 * x)
+    >>> result.task, round(result.rmse, 4), round(result.r2, 4), result.accuracy
+    ('regression', 0.5976, 0.1667, None)
     """
+    check_task("evaluate", task)
     _check_rows("evaluate", x, target)
     pred = _forward("evaluate", model, params, x, state)
-    correct = (pred.argmax(dim=1) == _labels(target)).double().mean()
-    return loss.apply(pred, target).item(), correct.item()
+    task = task or infer_task("evaluate", loss, pred, target)
+    check_fits("evaluate", task, pred, target)
+    value = loss.apply(pred, target).item()
+    return Evaluation(value, task, **{name: metric.item() for name, metric in measure(pred, target, task).items()})
+
+
+def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tensor, target: Tensor,
+                 test: tuple[Tensor, Tensor] | None, task: str | None, rows: int = 1) -> str:
+    """The task the history measures, found and checked before the first step: ``run`` (the model, evaluating) on
+    the first row of the training and the test set, and the loss on the test set's (the training set's meets it at
+    the first step), so that a model, target or test set that the loss or the metrics cannot take fails now, never
+    after an epoch of training. ``rows``: 2 for a stack of models, whose rows are ``x[:, i]``."""
+    first = (slice(None),) * (rows - 1) + (slice(0, 1),)
+    with torch.no_grad():
+        pred = run(x[first])
+        task = task or infer_task(who, loss, pred, target, rows)
+        check_fits(who, task, pred, target, rows)
+        if test is not None:
+            pred = run(test[0][first])
+            check_fits(f"{who}: test", task, pred, test[1], rows)
+            try:
+                loss.apply(pred, test[1][first])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{who}: test: {error} (on the test set's first row)") from None
+    return task
 
 
 def _check_count(where: str, name: str, value: int, minimum: int) -> None:
@@ -149,6 +214,7 @@ def fit(
     model_state: State | None = None,
     callback: Callable[[int, Params, History], None] | None = None,
     record_history: bool = True,
+    task: str | None = None,
     compile: bool = False,
     capture: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -196,7 +262,7 @@ def fit(
             ``history.model_state``.
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
-        record_history: measure the loss and accuracy after each epoch (a
+        record_history: measure the loss and the task's metrics after each epoch (a
             forward pass over the training set, and the test set if given);
             with ``False`` the history stays empty and training runs alone.
             The measurement is a real cost, not bookkeeping: on the seed task
@@ -204,6 +270,15 @@ def fit(
             half at batch 1000, where an epoch is one step (docs/performance.md
             has the figures). The step losses cannot stand in for it: the
             params change during an epoch, so their mean is another number.
+        task: what the outputs are, and so what the history measures (:data:`~rdl_functional.TASKS`):
+            ``"classification"`` and the binary ``"binary_logit"`` (threshold 0) and
+            ``"binary_probability"`` (threshold 0.5) record accuracy, ``"regression"``
+            RMSE and R². Inferred where not given, from the loss, the target and the
+            model's output (:mod:`rdl_functional.metrics` has the rules: with
+            ``bce_with_logits_loss``, logits; one output against 0/1 targets otherwise,
+            a probability; classes for int labels or one-hot targets; else a regression),
+            before the first step, on the first row of each set, so that data the metrics
+            cannot measure fails at once; the task used comes back as ``history.task``.
         compile: run each step through :func:`~rdl_functional.compiled_step`
             (``torch.compile``; plain SGD only). The first step compiles, which
             takes tens of seconds on a CPU; the results equal eager training
@@ -280,6 +355,10 @@ def fit(
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
     if capture:
         _check_capture(model, x, target, params, compile, has_state)
+    check_task("fit", task)
+    if record_history:  # before any step: a model or data that the metrics cannot measure fails now
+        task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x, target,
+                            test, task)
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
@@ -298,11 +377,12 @@ def fit(
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
-
         def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
-            return _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                 total, batch_size, generator, record_history, checkpoint_info, per_epoch, compile,
-                                 checkpoint)
+            settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
+                                     total, batch_size, generator, record_history, checkpoint_info, per_epoch,
+                                     compile, checkpoint)
+            # What the history measures: a resumed run measures alike.
+            return {**settings, "task": task if record_history else None}
 
         settings = describe(epochs)
         resumed = _resume(checkpoint, settings, describe)
@@ -327,7 +407,7 @@ def fit(
     history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
     if resumed is not None:
         history = History(**{name: tuple(values) for name, values in resumed.history.items()},
-                          model_state=model_state)
+                          task=task if resumed.history["train_loss"] else None, model_state=model_state)
         count, done, position = resumed.steps, resumed.epochs_done, resumed.position
 
     def save(epochs_done: int, position: int, order: Tensor | None) -> None:
@@ -384,8 +464,8 @@ def fit(
         if has_state:
             history = attrs.evolve(history, model_state=model_state)
         if record_history:
-            on_test = evaluate(model, loss, params, *test, state=model_state) if test is not None else None
-            history = history._append(evaluate(model, loss, params, x, target, state=model_state), on_test)
+            on_test = evaluate(model, loss, params, *test, state=model_state, task=task) if test is not None else None
+            history = history._append(evaluate(model, loss, params, x, target, state=model_state, task=task), on_test)
         if checkpoint is not None and (count % every == 0 or epoch == epochs):
             save(epoch, 0, None)
         if callback is not None:

@@ -29,8 +29,10 @@ def test_history_records_every_epoch_on_train_and_test(task):
     for series in (history.train_loss, history.train_accuracy, history.test_loss, history.test_accuracy):
         assert len(series) == 4 and all(isinstance(v, float) for v in series)
     # The last entries are the final params measured on the whole sets.
-    assert (history.train_loss[-1], history.train_accuracy[-1]) == rf.evaluate(model, rf.mse_loss, params, x, target)
-    assert (history.test_loss[-1], history.test_accuracy[-1]) == rf.evaluate(model, rf.mse_loss, params, *test)
+    assert (history.train_loss[-1], history.train_accuracy[-1]) == tuple(rf.evaluate(model, rf.mse_loss, params, x,
+                                                                                     target))
+    assert (history.test_loss[-1], history.test_accuracy[-1]) == tuple(rf.evaluate(model, rf.mse_loss, params, *test))
+    assert history.task == "classification" and history.train_rmse == history.test_r2 == ()
 
 
 def test_without_test_data_the_test_history_is_empty(task):

@@ -69,24 +69,33 @@ def plot_dataset(x: Tensor, labels: Tensor, *, title: str | None = None) -> Figu
 
 
 def plot_history(history: History, *, title: str | None = None) -> Figure:
-    """Loss and accuracy per epoch, on the training set and the test set (the seed report's Fig. 5)."""
+    """Loss per epoch and the metric that fits the task, on the training set and the test set (the seed
+    report's Fig. 5): accuracy for a classification or a binary task, RMSE (with R² in the legend) for a
+    regression (``history.task``)."""
     if not history.epochs:
         raise ValueError("plot_history: the history has no epochs to plot")
+    regression = history.task == "regression"
     fig = _figure(figsize=(10, 4.2))
-    loss_ax, accuracy_ax = fig.subplots(1, 2)
+    loss_ax, metric_ax = fig.subplots(1, 2)
     epochs = range(1, history.epochs + 1)
-    for name, loss, accuracy, style in (
-        ("train", history.train_loss, history.train_accuracy, "-"),
-        ("test", history.test_loss, history.test_accuracy, "--"),
-    ):
-        if loss:
-            loss_ax.plot(epochs, loss, style, label=f"{name} (last {loss[-1]:.4f})")
-            accuracy_ax.plot(epochs, [100 * a for a in accuracy], style, label=f"{name} (last {accuracy[-1]:.1%})")
+    for name, style in (("train", "-"), ("test", "--")):
+        loss = getattr(history, f"{name}_loss")
+        if not loss:
+            continue
+        loss_ax.plot(epochs, loss, style, label=f"{name} (last {loss[-1]:.4f})")
+        if regression:
+            rmse, r2 = getattr(history, f"{name}_rmse"), getattr(history, f"{name}_r2")
+            metric_ax.plot(epochs, rmse, style, label=f"{name} (last {rmse[-1]:.4g}, R² {r2[-1]:.3f})")
+        else:
+            accuracy = getattr(history, f"{name}_accuracy")
+            metric_ax.plot(epochs, [100 * a for a in accuracy], style, label=f"{name} (last {accuracy[-1]:.1%})")
     loss_ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="Loss")
-    accuracy_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    for ax in (loss_ax, accuracy_ax):
+    if regression:
+        metric_ax.set(xlabel="epoch", ylabel="RMSE", title="Root mean squared error")
+    else:
+        metric_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (loss_ax, metric_ax):
         ax.xaxis.set_major_locator(_whole_epochs())
-    for ax in (loss_ax, accuracy_ax):
         ax.grid(True, alpha=0.3)
         ax.legend()
     if title:
@@ -95,7 +104,8 @@ def plot_history(history: History, *, title: str | None = None) -> Figure:
 
 
 def plot_seed_spread(histories: list[History], *, title: str | None = None) -> Figure:
-    """Test accuracy and loss per epoch over several runs: the median, and a band from the worst to the best.
+    """Test accuracy (RMSE for a regression) and loss per epoch over several runs: the median, and a band from
+    the worst to the best.
 
     The median is :func:`~rdl_functional.summarize`'s: for an even number of
     runs, the mean of the two middle ones.
@@ -103,25 +113,33 @@ def plot_seed_spread(histories: list[History], *, title: str | None = None) -> F
     One figure per optimizer (or setting) makes them comparable at a glance:
     the line is where a typical seed is, the band how far the seeds scatter.
     """
-    if not histories or not all(h.test_accuracy for h in histories):
-        raise ValueError("plot_seed_spread: expected histories with a test set measured each epoch")
+    if not histories or not all(h.test_loss for h in histories):
+        raise ValueError("plot_seed_spread: expected histories with a test set measured each epoch (fit's test=)")
     if len({h.epochs for h in histories}) != 1:
         raise ValueError("plot_seed_spread: the histories have different numbers of epochs")
+    tasks = {h.task for h in histories}
+    if len(tasks) != 1:
+        raise ValueError(f"plot_seed_spread: the histories measure different tasks ({', '.join(map(str, tasks))})")
+    regression = tasks == {"regression"}
     fig = _figure(figsize=(10, 4.2))
-    accuracy_ax, loss_ax = fig.subplots(1, 2)
+    metric_ax, loss_ax = fig.subplots(1, 2)
     epochs = range(1, histories[0].epochs + 1)
-    for ax, name, scale in ((accuracy_ax, "test_accuracy", 100.0), (loss_ax, "test_loss", 1.0)):
-        values = torch.tensor([getattr(h, name) for h in histories], dtype=torch.float64) * scale
+    metric = ("test_rmse", None) if regression else ("test_accuracy", 100.0)
+    for ax, name, scale in ((metric_ax, *metric), (loss_ax, "test_loss", None)):
+        values = torch.tensor([getattr(h, name) for h in histories], dtype=torch.float64) * (scale or 1.0)
         # quantile, as summarize's table: torch's median is the lower of the two middle values for an even count
         median = values.quantile(0.5, dim=0)
         ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values, alpha=0.3,
                         label=f"worst to best of {len(histories)} seeds")
-        last = f"{median[-1]:.1f}%" if scale != 1.0 else f"{median[-1]:.4f}"
+        last = f"{median[-1]:.1f}%" if scale else f"{median[-1]:.4f}"
         ax.plot(epochs, median, label=f"median (last {last})")
         ax.grid(True, alpha=0.3)
         ax.legend()
         ax.xaxis.set_major_locator(_whole_epochs())
-    accuracy_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    if regression:
+        metric_ax.set(xlabel="epoch", ylabel="test RMSE", title="Test root mean squared error")
+    else:
+        metric_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     loss_ax.set(xlabel="epoch", ylabel="test loss", yscale="log", title="Test loss")
     if title:
         fig.suptitle(title)

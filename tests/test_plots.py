@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import rdl_functional as rf
 
@@ -116,3 +117,42 @@ def test_seed_spread_plots_the_true_median_of_an_even_number_of_seeds():
     assert list(loss_line.get_ydata()) == pytest.approx([0.65, 0.85])
     assert accuracy_line.get_label() == "median (last 85.0%)"
     assert loss_line.get_label() == "median (last 0.8500)"
+
+
+def _regression_history(seed: int) -> rf.History:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(40, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1
+    model = rf.linear(3, 1)
+    _, history = rf.fit(model, rf.mse_loss, model.init(seed), x[:30], y[:30], epochs=3, batch_size=10, lr=0.1,
+                        generator=seed, test=(x[30:], y[30:]))
+    return history
+
+
+def test_plot_history_of_a_regression_shows_rmse_not_an_empty_accuracy(tmp_path):
+    history = _regression_history(0)
+    assert history.task == "regression" and not history.train_accuracy
+    figure = rf.plot_history(history)  # raised IndexError on the empty accuracy lists
+    loss, metric = figure.axes
+    assert metric.get_ylabel() == "RMSE"
+    assert [list(line.get_ydata()) for line in metric.get_lines()] == [list(history.train_rmse),
+                                                                       list(history.test_rmse)]
+    assert "R²" in metric.get_legend().get_texts()[0].get_text()
+    rf.save_figure(figure, tmp_path / "history.png")
+    assert png_size(tmp_path / "history.png")[0] > 800
+
+
+def test_seed_spread_of_regressions_shows_the_test_rmse():
+    histories = [_regression_history(seed) for seed in range(3)]
+    figure = rf.plot_seed_spread(histories)  # said "expected histories with a test set" of histories that had one
+    metric = figure.axes[0]
+    assert metric.get_ylabel() == "test RMSE"
+    expected = torch.tensor([h.test_rmse for h in histories], dtype=torch.float64).quantile(0.5, dim=0)
+    assert list(metric.get_lines()[0].get_ydata()) == expected.tolist()
+
+
+def test_seed_spread_refuses_histories_of_different_tasks():
+    classification = rf.History(train_loss=(1.0,) * 3, train_accuracy=(0.5,) * 3, test_loss=(1.0,) * 3,
+                                test_accuracy=(0.5,) * 3, task="classification")
+    with pytest.raises(ValueError, match=r"plot_seed_spread: the histories measure different tasks"):
+        rf.plot_seed_spread([classification, _regression_history(0)])

@@ -27,7 +27,7 @@ from .losses import Loss
 from .metrics import Evaluation, check_task, measure
 from .optim import Optimizer, Schedule, sgd_step
 from .stateful import StatefulLayer
-from .train import History, StepFunction, _check_count, _check_losses, _optimizer, _task_of_run
+from .train import History, StepFunction, _check_count, _check_losses, _detached, _optimizer, _task_of_run
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "stacked", "unstack_params"]
@@ -173,6 +173,10 @@ def fit_stacked(
             f"fit_stacked: expected x (models={models}, n, features) and target ({models}, n, ...), "
             f"got {tuple(x.shape)} and {tuple(target.shape)}"
         )
+    # As fit: data or params that require grad would record an autograd graph through every update.
+    params, x, target = _detached(params), x.detach(), target.detach()
+    if test is not None:
+        test = (test[0].detach(), test[1].detach())
     n = x.shape[1]
     offsets = torch.arange(models)[:, None] * n  # model m's rows in the flattened (models·n, ...) data
     x_flat, target_flat = x.reshape(models * n, *x.shape[2:]), target.reshape(models * n, *target.shape[2:])

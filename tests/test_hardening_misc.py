@@ -183,3 +183,29 @@ def test_the_readmes_fifteen_line_example_trains_on_one_thread(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [1]
+
+
+@pytest.mark.parametrize("requires_grad", ["params", "x", "target", "test"])
+def test_fit_stacked_with_data_that_requires_grad_builds_no_autograd_graph(requires_grad):
+    """Regression: as fit's, fit_stacked's steps recorded an autograd graph when the data (or params) required
+    grad, and the stacked params came back with a grad_fn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 30, 2, generator=g)
+    target = torch.rand(2, 30, 2, generator=g)
+    model = rf.compose(rf.linear(2, 4), rf.tanh, rf.linear(4, 2))
+    params = rf.stack_params([model.init(0), model.init(1)])
+    data = {"params": rf.tree_map(torch.clone, params), "x": x.clone(), "target": target.clone(),
+            "test": x[:, :10].clone()}
+    for leaf in rf.tree_leaves(data["params"]) if requires_grad == "params" else [data[requires_grad]]:
+        leaf.requires_grad_(True)
+    result = []
+    saved = _saved_for_backward(lambda: result.append(rf.fit_stacked(
+        model, rf.mse_loss, data["params"], data["x"], data["target"], epochs=2, batch_size=10, lr=0.1,
+        generators=[torch.Generator().manual_seed(m) for m in range(2)], test=(data["test"], target[:, :10]))))
+    trained, _ = result[0]
+    assert saved == 0
+    assert all(p.grad_fn is None and not p.requires_grad for p in rf.tree_leaves(trained))
+    expected, _ = rf.fit_stacked(model, rf.mse_loss, params, x, target, epochs=2, batch_size=10, lr=0.1,
+                                 generators=[torch.Generator().manual_seed(m) for m in range(2)],
+                                 test=(x[:, :10], target[:, :10]))
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(trained), rf.tree_leaves(expected), strict=True))

@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 from safetensors import SafetensorError
@@ -292,10 +292,10 @@ def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[
     if not stat.S_ISREG(mode):
         raise ValueError(f"{who}: {shown} is not a regular file (a FIFO, socket or device?)")
     try:
-        data = target.read_bytes()
+        with open(target, "rb") as file:
+            data, metadata = _read_checked(file, os.fstat(file.fileno()).st_size, shown, who)
     except OSError as error:
         raise OSError(f"{who}: cannot read {shown}: {error.strerror}") from None
-    metadata = _header_metadata(data, shown, who)
     try:
         # Each tensor is copied out of the bytes read: the process owns it, and it is writable.
         flat = {key: tensor.clone() for key, tensor in safetensors.torch.load(data).items()}
@@ -319,17 +319,36 @@ def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[
     return tree, metadata
 
 
-def _header_metadata(data: bytes, shown: str, who: str) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``, after checking the header's length, depth and entry count."""
+def _read_checked(file: BinaryIO, size: int, shown: str, who: str) -> tuple[bytes, dict[str, str]]:
+    """The file's bytes and its ``__metadata__``, read only once its header proves the file as long as it describes
+    (so a truncated, padded or sparse file costs a header's read, never the whole file's memory)."""
     problem = f"{who}: {shown} is not a readable safetensors file"
-    if len(data) < 8:
-        raise ValueError(f"{problem}: it is {len(data)} bytes long, shorter than a header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8 or size > _MAX_HEADER_BYTES:
-        raise ValueError(f"{problem}: its header claims {size} bytes, but the file holds {len(data) - 8} after "
+    if size < 8:
+        raise ValueError(f"{problem}: it is {size} bytes long, shorter than a header")
+    length = int.from_bytes(file.read(8), "little")
+    if length > size - 8 or length > _MAX_HEADER_BYTES:
+        raise ValueError(f"{problem}: its header claims {length} bytes, but the file holds {size - 8} after "
                          "the length (truncated, or another format?)")
+    header = _parse_header(file.read(length), problem)
+    expected = 8 + length + _data_size(header, problem)
+    if size != expected:
+        raise ValueError(f"{problem}: its header describes a file of {expected} bytes, but it holds {size} "
+                         "(truncated, padded, or another format?)")
+    file.seek(0)
     try:
-        text = data[8:8 + size].decode("utf-8")
+        data = file.read(size + 1)  # one more: a file grown since its size was taken is caught too
+    except MemoryError:
+        raise MemoryError(f"{who}: {shown} holds {size} bytes of tensors, more than this process can "
+                          "allocate") from None
+    if len(data) != size:
+        raise ValueError(f"{problem}: it changed while it was read ({size} bytes, then {len(data)})")
+    return data, header.get("__metadata__") or {}
+
+
+def _parse_header(raw: bytes, problem: str) -> dict[str, Any]:
+    """The safetensors header as JSON, after checking its depth, entry count and metadata."""
+    try:
+        text = raw.decode("utf-8")
         if _json_depth(text) > 3:  # {"name": {"shape": [...]}} at most
             raise ValueError("the header nests too deep")
         header = json.loads(text)
@@ -342,4 +361,18 @@ def _header_metadata(data: bytes, shown: str, who: str) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{problem}: its __metadata__ is not a map of strings")
-    return metadata
+    return header
+
+
+def _data_size(header: dict[str, Any], problem: str) -> int:
+    """The bytes of tensor data the header describes: the end of the last entry's ``data_offsets``."""
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+            raise ValueError(f"{problem}: its header gives {name!r} no data_offsets [begin, end] (damaged?)")
+        end = max(end, offsets[1])
+    return end

@@ -269,3 +269,29 @@ def test_a_signal_that_does_not_end_the_process_leaves_the_write_alone(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.txt").read_text() == "whole"
+
+
+def test_a_checkpoint_write_that_fails_ends_rdl_train_with_one_line_naming_the_file_and_keeps_the_last(tmp_path):
+    # The disk "fills" after the first checkpoint: a file-size limit (EFBIG, SIGXFSZ ignored) from then on.
+    import textwrap
+
+    path = tmp_path / "run.ckpt"
+    script = textwrap.dedent(f"""
+        import os, resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        import rdl_functional.checkpoint as checkpoint
+        from rdl_functional.cli import main
+        write = checkpoint.write_checkpoint
+        def write_then_fill_the_disk(path, state):
+            write(path, state)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) // 2, resource.RLIM_INFINITY))
+        checkpoint.write_checkpoint = write_then_fill_the_disk
+        sys.exit(main(["--epochs", "3", "--quiet", "--threads", "1", "--checkpoint", {str(path)!r}]))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"rdl-train: error: checkpoint: cannot write {str(path)!r}: File too large; "
+                                        "the file there is left as it was"]
+    assert rf.read_checkpoint(path).epochs_done == 1  # the last good checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]

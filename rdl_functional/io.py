@@ -338,7 +338,7 @@ def _read_checked(file: BinaryIO, size: int, shown: str, who: str) -> tuple[byte
     try:
         data = file.read(size + 1)  # one more: a file grown since its size was taken is caught too
     except MemoryError:
-        raise MemoryError(f"{who}: {shown} holds {size} bytes of tensors, more than this process can "
+        raise MemoryError(f"{who}: {shown} is {size} bytes long, more than this process can "
                           "allocate") from None
     if len(data) != size:
         raise ValueError(f"{problem}: it changed while it was read ({size} bytes, then {len(data)})")

@@ -156,6 +156,9 @@ def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[
     """The record, once the file's digest proves the record and the tensors are as they were written."""
     who = f"read_checkpoint: {shown}"
     text = metadata.get(_KEY)
+    if text is None and _DIGEST_KEY in metadata:
+        raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
+                         "checkpoint has")
     if text is None:
         raise ValueError(f"{who} is not a checkpoint of rdl_functional (its metadata holds no {_KEY} record; "
                          "rf.load reads a file of params)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -187,6 +188,8 @@ def _fill(skeleton: Any, flat: Mapping[str, Tensor]) -> Tree:
         for key, child in node.items():
             where = f"{path}.{key}" if path else key
             if child is None:
+                if where not in flat:
+                    raise ValueError(f'it names a tensor "{where}" that the file does not hold')
                 out[key] = flat[where]
             elif isinstance(child, dict):
                 out[key] = {}
@@ -196,24 +199,19 @@ def _fill(skeleton: Any, flat: Mapping[str, Tensor]) -> Tree:
     return root
 
 
+# A JSON string (escapes included), or an unterminated one running to the end; and a bracket.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _json_depth(text: str) -> int:
     """The deepest nesting of brackets in a JSON text (strings skipped), found without parsing it."""
     depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    for char in _BRACKET.findall(_JSON_STRING.sub("", text)):  # the scanning in C: a header is read at every load
+        if char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif char in "]}":
+        else:
             depth -= 1
     return deepest
 

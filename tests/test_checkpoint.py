@@ -402,7 +402,7 @@ _JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2)
 _STATE = torch.Generator().manual_seed(0).get_state()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_record_is_read_as_written_when_consistent_and_refused_naming_the_file_otherwise(tmp_path, data):
     n = data.draw(st.integers(1, 5), label="rows")
@@ -447,7 +447,7 @@ def test_any_record_is_read_as_written_when_consistent_and_refused_naming_the_fi
         and (order_kind == "none" if position == 0 else order_kind == "permutation" and natural(position)
              and position < n)
         and generator_kind == "good"
-        and (not tree["opt_state"] or has_opt is True and isinstance(count, int) and count >= 0)
+        and (not tree["opt_state"] or (has_opt is True and isinstance(count, int) and count >= 0))
     )
     if not consistent:
         with pytest.raises(ValueError, match=rf"read_checkpoint: {re.escape(repr(str(path)))} holds an inconsistent "

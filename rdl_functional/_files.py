@@ -213,6 +213,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *, 
     A reader sees the old file or the new one, never a part; if ``write``
     fails or a catchable signal arrives, the temporary file is removed and
     ``path`` is untouched (see the module's doc for the rest).
+
+    Raises:
+        OSError: from :func:`check_writable`, or the write failed (a full disk, a file-size limit, the folder
+            deleted): of the same class and errno, its message naming ``path``.
     """
     target = check_writable(path, who)
     _remove_stale(target)

@@ -230,8 +230,10 @@ def save(params: Tree, path: str | os.PathLike[str]) -> None:
         ValueError: a key could not be written as a dotted path, or the tree
             nests deeper than :data:`MAX_DEPTH` levels.
         OSError: the path cannot be written (its folder is missing or not
-            writable, the name is too long, it is a folder); raised before
-            anything is written.
+            writable, the name is too long, it is a folder or a symlink loop);
+            raised before anything is written. Or the write failed (a full
+            disk, a file-size limit, the folder deleted meanwhile): the message
+            names the file, and a file already there is left as it was.
     """
     _save(params, path, "save")
 
@@ -270,6 +272,9 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: the file is not a whole safetensors file (truncated,
             damaged, another format, a FIFO or device), or holds more than
             :data:`MAX_TENSORS` tensors or a tree deeper than :data:`MAX_DEPTH`.
+            Its size is checked against its header before its bytes are read.
+        MemoryError: the file, whole as its header says, is larger than the
+            memory this process can allocate.
         Every message names the file.
     """
     return _load(path, "load")[0]

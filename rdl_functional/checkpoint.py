@@ -242,7 +242,7 @@ def _check_history(history: Any, epochs_done: int) -> None:
     for name in _HISTORY:
         values = history[name]
         if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                isinstance(v, float) or (type(v) is int and abs(v) < 2**1000) for v in values):
             raise ValueError(f"history.{name} is not a list of numbers")
         if len(values) not in (0, epochs_done):
             raise ValueError(f"history.{name} holds {len(values)} values for {epochs_done} epoch(s) done "

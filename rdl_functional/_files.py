@@ -142,6 +142,8 @@ def _try_lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError:  # a file system without locks (ENOLCK, EOPNOTSUPP): writes go on, unguarded as before
+        return True
     return True
 
 

@@ -8,11 +8,19 @@ settings of the run. ``fit(..., checkpoint=PATH)`` writes one every
 not at all, and, started again with the same arguments, resumes from it: a
 run killed at any moment ends with the params and history it would have
 had, bit for bit.
+
+Each file proves itself whole: a SHA-256 digest of its record and of every
+tensor (path, dtype, shape and bytes) is written with it and checked on
+read, and the record is checked as a whole (types, ranges, the shuffle a
+permutation, the history as long as the epochs done, ...) before anything
+uses it; a damaged or inconsistent file is refused with a ``ValueError``
+that names it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import numbers
 import os
@@ -23,13 +31,14 @@ import attrs
 import torch
 from torch import Tensor
 
-from .io import _json_depth, _load, _save
-from .tree import Tree, tree_flatten
+from .io import _FORMAT_KEY, _json_depth, _load, _save, _skeleton
+from .tree import Tree, tree_flatten, tree_leaves, tree_map
 
 __all__ = ["Checkpoint", "read_checkpoint"]
 
 _KEY = "rdl_functional.checkpoint"
-_FORMAT = 1
+_DIGEST_KEY = "rdl_functional.digest"
+_FORMAT = 2  # 2: with a digest (format 1 had none)
 
 
 @attrs.frozen
@@ -61,6 +70,11 @@ class Checkpoint:
 
 
 def write_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` whole or not at all, with the digest that :func:`read_checkpoint` checks.
+
+    Raises:
+        OSError: the file could not be written (naming it); a file already at ``path`` is left as it was.
+    """
     tree = {"params": checkpoint.params, "opt_state": checkpoint.opt_state or {},
             "model_state": checkpoint.model_state or {}, "generator": checkpoint.generator_state}
     if checkpoint.order is not None:
@@ -70,42 +84,199 @@ def write_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> No
         "steps": checkpoint.steps, "history": checkpoint.history, "settings": checkpoint.settings,
         "has_opt_state": checkpoint.opt_state is not None, "has_model_state": checkpoint.model_state is not None,
     }
-    _save(tree, path, "checkpoint", {_KEY: json.dumps(record)})
+    _write(path, tree, json.dumps(record))
+
+
+def _write(path: str | os.PathLike[str], tree: Tree, record: str) -> None:
+    """The file itself: ``tree`` and the ``record`` text, signed with their digest."""
+    on_cpu = tree_map(lambda t: t.detach().contiguous().cpu(), tree)  # one copy, for the digest and the file
+    _save(on_cpu, path, "checkpoint", {_KEY: record, _DIGEST_KEY: _checksum(on_cpu, record)})
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint that ``fit(..., checkpoint=PATH)`` (or ``rdl-train --checkpoint``) wrote.
 
+    The file's digest is checked first (any flipped bit, in a tensor or in
+    the record, is found), then the record as a whole: counts are integers
+    ≥ 0, the history holds a number per epoch done, the shuffle (present
+    exactly when the checkpoint falls inside an epoch) is a permutation of
+    the rows, the generator's state is one a CPU generator takes, the
+    optimizer's step counts are integers ≥ 0, and the trees are there exactly
+    when the record says.
+
     Raises:
         FileNotFoundError, IsADirectoryError, ValueError: as :func:`~rdl_functional.load`
-            does; ValueError also when the file is not a checkpoint. Every message names the file.
+            does; ValueError also when the file is not a checkpoint, is corrupted
+            (its digest does not match), was written by an older version
+            (format 1, without a digest), or holds an inconsistent record.
+            Every message names the file.
     """
     tree, metadata = _load(path, "read_checkpoint")
     shown = repr(str(path))
+    record = _proven_record(tree, metadata, shown)
     try:
-        text = metadata[_KEY]
+        _check_record(tree, record)
+    except ValueError as error:
+        raise ValueError(f"read_checkpoint: {shown} holds an inconsistent checkpoint ({error}); it cannot be "
+                         "resumed: remove it to start afresh") from None
+    return Checkpoint(
+        params=tree["params"],
+        opt_state=tree["opt_state"] if record["has_opt_state"] else None,
+        model_state=tree["model_state"] if record["has_model_state"] else None,
+        generator_state=tree["generator"],
+        order=tree.get("order"),
+        epochs_done=record["epochs_done"],
+        position=record["position"],
+        steps=record["steps"],
+        history={name: [float(v) for v in record["history"][name]] for name in _HISTORY},
+        settings=record["settings"],
+    )
+
+
+def _checksum(tree: Tree, record: str) -> str:
+    """SHA-256 of a checkpoint's record text, its tree's nesting, and each tensor's path, dtype, shape and bytes;
+    each part preceded by its length, so that no two contents give one sequence of bytes."""
+    h = hashlib.sha256()
+
+    def put(data: bytes | memoryview) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    put(record.encode())
+    put(json.dumps(_skeleton(tree, "checkpoint")).encode())
+    for path, leaf in tree_flatten(tree).items():
+        t = leaf.detach().contiguous().cpu()
+        put(path.encode())
+        put(f"{t.dtype}{tuple(t.shape)}".encode())
+        put(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[str, Any]:
+    """The record, once the file's digest proves the record and the tensors are as they were written."""
+    who = f"read_checkpoint: {shown}"
+    text = metadata.get(_KEY)
+    if text is None and _DIGEST_KEY in metadata:
+        raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
+                         "checkpoint has")
+    if text is None:
+        raise ValueError(f"{who} is not a checkpoint of rdl_functional (its metadata holds no {_KEY} record; "
+                         "rf.load reads a file of params)")
+    written = metadata.get(_DIGEST_KEY)
+    if written is None:
+        found = _format_of(text)
+        if isinstance(found, int) and found < _FORMAT:
+            raise ValueError(f"{who} is a checkpoint of format {found}, written by an older version of "
+                             "rdl_functional: it holds no digest to prove it whole, so it is not resumed. Start "
+                             "the run afresh (remove the file, or give another checkpoint path), or finish it with "
+                             "the version that wrote it")
+        raise ValueError(f"{who} is corrupted: it holds no digest ({_DIGEST_KEY}) to prove it whole")
+    if set(metadata) != {_FORMAT_KEY, _KEY, _DIGEST_KEY}:
+        raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
+                         "checkpoint has")
+    if not hmac.compare_digest(written.encode(), _checksum(tree, text).encode()):
+        raise ValueError(f"{who} is corrupted: its contents do not match the digest written with it (a damaged "
+                         "disk, copy or transfer, or a file edited by hand); resume from a good copy, or remove it "
+                         "to start afresh")
+    found = _format_of(text)
+    if found != _FORMAT:
+        raise ValueError(f"{who} is a checkpoint of format {found!r}, which this version of rdl_functional "
+                         f"(format {_FORMAT}) does not read")
+    record = json.loads(text)
+    if not isinstance(record, dict):
+        raise ValueError(f"{who}: its record is a {type(record).__name__}, not a JSON object")
+    return record
+
+
+def _format_of(text: str) -> Any:
+    """The record's ``format``, or ``None`` when the text is no JSON object."""
+    try:
         if _json_depth(text) > 64:
-            raise ValueError("the record nests too deep")
+            return None
         record = json.loads(text)
-        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-            raise ValueError("the record or its settings is not a JSON object")
-        if record.get("format") != _FORMAT:
-            raise ValueError(f"format {record.get('format')!r}, expected {_FORMAT}")
-        return Checkpoint(
-            params=tree["params"],
-            opt_state=tree["opt_state"] if record["has_opt_state"] else None,
-            model_state=tree["model_state"] if record["has_model_state"] else None,
-            generator_state=tree["generator"],
-            order=tree.get("order"),
-            epochs_done=int(record["epochs_done"]),
-            position=int(record["position"]),
-            steps=int(record["steps"]),
-            history={name: [float(v) for v in record["history"][name]] for name in _HISTORY},
-            settings=record["settings"],
-        )
-    except (KeyError, ValueError, TypeError, AttributeError, RecursionError, OverflowError) as error:
-        raise ValueError(f"read_checkpoint: {shown} is not a checkpoint of rdl_functional ({error!r} in its "
-                         "record)") from None
+    except (ValueError, RecursionError):
+        return None
+    return record.get("format") if isinstance(record, dict) else None
+
+
+_RECORD = ("format", "epochs_done", "position", "steps", "history", "settings", "has_opt_state", "has_model_state")
+
+
+def _check_record(tree: Tree, record: dict[str, Any]) -> None:
+    """Raise ValueError, saying what is wrong, unless ``record`` and ``tree`` make one consistent checkpoint."""
+    if sorted(record) != sorted(_RECORD):
+        raise ValueError(f"the record holds the fields {sorted(record)}, expected {sorted(_RECORD)}")
+    if not {"params", "opt_state", "model_state", "generator"} <= set(tree) <= {
+            "params", "opt_state", "model_state", "generator", "order"}:
+        raise ValueError(f"the tensors hold {sorted(tree)}, expected params, opt_state, model_state, generator "
+                         "and, inside an epoch, order")
+    for name in ("epochs_done", "position", "steps"):
+        if type(record[name]) is not int or record[name] < 0:
+            raise ValueError(f"{name} is {record[name]!r}, expected an integer ≥ 0")
+    for name in ("has_opt_state", "has_model_state"):
+        if type(record[name]) is not bool:
+            raise ValueError(f"{name} is {record[name]!r}, expected true or false")
+    if not isinstance(record["settings"], dict):
+        raise ValueError(f"settings is a {type(record['settings']).__name__}, expected a JSON object")
+    _check_history(record["history"], record["epochs_done"])
+    _check_order(tree.get("order"), record["position"])
+    _check_generator(tree["generator"])
+    for name in ("params", "opt_state", "model_state"):
+        if not isinstance(tree[name], dict):
+            raise ValueError(f"{name} is a tensor, expected a tree of them")
+    for name in ("opt_state", "model_state"):
+        if not record[f"has_{name}"] and tree_leaves(tree[name]):
+            raise ValueError(f"has_{name} is false, but {name} holds {len(tree_leaves(tree[name]))} tensor(s)")
+    for path, leaf in tree_flatten(tree["opt_state"]).items():
+        if path.rsplit(".", 1)[-1] == "count" and (
+                leaf.dim() != 0 or leaf.dtype.is_floating_point or leaf.dtype.is_complex or leaf.dtype == torch.bool
+                or int(leaf) < 0):
+            raise ValueError(f'the optimizer\'s step count at "opt_state.{path}" is {leaf!r}, expected a 0-dim '
+                             "integer tensor ≥ 0")
+
+
+def _check_history(history: Any, epochs_done: int) -> None:
+    if not isinstance(history, dict) or sorted(history) != sorted(_HISTORY):
+        shown = sorted(history) if isinstance(history, dict) else type(history).__name__
+        raise ValueError(f"the history holds {shown}, expected {sorted(_HISTORY)}")
+    for name in _HISTORY:
+        values = history[name]
+        if not isinstance(values, list) or not all(
+                isinstance(v, float) or (type(v) is int and abs(v) < 2**1000) for v in values):
+            raise ValueError(f"history.{name} is not a list of numbers")
+        if len(values) not in (0, epochs_done):
+            raise ValueError(f"history.{name} holds {len(values)} values for {epochs_done} epoch(s) done "
+                             "(one an epoch, or none when not recorded)")
+
+
+def _check_order(order: Any, position: int) -> None:
+    """The epoch's shuffle: there exactly when the checkpoint falls inside an epoch, a permutation of its rows."""
+    if position == 0:
+        if order is not None:
+            raise ValueError("it holds a shuffle (order) at position 0, where none is written")
+        return
+    if order is None:
+        raise ValueError(f"position is {position} (inside an epoch), but it holds no shuffle (order)")
+    if not isinstance(order, Tensor) or order.dim() != 1 or order.dtype != torch.int64:
+        shown = f"{order.dtype} of shape {tuple(order.shape)}" if isinstance(order, Tensor) else "a tree"
+        raise ValueError(f"the shuffle (order) is {shown}, expected a 1-D int64 tensor")
+    n = order.numel()
+    if position >= n:
+        raise ValueError(f"position is {position}, not inside an epoch of {n} rows")
+    if not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise ValueError(f"the shuffle (order) is not a permutation of 0..{n - 1}")
+
+
+def _check_generator(state: Any) -> None:
+    expected = torch.Generator().get_state()
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.shape != expected.shape:
+        shown = f"{state.dtype} of shape {tuple(state.shape)}" if isinstance(state, Tensor) else "a tree"
+        raise ValueError(f"the generator's state is {shown}, expected uint8 of shape {tuple(expected.shape)} (a "
+                         "CPU torch.Generator's get_state())")
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as error:
+        raise ValueError(f"a CPU generator refuses its state ({error})") from None
 
 
 _HISTORY = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_rmse", "train_r2", "test_rmse",

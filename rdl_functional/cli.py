@@ -853,6 +853,14 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
             results.extend(train(callback))
         except ValueError as error:  # what the settings could not be checked for before training
             _fail(str(error))
+        except OSError as error:  # a checkpoint write that failed (a full disk, a file-size limit): the file
+            close()               # names itself, and the last checkpoint written is kept whole
+            print(f"rdl-train: error: {error}", file=sys.stderr)
+            if size > 1:  # out at once, as below: a peer may be inside a collective
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+            return 1
         except NonFiniteLoss as error:
             close()
             print(f"rdl-train: {str(error).replace('pass check_finite=False', 'pass --no-finite-check')}",

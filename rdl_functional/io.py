@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 from safetensors import SafetensorError
@@ -188,6 +189,8 @@ def _fill(skeleton: Any, flat: Mapping[str, Tensor]) -> Tree:
         for key, child in node.items():
             where = f"{path}.{key}" if path else key
             if child is None:
+                if where not in flat:
+                    raise ValueError(f'it names a tensor "{where}" that the file does not hold')
                 out[key] = flat[where]
             elif isinstance(child, dict):
                 out[key] = {}
@@ -197,24 +200,19 @@ def _fill(skeleton: Any, flat: Mapping[str, Tensor]) -> Tree:
     return root
 
 
+# A JSON string (escapes included), or an unterminated one running to the end; and a bracket.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _json_depth(text: str) -> int:
     """The deepest nesting of brackets in a JSON text (strings skipped), found without parsing it."""
     depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    for char in _BRACKET.findall(_JSON_STRING.sub("", text)):  # the scanning in C: a header is read at every load
+        if char in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif char in "]}":
+        else:
             depth -= 1
     return deepest
 
@@ -233,8 +231,10 @@ def save(params: Tree, path: str | os.PathLike[str]) -> None:
         ValueError: a key could not be written as a dotted path, or the tree
             nests deeper than :data:`MAX_DEPTH` levels.
         OSError: the path cannot be written (its folder is missing or not
-            writable, the name is too long, it is a folder); raised before
-            anything is written.
+            writable, the name is too long, it is a folder or a symlink loop);
+            raised before anything is written. Or the write failed (a full
+            disk, a file-size limit, the folder deleted meanwhile): the message
+            names the file, and a file already there is left as it was.
     """
     _save(params, path, "save")
 
@@ -273,6 +273,9 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: the file is not a whole safetensors file (truncated,
             damaged, another format, a FIFO or device), or holds more than
             :data:`MAX_TENSORS` tensors or a tree deeper than :data:`MAX_DEPTH`.
+            Its size is checked against its header before its bytes are read.
+        MemoryError: the file, whole as its header says, is larger than the
+            memory this process can allocate.
         Every message names the file.
     """
     return _load(path, "load")[0]
@@ -293,10 +296,10 @@ def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[
     if not stat.S_ISREG(mode):
         raise ValueError(f"{who}: {shown} is not a regular file (a FIFO, socket or device?)")
     try:
-        data = target.read_bytes()
+        with open(target, "rb") as file:
+            data, metadata = _read_checked(file, os.fstat(file.fileno()).st_size, shown, who)
     except OSError as error:
         raise OSError(f"{who}: cannot read {shown}: {error.strerror}") from None
-    metadata = _header_metadata(data, shown, who)
     try:
         # Each tensor is copied out of the bytes read: the process owns it, and it is writable.
         flat = {key: tensor.clone() for key, tensor in safetensors.torch.load(data).items()}
@@ -320,17 +323,36 @@ def _load(path: str | os.PathLike[str], who: str) -> tuple[dict[str, Any], dict[
     return tree, metadata
 
 
-def _header_metadata(data: bytes, shown: str, who: str) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``, after checking the header's length, depth and entry count."""
+def _read_checked(file: BinaryIO, size: int, shown: str, who: str) -> tuple[bytes, dict[str, str]]:
+    """The file's bytes and its ``__metadata__``, read only once its header proves the file as long as it describes
+    (so a truncated, padded or sparse file costs a header's read, never the whole file's memory)."""
     problem = f"{who}: {shown} is not a readable safetensors file"
-    if len(data) < 8:
-        raise ValueError(f"{problem}: it is {len(data)} bytes long, shorter than a header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8 or size > _MAX_HEADER_BYTES:
-        raise ValueError(f"{problem}: its header claims {size} bytes, but the file holds {len(data) - 8} after "
+    if size < 8:
+        raise ValueError(f"{problem}: it is {size} bytes long, shorter than a header")
+    length = int.from_bytes(file.read(8), "little")
+    if length > size - 8 or length > _MAX_HEADER_BYTES:
+        raise ValueError(f"{problem}: its header claims {length} bytes, but the file holds {size - 8} after "
                          "the length (truncated, or another format?)")
+    header = _parse_header(file.read(length), problem)
+    expected = 8 + length + _data_size(header, problem)
+    if size != expected:
+        raise ValueError(f"{problem}: its header describes a file of {expected} bytes, but it holds {size} "
+                         "(truncated, padded, or another format?)")
+    file.seek(0)
     try:
-        text = data[8:8 + size].decode("utf-8")
+        data = file.read(size + 1)  # one more: a file grown since its size was taken is caught too
+    except MemoryError:
+        raise MemoryError(f"{who}: {shown} is {size} bytes long, more than this process can "
+                          "allocate") from None
+    if len(data) != size:
+        raise ValueError(f"{problem}: it changed while it was read ({size} bytes, then {len(data)})")
+    return data, header.get("__metadata__") or {}
+
+
+def _parse_header(raw: bytes, problem: str) -> dict[str, Any]:
+    """The safetensors header as JSON, after checking its depth, entry count and metadata."""
+    try:
+        text = raw.decode("utf-8")
         if _json_depth(text) > 3:  # {"name": {"shape": [...]}} at most
             raise ValueError("the header nests too deep")
         header = json.loads(text)
@@ -343,4 +365,18 @@ def _header_metadata(data: bytes, shown: str, who: str) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{problem}: its __metadata__ is not a map of strings")
-    return metadata
+    return header
+
+
+def _data_size(header: dict[str, Any], problem: str) -> int:
+    """The bytes of tensor data the header describes: the end of the last entry's ``data_offsets``."""
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+            raise ValueError(f"{problem}: its header gives {name!r} no data_offsets [begin, end] (damaged?)")
+        end = max(end, offsets[1])
+    return end

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rdl_functional as rf
+from rdl_functional.checkpoint import _HISTORY, _KEY, _write
+from rdl_functional.io import _load, _save
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--epochs", "20", "--batch-norm", "--dropout", "0.1", "--optimizer", "adam", "--checkpoint-every", "1",
@@ -269,3 +275,189 @@ def test_a_signal_that_does_not_end_the_process_leaves_the_write_alone(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.txt").read_text() == "whole"
+
+
+def test_a_checkpoint_write_that_fails_ends_rdl_train_with_one_line_naming_the_file_and_keeps_the_last(tmp_path):
+    # The disk "fills" after the first checkpoint: a file-size limit (EFBIG, SIGXFSZ ignored) from then on.
+    import textwrap
+
+    path = tmp_path / "run.ckpt"
+    script = textwrap.dedent(f"""
+        import os, resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        import rdl_functional.checkpoint as checkpoint
+        from rdl_functional.cli import main
+        write = checkpoint.write_checkpoint
+        def write_then_fill_the_disk(path, state):
+            write(path, state)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) // 2, resource.RLIM_INFINITY))
+        checkpoint.write_checkpoint = write_then_fill_the_disk
+        sys.exit(main(["--epochs", "3", "--quiet", "--threads", "1", "--checkpoint", {str(path)!r}]))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"rdl-train: error: checkpoint: cannot write {str(path)!r}: File too large; "
+                                        "the file there is left as it was"]
+    assert rf.read_checkpoint(path).epochs_done == 1  # the last good checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+# ---------------------------------------------------------------------------
+# Records proved whole and consistent before fit uses them
+
+
+def _interrupted_run(tmp_path):
+    """A checkpoint inside epoch 2 (position 90 of 200 rows) of an Adam run of a batch-norm model, and ``run``,
+    which resumes from a checkpoint path."""
+    model, params, x, target = _task()
+
+    def run(path, **kwargs):
+        return rf.fit(model, rf.mse_loss, params, x, target, epochs=3, batch_size=30, optimizer=rf.adam(0.01),
+                      generator=5, checkpoint=path, checkpoint_every=5, **kwargs)
+
+    def stop(epoch, params, history):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run(path, callback=stop)
+    return path, run
+
+
+def _resigned(path, out, change):
+    """A copy of the checkpoint at ``path``, changed by ``change(tree, record)`` and signed with a digest that
+    matches: what only a writer with another idea of a checkpoint (or an editor) makes."""
+    tree, metadata = _load(path, "test")
+    record = json.loads(metadata[_KEY])
+    change(tree, record)
+    _write(out, tree, json.dumps(record))
+    return out
+
+
+def _set(tree, *keys, value):
+    for key in keys[:-1]:
+        tree = tree[key]
+    tree[keys[-1]] = value
+
+
+_INCONSISTENT = {  # was: AttributeError, IndexError, RuntimeError, ZeroDivisionError, accepted, accepted, ...
+    "order_missing": (lambda t, r: t.pop("order"), r"position is 90 \(inside an epoch\), but it holds no shuffle"),
+    "order_out_of_range": (lambda t, r: _set(t, "order", value=t["order"].clone().fill_(0).add_(
+        torch.arange(200)).add_(1)), r"the shuffle \(order\) is not a permutation of 0..199"),
+    "order_repeats_a_row": (lambda t, r: t["order"].__setitem__(0, t["order"][1].item()),
+                            r"the shuffle \(order\) is not a permutation"),
+    "position_past_the_order": (lambda t, r: r.update(position=200), r"position is 200, not inside an epoch of 200"),
+    "generator_short": (lambda t, r: _set(t, "generator", value=t["generator"][:100].clone()),
+                        r"the generator's state is torch.uint8 of shape \(100,\), expected uint8 of shape \(5056,\)"),
+    "generator_refused": (lambda t, r: t["generator"].fill_(255),
+                          r"a CPU generator refuses its state \(Invalid mt19937 state\)"),
+    "count_negative": (lambda t, r: _set(t, "opt_state", "count", value=torch.tensor(-1)),
+                       r'step count at "opt_state.count" is tensor\(-1\), expected a 0-dim integer tensor'),
+    "history_longer_than_the_epochs": (lambda t, r: r["history"]["train_loss"].append(0.5),
+                                       r"history.train_loss holds 2 values for 1 epoch\(s\) done"),
+    "history_a_huge_integer": (lambda t, r: r["history"].update(train_loss=[10**400]),
+                               r"history.train_loss is not a list of numbers"),
+    "steps_a_float": (lambda t, r: r.update(steps=10.0), r"steps is 10.0, expected an integer ≥ 0"),
+    "flag_a_number": (lambda t, r: r.update(has_opt_state=1), r"has_opt_state is 1, expected true or false"),
+    "opt_state_without_its_flag": (lambda t, r: r.update(has_opt_state=False),
+                                   r"has_opt_state is false, but opt_state holds 30 tensor\(s\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_INCONSISTENT))
+def test_an_inconsistent_record_is_refused_by_read_checkpoint_and_fit_naming_the_file(tmp_path, case):
+    path, run = _interrupted_run(tmp_path)
+    change, reason = _INCONSISTENT[case]
+    bad = _resigned(path, tmp_path / f"{case}.ckpt", change)
+    expected = rf"read_checkpoint: {re.escape(repr(str(bad)))} holds an inconsistent checkpoint \(.*{reason}"
+    with pytest.raises(ValueError, match=expected):
+        rf.read_checkpoint(bad)
+    with pytest.raises(ValueError, match=expected):  # fit's resume never sees it
+        run(bad)
+
+
+def test_a_checkpoint_of_format_1_is_refused_saying_why_and_what_to_do(tmp_path):
+    path, run = _interrupted_run(tmp_path)
+    tree, metadata = _load(path, "test")
+    record = json.loads(metadata[_KEY])
+    record["format"] = 1
+    old = tmp_path / "old.ckpt"
+    _save(tree, old, "checkpoint", {_KEY: json.dumps(record)})  # as the version before digests wrote it
+    expected = (rf"read_checkpoint: {re.escape(repr(str(old)))} is a checkpoint of format 1, written by an older "
+                r"version of rdl_functional: it holds no digest to prove it whole, so it is not resumed. Start the run "
+                r"afresh \(remove the file, or give another checkpoint path\), or finish it with the version that "
+                r"wrote it")
+    with pytest.raises(ValueError, match=expected):
+        rf.read_checkpoint(old)
+    with pytest.raises(ValueError, match=expected):
+        run(old)
+    with pytest.raises(ValueError, match=r"read_checkpoint: '.*run.ckpt' is not a checkpoint of rdl_functional \("
+                                         r"its metadata holds no rdl_functional.checkpoint record; rf.load reads"):
+        rf.save(rf.seed_model().init(0), path)
+        rf.read_checkpoint(path)
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2), st.text(max_size=2),
+                  st.lists(st.integers(0, 2), max_size=2))
+_STATE = torch.Generator().manual_seed(0).get_state()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_record_is_read_as_written_when_consistent_and_refused_naming_the_file_otherwise(tmp_path, data):
+    n = data.draw(st.integers(1, 5), label="rows")
+    epochs = data.draw(st.one_of(st.integers(0, 3), _JUNK), label="epochs_done")
+    position = data.draw(st.one_of(st.integers(0, n), _JUNK), label="position")
+    steps = data.draw(st.one_of(st.integers(0, 9), _JUNK), label="steps")
+    flags = [data.draw(st.one_of(st.booleans(), _JUNK), label=name) for name in ("has_opt_state", "has_model_state")]
+    lengths = [data.draw(st.sampled_from([0, epochs if type(epochs) is int and epochs >= 0 else 0, 1, 4]),
+                         label=f"len {name}") for name in _HISTORY]
+    history = {name: [0.5] * length for name, length in zip(_HISTORY, lengths, strict=True)}
+    if data.draw(st.booleans(), label="history junk"):
+        history[data.draw(st.sampled_from(_HISTORY))] = data.draw(_JUNK)
+    kinds = ["none", "permutation", "repeat", "int32"]
+    order_kind = data.draw(st.sampled_from(kinds), label="order")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    order = {"none": None, "permutation": perm, "int32": perm.int(),
+             "repeat": torch.zeros(n, dtype=torch.int64) if n > 1 else torch.tensor([1])}[order_kind]
+    generator_kind = data.draw(st.sampled_from(["good", "short", "refused", "float"]), label="generator")
+    generator = {"good": _STATE, "short": _STATE[:-1], "refused": torch.full_like(_STATE, 255),
+                 "float": _STATE.double()}[generator_kind]
+    count = data.draw(st.one_of(st.integers(-2, 3), st.just(1.5)), label="count")
+    opt_state = {"count": torch.tensor(count), "lr": torch.tensor(0.1, dtype=torch.float64)}
+    has_opt = flags[0] if flags[0] is not False else data.draw(st.sampled_from([False, "empty"]), label="opt")
+    tree = {"params": {"w": torch.zeros(2)}, "opt_state": {} if has_opt == "empty" else opt_state,
+            "model_state": {"s": {"m": torch.ones(1)}} if flags[1] is True else {}, "generator": generator}
+    if has_opt == "empty":
+        has_opt = False
+    if order is not None:
+        tree["order"] = order
+    record = {"format": 2, "epochs_done": epochs, "position": position, "steps": steps, "history": history,
+              "settings": {"epochs": 3}, "has_opt_state": has_opt, "has_model_state": flags[1]}
+    path = tmp_path / "any.ckpt"
+    _write(path, tree, json.dumps(record))
+
+    def natural(v):
+        return type(v) is int and v >= 0
+
+    consistent = (
+        natural(epochs) and natural(position) and natural(steps)
+        and all(type(f) is bool for f in (has_opt, flags[1]))
+        and all(isinstance(v, list) and len(v) in (0, epochs) for v in history.values())
+        and (order_kind == "none" if position == 0 else order_kind == "permutation" and natural(position)
+             and position < n)
+        and generator_kind == "good"
+        and (not tree["opt_state"] or (has_opt is True and isinstance(count, int) and count >= 0))
+    )
+    if not consistent:
+        with pytest.raises(ValueError, match=rf"read_checkpoint: {re.escape(repr(str(path)))} holds an inconsistent "
+                                             r"checkpoint \(.+\); it cannot be resumed: remove it to start afresh"):
+            rf.read_checkpoint(path)
+        return
+    read = rf.read_checkpoint(path)
+    assert (read.epochs_done, read.position, read.steps, read.history) == (epochs, position, steps, history)
+    assert (read.opt_state is not None, read.model_state is not None) == (has_opt, flags[1])
+    assert torch.equal(read.generator_state, _STATE)
+    assert (read.order is None) == (position == 0) and (read.order is None or torch.equal(read.order, perm))

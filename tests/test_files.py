@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,81 @@ def test_deep_trees_are_walked_without_recursion_and_refused_by_save_with_a_mess
     with pytest.raises(ValueError, match=r"save: the tree nests deeper than 256 levels"):
         rf.save(deep, tmp_path / "deep.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_writers_on_one_path_both_finish_and_neither_removes_the_others_temporary_file(tmp_path):
+    # Two runs on one checkpoint path: each write's cleanup of killed writes' leftovers removed the other's
+    # temporary file in flight, and that writer died with a FileNotFoundError.
+    path = tmp_path / "run.ckpt"
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def slow(tmp):  # the first writer, held inside its write until the second has written
+        Path(tmp).write_text("first")
+        inside.set()
+        assert release.wait(timeout=60)
+
+    def first():
+        try:
+            atomic_write(path, slow)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        rf.save(_params(), path)  # the second writer, its cleanup run while the first's file is in flight
+        assert _same(rf.load(path), _params())
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert errors == [] and path.read_text() == "first"  # both finished; the last rename wins
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+def test_a_failed_write_raises_an_oserror_naming_the_file_and_keeps_the_old_one(tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+
+    def delete_the_folder(tmp):
+        Path(tmp).write_text("half")
+        for entry in folder.iterdir():
+            entry.unlink()
+        folder.rmdir()
+
+    with pytest.raises(FileNotFoundError, match=r"save: cannot write '.*gone/p.txt': No such file or directory; "
+                                                 r"nothing was written"):
+        atomic_write(folder / "p.txt", delete_the_folder, who="save")
+    # A file-size limit (EFBIG; SIGXFSZ ignored, as a shell's ulimit -f may leave it): the old file is kept.
+    path = tmp_path / "p.safetensors"
+    script = textwrap.dedent(f"""
+        import resource, signal, torch, rdl_functional as rf
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        rf.save({{"w": torch.ones(4)}}, {str(path)!r})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            rf.save({{"w": torch.zeros(10_000)}}, {str(path)!r})
+        except OSError as error:
+            print(type(error).__name__, error.errno, error)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"OSError 27 save: cannot write {str(path)!r}: File too large; the file there is "
+                                   "left as it was")
+    assert torch.equal(rf.load(path)["w"], torch.ones(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_a_symlink_loop_is_refused_before_any_work_not_replaced_by_a_file(tmp_path):
+    loop = tmp_path / "run.ckpt"
+    loop.symlink_to(loop.name)  # ln -s run.ckpt run.ckpt
+    with pytest.raises(OSError, match=r"save: '.*run.ckpt' is a symlink loop \(a link that leads back to itself\)"):
+        rf.save(_params(), loop)
+    epochs = []
+    x, labels = rf.disc_dataset(40, 0)
+    with pytest.raises(OSError, match=r"fit: checkpoint: '.*run.ckpt' is a symlink loop"):
+        rf.fit(rf.seed_model(), rf.mse_loss, _params(), x, rf.one_hot(labels, 2), epochs=2, batch_size=20, lr=0.1,
+               generator=0, checkpoint=loop, callback=lambda epoch, p, h: epochs.append(epoch))
+    assert epochs == [] and loop.is_symlink() and os.readlink(loop) == loop.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -117,3 +118,52 @@ def test_load_of_a_torch_pickle_is_refused(tmp_path):
     torch.save(rf.seed_model().init(0), path)
     with pytest.raises(ValueError, match=r"model\.pt' is not a readable safetensors file"):
         rf.load(path)
+
+
+@pytest.mark.parametrize("size", [1_500_000_000, 8 * 2**30])
+def test_a_sparse_file_is_refused_by_its_header_before_its_bytes_are_read(tmp_path, size):
+    # It was read whole first: 1.76 GB of memory at 1.5 GB, a bare MemoryError('') at 8 GB.
+    import tracemalloc
+
+    path = tmp_path / "sparse.safetensors"
+    rf.save(rf.seed_model().init(0), path)
+    os.truncate(path, size)  # a hole: no disk, and no memory unless read
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as caught:
+            rf.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes allocated to refuse it"
+    assert re.fullmatch(rf"load: '.*sparse\.safetensors' is not a readable safetensors file: its header describes a "
+                        rf"file of \d+ bytes, but it holds {size} \(truncated, padded, or another format\?\)",
+                        str(caught.value))
+
+
+def test_a_file_too_large_for_memory_raises_a_memory_error_naming_it(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    path = tmp_path / "huge.safetensors"
+    header = b'{"w":{"dtype":"U8","shape":[4294967296],"data_offsets":[0,4294967296]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    os.truncate(path, 8 + len(header) + 2**32)  # whole as its header says, 4 GiB of zeros in a hole
+    script = textwrap.dedent(f"""
+        import resource, rdl_functional as rf
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) for line in status if line.startswith("VmSize")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))
+        try:
+            rf.load({str(path)!r})
+        except MemoryError as error:
+            print(error)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"load: {str(path)!r} is {8 + len(header) + 2**32} bytes long, more than " \
+                                  "this process can allocate"

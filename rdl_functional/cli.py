@@ -459,8 +459,12 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
             text = json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
             atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
             print(f"wrote {args.json}")
-    except OSError as error:
-        _fail(f"cannot write {error.filename or 'the output'}: {error.strerror or error}")
+    except OSError as error:  # a write that failed after training (a full disk, a file-size limit): exit 1, as a
+        # failed checkpoint write; the library's message names the file, an OSError from elsewhere its filename
+        named = str(error) if error.filename is None and not error.strerror else \
+            f"cannot write {error.filename or 'the output'}: {error.strerror or error}"
+        print(f"rdl-train: error: {named}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> None:

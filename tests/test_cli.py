@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +335,25 @@ def test_compile_trains_through_torch_compile(capsys):
     main(["--epochs", "2", "--batch-size", "500", "--quiet"])
     eager = _table_rows(capsys.readouterr().out)[0]
     assert compiled[0] == eager[0] and abs(int(compiled[3]) - int(eager[3])) <= 2  # the same run, to rounding
+
+
+@pytest.mark.parametrize("flag", ["--save", "--json"])
+def test_an_output_write_that_fails_after_training_ends_with_one_line_naming_the_file_and_exit_1(tmp_path, flag):
+    """Regression: a full disk at --save or --json (after training) ended with exit 2 and 'cannot write the
+    output', where a failed checkpoint write ends with exit 1 and the file's name."""
+    import textwrap
+
+    path = tmp_path / ("params.safetensors" if flag == "--save" else "run.json")
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
+        from rdl_functional.cli import main
+        sys.exit(main(["--epochs", "1", "--quiet", "--threads", "1", {flag!r}, {str(path)!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("rdl-train: error: ") and repr(str(path)) in line and "File too large" in line
+    assert not path.exists()

@@ -134,6 +134,7 @@ def test_plot_history_of_a_regression_shows_rmse_not_an_empty_accuracy(tmp_path)
     assert history.task == "regression" and not history.train_accuracy
     figure = rf.plot_history(history)  # raised IndexError on the empty accuracy lists
     loss, metric = figure.axes
+    assert loss.get_ylabel() == "loss"
     assert metric.get_ylabel() == "RMSE"
     assert [list(line.get_ydata()) for line in metric.get_lines()] == [list(history.train_rmse),
                                                                        list(history.test_rmse)]

@@ -671,7 +671,8 @@ def _watch(workers: list[Any], nproc: int, received: list[int], stopped_limit: f
         failed = [f"worker {rank} of {nproc} exited with {code}" for rank, code in enumerate(codes)
                   if code not in (None, 0)]
         if failed or max(stopped_for) >= stopped_limit:
-            stopped = [f"worker {rank} of {nproc} was stopped by {signal.Signals(stop).name}"
+            stopped = [f"worker {rank} of {nproc} was stopped by "
+                       f"{signal.Signals(stop).name if stop in signal.valid_signals() else f'signal {stop}'}"
                        + (f" for {stopped_limit:g} s" if stopped_for[rank] >= stopped_limit else "")
                        for rank, stop in enumerate(stops) if stop]
             killed = _stop(workers, signal.SIGTERM, _KILL_AFTER_S)

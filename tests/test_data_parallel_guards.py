@@ -209,3 +209,34 @@ def test_watch_names_a_failed_worker_and_a_stopped_one_and_kills_what_a_sigterm_
         for worker in workers:
             worker.kill()
             worker.wait()
+
+
+def test_rdl_train_nproc_refuses_a_bad_rdl_dist_timeout_before_starting_workers(monkeypatch, capsys):
+    monkeypatch.setenv("RDL_DIST_TIMEOUT", "soon")
+    monkeypatch.setattr(cli, "_spawn_workers", lambda *args: pytest.fail("workers were started"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--nproc", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("rdl-train: error: $RDL_DIST_TIMEOUT must be a number of seconds > 0, got "
+                                       "'soon' (it bounds how long a process waits for the others; 60 by default)\n")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_rdl_train_under_torchrun_on_a_taken_port_exits_1_with_one_line(monkeypatch, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(taken.getsockname()[1])),
+                            ("RANK", "1"), ("WORLD_SIZE", "2"), ("RDL_DIST_TIMEOUT", "1")):
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(["--epochs", "1"])
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rdl-train: error: init_from_environment: rank 1 of 2 could not "
+                                                   "join the process group at 127.0.0.1:"), err

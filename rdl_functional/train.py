@@ -218,7 +218,10 @@ def fit(
             several processes (``torchrun``, ``rdl-train --nproc N``), ``fit``
             trains data-parallel by itself: each process takes its shard of every
             global batch, and the result equals one process's to float rounding,
-            batch norm and dropout included (docs/data-parallel.md).
+            batch norm and dropout included (docs/data-parallel.md). First, every
+            process checks that all train the same run (the settings a checkpoint
+            records, gathered from each): where one differs, every process raises
+            the same ``ValueError`` naming the first setting that does.
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
             replacing the last whole or not at all. When the file exists, ``fit``

@@ -579,8 +579,10 @@ def _join_group(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dist.get_backend() == "nccl" \
             else torch.device("cpu")
         training = next(group for group in parser._action_groups if group.title == "training")
+        # Not --nproc (how to run, not what), nor a flag left to a default resolved later (--lr: the optimizer's
+        # tuned rate; --loss: the model's own): typed or not, fit compares the value it resolves to.
         flags = {action.option_strings[0]: getattr(args, action.dest) for action in training._group_actions
-                 if action.dest != "nproc"}
+                 if action.dest != "nproc" and action.default is not None}
         flags.update({"--checkpoint": args.checkpoint, "--checkpoint-every": args.checkpoint_every,
                       "--resume": args.resume})
         found = _disagreement("rdl-train", {flag: str(value) if isinstance(value, Path) else value

@@ -240,3 +240,25 @@ def test_rdl_train_under_torchrun_on_a_taken_port_exits_1_with_one_line(monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rdl-train: error: init_from_environment: rank 1 of 2 could not "
                                                    "join the process group at 127.0.0.1:"), err
+
+
+def _flags_sent(monkeypatch, argv):
+    """What ``rdl-train ARGV`` under torchrun sends the other ranks to compare (the group and exchange stubbed)."""
+    sent = []
+    monkeypatch.setattr(distributed, "init_from_environment", lambda timeout_s: None)
+    monkeypatch.setattr(distributed, "_disagreement", lambda who, flags, device: sent.append(flags))
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    parser = cli._parser()
+    cli._join_group(parser, parser.parse_args(argv))
+    return sent[0]
+
+
+def test_a_flag_typed_at_its_default_on_one_rank_only_is_not_taken_for_another_run(monkeypatch):
+    """--lr 0.8 typed (plain SGD's tuned rate) and --lr left out train the same run: fit compares the resolved
+    rate; the flags compared by name are those with a default of their own."""
+    assert _flags_sent(monkeypatch, ["--lr", "0.8", "--loss", "mse"]) == _flags_sent(monkeypatch, [])
+    sent = _flags_sent(monkeypatch, ["--dropout", "0.1", "--threads", "2", "--checkpoint", "run.ckpt"])
+    assert (sent["--dropout"], sent["--threads"], sent["--checkpoint"], sent["--seed"]) == (0.1, 2, "run.ckpt", 0)
+    assert "--nproc" not in sent and "--lr" not in sent

@@ -160,8 +160,20 @@ def init_from_environment(timeout_s: float | None = None) -> None:
     rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     where = f"init_from_environment: rank {rank} of {size} could not join the process group at {address}"
-    # torch's env:// rendezvous, in a thread that is given up on after the timeout: a store client connected to a
-    # port that another program holds waits for an answer with no limit, and cannot be interrupted.
+    store, rank_number, world_size = _rendezvous(dist, timeout, where)
+    store.set_timeout(timeout)
+    store = dist.PrefixStore("default_pg", store)  # as init_process_group does with the store it makes itself
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    try:
+        dist.init_process_group(backend, store=store, rank=rank_number, world_size=world_size, timeout=timeout)
+    except RuntimeError as error:
+        raise RuntimeError(f"{where}: {error}") from None
+
+
+def _rendezvous(dist: Any, timeout: datetime.timedelta, where: str) -> tuple[Any, int, int]:
+    """torch's env:// rendezvous, ``(store, rank, world size)``, in a thread that is given up on after the timeout:
+    a store client connected to a port that another program holds waits for an answer with no limit, and cannot
+    be interrupted."""
     found: list[Any] = []
 
     def rendezvous() -> None:
@@ -183,14 +195,7 @@ def init_from_environment(timeout_s: float | None = None) -> None:
             raise RuntimeError(f"{where}: MASTER_PORT is taken by another program (address already in use); "
                                "choose a free port (torchrun --master-port)") from None
         raise RuntimeError(f"{where}: {error}") from None
-    store, rank_number, world_size = found[0]
-    store.set_timeout(timeout)
-    store = dist.PrefixStore("default_pg", store)  # as init_process_group does with the store it makes itself
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    try:
-        dist.init_process_group(backend, store=store, rank=rank_number, world_size=world_size, timeout=timeout)
-    except RuntimeError as error:
-        raise RuntimeError(f"{where}: {error}") from None
+    return found[0]
 
 
 def _gather_text(who: str, text: str, device: torch.device) -> list[str]:

@@ -330,7 +330,8 @@ def describe_optimizer(optimizer: Any, steps: int) -> Any:
         except Exception:
             behaviour = None
         rates = [describe_rate(link.lr, steps) for link in optimizer.links if link.rule]
-        return {"name": optimizer.name, "probe": behaviour, "rates": rates}
+        # The rates before the probe: a run of another rate is named by its rate, not by two hashes.
+        return {"name": optimizer.name, "rates": rates, "probe": behaviour}
     code = getattr(optimizer, "__code__", None)
     if code is None:
         return {"name": getattr(optimizer, "__qualname__", type(optimizer).__name__), "code": None}

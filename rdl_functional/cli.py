@@ -22,6 +22,7 @@ from . import __version__
 from ._files import atomic_write, check_writable
 from .checkpoint import _KEY as _CHECKPOINT_KEY
 from .checkpoint import read_checkpoint
+from .distributed import PeerLost
 from .experiment import (
     DEFAULTS,
     LOSSES,
@@ -695,9 +696,54 @@ def _launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
 
 
-def _spawn_workers(argv: list[str], nproc: int) -> int:
+def _group_timeout() -> float:
+    """The process group's timeout (``$RDL_DIST_TIMEOUT``, 60 s by default), or one line and exit code 2."""
+    from .distributed import group_timeout
+
+    try:
+        return group_timeout()
+    except ValueError as error:
+        _fail(str(error))
+
+
+def _join_group(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int]:
+    """Under torchrun or ``--nproc``, in each process: join the process group, within its timeout, and check that
+    every rank was started with the same training flags (resolved, after ``--resume``); one line and a non-zero
+    exit on every rank otherwise, never a hang. Returns ``(rank, world size)``."""
+    from .distributed import _disagreement, init_from_environment
+
+    dist = torch.distributed
+    try:
+        init_from_environment(_group_timeout())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        training = next(group for group in parser._action_groups if group.title == "training")
+        # Not --nproc (how to run, not what), nor a flag left to a default resolved later (--lr: the optimizer's
+        # tuned rate; --loss: the model's own): typed or not, fit compares the value it resolves to.
+        flags = {action.option_strings[0]: getattr(args, action.dest) for action in training._group_actions
+                 if action.dest != "nproc" and action.default is not None}
+        flags.update({"--checkpoint": args.checkpoint, "--checkpoint-every": args.checkpoint_every,
+                      "--resume": args.resume})
+        found = _disagreement("rdl-train", {flag: str(value) if isinstance(value, Path) else value
+                                            for flag, value in flags.items()}, device)
+    except RuntimeError as error:  # the group could not be joined, or a peer died before agreeing
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        print(f"rdl-train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if found is not None:
+        other, flag, theirs, first = found
+        dist.destroy_process_group()
+        _fail(f"the {size} processes of a data-parallel run must train the same run, but rank {other} was started "
+              f"with {flag} {theirs}, rank 0 with {flag} {first} (start every process with the same flags)")
+    return rank, size
+
+
+def _spawn_workers(argv: list[str], nproc: int, stopped_limit: float) -> int:
     """``--nproc N``: start N copies of this command as the ranks of a gloo group on 127.0.0.1, wait for them, and
-    if one fails, stop the others (a collective would otherwise wait for it until the group's timeout)."""
+    if one fails or stays stopped for ``stopped_limit`` seconds, end the others (a collective would otherwise wait
+    for it until the group's timeout)."""
     import signal
     import socket
     import subprocess
@@ -720,13 +766,14 @@ def _spawn_workers(argv: list[str], nproc: int) -> int:
             safe = ["-P"] if sys.version_info >= (3, 11) else []
             env[_LAUNCHER] = str(os.getpid())
             workers.append(subprocess.Popen([sys.executable, *safe, "-m", "rdl_functional", *argv], env=env))
-        return _watch(workers, nproc, received)
+        return _watch(workers, nproc, received, stopped_limit)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 _LAUNCHER = "RDL_TRAIN_LAUNCHER_PID"  # set by --nproc's launcher for its workers
+_KILL_AFTER_S = 10.0  # how long a worker has to end after a SIGTERM (or the launcher's signal) before a SIGKILL
 
 
 def _die_with_launcher() -> None:
@@ -744,42 +791,96 @@ def _die_with_launcher() -> None:
         sys.exit(143)
 
 
-def _watch(workers: list[Any], nproc: int, received: list[int]) -> int:
-    """Wait for the workers; stop the others when one fails, pass on a signal the launcher received."""
+def _watch(workers: list[Any], nproc: int, received: list[int], stopped_limit: float) -> int:
+    """Wait for the workers; end them all when one fails or stays stopped (SIGSTOP, SIGTSTP) for ``stopped_limit``
+    seconds (the group's timeout: as long as its peers' collectives wait for it), and pass on a signal the launcher
+    received. Never without a limit: a worker that a SIGTERM does not end gets SIGKILL after ``_KILL_AFTER_S``."""
+    import signal
     import time
 
+    stopped_for, last = [0.0] * nproc, time.monotonic()
     while True:
         if received:
-            signal_number = received[0]
-            deadline = time.monotonic() + 1.0  # a Ctrl-C at a terminal reached them too: let them finish
-            while time.monotonic() < deadline and any(worker.poll() is None for worker in workers):
-                time.sleep(0.05)
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal_number)
-            deadline = time.monotonic() + 30.0  # or until a second signal: then at once
-            while time.monotonic() < deadline and len(received) < 2 and any(w.poll() is None for w in workers):
-                time.sleep(0.05)
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.kill()
-                worker.wait()
-            return 128 + signal_number
+            return _pass_on(workers, nproc, received)
+        # Time counts as a worker's stop only between two looks of a running launcher: when the whole group is
+        # stopped (Ctrl-Z) and continued, the launcher's own pause is no worker's fault.
+        now = time.monotonic()
+        tick, last = min(now - last, 0.5), now
         codes = [worker.poll() for worker in workers]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.terminate()
-            for worker in workers:
-                worker.wait()
-            rank, code = failed[0]
-            print(f"rdl-train: error: worker {rank} of {nproc} exited with {code}; stopped the others",
+        stops = [_stop_signal(worker) if code is None else None for worker, code in zip(workers, codes, strict=True)]
+        stopped_for = [held + tick if stop else 0.0 for held, stop in zip(stopped_for, stops, strict=True)]
+        failed = [f"worker {rank} of {nproc} exited with {code}" for rank, code in enumerate(codes)
+                  if code not in (None, 0)]
+        if failed or max(stopped_for) >= stopped_limit:
+            stopped = [f"worker {rank} of {nproc} was stopped by "
+                       f"{signal.Signals(stop).name if stop in signal.valid_signals() else f'signal {stop}'}"
+                       + (f" for {stopped_limit:g} s" if stopped_for[rank] >= stopped_limit else "")
+                       for rank, stop in enumerate(stops) if stop]
+            killed = _stop(workers, signal.SIGTERM, _KILL_AFTER_S)
+            print(f"rdl-train: error: {', '.join(failed + stopped)}; ended the others{_killed(killed, nproc)}",
                   file=sys.stderr)
             return 1
         if all(code == 0 for code in codes):
             return 0
         time.sleep(0.05)
+
+
+def _pass_on(workers: list[Any], nproc: int, received: list[int]) -> int:
+    """The launcher got SIGINT or SIGTERM: the workers get it too (and end), then the launcher exits with it."""
+    import signal
+    import time
+
+    signal_number = received[0]
+    deadline = time.monotonic() + 1.0  # a Ctrl-C at a terminal reached them too: let them finish
+    while time.monotonic() < deadline and any(worker.poll() is None for worker in workers):
+        time.sleep(0.05)
+    killed = _stop(workers, signal_number, _KILL_AFTER_S, hurry=lambda: len(received) > 1)  # a second: at once
+    if killed:  # rank 0 says "interrupted" when it can; here, what it could not say
+        print(f"rdl-train: interrupted by {signal.Signals(signal_number).name}{_killed(killed, nproc)}",
+              file=sys.stderr)
+    return 128 + signal_number
+
+
+def _stop(workers: list[Any], signal_number: int, grace: float, hurry: Callable[[], bool] = lambda: False
+          ) -> list[int]:
+    """Send ``signal_number`` to each worker still running, then SIGCONT (a stopped process acts on no other
+    signal; it keeps the first pending till then), give them ``grace`` seconds (or until ``hurry()``), SIGKILL the
+    rest, and reap them all. Returns the ranks that needed the SIGKILL."""
+    import signal
+    import time
+
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal_number)
+            worker.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not hurry() and any(worker.poll() is None for worker in workers):
+        time.sleep(0.05)
+    killed = [rank for rank, worker in enumerate(workers) if worker.poll() is None]
+    for rank in killed:
+        workers[rank].kill()
+    for worker in workers:
+        worker.wait()
+    return killed
+
+
+def _killed(ranks: list[int], nproc: int) -> str:
+    if not ranks:
+        return ""
+    return f" (SIGKILL to worker{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {nproc}, not ended " \
+           f"{_KILL_AFTER_S:g} s after the signal)"
+
+
+def _stop_signal(worker: Any) -> int | None:
+    """The signal that stopped ``worker`` (SIGSTOP, SIGTSTP, ...), ``None`` when it runs (or the system cannot
+    tell): ``waitid`` with ``WNOWAIT`` peeks at the child's state without reaping it, which ``Popen`` still does."""
+    if not all(hasattr(os, name) for name in ("waitid", "WNOWAIT", "WSTOPPED", "CLD_STOPPED")):
+        return None
+    try:
+        found = os.waitid(os.P_PID, worker.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped already
+        return None
+    return found.si_status if found is not None and found.si_code == os.CLD_STOPPED else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -791,15 +892,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _resume_settings(parser, args, argv)
     if args.nproc > 1 and not _launched_by_torchrun():
         _check_args(args)  # here, once, before any worker starts
-        return _spawn_workers(_without_nproc(argv), args.nproc)
+        return _spawn_workers(_without_nproc(argv), args.nproc, _group_timeout())
     rank, size = 0, 1
     if os.environ.get(_LAUNCHER, "").isdigit():
         _die_with_launcher()
     if _launched_by_torchrun():
-        from .distributed import init_from_environment
-
-        init_from_environment()
-        rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, size = _join_group(parser, args)
         if rank != 0:  # only rank 0 prints, plots and writes files
             sys.stdout = open(os.devnull, "w")
             args.save = args.json = args.plots = None
@@ -865,6 +963,14 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
                 sys.stderr.flush()
                 os._exit(1)
             return 1
+        except PeerLost as error:  # another rank died or stopped: one line, not a traceback, and out at once
+            close()
+            kept = (f"; {args.checkpoint} holds the run up to its last checkpoint" if args.checkpoint is not None
+                    and args.checkpoint.exists() else "")
+            print(f"rdl-train: error: {error}{kept}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         except NonFiniteLoss as error:
             close()
             print(f"rdl-train: {str(error).replace('pass check_finite=False', 'pass --no-finite-check')}",

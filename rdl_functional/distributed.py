@@ -22,6 +22,11 @@ gloo). The functions here are the pieces, for a loop of your own.
 from __future__ import annotations
 
 import datetime
+import json
+import math
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +66,20 @@ def _buckets(leaves: list[Tensor]) -> dict[torch.dtype, list[int]]:
     return buckets
 
 
+class PeerLost(RuntimeError):
+    """A collective failed because another process of the group died, stopped, or did not answer in time."""
+
+
+def _guarded(who: str, run: Callable[..., Any], *args: Any) -> None:
+    """``run(*args)``, a collective; a peer that died, or did not answer within the group's timeout, is named."""
+    try:
+        run(*args)
+    except RuntimeError as error:
+        rank, size = world()
+        raise PeerLost(f"{who}: rank {rank} of {size} lost a peer during the collective (did another "
+                           f"process die, or stop?): {error}") from None
+
+
 def _collective(tree: Tree, who: str, run: Any) -> Tree:
     leaves = tree_leaves(tree)
     for i, leaf in enumerate(leaves):
@@ -69,12 +88,7 @@ def _collective(tree: Tree, who: str, run: Any) -> Tree:
     out: list[Tensor | None] = [None] * len(leaves)
     for indices in _buckets(leaves).values():
         bucket = torch.cat([leaves[i].detach().reshape(-1) for i in indices])  # a new tensor: the tree is untouched
-        try:
-            run(bucket)
-        except RuntimeError as error:
-            rank, size = world()
-            raise RuntimeError(f"{who}: rank {rank} of {size} lost a peer during the collective (did another "
-                               f"process die?): {error}") from None
+        _guarded(who, run, bucket)
         for i, part in zip(indices, bucket.split([leaves[i].numel() for i in indices]), strict=True):
             out[i] = part.view(leaves[i].shape)
     return _rebuild_like(tree, out)
@@ -115,11 +129,116 @@ def shard(start: int, stop: int, rank: int, size: int) -> tuple[int, int]:
     return a, a + base + (1 if rank < extra else 0)
 
 
-def init_from_environment(timeout_s: float = 60.0) -> None:
+TIMEOUT_VARIABLE = "RDL_DIST_TIMEOUT"
+"""The environment variable that sets the process group's timeout in seconds (60 by default)."""
+
+
+def group_timeout(timeout_s: float | None = None) -> float:
+    """The process group's timeout in seconds: ``timeout_s``, else ``$RDL_DIST_TIMEOUT``, else 60. It bounds how
+    long a rank waits to join the group and, in every collective, for a peer (one that died, or is stopped)."""
+    where = "init_from_environment: timeout_s" if timeout_s is not None else f"${TIMEOUT_VARIABLE}"
+    value: Any = timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_VARIABLE, "60")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{where} must be a number of seconds > 0, got {value!r} (it bounds how long a process "
+                         "waits for the others; 60 by default)")
+    return seconds
+
+
+def init_from_environment(timeout_s: float | None = None) -> None:
     """Join the process group that ``torchrun`` (or ``rdl-train --nproc``) describes in the environment, with
-    gloo on the CPU and NCCL on a GPU, and a timeout, so that a rank that dies makes the others fail, not hang."""
+    gloo on the CPU and NCCL on a GPU, and a timeout (``timeout_s``, else ``$RDL_DIST_TIMEOUT``, else 60 s), so
+    that a rank that dies or stops makes the others fail, not hang.
+
+    Joining is bounded by the timeout too: where ``MASTER_PORT`` is taken by another program, rank 0 fails at
+    once and every other rank within the timeout (torch's own store client would wait for ever for an answer
+    from that program), each with a ``RuntimeError`` that says so.
+    """
     dist = _dist()
     if dist.is_initialized():
         return
+    timeout = datetime.timedelta(seconds=group_timeout(timeout_s))
+    rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    where = f"init_from_environment: rank {rank} of {size} could not join the process group at {address}"
+    store, rank_number, world_size = _rendezvous(dist, timeout, where)
+    store.set_timeout(timeout)
+    store = dist.PrefixStore("default_pg", store)  # as init_process_group does with the store it makes itself
     backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, store=store, rank=rank_number, world_size=world_size, timeout=timeout)
+    except RuntimeError as error:
+        raise RuntimeError(f"{where}: {error}") from None
+
+
+def _rendezvous(dist: Any, timeout: datetime.timedelta, where: str) -> tuple[Any, int, int]:
+    """torch's env:// rendezvous, ``(store, rank, world size)``, in a thread that is given up on after the timeout:
+    a store client connected to a port that another program holds waits for an answer with no limit, and cannot
+    be interrupted."""
+    found: list[Any] = []
+
+    def rendezvous() -> None:
+        try:
+            found.append(next(dist.rendezvous("env://", timeout=timeout)))
+        except Exception as error:  # handed to the caller's thread below
+            found.append(error)
+
+    joining = threading.Thread(target=rendezvous, name="rdl-rendezvous", daemon=True)
+    joining.start()
+    joining.join(timeout.total_seconds())
+    if not found:
+        raise RuntimeError(f"{where} within {timeout.total_seconds():g} s: nothing answered as rank 0's store (is "
+                           "MASTER_PORT taken by another program, or did rank 0 fail to start?); choose a free "
+                           f"MASTER_PORT, or a longer ${TIMEOUT_VARIABLE} if rank 0 starts late")
+    if isinstance(found[0], Exception):
+        error = found[0]
+        if "EADDRINUSE" in str(error) or "address already in use" in str(error):
+            raise RuntimeError(f"{where}: MASTER_PORT is taken by another program (address already in use); "
+                               "choose a free port (torchrun --master-port)") from None
+        raise RuntimeError(f"{where}: {error}") from None
+    return found[0]
+
+
+def _gather_text(who: str, text: str, device: torch.device) -> list[str]:
+    """Every rank's ``text``, in rank order: two all-gathers, of the lengths, then of the UTF-8 bytes, padded."""
+    dist = _dist()
+    size = dist.get_world_size()
+    data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+    _guarded(who, dist.all_gather, lengths, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(length) for length in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(size)]
+    _guarded(who, dist.all_gather, parts, padded)
+    return [bytes(part[: int(length)].cpu().tolist()).decode() for part, length in zip(parts, lengths, strict=True)]
+
+
+def _disagreement(who: str, settings: dict[str, Any], device: torch.device) -> tuple[int, str, str, str] | None:
+    """The first rank whose ``settings`` (JSON data) differ from rank 0's, and how: ``(rank, path, its value,
+    rank 0's value)``, both values as short JSON; ``None`` when every rank holds the same. Every rank gets the same
+    answer (each compares the same gathered texts), so every rank can raise the same error."""
+    texts = _gather_text(who, json.dumps(settings, default=lambda value: f"<{type(value).__name__}>"), device)
+    first = json.loads(texts[0])
+    for rank, text in enumerate(texts[1:], start=1):
+        found = _first_difference(json.loads(text), first, "")
+        if found is not None:
+            return rank, *found
+    return None
+
+
+def _first_difference(mine: Any, theirs: Any, path: str) -> tuple[str, str, str] | None:
+    """The first path at which two JSON values differ, in ``mine``'s order, with both values as short JSON."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in dict.fromkeys([*mine, *theirs]):
+            found = _first_difference(mine.get(key), theirs.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    texts = [json.dumps(value, sort_keys=True) for value in (mine, theirs)]  # NaN equals NaN here, as it should
+    if texts[0] == texts[1]:
+        return None
+    return path, *(text if len(text) <= 80 else text[:77] + "..." for text in texts)

@@ -293,7 +293,10 @@ def fit(
             several processes (``torchrun``, ``rdl-train --nproc N``), ``fit``
             trains data-parallel by itself: each process takes its shard of every
             global batch, and the result equals one process's to float rounding,
-            batch norm and dropout included (docs/data-parallel.md).
+            batch norm and dropout included (docs/data-parallel.md). First, every
+            process checks that all train the same run (the settings a checkpoint
+            records, gathered from each): where one differs, every process raises
+            the same ``ValueError`` naming the first setting that does.
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
             replacing the last whole or not at all. When the file exists, ``fit``
@@ -362,6 +365,16 @@ def fit(
     n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
+        # First, before any collective that takes the ranks to agree (a broadcast of params of other shapes aborts
+        # in gloo): every rank trains the same run, or every rank says where they differ.
+        _check_same_run({
+            **_run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test, epochs,
+                            batch_size, generator, record_history, checkpoint_info, per_epoch, compile),
+            "start": _start_shapes(params, opt_state, model_state),  # rank 0's params, broadcast, are everyone's
+            "capture": capture, "check_finite": check_finite, "device": x.device.type,
+            "checkpoint": None if checkpoint is None else {"path": os.fspath(checkpoint), "every": checkpoint_every,
+                                                          "file": _file_digest(checkpoint)},
+        }, x.device, size)
         if compile or capture:
             raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
                              "as it is, without compile=True or capture=True (not yet)")
@@ -512,6 +525,47 @@ def _summed(value: Tensor, grads: Params, weight: Tensor) -> tuple[Tensor, Param
     return summed["value"][0], summed["grads"]
 
 
+def _check_same_run(settings: dict[str, Any], device: torch.device, size: int) -> None:
+    """Every rank of a data-parallel run trains the same run: each rank's settings (those a checkpoint records,
+    and how it checkpoints) are gathered, and every rank raises the same error naming the first that differs."""
+    from .distributed import _disagreement
+
+    found = _disagreement("fit", settings, device)
+    if found is not None:
+        rank, path, theirs, first = found
+        raise ValueError(f"fit: the {size} processes of a data-parallel run must train the same run, but rank "
+                         f"{rank} differs from rank 0 in {path}: {theirs} on rank {rank}, {first} on rank 0 (start "
+                         "every process with the same arguments: data, seed, model, loss, optimizer, rate, ...)")
+
+
+def _start_shapes(params: Params, opt_state: Tree | None, model_state: Any) -> dict[str, Any]:
+    """What must agree of the start of a data-parallel run: the params' shapes and dtypes (their values are rank
+    0's, which the broadcast gives every rank) and the optimizer's and model's states, which are not broadcast."""
+    from .checkpoint import digest
+    from .tree import tree_flatten
+
+    return {"params": {path: f"{leaf.dtype} {tuple(leaf.shape)}" if isinstance(leaf, Tensor) else repr(leaf)
+                       for path, leaf in tree_flatten(params).items()},
+            "states": digest(opt_state, model_state)}
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str | None:
+    """A fingerprint of the file's bytes (``None`` when there is none): every rank must resume from the same
+    checkpoint, which ranks on machines that do not share the file would not."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+
+
 def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: int) -> Callable[
     ..., tuple[Tensor, Params, State]
 ]:
@@ -601,7 +655,7 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
     """What a checkpoint (at ``path``) records of the run, and a resumed run must match, as JSON data."""
     from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
 
-    reason = unidentified(optimizer) if info is None else None
+    reason = unidentified(optimizer) if info is None and path is not None else None  # a checkpoint must know it
     if reason:
         inner = getattr(optimizer, "func", optimizer)  # a functools.partial's function
         name = getattr(inner, "__qualname__", None) or type(optimizer).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -245,3 +246,58 @@ def test_a_summed_loss_is_refused_in_data_parallel_training(tmp_path):
     assert [p.returncode for p in procs] == [1, 1], outputs
     assert ("fit: data-parallel training weighs each process's loss by its share of the rows, which is right for a "
             "mean over rows; l1_loss(reduction='sum') sums (use reduction='mean')") in outputs[0][1]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc), in the order it started them."""
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return sorted(int(child) for child in file.read().split())
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux's /proc/PID/task/PID/children to find the workers")
+def test_a_stopped_worker_makes_the_nproc_launcher_end_every_worker_and_exit_1_instead_of_waiting_for_ever(tmp_path):
+    """SIGSTOP to one worker: the launcher's SIGTERM stayed pending on it and the launcher waited with no limit.
+    Now, the worker stopped for the group's timeout ($RDL_DIST_TIMEOUT, here 5 s), every worker is ended and the
+    launcher says which was stopped."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "RDL_DIST_TIMEOUT": "5"}
+    checkpoint = tmp_path / "run.ckpt"
+    run = subprocess.Popen([sys.executable, "-m", "rdl_functional", "--nproc", "2", "--epochs", "5000", "--quiet",
+                            "--checkpoint", str(checkpoint)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not checkpoint.exists():  # both ranks are training
+            time.sleep(0.05)
+        assert checkpoint.exists() and run.poll() is None, run.communicate(timeout=60)
+        os.kill(_children(run.pid)[1], signal.SIGSTOP)
+        _, err = run.communicate(timeout=60)  # it waited for ever
+        with pytest.raises(ProcessLookupError):  # no worker left behind in the session, stopped or not
+            os.killpg(run.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # SIGKILL ends stopped processes too, whatever failed
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+    assert run.returncode == 1, err
+    assert "rdl-train: error: worker 1 of 2 was stopped by SIGSTOP" in err and "; ended the others" in err, err
+
+
+def test_ranks_started_with_other_flags_all_exit_with_one_message_naming_the_flag(tmp_path):
+    """Two processes of one torchrun-style group, one with --dropout 0.1: each trained and exited 0, with a result
+    that belonged to neither run. Now every rank says which flag differs, and exits 2."""
+    port = _free_port()
+    procs = []
+    for rank, dropout in enumerate(["0.0", "0.1"]):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2", "RDL_DIST_TIMEOUT": "30"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "rdl_functional", "--epochs", "1", "--quiet",
+                                       "--dropout", dropout], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    for _, err in outputs:
+        assert err == ("rdl-train: error: the 2 processes of a data-parallel run must train the same run, but rank 1 "
+                       "was started with --dropout 0.1, rank 0 with --dropout 0.0 (start every process with the same "
+                       "flags)\n")

@@ -42,7 +42,7 @@ from .initializers import INITIALIZERS
 from .io import _load, load
 from .layers import Params
 from .optim.schedules import MAX_LR
-from .train import History, NonFiniteLoss
+from .train import History, NonFiniteLoss, _ahead_of
 from .tree import tree_leaves
 
 
@@ -656,9 +656,9 @@ def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None
         _fail(f"--checkpoint {path}: the checkpoint records another run ({'; '.join(differ)}); give the flags it was "
               f"written with (or rdl-train --resume {path}), or choose another path")
     if now["epochs"] != run["epochs"]:
-        if checkpoint.epochs_done > now["epochs"]:
-            _fail(f"{where} {path}: the checkpoint has {checkpoint.epochs_done} epochs done, more than --epochs "
-                  f"{now['epochs']}")
+        ahead = _ahead_of(checkpoint, now["epochs"])
+        if ahead:
+            _fail(f"{where} {path}: the checkpoint {ahead}, more than --epochs {now['epochs']}")
         if run["schedule"] != "constant":
             _fail(f"{where} {path}: the run's rate, {settings.describe_rate()} (--schedule {run['schedule']}), is "
                   f"tied to its {run['epochs']} epochs, so it cannot go on to --epochs {now['epochs']}: only a run "

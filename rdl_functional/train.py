@@ -22,7 +22,7 @@ from .optim import Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
-from .tree import Tree, tree_leaves, tree_map
+from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -390,6 +390,7 @@ def fit(
         check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
         every = per_epoch if checkpoint_every is None else checkpoint_every
         _check_count("fit", "checkpoint_every", every, 1)
+
         def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
             settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
                                      total, batch_size, generator, record_history, checkpoint_info, per_epoch,
@@ -400,6 +401,7 @@ def fit(
         settings = describe(epochs)
         resumed = _resume(checkpoint, settings, describe)
         if resumed is not None:
+            _check_resumed_states(checkpoint, resumed, optimizer, params, has_state)
             params, model_state = resumed.params, resumed.model_state
             g.set_state(resumed.generator_state)
     elif checkpoint_every is not None or checkpoint_info is not None:
@@ -689,6 +691,33 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
                          f"is not: {error} (it goes into the checkpoint {str(path)!r})") from None
 
 
+def _check_resumed_states(path: Any, saved: Checkpoint, optimizer: Any, params: Params, has_state: bool) -> None:
+    """A checkpoint holds the optimizer's state when the optimizer keeps one, and the model's when it has one."""
+    shown = repr(str(path))
+    if isinstance(optimizer, Optimizer):
+        expected = optimizer.init(params)
+        if saved.opt_state is None and tree_leaves(expected):
+            raise ValueError(f"fit: the checkpoint {shown} holds no optimizer state, but {optimizer.name} keeps one "
+                             "(its step count and buffers): it cannot be resumed; remove it to start afresh")
+        found = tree_difference(expected, saved.opt_state or {}, names=(f"{optimizer.name}'s state",
+                                                                        "the checkpoint's"), leaves=True)
+        if found:
+            raise ValueError(f"fit: the checkpoint {shown} holds another optimizer state than {optimizer.name} "
+                             f"keeps ({found}): it cannot be resumed; remove it to start afresh")
+    if has_state and saved.model_state is None:
+        raise ValueError(f"fit: the checkpoint {shown} holds no model state, but the model keeps one (batch norm's "
+                         "running statistics): it cannot be resumed; remove it to start afresh")
+
+
+def _ahead_of(saved: Checkpoint, epochs: int) -> str | None:
+    """What ``saved`` has done beyond a run of ``epochs`` epochs, in words (``"has 3 epochs and 12 rows of the next
+    done"``), or ``None`` when such a run can resume it: a checkpoint inside epoch ``epochs + 1`` is past its end."""
+    if saved.epochs_done < epochs or (saved.epochs_done == epochs and not saved.position):
+        return None
+    rows = f" and {saved.position} rows of the next" if saved.position else ""
+    return f"has {saved.epochs_done} epochs{rows} done"
+
+
 def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[str, Any]]) -> Checkpoint | None:
     """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run.
 
@@ -709,9 +738,10 @@ def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[
     if isinstance(total, int) and not isinstance(total, bool) and 0 <= total != epochs:
         found = difference(saved.settings, describe(total))
         if found is None:
-            if saved.epochs_done > epochs:
-                raise ValueError(f"fit: the checkpoint {shown} has {saved.epochs_done} epochs done, more than "
-                                 f"epochs={epochs}; resume it with epochs ≥ {saved.epochs_done}")
+            ahead = _ahead_of(saved, epochs)
+            if ahead:
+                raise ValueError(f"fit: the checkpoint {shown} {ahead}, more than epochs={epochs}; resume it with "
+                                 f"epochs ≥ {saved.epochs_done + (saved.position > 0)}")
             return saved
         if found.startswith(("optimizer", "lr")):
             raise ValueError(f"fit: the checkpoint {shown} records a run of {total} epochs, which cannot go on to "

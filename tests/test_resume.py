@@ -290,3 +290,57 @@ def test_messages_about_a_checkpoint_name_its_file(tmp_path, capsys):
     path = str(tmp_path / "run.ckpt")
     assert f"--resume {path} writes to the checkpoint it continues; leave out --checkpoint {path}2" in _refused(
         ["--resume", path, "--checkpoint", path + "2"], capsys)
+
+
+def _small_run():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 2, generator=g), torch.randint(0, 2, (16,), generator=g)
+    model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2))
+    return model, x, y
+
+
+def test_a_checkpoint_inside_the_epoch_after_the_end_is_refused_not_returned_as_the_end(tmp_path):
+    """Regression: a checkpoint written inside epoch 4 (3 epochs and 2 steps done), resumed with epochs=3, ran
+    nothing and returned params 2 steps into epoch 4 under a 3-epoch history."""
+    model, x, y = _small_run()
+    path = tmp_path / "run.ckpt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_4(epoch, params, history):
+        if epoch == 4:
+            raise Stop
+
+    run = dict(batch_size=4, optimizer=rf.sgd(0.1), generator=0, checkpoint=path)
+    with pytest.raises(Stop):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=5, checkpoint_every=3,
+               callback=stop_in_epoch_4, **run)
+    saved = rf.read_checkpoint(path)
+    assert (saved.epochs_done, saved.position) == (3, 12)  # 4 steps an epoch, one checkpoint every 3: step 15
+    with pytest.raises(ValueError, match=r"has 3 epochs and 12 rows of the next done, more than epochs=3; resume it "
+                                         r"with epochs ≥ 4"):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=3, checkpoint_every=3, **run)
+    assert rf.read_checkpoint(path).steps == saved.steps  # untouched
+
+
+def test_a_checkpoint_without_the_optimizers_state_is_refused_naming_the_file(tmp_path):
+    """Regression: a whole, digest-valid checkpoint of an Adam run whose optimizer state was left out resumed
+    with fresh moments: another run."""
+    import attrs
+
+    from rdl_functional.checkpoint import write_checkpoint
+
+    model, x, y = _small_run()
+    path = tmp_path / "adam.ckpt"
+    run = dict(batch_size=4, optimizer=rf.adam(0.01), generator=0, checkpoint=path)
+    rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=2, **run)
+    saved = rf.read_checkpoint(path)
+    write_checkpoint(path, attrs.evolve(saved, opt_state=None))
+    with pytest.raises(ValueError, match=r"fit: the checkpoint '.*adam\.ckpt' holds no optimizer state, but "
+                                         r"adam keeps one"):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=4, **run)
+    write_checkpoint(path, attrs.evolve(saved, opt_state=rf.sgd(0.1, momentum=0.9).init(saved.params)))
+    with pytest.raises(ValueError, match=r"fit: the checkpoint '.*adam\.ckpt' holds another optimizer state than "
+                                         r"adam keeps"):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=4, **run)

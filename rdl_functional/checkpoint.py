@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .io import _FORMAT_KEY, _json_depth, _load, _save, _skeleton
-from .tree import Tree, tree_flatten, tree_leaves, tree_map
+from .tree import Tree, _first_difference, tree_flatten, tree_leaves, tree_map
 
 __all__ = ["Checkpoint", "read_checkpoint"]
 
@@ -137,19 +137,28 @@ def _checksum(tree: Tree, record: str) -> str:
     """SHA-256 of a checkpoint's record text, its tree's nesting, and each tensor's path, dtype, shape and bytes;
     each part preceded by its length, so that no two contents give one sequence of bytes."""
     h = hashlib.sha256()
-
-    def put(data: bytes | memoryview) -> None:
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-
-    put(record.encode())
-    put(json.dumps(_skeleton(tree, "checkpoint")).encode())
-    for path, leaf in tree_flatten(tree).items():
-        t = leaf.detach().contiguous().cpu()
-        put(path.encode())
-        put(f"{t.dtype}{tuple(t.shape)}".encode())
-        put(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    _put(h, record.encode())
+    _put(h, json.dumps(_skeleton(tree, "checkpoint")).encode())
+    _hash_leaves(h, tree_flatten(tree).items())
     return "sha256:" + h.hexdigest()
+
+
+def _put(h: Any, data: bytes | memoryview) -> None:
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def _hash_leaves(h: Any, items: Any) -> None:
+    """Each ``(path, leaf)`` into ``h``: the path, and a tensor's dtype, shape and bytes (anything else by its repr),
+    each part preceded by its length. The one hasher of checkpoints' digests and runs' fingerprints."""
+    for path, leaf in items:
+        _put(h, path.encode())
+        if isinstance(leaf, Tensor):
+            t = leaf.detach().contiguous().cpu()
+            _put(h, f"{t.dtype}{tuple(t.shape)}".encode())
+            _put(h, memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+        else:
+            _put(h, repr(leaf).encode())
 
 
 def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[str, Any]:
@@ -158,7 +167,7 @@ def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[
     text = metadata.get(_KEY)
     if text is None and _DIGEST_KEY in metadata:
         raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
-                         "checkpoint has")
+                         f"checkpoint has ({sorted([_FORMAT_KEY, _KEY, _DIGEST_KEY])})")
     if text is None:
         raise ValueError(f"{who} is not a checkpoint of rdl_functional (its metadata holds no {_KEY} record; "
                          "rf.load reads a file of params)")
@@ -173,7 +182,7 @@ def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[
         raise ValueError(f"{who} is corrupted: it holds no digest ({_DIGEST_KEY}) to prove it whole")
     if set(metadata) != {_FORMAT_KEY, _KEY, _DIGEST_KEY}:
         raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
-                         "checkpoint has")
+                         f"checkpoint has ({sorted([_FORMAT_KEY, _KEY, _DIGEST_KEY])})")
     if not hmac.compare_digest(written.encode(), _checksum(tree, text).encode()):
         raise ValueError(f"{who} is corrupted: its contents do not match the digest written with it (a damaged "
                          "disk, copy or transfer, or a file edited by hand); resume from a good copy, or remove it "
@@ -241,9 +250,12 @@ def _check_history(history: Any, epochs_done: int) -> None:
         raise ValueError(f"the history holds {shown}, expected {sorted(_HISTORY)}")
     for name in _HISTORY:
         values = history[name]
-        if not isinstance(values, list) or not all(
-                isinstance(v, float) or (type(v) is int and abs(v) < 2**1000) for v in values):
-            raise ValueError(f"history.{name} is not a list of numbers")
+        if not isinstance(values, list):
+            raise ValueError(f"history.{name} must be a list of numbers, got {type(values).__name__}")
+        bad = [v for v in values if not (isinstance(v, float) or (type(v) is int and abs(v) < 2**1000))]
+        if bad:
+            raise ValueError(f"history.{name} must be a list of numbers, but holds {str(bad[0])[:40]!r} "
+                             f"({type(bad[0]).__name__})")
         if len(values) not in (0, epochs_done):
             raise ValueError(f"history.{name} holds {len(values)} values for {epochs_done} epoch(s) done "
                              "(one an epoch, or none when not recorded)")
@@ -288,17 +300,10 @@ def digest(*trees: Any) -> str:
     h = hashlib.sha256()
     for tree in trees:
         if tree is None:
-            h.update(b"none")
+            _put(h, b"none")
             continue
         # By path, not by the dicts' order: the same trees built in another order are the same start.
-        for path, leaf in (sorted(tree_flatten(tree).items()) if isinstance(tree, Mapping) else [("", tree)]):
-            h.update(path.encode())
-            if isinstance(leaf, Tensor):
-                t = leaf.detach().cpu().contiguous()
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            else:
-                h.update(repr(leaf).encode())
+        _hash_leaves(h, sorted(tree_flatten(tree).items()) if isinstance(tree, Mapping) else [("", tree)])
     return h.hexdigest()[:16]
 
 
@@ -390,17 +395,7 @@ def unidentified(step: Any) -> str | None:
 
 def difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
     """The first setting that differs, in words: ``"epochs: 200 in the checkpoint, 100 now"``."""
-    for key in dict.fromkeys([*saved, *now]):
-        if saved.get(key) != now.get(key):
-            if isinstance(saved.get(key), Mapping) and isinstance(now.get(key), Mapping):
-                inner = difference(saved[key], now[key])
-                return f"{key}.{inner}" if inner else None
-            return f"{key}: {_short(saved.get(key))} in the checkpoint, {_short(now.get(key))} now"
-    return None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    found = _first_difference(saved, now, "")
+    return None if found is None else f"{found[0]}: {found[1]} in the checkpoint, {found[2]} now"
 
 

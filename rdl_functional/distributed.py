@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._random import BatchShard
-from .tree import Tree, _rebuild_like, tree_leaves
+from .tree import Tree, _first_difference, _rebuild_like, tree_leaves
 
 __all__ = ["BatchShard", "all_reduce_mean", "broadcast_params", "is_data_parallel", "shard", "world"]
 
@@ -228,17 +228,3 @@ def _disagreement(who: str, settings: dict[str, Any], device: torch.device) -> t
         if found is not None:
             return rank, *found
     return None
-
-
-def _first_difference(mine: Any, theirs: Any, path: str) -> tuple[str, str, str] | None:
-    """The first path at which two JSON values differ, in ``mine``'s order, with both values as short JSON."""
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        for key in dict.fromkeys([*mine, *theirs]):
-            found = _first_difference(mine.get(key), theirs.get(key), f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
-        return None
-    texts = [json.dumps(value, sort_keys=True) for value in (mine, theirs)]  # NaN equals NaN here, as it should
-    if texts[0] == texts[1]:
-        return None
-    return path, *(text if len(text) <= 80 else text[:77] + "..." for text in texts)

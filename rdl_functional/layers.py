@@ -139,9 +139,9 @@ def seeded(init: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(init)
     def init_from_seed(*args: Any, **kwargs: Any) -> Any:
         if args and type(args[0]) is int:
-            args = (torch.Generator().manual_seed(args[0]), *args[1:])
+            args = (as_generator(args[0], "init"), *args[1:])
         elif type(kwargs.get("generator")) is int:
-            kwargs["generator"] = torch.Generator().manual_seed(kwargs["generator"])
+            kwargs["generator"] = as_generator(kwargs["generator"], "init")
         return init(*args, **kwargs)
 
     init_from_seed._rf_seeded = True  # type: ignore[attr-defined]

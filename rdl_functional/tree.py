@@ -11,6 +11,7 @@ A *path* names one entry by its keys joined with dots: ``"2.bias"`` is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -332,3 +333,18 @@ def _fill_like(node: Tree, it: Any) -> Tree:
     if _is_node(node):
         return {key: _fill_like(child, it) for key, child in node.items()}
     return next(it)
+
+
+def _first_difference(mine: Any, theirs: Any, path: str) -> tuple[str, str, str] | None:
+    """The first path at which two JSON values differ, in ``mine``'s order, with both values as short JSON: what a
+    checkpoint's settings and a run's, or two ranks' settings, are compared by."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in dict.fromkeys([*mine, *theirs]):
+            found = _first_difference(mine.get(key), theirs.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    texts = [json.dumps(value, sort_keys=True) for value in (mine, theirs)]  # NaN equals NaN here, as it should
+    if texts[0] == texts[1]:
+        return None
+    return path, *(text if len(text) <= 80 else text[:77] + "..." for text in texts)

@@ -358,7 +358,7 @@ _INCONSISTENT = {  # was: AttributeError, IndexError, RuntimeError, ZeroDivision
     "history_longer_than_the_epochs": (lambda t, r: r["history"]["train_loss"].append(0.5),
                                        r"history.train_loss holds 2 values for 1 epoch\(s\) done"),
     "history_a_huge_integer": (lambda t, r: r["history"].update(train_loss=[10**400]),
-                               r"history.train_loss is not a list of numbers"),
+                               r"history.train_loss must be a list of numbers, but holds '1000000000"),
     "steps_a_float": (lambda t, r: r.update(steps=10.0), r"steps is 10.0, expected an integer ≥ 0"),
     "flag_a_number": (lambda t, r: r.update(has_opt_state=1), r"has_opt_state is 1, expected true or false"),
     "opt_state_without_its_flag": (lambda t, r: r.update(has_opt_state=False),

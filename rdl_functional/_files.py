@@ -159,7 +159,9 @@ def _locked_temporary(target: Path, temporary: list[str]) -> int:
         except FileExistsError:  # another writer's name: never ours to remove
             temporary.clear()
             continue
-        _try_lock(fd)  # a new file: only a cleaner between the create and the lock can hold it, and it removes it
+        if not _try_lock(fd):  # a new file: only another writer's cleanup can hold its lock, and it removes it
+            os.close(fd)
+            continue
         try:
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
                 return fd

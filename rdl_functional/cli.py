@@ -637,7 +637,8 @@ def _auto_device() -> str:
 
 def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None:
     """With ``--checkpoint PATH`` (or ``--resume PATH``) holding a checkpoint: refuse it, by flag name, if it
-    records another run, compared by the values trained with; else say where the run resumes. A run of another
+    records another run, compared by the values trained with (fit then checks the rest, and says when it resumes
+    through :func:`_say_resuming`). A run of another
     ``--epochs`` is the same run extended when its rate does not depend on its length (``--schedule constant``)."""
     path = args.checkpoint
     if path is None or not path.exists():
@@ -663,9 +664,17 @@ def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None
             _fail(f"{where} {path}: the run's rate, {settings.describe_rate()} (--schedule {run['schedule']}), is "
                   f"tied to its {run['epochs']} epochs, so it cannot go on to --epochs {now['epochs']}: only a run "
                   f"of --schedule constant can be extended (or give --epochs {run['epochs']})")
-    finished = " (the run is finished)" if checkpoint.epochs_done == settings.epochs else ""
-    print(f"resuming from {path}: {checkpoint.epochs_done} of {settings.epochs} epochs done, step "
-          f"{checkpoint.steps}{finished}\n", flush=True)
+
+
+def _say_resuming(path: Path, epochs: int) -> Callable[[Any], None]:
+    """What fit calls once it has accepted the checkpoint (never before): where the run resumes."""
+
+    def say(checkpoint: Any) -> None:
+        finished = " (the run is finished)" if checkpoint.epochs_done == epochs else ""
+        print(f"resuming from {path}: {checkpoint.epochs_done} of {epochs} epochs done, step "
+              f"{checkpoint.steps}{finished}\n", flush=True)
+
+    return say
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -944,6 +953,7 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
         [(f"seed {seed}", lambda c, s=seed: [run_disc(
             s, settings, init_params=init_params, callback=c, checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every, check_finite=args.check_finite,
+            on_resume=_say_resuming(args.checkpoint, settings.epochs) if args.checkpoint is not None else None,
             checkpoint_info={"program": "rdl-train",
                              "init_from": str(args.init_from.resolve()) if args.init_from else None,
                              "check_finite": args.check_finite,

@@ -23,7 +23,7 @@ from torch import Tensor
 from .autodiff import _gradient_fn
 from .combinators import compose
 from .layers import Layer, Params, Pullback
-from .losses import Loss
+from .losses import Loss, check_loss
 from .metrics import Evaluation, check_task, measure
 from .optim import Optimizer, Schedule, sgd_step
 from .stateful import StatefulLayer
@@ -162,6 +162,7 @@ def fit_stacked(
         The stacked trained params and one :class:`~rdl_functional.History` per
         model; the first history's ``opt_state`` holds the stacked optimizer state.
     """
+    check_loss("fit_stacked", loss)
     _check_count("fit_stacked", "epochs", epochs, 0)
     _check_count("fit_stacked", "batch_size", batch_size, 1)
     if isinstance(optimizer, Optimizer) and not optimizer.elementwise:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -39,6 +39,9 @@ from .stateful import batch_norm as _batch_norm
 from .stateful import dropout as _dropout
 from .train import History, fit, predict
 from .tree import tree_difference, tree_flatten, tree_unflatten
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 __all__ = [
     "DEFAULTS",
@@ -352,6 +355,7 @@ def run_disc(
     checkpoint_every: int | None = None,
     checkpoint_info: Any = None,
     check_finite: bool = True,
+    on_resume: Callable[[Checkpoint], None] | None = None,
 ) -> DiscResult:
     """Train a model on fresh disc data and evaluate it on fresh test points.
 
@@ -360,8 +364,8 @@ def run_disc(
     whole run. ``init_params`` (checked with :func:`check_params_fit`)
     replaces the drawn initial params; they are drawn anyway, so a seed gives
     the same data and batches either way. ``callback``, ``checkpoint``,
-    ``checkpoint_every``, ``checkpoint_info`` and ``check_finite`` are passed
-    to :func:`~rdl_functional.fit` (the checkpoint records the seed and the
+    ``checkpoint_every``, ``checkpoint_info``, ``check_finite`` and ``on_resume``
+    are passed to :func:`~rdl_functional.fit` (the checkpoint records the seed and the
     settings besides, by the values trained with: ``lr=None`` and the tuned
     rate it stands for are one run). A run of more (or fewer) epochs resumes
     from a checkpoint as ``fit`` allows: with ``schedule="constant"``.
@@ -381,7 +385,7 @@ def run_disc(
         epochs=settings.epochs, batch_size=settings.batch_size, generator=g,
         test=(data.x_test, settings.targets(data.labels_test)), callback=callback, compile=settings.compile,
         capture=settings.capture,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, check_finite=check_finite, on_resume=on_resume,
         checkpoint_info=None if checkpoint is None else {"seed": seed, "settings": _recorded(settings),
                                                          "caller": checkpoint_info},
         **how,

@@ -112,7 +112,7 @@ class Layer:
     def __attrs_post_init__(self) -> None:
         # Said once here for every layer, the library's and yours: init gets a torch.Generator for an int seed
         # (as compose passes one), and apply called the wrong way says how it is called.
-        object.__setattr__(self, "init", seeded(self.init))
+        object.__setattr__(self, "init", seeded(self.init, lambda: self.name))
         object.__setattr__(self, "apply", called_as(self.apply, lambda: (
             f"{self.name}: a Layer is called as layer(params, x) -> y (or layer.apply(params, x))"), _plain_hint))
 
@@ -130,18 +130,19 @@ def _plain_hint(args: tuple, kwargs: dict) -> str:
     return ""
 
 
-def seeded(init: Callable[..., Any]) -> Callable[..., Any]:
+def seeded(init: Callable[..., Any], name: Callable[[], str] = lambda: "layer") -> Callable[..., Any]:
     """``init`` given a ``torch.Generator`` seeded with an int where it was called with the int (``init(0)``),
-    as ``compose`` passes a generator to its layers: one kind of argument for every init function."""
+    as ``compose`` passes a generator to its layers: one kind of argument for every init function. Anything
+    else (``init(1.5)``, ``init(True)``) is refused with a ``TypeError`` naming the layer (``name()``)."""
     if getattr(init, "_rf_seeded", False):
         return init
 
     @functools.wraps(init)
     def init_from_seed(*args: Any, **kwargs: Any) -> Any:
-        if args and type(args[0]) is int:
-            args = (as_generator(args[0], "init"), *args[1:])
-        elif type(kwargs.get("generator")) is int:
-            kwargs["generator"] = as_generator(kwargs["generator"], "init")
+        if args and not isinstance(args[0], torch.Generator):
+            args = (as_generator(args[0], f"{name()}.init"), *args[1:])
+        elif "generator" in kwargs and not isinstance(kwargs["generator"], torch.Generator):
+            kwargs["generator"] = as_generator(kwargs["generator"], f"{name()}.init")
         return init(*args, **kwargs)
 
     init_from_seed._rf_seeded = True  # type: ignore[attr-defined]

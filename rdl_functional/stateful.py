@@ -91,7 +91,7 @@ class StatefulLayer:
 
     def __attrs_post_init__(self) -> None:
         # As a Layer's: init gets a torch.Generator for an int seed, and apply called the wrong way says how.
-        object.__setattr__(self, "init", seeded(self.init))
+        object.__setattr__(self, "init", seeded(self.init, lambda: self.name))
         object.__setattr__(self, "apply", called_as(self.apply, lambda: (
             f"{self.name} carries state or randomness: call it as layer(params, state, x, train=True or False, "
             "generator=...) -> (y, new_state) (or layer.apply(...)), with state = layer.init_state() to start from")))

@@ -18,11 +18,11 @@ from .distributed import all_reduce_mean, broadcast_params, shard, world
 from .layers import Layer, Params
 from .losses import Loss, check_loss
 from .metrics import Evaluation, check_fits, check_task, infer_task, measure, predictions, task_of_outputs
-from .optim import Optimizer, Schedule, sgd, sgd_step
+from .optim import _FACTORIES, Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
-from .tree import Tree, tree_difference, tree_leaves, tree_map
+from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_map
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -155,6 +155,7 @@ def evaluate(model: Layer | StatefulLayer, loss: Loss, params: Params, x: Tensor
     ('regression', 0.5976, 0.1667, None)
     """
     check_task("evaluate", task)
+    check_loss("evaluate", loss)
     _check_rows("evaluate", x, target)
     pred = _forward("evaluate", model, params, x, state)
     task = task or infer_task("evaluate", loss, pred, target)
@@ -171,7 +172,14 @@ def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tenso
     after an epoch of training. ``rows``: 2 for a stack of models, whose rows are ``x[:, i]``."""
     first = (slice(None),) * (rows - 1) + (slice(0, 1),)
     with torch.no_grad():
-        pred = run(x[first])
+        try:
+            pred = run(x[first])
+        except (TypeError, ValueError) as error:
+            if x.dim() != rows:
+                raise
+            # A 1-D x: its rows are numbers, and a layer that reads features sees one example of one feature.
+            raise type(error)(f"{error} ({who}: x has shape {tuple(x.shape)}, so each of its {x.shape[-1]} rows is "
+                              "one number; for rows of one feature, pass x[:, None])") from None
         task = task or infer_task(who, loss, pred, target, rows)
         check_fits(who, task, pred, target, rows)
         if test is not None:
@@ -193,6 +201,8 @@ def _check_rows(where: str, x: Tensor, target: Tensor) -> None:
     for name, value in (("x", x), ("target", target)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:  # the mean loss and every metric of no rows is NaN
+        raise ValueError(f"{where}: x has no rows (shape {tuple(x.shape)}); expected (rows, ...) with rows ≥ 1")
     if x.shape[:1] != target.shape[:1]:
         raise ValueError(f"{where}: x has {x.shape[0]} rows but target has {target.shape[0]}")
 
@@ -221,6 +231,7 @@ def fit(
     checkpoint_every: int | None = None,
     checkpoint_info: Any = None,
     check_finite: bool = True,
+    on_resume: Callable[[Checkpoint], None] | None = None,
 ) -> tuple[Params, History]:
     """Train on shuffled minibatches; return the final params and the per-epoch history.
 
@@ -310,6 +321,9 @@ def fit(
             a schedule tied to the total (a decay to the last step) is refused
             with the reason. :func:`~rdl_functional.read_checkpoint` reads one.
         checkpoint_every: steps between checkpoints, ≥ 1.
+        on_resume: called with the :class:`~rdl_functional.Checkpoint` once ``fit``
+            has accepted it to resume from, before the first step (``rdl-train``
+            says there where the run resumes).
         checkpoint_info: JSON-able data recorded in the checkpoint's settings,
             which a resumed run must match (``rdl-train`` records its settings).
             A step function is known by its code, so one that carries values
@@ -401,11 +415,14 @@ def fit(
         settings = describe(epochs)
         resumed = _resume(checkpoint, settings, describe)
         if resumed is not None:
-            _check_resumed_states(checkpoint, resumed, optimizer, params, has_state)
+            _check_resumed(checkpoint, resumed, optimizer, params, opt_state, model_state if has_state else None,
+                           n, batch_size, per_epoch, _recorded(record_history, task, test))
+            if on_resume is not None:
+                on_resume(resumed)
             params, model_state = resumed.params, resumed.model_state
             g.set_state(resumed.generator_state)
-    elif checkpoint_every is not None or checkpoint_info is not None:
-        raise ValueError("fit: checkpoint_every and checkpoint_info go with checkpoint=PATH")
+    elif checkpoint_every is not None or checkpoint_info is not None or on_resume is not None:
+        raise ValueError("fit: checkpoint_every, checkpoint_info and on_resume go with checkpoint=PATH")
     runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
                                        resumed=resumed.opt_state if resumed is not None else None)
     if size > 1:
@@ -691,22 +708,64 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
                          f"is not: {error} (it goes into the checkpoint {str(path)!r})") from None
 
 
-def _check_resumed_states(path: Any, saved: Checkpoint, optimizer: Any, params: Params, has_state: bool) -> None:
-    """A checkpoint holds the optimizer's state when the optimizer keeps one, and the model's when it has one."""
-    shown = repr(str(path))
-    if isinstance(optimizer, Optimizer):
-        expected = optimizer.init(params)
-        if saved.opt_state is None and tree_leaves(expected):
-            raise ValueError(f"fit: the checkpoint {shown} holds no optimizer state, but {optimizer.name} keeps one "
-                             "(its step count and buffers): it cannot be resumed; remove it to start afresh")
-        found = tree_difference(expected, saved.opt_state or {}, names=(f"{optimizer.name}'s state",
-                                                                        "the checkpoint's"), leaves=True)
+def _check_resumed(path: Any, saved: Checkpoint, optimizer: Any, params: Params, opt_state: Tree | None,
+                   model_state: State | None, n: int, batch_size: int, per_epoch: int, recorded: set[str]) -> None:
+    """The checkpoint's record agrees with itself and with the run that resumes it: its position and step count
+    with the data and batches, its trees with the model's and the optimizer's (an optimizer that keeps a state has
+    it there, its step counts those of the steps taken), its history with what the run records (``recorded``: the
+    names of the history's lists that are not empty after an epoch). A checkpoint edited by hand and signed anew
+    would otherwise resume into another run."""
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"fit: the checkpoint {str(path)!r} {what}: it cannot be resumed; remove it to start afresh")
+
+    total = saved.settings.get("epochs")
+    if isinstance(total, int) and _ahead_of(saved, total):
+        refuse(f"{_ahead_of(saved, total)}, more than the {total} epochs of its run")
+    if saved.position >= n or saved.position % batch_size:
+        refuse(f"records a position of {saved.position} rows into an epoch of {n} rows in batches of {batch_size}")
+    steps = saved.epochs_done * per_epoch + saved.position // batch_size
+    if saved.steps != steps:
+        refuse(f"records {saved.steps} steps, where {saved.epochs_done} epochs of {per_epoch} steps and "
+               f"{saved.position} rows in batches of {batch_size} are {steps}")
+    found = tree_difference(params, saved.params, names=("the model's params", "the checkpoint's"), leaves=True)
+    if found:
+        refuse(f"holds other params than the model's ({found})")
+    if model_state is not None:
+        found = tree_difference(model_state, saved.model_state if saved.model_state is not None else {},
+                                names=("the model's state", "the checkpoint's"), leaves=True)
+        if saved.model_state is None or found:
+            refuse(f"holds {'no' if saved.model_state is None else 'another'} model state than the model keeps "
+                   f"(batch norm's running statistics){f': {found}' if found else ''}")
+        for where, leaf in tree_flatten(saved.model_state).items():
+            if where.endswith("num_batches_tracked") and int(leaf) < 0:
+                refuse(f"records {int(leaf)} batches at {where}, fewer than none")
+    if isinstance(optimizer, Optimizer) or optimizer is sgd_step:
+        rule = optimizer if isinstance(optimizer, Optimizer) else sgd(0.0)
+        start = opt_state if opt_state is not None else rule.init(params)
+        if saved.opt_state is None and tree_leaves(start):
+            refuse(f"holds no optimizer state, but {rule.name} keeps one (its step count and buffers)")
+        found = tree_difference(start, saved.opt_state or {}, names=(f"{rule.name}'s state", "the checkpoint's"),
+                                leaves=True)
         if found:
-            raise ValueError(f"fit: the checkpoint {shown} holds another optimizer state than {optimizer.name} "
-                             f"keeps ({found}): it cannot be resumed; remove it to start afresh")
-    if has_state and saved.model_state is None:
-        raise ValueError(f"fit: the checkpoint {shown} holds no model state, but the model keeps one (batch norm's "
-                         "running statistics): it cannot be resumed; remove it to start afresh")
+            refuse(f"holds another optimizer state than {rule.name} keeps ({found})")
+        counts = tree_flatten(saved.opt_state or {})
+        for where, first in tree_flatten(start).items():
+            if where.split(".")[-1] == "count" and int(counts[where]) != int(first) + saved.steps:
+                refuse(f"records {int(counts[where])} optimizer steps at {where}, where {saved.steps} steps were "
+                       f"taken from {int(first)}")
+    for name, values in saved.history.items():
+        if bool(values) != (name in recorded and saved.epochs_done > 0):
+            refuse(f"holds {len(values)} value(s) of {name}, which the run "
+                   f"{'records once an epoch' if name in recorded else 'does not record'}")
+
+
+def _recorded(record_history: bool, task: str | None, test: Any) -> set[str]:
+    """The history's lists that fill once an epoch, as :meth:`History._append` fills them for ``task``."""
+    if not record_history:
+        return set()
+    metrics = ("loss", "rmse", "r2") if task == "regression" else ("loss", "accuracy")
+    return {f"{split}_{metric}" for split in ("train", *(("test",) if test is not None else ())) for metric in metrics}
 
 
 def _ahead_of(saved: Checkpoint, epochs: int) -> str | None:
@@ -767,6 +826,10 @@ def _optimizer(
             raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other "
                              "optimizer")
         return _Running(optimizer, params, resumed if resumed is not None else opt_state, who), lambda count: 0.0
+    if any(optimizer is factory for factory in _FACTORIES):
+        raise TypeError(f"{who}: optimizer rf.{optimizer.__name__} makes an optimizer: call it, e.g. "
+                        f"optimizer=rf.{optimizer.__name__}(...) with its rate (a step function passed here takes "
+                        "(params, grads, lr))")
     if not callable(optimizer):
         raise TypeError(f"{who}: optimizer must be an rf.Optimizer or a step function (params, grads, lr) -> params, "
                         f"got {type(optimizer).__name__}")

@@ -212,3 +212,74 @@ def test_fit_stacked_with_data_that_requires_grad_builds_no_autograd_graph(requi
                                  generators=[torch.Generator().manual_seed(m) for m in range(2)],
                                  test=(x[:, :10], target[:, :10]))
     assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(trained), rf.tree_leaves(expected), strict=True))
+
+
+def test_a_loop_of_your_own_with_x_that_requires_grad_records_no_autograd_graph():
+    """Regression: the README's loop (value_and_grad, then sgd_step) with an x that required grad made every step
+    record an autograd graph, which the grads and then the params carried on (+175 MB over 6,000 steps)."""
+    x, labels = rf.disc_dataset(40, 0)
+    x = x.clone().requires_grad_(True)
+    model = rf.compose(rf.linear(2, 4), rf.tanh, rf.linear(4, 2))
+    params = model.init(0)
+    step = rf.value_and_grad(model, rf.cross_entropy_loss)
+
+    def loop():
+        nonlocal params
+        for start in range(0, 40, 10):
+            value, grads = step(params, x[start:start + 10], labels[start:start + 10])
+            assert value.grad_fn is None and all(g.grad_fn is None for g in rf.tree_leaves(grads))
+            params = rf.sgd_step(params, grads, lr=0.1)
+
+    assert _saved_for_backward(loop) == 0
+    assert all(p.grad_fn is None and not p.requires_grad for p in rf.tree_leaves(params))
+    assert torch.is_grad_enabled()  # the step turned recording off for itself only
+
+
+def test_a_1d_x_in_fit_says_its_rows_are_numbers_and_how_to_make_them_rows_of_one_feature():
+    """Regression: fit's first look at the model ran it on x[:1], so linear said 'x is 1-D with 1 entries'."""
+    x, labels = rf.disc_dataset(50, 0)
+    model = rf.compose(rf.linear(2, 8), rf.relu, rf.linear(8, 2))
+    with pytest.raises(ValueError, match=r"fit: x has shape \(50,\), so each of its 50 rows is one number; for rows "
+                                         r"of one feature, pass x\[:, None\]"):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), x[:, 0], labels, epochs=1, batch_size=10, lr=0.1,
+               generator=0)
+
+
+def test_unmade_losses_and_optimizers_are_told_to_be_called_wherever_they_go():
+    """Regression: rf.evaluate(model, rf.l1_loss, ...) gave an AttributeError, and fit(optimizer=rf.adam, lr=0.1)
+    'adam: lr must be a number or a schedule, got dict'."""
+    x, labels = rf.disc_dataset(20, 0)
+    target = rf.one_hot(labels, 2)
+    model = rf.linear(2, 2)
+    with pytest.raises(TypeError, match=r"evaluate: loss must be a Loss, got function rf.l1_loss: rf.l1_loss is a "
+                                        r"factory: call it, rf.l1_loss\(\)"):
+        rf.evaluate(model, rf.l1_loss, model.init(0), x, target)
+    with pytest.raises(TypeError, match=r"fit: optimizer rf.adam makes an optimizer: call it, e.g. "
+                                        r"optimizer=rf.adam\(...\)"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=10, optimizer=rf.adam, lr=0.1,
+               generator=0)
+
+
+@pytest.mark.parametrize("where", ["x", "test"])
+def test_fit_and_evaluate_refuse_data_without_rows_instead_of_recording_nan(where):
+    """Regression: fit on 0 rows returned train_loss (nan,) with check_finite on; an empty test set recorded a
+    test loss of nan and an R² of 1."""
+    x, labels = rf.disc_dataset(20, 0)
+    model = rf.linear(2, 2)
+    data = {"x": (x, labels), "test": (x, labels)}
+    data[where] = (x[:0], labels[:0])
+    with pytest.raises(ValueError, match=r"x has no rows \(shape \(0, 2\)\); expected \(rows, ...\) with rows ≥ 1"):
+        rf.fit(model, rf.cross_entropy_loss, model.init(0), *data["x"], epochs=1, batch_size=10, lr=0.1,
+               generator=0, test=data["test"])
+    with pytest.raises(ValueError, match=r"evaluate: x has no rows"):
+        rf.evaluate(model, rf.cross_entropy_loss, model.init(0), x[:0], labels[:0])
+
+
+@pytest.mark.parametrize("seed", [1.5, True, None])
+def test_a_custom_layers_init_refuses_what_is_neither_a_generator_nor_an_int_naming_the_layer(seed):
+    """Regression: a custom layer's init(1.5) or init(True) reached torch.rand with a raw TypeError."""
+    layer = rf.Layer(init=lambda g, *, dtype=torch.float32: {"w": torch.rand(2, generator=g, dtype=dtype)},
+                     apply=lambda p, x: x, vjp=lambda p, x: (x, lambda dy: ({"w": torch.zeros(2)}, dy)), name="mine")
+    with pytest.raises(TypeError, match=rf"mine.init: expected a torch.Generator or an int seed, got "
+                                        rf"{type(seed).__name__}"):
+        layer.init(seed)

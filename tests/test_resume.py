@@ -344,3 +344,88 @@ def test_a_checkpoint_without_the_optimizers_state_is_refused_naming_the_file(tm
     with pytest.raises(ValueError, match=r"fit: the checkpoint '.*adam\.ckpt' holds another optimizer state than "
                                          r"adam keeps"):
         rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=4, **run)
+
+
+def _signed_anew(path, **changes):
+    """The checkpoint at ``path`` edited and written again with a valid digest, as an attacker (or a bug) would."""
+    import attrs
+
+    from rdl_functional.checkpoint import write_checkpoint
+
+    saved = rf.read_checkpoint(path)
+    write_checkpoint(path, attrs.evolve(saved, **{name: change(saved) for name, change in changes.items()}))
+
+
+def _bn_run(tmp_path, epochs=2, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 2, generator=g), torch.randint(0, 2, (40,), generator=g)
+    model = rf.compose(rf.linear(2, 4), rf.batch_norm(4), rf.relu, rf.linear(4, 2))
+    return rf.fit(model, rf.cross_entropy_loss, model.init(0), x, y, epochs=epochs, batch_size=10,
+                  optimizer=rf.adam(0.01), generator=0, test=(x[:10], y[:10]), checkpoint=tmp_path / "run.ckpt",
+                  **kwargs)
+
+
+def _with(tree, path, value):
+    """A copy of ``tree`` with ``value`` at the dotted ``path`` (empty dicts kept, as tree_unflatten would not)."""
+    head, _, rest = path.partition(".")
+    return {**tree, head: _with(tree[head], rest, value) if rest else value}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"steps": lambda c: 5}, r"records 5 steps, where 2 epochs of 4 steps and 0 rows in batches of 10 are 8"),
+    ({"epochs_done": lambda c: 3, "steps": lambda c: 12,
+      "history": lambda c: {k: v + v[:1] if v else v for k, v in c.history.items()}},
+     r"has 3 epochs done, more than the 2 epochs of its run"),
+    ({"epochs_done": lambda c: 1, "steps": lambda c: 4, "position": lambda c: 5, "order": lambda c: torch.randperm(40),
+      "history": lambda c: {k: v[:1] for k, v in c.history.items()}},
+     r"records a position of 5 rows into an epoch of 40 rows in batches of 10"),
+    ({"opt_state": lambda c: _with(c.opt_state, "count", torch.tensor(3))},
+     r"records 3 optimizer steps at count, where 8 steps were taken from 0"),
+    ({"model_state": lambda c: _with(c.model_state, "1.num_batches_tracked", torch.tensor(-4))},
+     r"records -4 batches at 1.num_batches_tracked, fewer than none"),
+    ({"history": lambda c: {**c.history, "train_accuracy": []}},
+     r"holds 0 value\(s\) of train_accuracy, which the run records once an epoch"),
+    ({"history": lambda c: {**c.history, "train_rmse": [0.5, 0.5]}},
+     r"holds 2 value\(s\) of train_rmse, which the run does not record"),
+    ({"params": lambda c: _with(c.params, "0.weight", torch.zeros(3, 2))},
+     r"holds other params than the model's \(the model's params has a float32 tensor of shape \(4, 2\)"),
+], ids=["steps", "epochs-done", "position", "adam-count", "num-batches-tracked", "history-emptied",
+        "history-of-another-task", "param-shape"])
+def test_a_checkpoint_edited_and_signed_anew_is_refused_when_its_record_disagrees_with_itself_or_the_run(
+        tmp_path, changes, message):
+    """Regression: a hand-edited checkpoint with its digest recomputed resumed into another run (steps 5 of 18
+    epochs, 400 of 300 epochs done, a position between batches, Adam's count, a negative num_batches_tracked, an
+    emptied history list that the run's next checkpoint then could not read back)."""
+    _bn_run(tmp_path)
+    _signed_anew(tmp_path / "run.ckpt", **changes)
+    with pytest.raises(ValueError, match=r"fit: the checkpoint '.*run\.ckpt' " + message):
+        _bn_run(tmp_path, epochs=2)
+
+
+def test_on_resume_is_called_once_fit_has_accepted_the_checkpoint_and_never_for_one_it_refuses(tmp_path):
+    _bn_run(tmp_path, epochs=1)
+    seen = []
+    _bn_run(tmp_path, epochs=2, on_resume=seen.append)
+    assert [(c.epochs_done, c.steps) for c in seen] == [(1, 4)]
+    _signed_anew(tmp_path / "run.ckpt", steps=lambda c: 3)
+    with pytest.raises(ValueError, match=r"records 3 steps"):
+        _bn_run(tmp_path, epochs=3, on_resume=seen.append)
+    assert len(seen) == 1
+
+
+def test_rdl_train_says_it_resumes_only_once_fit_has_accepted_the_checkpoint(tmp_path, capsys):
+    """Regression: a checkpoint refused by fit's own checks (params of another shape, a bad step count) was
+    announced with 'resuming from ...' first."""
+    path = tmp_path / "run.ckpt"
+    assert main(["--epochs", "2", "--quiet", "--checkpoint", str(path)]) == 0
+    assert "resuming from" not in capsys.readouterr().out
+    steps = rf.read_checkpoint(path).steps
+    _signed_anew(path, steps=lambda c: 3)
+    with pytest.raises(SystemExit):
+        main(["--epochs", "2", "--quiet", "--checkpoint", str(path)])
+    out, err = capsys.readouterr()
+    assert "resuming from" not in out and "records 3 steps" in err
+    _signed_anew(path, steps=lambda c: steps)  # whole again
+    assert main(["--epochs", "2", "--quiet", "--checkpoint", str(path)]) == 0
+    assert (f"resuming from {path}: 2 of 2 epochs done, step {steps} (the run is finished)"
+            in capsys.readouterr().out)

@@ -19,6 +19,9 @@ from .schedules import (
 )
 from .transforms import add_decayed_weights, clip_by_global_norm
 
+# Functions that make an optimizer: passed where an optimizer goes, they are told to be called.
+_FACTORIES = (adagrad, adam, adamw, rmsprop, sgd, add_decayed_weights, clip_by_global_norm)
+
 __all__ = [
     "Optimizer",
     "Schedule",

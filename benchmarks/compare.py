@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import rdl_functional as rf
-from rdl_functional.torch_baseline import torch_seed_model
+from rdl_functional.apps.torch_baseline import torch_seed_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,10 +42,10 @@ MODULES = [
     "train",
     "metrics",
     "ensemble",
-    "experiment",
+    "apps.disc",
     "testing",
-    "torch_baseline",
-    "plots",
+    "apps.torch_baseline",
+    "apps.plots",
 ]
 PACKAGE = "rdl_functional"
 ROOT = Path(__file__).resolve().parent.parent

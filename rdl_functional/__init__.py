@@ -67,9 +67,7 @@ from .tree import (
 )
 
 if TYPE_CHECKING:  # imported on first use (below); named here for type checkers and readers
-    from .checkpoint import Checkpoint, read_checkpoint
-    from .compiled import compiled_step
-    from .experiment import (
+    from .apps.disc import (
         DiscData,
         DiscResult,
         DiscSettings,
@@ -81,9 +79,11 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
         seed_model,
         summarize,
     )
+    from .apps.plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
+    from .checkpoint import Checkpoint, read_checkpoint
+    from .compiled import compiled_step
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
-    from .plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
     from .testing import VjpMismatch, VjpReport, check_vjp
 
 __version__ = "0.1.0"
@@ -95,10 +95,10 @@ _LAZY = {
     **dict.fromkeys(("Captured", "capture"), "graphs"),
     **dict.fromkeys(("compiled_step",), "compiled"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
-                     "run_disc", "run_disc_together", "seed_model", "summarize"), "experiment"),
+                     "run_disc", "run_disc_together", "seed_model", "summarize"), "apps.disc"),
     **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
     **dict.fromkeys(("plot_dataset", "plot_decision_boundary", "plot_history", "plot_seed_spread", "save_figure"),
-                    "plots"),
+                    "apps.plots"),
     **dict.fromkeys(("VjpMismatch", "VjpReport", "check_vjp"), "testing"),
 }
 

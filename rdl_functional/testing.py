@@ -1,6 +1,6 @@
 """Checking a layer or loss against torch's own autograd: the library's test oracle, public.
 
-This module, alone with :mod:`rdl_functional.torch_baseline`, uses
+This module, alone with :mod:`rdl_functional.apps.torch_baseline`, uses
 ``torch.func``: never on the training path, only to check it. ``torch.func`` is
 imported when a check runs, not when the library is imported.
 """

@@ -59,12 +59,13 @@ def test_the_lazily_loaded_names_are_the_real_objects_and_importing_the_core_lea
     import sys
 
     import rdl_functional as rf
-    from rdl_functional import experiment, testing
+    from rdl_functional.apps import disc as experiment
+    from rdl_functional.apps import testing
 
     assert rf.run_disc is experiment.run_disc and rf.check_vjp is testing.check_vjp
     assert set(rf.__all__) <= set(dir(rf))
     code = ("import sys, rdl_functional as rf\n"
-            "assert not {'rdl_functional.experiment', 'rdl_functional.plots', 'rdl_functional.testing'} "
+            "assert not {'rdl_functional.apps.disc', 'rdl_functional.apps.plots', 'rdl_functional.testing'} "
             "& set(sys.modules), sorted(m for m in sys.modules if m.startswith('rdl_functional'))\n"
             "rf.save\n"
             "assert 'rdl_functional.io' in sys.modules\n"

@@ -27,12 +27,12 @@ def test_the_benchmark_runs_and_writes_its_table_and_json(tmp_path):
 def test_the_default_training_path_never_imports_dynamo_or_compile():
     code = (
         "import sys\n"
-        "from rdl_functional.cli import main\n"
+        "from rdl_functional.apps.cli import main\n"
         "main(['--epochs', '2', '--quiet'])\n"
         "main(['--epochs', '2', '--seeds', '0-1', '--quiet'])\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
         "assert 'torch._inductor' not in sys.modules, 'torch._inductor was imported'\n"
-        "assert 'rdl_functional.torch_baseline' not in sys.modules\n"
+        "assert 'rdl_functional.apps.torch_baseline' not in sys.modules\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -188,7 +188,7 @@ def test_fit_with_capture_refuses_what_a_graph_cannot_hold():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_the_cli_says_capture_needs_cuda(capsys):
-    from rdl_functional.cli import main
+    from rdl_functional.apps.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--capture", "--epochs", "1", "--quiet"])

@@ -188,7 +188,7 @@ def test_soak_twenty_thousand_steps_with_params_that_require_grad_grow_rss_under
 def test_small_defects_of_issue_10_stay_fixed(tmp_path):
     import numpy as np
 
-    from rdl_functional.cli import _model_words
+    from rdl_functional.apps.cli import _model_words
 
     # A stack of models stops at a NaN too (rdl-train --seeds trains one).
     x, labels = rf.disc_dataset(40, 0)
@@ -286,7 +286,7 @@ def test_a_checkpoint_write_that_fails_ends_rdl_train_with_one_line_naming_the_f
         import os, resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         import rdl_functional.checkpoint as checkpoint
-        from rdl_functional.cli import main
+        from rdl_functional.apps.cli import main
         write = checkpoint.write_checkpoint
         def write_then_fill_the_disk(path, state):
             write(path, state)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rdl_functional as rf
-from rdl_functional.cli import _progress, main
+from rdl_functional.apps.cli import _progress, main
 
 FAST = ["--epochs", "3", "--batch-size", "200"]
 
@@ -348,7 +348,7 @@ def test_an_output_write_that_fails_after_training_ends_with_one_line_naming_the
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
-        from rdl_functional.cli import main
+        from rdl_functional.apps.cli import main
         sys.exit(main(["--epochs", "1", "--quiet", "--threads", "1", {flag!r}, {str(path)!r}]))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

@@ -20,7 +20,7 @@ import torch
 import rdl_functional as rf
 import rdl_functional.distributed as distributed
 import rdl_functional.train as train
-from rdl_functional import cli
+from rdl_functional.apps import cli
 
 
 class _Sent(Exception):

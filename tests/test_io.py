@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import rdl_functional as rf
-from rdl_functional.torch_baseline import torch_seed_model
+from rdl_functional.apps.torch_baseline import torch_seed_model
 
 
 def _x():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rdl_functional as rf
-from rdl_functional.torch_baseline import torch_seed_model
+from rdl_functional.apps.torch_baseline import torch_seed_model
 
 # name, ours, torch.optim twin (foreach), several settings each. Adding an optimizer is one line.
 OPTIMIZERS = [

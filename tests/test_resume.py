@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import rdl_functional as rf
+from rdl_functional.apps.cli import main
 from rdl_functional.checkpoint import describe_optimizer, digest
-from rdl_functional.cli import main
 
 TINY = ["--epochs", "2", "--batch-size", "500", "--quiet"]  # two steps an epoch
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rdl_functional as rf
-from rdl_functional.torch_baseline import torch_seed_model
+from rdl_functional.apps.torch_baseline import torch_seed_model
 
 
 def _train_both(dtype, steps, batch_size=10, lr=0.1):

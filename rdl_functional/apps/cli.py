@@ -18,12 +18,18 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
-from . import __version__
-from ._files import atomic_write, check_writable
-from .checkpoint import _KEY as _CHECKPOINT_KEY
-from .checkpoint import read_checkpoint
-from .distributed import PeerLost
-from .experiment import (
+from .. import __version__
+from .._files import atomic_write, check_writable
+from ..checkpoint import _KEY as _CHECKPOINT_KEY
+from ..checkpoint import read_checkpoint
+from ..distributed import PeerLost
+from ..initializers import INITIALIZERS
+from ..io import _load, load
+from ..layers import Params
+from ..optim.schedules import MAX_LR
+from ..train import History, NonFiniteLoss, _ahead_of
+from ..tree import tree_leaves
+from .disc import (
     DEFAULTS,
     LOSSES,
     MODELS,
@@ -38,12 +44,6 @@ from .experiment import (
     run_disc_together,
     summarize,
 )
-from .initializers import INITIALIZERS
-from .io import _load, load
-from .layers import Params
-from .optim.schedules import MAX_LR
-from .train import History, NonFiniteLoss, _ahead_of
-from .tree import tree_leaves
 
 
 class _Parser(argparse.ArgumentParser):
@@ -427,7 +427,7 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                    summary: dict[str, Any] | None) -> None:
     try:
         if args.save is not None:
-            from .io import save
+            from ..io import save
 
             save(results[0].params, args.save)
             print(f"saved the trained params to {args.save}")
@@ -707,7 +707,7 @@ def _launched_by_torchrun() -> bool:
 
 def _group_timeout() -> float:
     """The process group's timeout (``$RDL_DIST_TIMEOUT``, 60 s by default), or one line and exit code 2."""
-    from .distributed import group_timeout
+    from ..distributed import group_timeout
 
     try:
         return group_timeout()
@@ -719,7 +719,7 @@ def _join_group(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     """Under torchrun or ``--nproc``, in each process: join the process group, within its timeout, and check that
     every rank was started with the same training flags (resolved, after ``--resume``); one line and a non-zero
     exit on every rank otherwise, never a hang. Returns ``(rank, world size)``."""
-    from .distributed import _disagreement, init_from_environment
+    from ..distributed import _disagreement, init_from_environment
 
     dist = torch.distributed
     try:

@@ -16,13 +16,13 @@ import attrs
 import torch
 from torch import Tensor
 
-from .combinators import compose
-from .data import disc_dataset, one_hot
-from .ensemble import fit_stacked, stack_params, unstack_params
-from .initializers import INITIALIZERS
-from .layers import Layer, Params, linear, relu, tanh
-from .losses import Loss, cross_entropy_loss, mse_loss
-from .optim import (
+from ..combinators import compose
+from ..data import disc_dataset, one_hot
+from ..ensemble import fit_stacked, stack_params, unstack_params
+from ..initializers import INITIALIZERS
+from ..layers import Layer, Params, linear, relu, tanh
+from ..losses import Loss, cross_entropy_loss, mse_loss
+from ..optim import (
     Optimizer,
     Schedule,
     adagrad,
@@ -34,14 +34,14 @@ from .optim import (
     sgd,
     warmup_cosine_decay_schedule,
 )
-from .stateful import State, StatefulLayer
-from .stateful import batch_norm as _batch_norm
-from .stateful import dropout as _dropout
-from .train import History, fit, predict
-from .tree import tree_difference, tree_flatten, tree_unflatten
+from ..stateful import State, StatefulLayer
+from ..stateful import batch_norm as _batch_norm
+from ..stateful import dropout as _dropout
+from ..train import History, fit, predict
+from ..tree import tree_difference, tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from ..checkpoint import Checkpoint
 
 __all__ = [
     "DEFAULTS",

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._files import atomic_write
-from .data import DISC_CENTER, DISC_RADIUS
-from .layers import Layer, Params
-from .stateful import State, StatefulLayer
-from .train import History, predict
+from .._files import atomic_write
+from ..data import DISC_CENTER, DISC_RADIUS
+from ..layers import Layer, Params
+from ..stateful import State, StatefulLayer
+from ..train import History, predict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -15,12 +15,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from .experiment import DiscSettings, draw_run
-from .io import split_state, to_state_dict
-from .layers import Params
-from .stateful import State, StatefulLayer
-from .train import fit, predict
-from .tree import tree_unflatten
+from ..io import split_state, to_state_dict
+from ..layers import Params
+from ..stateful import State, StatefulLayer
+from ..train import fit, predict
+from ..tree import tree_unflatten
+from .disc import DiscSettings, draw_run
 
 __all__ = ["TorchComparison", "compare_with_torch", "torch_optimizer", "torch_seed_model", "train_torch"]
 

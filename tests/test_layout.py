@@ -80,7 +80,7 @@ def test_the_core_has_no_import_cycle_at_import_time():
 
     def visit(name: str) -> None:
         if name in on_path:
-            cycles.append(on_path[on_path.index(name):] + [name])
+            cycles.append([*on_path[on_path.index(name):], name])
             return
         if name in done:
             return

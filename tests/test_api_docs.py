@@ -59,8 +59,8 @@ def test_the_lazily_loaded_names_are_the_real_objects_and_importing_the_core_lea
     import sys
 
     import rdl_functional as rf
-    from rdl_functional.apps import disc as experiment
     from rdl_functional import testing
+    from rdl_functional.apps import disc as experiment
 
     assert rf.run_disc is experiment.run_disc and rf.check_vjp is testing.check_vjp
     assert set(rf.__all__) <= set(dir(rf))

@@ -363,6 +363,16 @@ def load_state(path: str | os.PathLike[str]) -> TrainState:
             checkpoint, is corrupted (its digest does not match), holds an inconsistent record,
             or is the checkpoint of a run with a step function of its own (which keeps no
             optimizer state). Every message names the file.
+
+    >>> import os, tempfile, rdl_functional as rf
+    >>> x, labels = rf.disc_dataset(40, 0)
+    >>> model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "fit.ckpt")
+    >>> _ = rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=2, batch_size=20,
+    ...            optimizer=rf.sgd(0.1), generator=0, checkpoint=path)
+    >>> state = rf.load_state(path)                 # 2 epochs of 2 steps
+    >>> int(state.step), list(state.opt_state), state.model_state
+    (4, ['count', 'lr'], {})
     """
     tree, metadata = _load(path, "load_state")
     shown = repr(str(path))

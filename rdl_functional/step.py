@@ -37,7 +37,7 @@ from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_unflatt
 __all__ = ["TrainState", "TrainStep", "train_state", "train_step"]
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)  # trees of tensors have no one truth value: records compare (and hash) by identity
 class TrainState:
     """Everything a training step depends on, as five trees of tensors; :func:`train_state` makes one.
 
@@ -109,12 +109,13 @@ def train_state(
                       generator=_generator_state(who, generator), step=torch.tensor(0, dtype=torch.int64))
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class TrainStep:
     """``state, metrics = step(state, x, target)``: one pure training step; :func:`train_step` makes one.
 
     Attributes:
         model, loss, optimizer: what it was made of (transforms of the step read them).
+        _grad: ``rf.value_and_grad(model, loss)``, made once by :func:`train_step`.
     """
 
     model: Layer | StatefulLayer

@@ -249,6 +249,8 @@ def test_save_state_and_load_state_refuse_what_is_no_train_state(tmp_path):
                                          r"tensor\(1\.\), expected a 0-dim int64"):
         rf.save_state(attrs.evolve(state, step=torch.tensor(1.0)), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match=r"save_state: '.*no_folder/run': the folder '.*no_folder' does not"):
+        rf.save_state(state, tmp_path / "no_folder" / "run")
     rf.save(PLAIN.init(0), tmp_path / "params.safetensors")
     with pytest.raises(ValueError, match=r"load_state: '.*params.safetensors' is neither a saved TrainState"):
         rf.load_state(tmp_path / "params.safetensors")

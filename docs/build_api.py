@@ -29,6 +29,7 @@ MODULES = [
     "combinators",
     "losses",
     "autodiff",
+    "step",
     "checkpoint",
     "codegen",
     "activations",

@@ -56,6 +56,7 @@ from .optim import (
     warmup_cosine_decay_schedule,
 )
 from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
+from .step import TrainState, TrainStep, train_state, train_step
 from .train import History, NonFiniteLoss, accuracy, evaluate, fit, predict
 from .tree import (
     tree_difference,
@@ -80,7 +81,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
         summarize,
     )
     from .apps.plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
-    from .checkpoint import Checkpoint, read_checkpoint
+    from .checkpoint import Checkpoint, load_state, read_checkpoint, save_state
     from .compiled import compiled_step
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
@@ -91,7 +92,7 @@ __version__ = "0.1.0"
 # The modules a training step does not need load when one of their names is first used,
 # so that ``import rdl_functional`` stays light (Python compiles every module it imports).
 _LAZY = {
-    **dict.fromkeys(("Checkpoint", "read_checkpoint"), "checkpoint"),
+    **dict.fromkeys(("Checkpoint", "load_state", "read_checkpoint", "save_state"), "checkpoint"),
     **dict.fromkeys(("Captured", "capture"), "graphs"),
     **dict.fromkeys(("compiled_step",), "compiled"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
@@ -136,6 +137,8 @@ __all__ = [
     "Schedule",
     "State",
     "StatefulLayer",
+    "TrainState",
+    "TrainStep",
     "VjpMismatch",
     "VjpReport",
     "accuracy",
@@ -178,6 +181,7 @@ __all__ = [
     "linear",
     "linear_schedule",
     "load",
+    "load_state",
     "log_softmax",
     "logistic_model",
     "mse_loss",
@@ -198,6 +202,7 @@ __all__ = [
     "run_disc_together",
     "save",
     "save_figure",
+    "save_state",
     "seed_model",
     "sgd",
     "sgd_step",
@@ -212,6 +217,8 @@ __all__ = [
     "summarize",
     "tanh",
     "to_state_dict",
+    "train_state",
+    "train_step",
     "tree_difference",
     "tree_flatten",
     "tree_leaves",

@@ -15,6 +15,10 @@ read, and the record is checked as a whole (types, ranges, the shuffle a
 permutation, the history as long as the epochs done, ...) before anything
 uses it; a damaged or inconsistent file is refused with a ``ValueError``
 that names it.
+
+:func:`save_state` and :func:`load_state` keep a :class:`~rdl_functional.TrainState`
+the same way (one file, its digest checked on read), and ``load_state`` also
+takes the TrainState out of a ``fit`` checkpoint.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ import torch
 from torch import Tensor
 
 from .io import _FORMAT_KEY, _json_depth, _load, _save, _skeleton
+from .step import TrainState
 from .tree import Tree, _first_difference, tree_flatten, tree_leaves, tree_map
 
-__all__ = ["Checkpoint", "read_checkpoint"]
+__all__ = ["Checkpoint", "load_state", "read_checkpoint", "save_state"]
 
 _KEY = "rdl_functional.checkpoint"
 _DIGEST_KEY = "rdl_functional.digest"
 _FORMAT = 2  # 2: with a digest (format 1 had none)
+_STATE_KEY = "rdl_functional.train_state"  # a TrainState of rf.save_state, signed with the same digest
+_STATE_FORMAT = 1
 
 
 @attrs.frozen
@@ -87,10 +94,10 @@ def write_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> No
     _write(path, tree, json.dumps(record))
 
 
-def _write(path: str | os.PathLike[str], tree: Tree, record: str) -> None:
-    """The file itself: ``tree`` and the ``record`` text, signed with their digest."""
+def _write(path: str | os.PathLike[str], tree: Tree, record: str, who: str = "checkpoint", key: str = _KEY) -> None:
+    """The file itself: ``tree`` and the ``record`` text (under ``key``), signed with their digest."""
     on_cpu = tree_map(lambda t: t.detach().contiguous().cpu(), tree)  # one copy, for the digest and the file
-    _save(on_cpu, path, "checkpoint", {_KEY: record, _DIGEST_KEY: _checksum(on_cpu, record)})
+    _save(on_cpu, path, who, {key: record, _DIGEST_KEY: _checksum(on_cpu, record)})
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -112,12 +119,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             Every message names the file.
     """
     tree, metadata = _load(path, "read_checkpoint")
-    shown = repr(str(path))
-    record = _proven_record(tree, metadata, shown)
+    return _checkpoint(tree, metadata, repr(str(path)), "read_checkpoint")
+
+
+def _checkpoint(tree: Tree, metadata: Mapping[str, str], shown: str, who: str) -> Checkpoint:
+    """The checkpoint a file read by ``_load`` holds, once proven and checked (errors begin ``who: shown``)."""
+    record = _proven_record(tree, metadata, shown, who)
     try:
         _check_record(tree, record)
     except ValueError as error:
-        raise ValueError(f"read_checkpoint: {shown} holds an inconsistent checkpoint ({error}); it cannot be "
+        raise ValueError(f"{who}: {shown} holds an inconsistent checkpoint ({error}); it cannot be "
                          "resumed: remove it to start afresh") from None
     return Checkpoint(
         params=tree["params"],
@@ -161,36 +172,38 @@ def _hash_leaves(h: Any, items: Any) -> None:
             _put(h, repr(leaf).encode())
 
 
-def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str) -> dict[str, Any]:
-    """The record, once the file's digest proves the record and the tensors are as they were written."""
-    who = f"read_checkpoint: {shown}"
-    text = metadata.get(_KEY)
+def _proven_record(tree: Tree, metadata: Mapping[str, str], shown: str, who: str = "read_checkpoint",
+                   key: str = _KEY, version: int = _FORMAT, kind: str = "checkpoint") -> dict[str, Any]:
+    """The record, once the file's digest proves the record and the tensors are as they were written: a
+    ``kind`` file's record under ``key``, of format ``version``."""
+    who = f"{who}: {shown}"
+    text = metadata.get(key)
     if text is None and _DIGEST_KEY in metadata:
         raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
-                         f"checkpoint has ({sorted([_FORMAT_KEY, _KEY, _DIGEST_KEY])})")
+                         f"{kind} has ({sorted([_FORMAT_KEY, key, _DIGEST_KEY])})")
     if text is None:
-        raise ValueError(f"{who} is not a checkpoint of rdl_functional (its metadata holds no {_KEY} record; "
+        raise ValueError(f"{who} is not a {kind} of rdl_functional (its metadata holds no {key} record; "
                          "rf.load reads a file of params)")
     written = metadata.get(_DIGEST_KEY)
     if written is None:
         found = _format_of(text)
-        if isinstance(found, int) and found < _FORMAT:
-            raise ValueError(f"{who} is a checkpoint of format {found}, written by an older version of "
+        if isinstance(found, int) and found < version:
+            raise ValueError(f"{who} is a {kind} of format {found}, written by an older version of "
                              "rdl_functional: it holds no digest to prove it whole, so it is not resumed. Start "
                              "the run afresh (remove the file, or give another checkpoint path), or finish it with "
                              "the version that wrote it")
         raise ValueError(f"{who} is corrupted: it holds no digest ({_DIGEST_KEY}) to prove it whole")
-    if set(metadata) != {_FORMAT_KEY, _KEY, _DIGEST_KEY}:
+    if set(metadata) != {_FORMAT_KEY, key, _DIGEST_KEY}:
         raise ValueError(f"{who} is corrupted: its metadata holds {sorted(metadata)}, not the three entries a "
-                         f"checkpoint has ({sorted([_FORMAT_KEY, _KEY, _DIGEST_KEY])})")
+                         f"{kind} has ({sorted([_FORMAT_KEY, key, _DIGEST_KEY])})")
     if not hmac.compare_digest(written.encode(), _checksum(tree, text).encode()):
         raise ValueError(f"{who} is corrupted: its contents do not match the digest written with it (a damaged "
                          "disk, copy or transfer, or a file edited by hand); resume from a good copy, or remove it "
                          "to start afresh")
     found = _format_of(text)
-    if found != _FORMAT:
-        raise ValueError(f"{who} is a checkpoint of format {found!r}, which this version of rdl_functional "
-                         f"(format {_FORMAT}) does not read")
+    if found != version:
+        raise ValueError(f"{who} is a {kind} of format {found!r}, which this version of rdl_functional "
+                         f"(format {version}) does not read")
     record = json.loads(text)
     if not isinstance(record, dict):
         raise ValueError(f"{who}: its record is a {type(record).__name__}, not a JSON object")
@@ -236,7 +249,12 @@ def _check_record(tree: Tree, record: dict[str, Any]) -> None:
     for name in ("opt_state", "model_state"):
         if not record[f"has_{name}"] and tree_leaves(tree[name]):
             raise ValueError(f"has_{name} is false, but {name} holds {len(tree_leaves(tree[name]))} tensor(s)")
-    for path, leaf in tree_flatten(tree["opt_state"]).items():
+    _check_counts(tree["opt_state"])
+
+
+def _check_counts(opt_state: Tree) -> None:
+    """The optimizer's step counts are 0-dim integer tensors ≥ 0."""
+    for path, leaf in tree_flatten(opt_state).items():
         if path.rsplit(".", 1)[-1] == "count" and (
                 leaf.dim() != 0 or leaf.dtype.is_floating_point or leaf.dtype.is_complex or leaf.dtype == torch.bool
                 or int(leaf) < 0):
@@ -289,6 +307,117 @@ def _check_generator(state: Any) -> None:
         torch.Generator().set_state(state)
     except RuntimeError as error:
         raise ValueError(f"a CPU generator refuses its state ({error})") from None
+
+
+def save_state(state: TrainState, path: str | os.PathLike[str]) -> None:
+    """Write a whole :class:`~rdl_functional.TrainState` to one safetensors file, whole or not at all.
+
+    The file holds the five trees (params, the optimizer's and the model's
+    state, the generator's state, the step count) and a SHA-256 digest of
+    them, which :func:`load_state` checks: a damaged file is refused, never
+    resumed into another run. A file already at ``path`` is replaced only
+    once the new one is written whole. Tensors on a GPU are written from a
+    copy on the CPU.
+
+    Raises:
+        TypeError: ``state`` is not a :class:`~rdl_functional.TrainState`.
+        ValueError: ``state`` holds what a TrainState cannot (a generator state a CPU
+            generator refuses, a step count that is not a 0-dim int64 tensor ≥ 0, ...).
+        OSError: the file could not be written (naming it); a file already there is kept.
+
+    >>> import os, tempfile, torch, rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 1))
+    >>> step = rf.train_step(model, rf.mse_loss, rf.adam(1e-2))
+    >>> state, _ = step(rf.train_state(model, rf.adam(1e-2), model.init(0)), torch.ones(4, 2), torch.zeros(4, 1))
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.safetensors")
+    >>> rf.save_state(state, path)
+    >>> restored = rf.load_state(path)
+    >>> int(restored.step), torch.equal(restored.params["2"]["weight"], state.params["2"]["weight"])
+    (1, True)
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"save_state: state must be an rf.TrainState (from rf.train_state or a step), got "
+                        f"{type(state).__name__}")
+    tree = {name: getattr(state, name) for name in _STATE_TREES}
+    try:
+        _check_state(tree)
+    except ValueError as error:
+        raise ValueError(f"save_state: the state cannot be saved to {str(path)!r}: {error}") from None
+    _write(path, tree, json.dumps({"format": _STATE_FORMAT}), "save_state", _STATE_KEY)
+
+
+def load_state(path: str | os.PathLike[str]) -> TrainState:
+    """Read the :class:`~rdl_functional.TrainState` that :func:`save_state` wrote, or the one in a ``fit`` checkpoint.
+
+    A file of :func:`save_state` comes back as the state saved, bit for bit,
+    so that a run goes on as if it had never stopped. A checkpoint that
+    ``rf.fit(..., checkpoint=PATH)`` wrote gives its params, the optimizer's
+    and the model's state (``{}`` for a plain model), the generator's state
+    and ``step`` = its steps taken (the loop's place in an epoch stays with
+    :func:`read_checkpoint`). Either file's digest is checked first, then its
+    record as a whole. The tensors are on the CPU.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError: as :func:`~rdl_functional.load`.
+        ValueError: the file is not whole safetensors, holds neither a saved TrainState nor a
+            checkpoint, is corrupted (its digest does not match), holds an inconsistent record,
+            or is the checkpoint of a run with a step function of its own (which keeps no
+            optimizer state). Every message names the file.
+
+    >>> import os, tempfile, rdl_functional as rf
+    >>> x, labels = rf.disc_dataset(40, 0)
+    >>> model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "fit.ckpt")
+    >>> _ = rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=2, batch_size=20,
+    ...            optimizer=rf.sgd(0.1), generator=0, checkpoint=path)
+    >>> state = rf.load_state(path)                 # 2 epochs of 2 steps
+    >>> int(state.step), list(state.opt_state), state.model_state
+    (4, ['count', 'lr'], {})
+    """
+    tree, metadata = _load(path, "load_state")
+    shown = repr(str(path))
+    if _STATE_KEY not in metadata and _KEY in metadata:
+        return _state_of(_checkpoint(tree, metadata, shown, "load_state"), shown)
+    if _STATE_KEY not in metadata and _DIGEST_KEY not in metadata:
+        raise ValueError(f"load_state: {shown} is neither a saved TrainState (rf.save_state) nor a checkpoint of "
+                         f"rf.fit: its metadata holds no {_STATE_KEY} or {_KEY} record (rf.load reads a file of "
+                         "params)")
+    record = _proven_record(tree, metadata, shown, "load_state", _STATE_KEY, _STATE_FORMAT, "saved TrainState")
+    try:
+        if sorted(record) != ["format"]:
+            raise ValueError(f"the record holds the fields {sorted(record)}, expected ['format']")
+        _check_state(tree)
+    except ValueError as error:
+        raise ValueError(f"load_state: {shown} holds an inconsistent TrainState ({error}); it cannot be resumed") \
+            from None
+    return TrainState(**{name: tree[name] for name in _STATE_TREES})
+
+
+_STATE_TREES = ("params", "opt_state", "model_state", "generator", "step")
+
+
+def _check_state(tree: dict[str, Any]) -> None:
+    """Raise ValueError, saying what is wrong, unless ``tree`` holds a TrainState's five trees."""
+    if sorted(tree) != sorted(_STATE_TREES):
+        raise ValueError(f"the tensors hold {sorted(tree)}, expected {sorted(_STATE_TREES)}")
+    for name in ("params", "opt_state", "model_state"):
+        if not isinstance(tree[name], dict):
+            raise ValueError(f"{name} is a {type(tree[name]).__name__}, expected a tree of tensors (a dict)")
+    _check_generator(tree["generator"])
+    step = tree["step"]
+    if not isinstance(step, Tensor) or step.dim() != 0 or step.dtype != torch.int64 or int(step) < 0:
+        raise ValueError(f"the step count is {step!r}, expected a 0-dim int64 tensor ≥ 0")
+    _check_counts(tree["opt_state"])
+
+
+def _state_of(checkpoint: Checkpoint, shown: str) -> TrainState:
+    """The TrainState in a ``fit`` checkpoint."""
+    if checkpoint.opt_state is None:
+        raise ValueError(f"load_state: {shown} is the checkpoint of a run of rf.fit with a step function of its own, "
+                         "which keeps no optimizer state, so it holds no TrainState; rf.read_checkpoint reads it")
+    return TrainState(params=checkpoint.params, opt_state=checkpoint.opt_state,
+                      model_state=checkpoint.model_state if checkpoint.model_state is not None else {},
+                      generator=checkpoint.generator_state, step=torch.tensor(checkpoint.steps, dtype=torch.int64))
 
 
 _HISTORY = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_rmse", "train_r2", "test_rmse",

@@ -1,0 +1,262 @@
+"""One pure training step: a :class:`TrainState` record, and ``state, metrics = step(state, x, target)``.
+
+Everything a step depends on is one record of trees, and the step is a pure
+function of it, in the shape of optax's and flax's ``TrainState``::
+
+    state = train_state(model, optimizer, params, generator=0)
+    step = train_step(model, loss, optimizer)
+    state, metrics = step(state, x, target)     # the state passed in is not changed
+
+The step runs ``value_and_grad(model, loss)`` (from the layers' own
+pullbacks) and ``optimizer.step`` (bit-identical to torch.optim's foreach
+implementation), so a loop of it trains as ``torch.nn`` + ``torch.optim``
+do, bit for bit. A model with dropout draws its masks from a generator
+rebuilt from ``state.generator``; the new state holds that generator's state
+after the step, and batch norm's new running statistics.
+:func:`~rdl_functional.save_state` and :func:`~rdl_functional.load_state`
+keep and restore a whole run in one call each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from ._random import as_generator
+from .autodiff import value_and_grad
+from .layers import Layer, Params
+from .losses import Loss, check_loss
+from .optim import _FACTORIES, Optimizer
+from .optim.base import _read_state
+from .stateful import State, StatefulLayer
+from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_unflatten
+
+__all__ = ["TrainState", "TrainStep", "train_state", "train_step"]
+
+
+@attrs.frozen(eq=False)  # trees of tensors have no one truth value: records compare (and hash) by identity
+class TrainState:
+    """Everything a training step depends on, as five trees of tensors; :func:`train_state` makes one.
+
+    Attributes:
+        params: the model's params.
+        opt_state: the optimizer's state (``optimizer.init(params)`` to start).
+        model_state: a :class:`~rdl_functional.StatefulLayer`'s state (batch norm's running
+            statistics); ``{}`` for a plain model.
+        generator: the state of the CPU ``torch.Generator`` that the random layers (dropout)
+            draw from: its ``get_state()``, a ``uint8`` tensor.
+        step: the steps taken, a 0-dim ``int64`` tensor.
+
+    Frozen: a step returns a new record, and ``attrs.evolve(state, params=...)`` makes one
+    with a field replaced.
+    """
+
+    params: Params = attrs.field(repr=False)
+    opt_state: Tree = attrs.field(repr=False)
+    model_state: State = attrs.field(repr=False)
+    generator: Tensor = attrs.field(repr=False)
+    step: Tensor
+
+
+def train_state(
+    model: Layer | StatefulLayer,
+    optimizer: Optimizer,
+    params: Params,
+    generator: torch.Generator | int = 0,
+    *,
+    opt_state: Tree | None = None,
+    model_state: State | None = None,
+) -> TrainState:
+    """The :class:`TrainState` a run starts from: ``params``, the optimizer's and the model's state, a generator.
+
+    Args:
+        model: the model the params serve (a :class:`~rdl_functional.Layer` or
+            :class:`~rdl_functional.StatefulLayer`); the params must fit it (keys, shapes,
+            dtypes of ``model.init``'s; a parameterless layer's empty entry may be absent).
+        optimizer: an :class:`~rdl_functional.Optimizer` (``rf.sgd(0.1)``, ``rf.adam(1e-3)``,
+            a ``rf.chain``).
+        params: the starting params (kept as they are, not copied: nothing changes them).
+        generator: an ``int`` seed, or a CPU ``torch.Generator`` whose state is read (not
+            advanced); the random layers draw from it.
+        opt_state: the optimizer's state to start from; ``optimizer.init(params)`` by default.
+        model_state: a stateful model's state to start from; ``model.init_state()`` in the
+            params' dtype by default. A plain model has none (``{}``).
+
+    Raises:
+        TypeError: ``model``, ``optimizer`` or ``generator`` is not of a kind named above
+            (a step function such as ``rf.sgd_step`` is told to use ``rf.sgd(lr)``).
+        ValueError: the params do not fit the model, ``opt_state`` is not the optimizer's
+            for these params, or ``model_state`` is not the model's.
+
+    >>> import torch, rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 1))
+    >>> state = rf.train_state(model, rf.adam(1e-2), model.init(0), generator=0)
+    >>> state.step, list(state.opt_state), state.model_state, state.generator.dtype
+    (tensor(0), ['count', 'lr', 'exp_avg', 'exp_avg_sq'], {}, torch.uint8)
+    """
+    who = "train_state"
+    _check_model(who, model)
+    _check_optimizer(who, optimizer)
+    _check_params_fit(who, model, params)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    else:
+        _check_opt_state(who, optimizer, params, opt_state)
+    return TrainState(params=params, opt_state=opt_state, model_state=_model_state(who, model, params, model_state),
+                      generator=_generator_state(who, generator), step=torch.tensor(0, dtype=torch.int64))
+
+
+@attrs.frozen(eq=False)
+class TrainStep:
+    """``state, metrics = step(state, x, target)``: one pure training step; :func:`train_step` makes one.
+
+    Attributes:
+        model, loss, optimizer: what it was made of (transforms of the step read them).
+        _grad: ``rf.value_and_grad(model, loss)``, made once by :func:`train_step`.
+    """
+
+    model: Layer | StatefulLayer
+    loss: Loss
+    optimizer: Optimizer
+    _grad: Any = attrs.field(repr=False)
+
+    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
+        if not isinstance(state, TrainState):
+            raise TypeError(f"train_step: state must be an rf.TrainState (from rf.train_state(model, optimizer, "
+                            f"params) or rf.load_state(path)), got {type(state).__name__}")
+        if isinstance(self.model, StatefulLayer):
+            generator = torch.Generator()
+            generator.set_state(state.generator)  # a copy of its bytes: the state passed in is not changed
+            value, grads, model_state = self._grad(state.params, state.model_state, x, target, generator=generator,
+                                                   train=True)
+            drawn = generator.get_state()
+        else:
+            if state.model_state:
+                raise ValueError(f"train_step: {self.model.name} is a plain Layer, which has no state, but "
+                                 f"state.model_state holds {sorted(state.model_state)} (a state of another model?)")
+            value, grads = self._grad(state.params, x, target)
+            model_state, drawn = state.model_state, state.generator
+        params, opt_state = self.optimizer.step(state.params, grads, state.opt_state)
+        new = TrainState(params=params, opt_state=opt_state, model_state=model_state, generator=drawn,
+                         step=state.step + 1)
+        return new, {"loss": value}
+
+
+def train_step(model: Layer | StatefulLayer, loss: Loss, optimizer: Optimizer) -> TrainStep:
+    """A pure training step: ``state, metrics = step(state, x, target)``.
+
+    The gradient of ``loss(model(params, x), target)`` from the layers' pullbacks
+    (:func:`~rdl_functional.value_and_grad`), then ``optimizer.step`` on it: bit-identical to
+    ``torch.nn`` + ``torch.optim`` (foreach) over the same batches. A
+    :class:`~rdl_functional.StatefulLayer` runs in training mode: dropout draws its masks
+    from a generator set to ``state.generator``, and batch norm normalizes with the batch's
+    statistics. The new state holds the new params, the optimizer's new state, the model's
+    new state, the generator's state after the draws and ``step + 1``; the state passed in
+    is not changed. ``metrics`` is ``{"loss": value}``, a 0-dim tensor (read it with
+    ``.item()`` when you need the number: the step itself never waits on the device).
+
+    Args:
+        model: a :class:`~rdl_functional.Layer` or :class:`~rdl_functional.StatefulLayer`.
+        loss: a :class:`~rdl_functional.Loss` such as ``rf.mse_loss``.
+        optimizer: an :class:`~rdl_functional.Optimizer`; chains included.
+
+    Raises:
+        TypeError: a model, loss or optimizer of another kind (a step function such as
+            ``rf.sgd_step`` is told to use ``rf.sgd(lr)``); at a call, a state that is not a
+            :class:`TrainState`. The layers and the optimizer check the rest at each call,
+            with their own messages.
+
+    >>> import torch, rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 1))
+    >>> step = rf.train_step(model, rf.mse_loss, rf.sgd(0.1))
+    >>> state = rf.train_state(model, rf.sgd(0.1), model.init(0))
+    >>> x, target = torch.ones(4, 2), torch.zeros(4, 1)
+    >>> for _ in range(3):
+    ...     state, metrics = step(state, x, target)
+    >>> int(state.step), metrics["loss"].shape
+    (3, torch.Size([]))
+    """
+    who = "train_step"
+    _check_model(who, model)
+    check_loss(who, loss)
+    _check_optimizer(who, optimizer)
+    return TrainStep(model, loss, optimizer, grad=value_and_grad(model, loss))
+
+
+# ---------------------------------------------------------------------------
+# The checks at the boundary.
+
+
+def _check_model(who: str, model: Any) -> None:
+    if not isinstance(model, (Layer, StatefulLayer)):
+        raise TypeError(f"{who}: model must be an rf.Layer or rf.StatefulLayer (rf.compose(...), rf.linear(...)), "
+                        f"got {type(model).__name__}")
+
+
+def _check_optimizer(who: str, optimizer: Any) -> None:
+    if isinstance(optimizer, Optimizer):
+        return
+    if any(optimizer is factory for factory in _FACTORIES):
+        raise TypeError(f"{who}: optimizer rf.{optimizer.__name__} makes an optimizer: call it, e.g. "
+                        f"rf.{optimizer.__name__}(...) with its rate")
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", type(optimizer).__name__)
+        raise TypeError(f"{who}: optimizer must be an rf.Optimizer, got the step function {name}: a TrainState "
+                        "carries the optimizer's state, which a step function has none of; use rf.sgd(lr) for "
+                        "plain gradient descent (the same kernel as rf.sgd_step, bit for bit)")
+    raise TypeError(f"{who}: optimizer must be an rf.Optimizer (rf.sgd(0.1), rf.adam(1e-3), rf.chain(...)), "
+                    f"got {type(optimizer).__name__}")
+
+
+def _float_dtype(params: Params) -> torch.dtype:
+    """The dtype of the params' first floating-point leaf (float32 when there is none)."""
+    floats = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+    return floats[0].dtype if floats else torch.float32
+
+
+def _check_params_fit(who: str, model: Layer | StatefulLayer, params: Any) -> None:
+    """Raise ValueError naming the first path where ``params`` differ from ``model.init``'s in keys, shape or
+    dtype; the empty entries of parameterless layers may be absent, as in a torch state dict."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{who}: params must be a dict of tensors (model.init(seed)), got {type(params).__name__}")
+    expected = tree_unflatten(tree_flatten(model.init(0, dtype=_float_dtype(params))))
+    found = tree_difference(expected, tree_unflatten(tree_flatten(params)), names=("the model", "the params"),
+                            leaves=True)
+    if found:
+        raise ValueError(f"{who}: the params do not fit {model.name}: {found} (params of another model, or of this "
+                         "one with or without dropout or batch norm?)")
+
+
+def _check_opt_state(who: str, optimizer: Optimizer, params: Params, opt_state: Any) -> None:
+    """The optimizer's own checks of its state against the params: each link's keys, count and buffers."""
+    for link, (link_state, where) in zip(optimizer.links, optimizer._states(opt_state, who), strict=True):
+        _read_state(link, link_state, params, where, who)
+
+
+def _model_state(who: str, model: Layer | StatefulLayer, params: Params, given: State | None) -> State:
+    """``given`` once it fits the model, else the state the model starts from (``{}`` for a plain model)."""
+    if not isinstance(model, StatefulLayer):
+        if given:
+            raise ValueError(f"{who}: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which "
+                             "has none")
+        return {}
+    fresh = model.init_state(dtype=_float_dtype(params))
+    if given is None:
+        return fresh
+    found = tree_difference(fresh, given, names=("the model's state", "model_state"), leaves=True)
+    if found:
+        raise ValueError(f"{who}: model_state does not fit {model.name}: {found} (the state of another model?)")
+    return given
+
+
+def _generator_state(who: str, generator: Any) -> Tensor:
+    """The state of the CPU generator ``generator`` is (an int seeds a fresh one); the generator is not advanced."""
+    generator = as_generator(generator, who)
+    if generator.device.type != "cpu":
+        raise ValueError(f"{who}: generator must be a CPU torch.Generator (the random layers draw their masks on "
+                         f"the CPU), got one on {generator.device}")
+    return generator.get_state()

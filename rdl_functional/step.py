@@ -223,12 +223,23 @@ def _check_params_fit(who: str, model: Layer | StatefulLayer, params: Any) -> No
     dtype; the empty entries of parameterless layers may be absent, as in a torch state dict."""
     if not isinstance(params, dict):
         raise TypeError(f"{who}: params must be a dict of tensors (model.init(seed)), got {type(params).__name__}")
-    expected = tree_unflatten(tree_flatten(model.init(0, dtype=_float_dtype(params))))
-    found = tree_difference(expected, tree_unflatten(tree_flatten(params)), names=("the model", "the params"),
-                            leaves=True)
+    found = params_difference(model, params, _float_dtype(params))
     if found:
-        raise ValueError(f"{who}: the params do not fit {model.name}: {found} (params of another model, or of this "
-                         "one with or without dropout or batch norm?)")
+        raise ValueError(f"{who}: the params do not fit {model.name}: {found}")
+
+
+def params_difference(model: Layer | StatefulLayer, params: Any, dtype: torch.dtype) -> str | None:
+    """Where ``params`` cannot serve ``model``, in words, or ``None``: keys, shapes and dtypes compared with
+    ``model.init(0, dtype=dtype)``'s (the empty entries of parameterless layers may be absent, as in a torch
+    state dict), with a hint when the params hold other layers than the model has."""
+    expected = tree_unflatten(tree_flatten(model.init(0, dtype=dtype)))
+    given = tree_unflatten(tree_flatten(params))
+    found = tree_difference(expected, given, names=("the model", "the params"), leaves=True)
+    if found and isinstance(given, dict) and given.keys() != expected.keys():
+        found += (f" (the params hold the layers {', '.join(given)}, the model has params in its layers "
+                  f"{', '.join(expected)}: params of another arrangement of layers, such as the model with or "
+                  "without dropout or batch norm, do not fit it)")
+    return found
 
 
 def _check_opt_state(who: str, optimizer: Optimizer, params: Params, opt_state: Any) -> None:

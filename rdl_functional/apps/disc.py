@@ -37,8 +37,9 @@ from ..optim import (
 from ..stateful import State, StatefulLayer
 from ..stateful import batch_norm as _batch_norm
 from ..stateful import dropout as _dropout
+from ..step import params_difference
 from ..train import History, fit, predict
-from ..tree import tree_difference, tree_flatten, tree_unflatten
+from ..tree import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -317,16 +318,9 @@ def check_params_fit(model: Layer | StatefulLayer, params: Params, dtype: torch.
     Compares keys, shapes and dtypes with ``model.init(0, dtype=dtype)``'s; the
     empty entries of parameterless layers may be absent, as in a torch state dict.
     """
-    expected = tree_unflatten(tree_flatten(model.init(0, dtype=dtype)))
-    given = tree_unflatten(tree_flatten(params))
-    found = tree_difference(expected, given, names=("the model", "the params"), leaves=True)
+    found = params_difference(model, params, dtype)
     if found:
-        hint = ""
-        if isinstance(given, dict) and given.keys() != expected.keys():
-            hint = (f" (the params hold the layers {', '.join(given)}, the model has params in its layers "
-                    f"{', '.join(expected)}: params of another arrangement of layers, such as the model with or "
-                    "without dropout or batch norm, do not fit it)")
-        raise ValueError(f"the params do not fit {model.name}: {found}{hint}")
+        raise ValueError(f"the params do not fit {model.name}: {found}")
 
 
 def draw_run(seed: int, settings: DiscSettings = DEFAULTS) -> tuple[DiscData, Params, torch.Generator]:

@@ -223,12 +223,12 @@ def _check_params_fit(who: str, model: Layer | StatefulLayer, params: Any) -> No
     dtype; the empty entries of parameterless layers may be absent, as in a torch state dict."""
     if not isinstance(params, dict):
         raise TypeError(f"{who}: params must be a dict of tensors (model.init(seed)), got {type(params).__name__}")
-    found = params_difference(model, params, _float_dtype(params))
+    found = _params_difference(model, params, _float_dtype(params))
     if found:
         raise ValueError(f"{who}: the params do not fit {model.name}: {found}")
 
 
-def params_difference(model: Layer | StatefulLayer, params: Any, dtype: torch.dtype) -> str | None:
+def _params_difference(model: Layer | StatefulLayer, params: Any, dtype: torch.dtype) -> str | None:
     """Where ``params`` cannot serve ``model``, in words, or ``None``: keys, shapes and dtypes compared with
     ``model.init(0, dtype=dtype)``'s (the empty entries of parameterless layers may be absent, as in a torch
     state dict), with a hint when the params hold other layers than the model has."""

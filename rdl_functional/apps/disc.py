@@ -37,7 +37,7 @@ from ..optim import (
 from ..stateful import State, StatefulLayer
 from ..stateful import batch_norm as _batch_norm
 from ..stateful import dropout as _dropout
-from ..step import params_difference
+from ..step import _params_difference
 from ..train import History, fit, predict
 from ..tree import tree_flatten, tree_unflatten
 
@@ -318,7 +318,7 @@ def check_params_fit(model: Layer | StatefulLayer, params: Params, dtype: torch.
     Compares keys, shapes and dtypes with ``model.init(0, dtype=dtype)``'s; the
     empty entries of parameterless layers may be absent, as in a torch state dict.
     """
-    found = params_difference(model, params, dtype)
+    found = _params_difference(model, params, dtype)
     if found:
         raise ValueError(f"the params do not fit {model.name}: {found}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -12,9 +12,19 @@ import torch
 from torch import Tensor
 
 from ._files import check_writable
-from ._random import BatchShard, as_generator
-from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
-from .distributed import all_reduce_mean, broadcast_params, shard, world
+from ._random import as_generator
+from .autodiff import value_and_grad
+from .distributed import broadcast_params, world
+from .hooks import (
+    EarlyStopping,
+    NonFiniteLoss,
+    Progress,
+    _Callback,
+    _Checkpoints,
+    _Finite,
+    _OnStep,
+    early_stopping,
+)
 from .layers import Layer, Params
 from .losses import Loss, check_loss
 from .metrics import Evaluation, check_fits, check_task, infer_task, measure, predictions, task_of_outputs
@@ -22,6 +32,7 @@ from .optim import _FACTORIES, Optimizer, Schedule, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
+from .step import TrainState, TrainStep
 from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_map
 
 if TYPE_CHECKING:
@@ -53,7 +64,8 @@ class History:
     ``fit(..., optimizer=opt, opt_state=history.opt_state)``. ``model_state`` is a
     stateful model's state (batch norm's running statistics) after the last step,
     ``None`` for a plain model: evaluate with it, or continue with
-    ``fit(..., model_state=history.model_state)``.
+    ``fit(..., model_state=history.model_state)``. ``best_epoch`` is the epoch whose
+    state ``fit`` returned when early stopping chose it (``patience=``), else ``None``.
     """
 
     train_loss: tuple[float, ...] = ()
@@ -67,6 +79,7 @@ class History:
     test_rmse: tuple[float, ...] = ()
     test_r2: tuple[float, ...] = ()
     task: str | None = None
+    best_epoch: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -211,14 +224,15 @@ def fit(
     model: Layer | StatefulLayer,
     loss: Loss,
     params: Params,
-    x: Tensor,
-    target: Tensor,
+    x: Tensor | Iterable[tuple[Tensor, Tensor]],
+    target: Tensor | None = None,
     *,
     epochs: int,
-    batch_size: int,
+    batch_size: int | None = None,
     lr: float | Schedule | None = None,
     generator: torch.Generator | int,
     test: tuple[Tensor, Tensor] | None = None,
+    validation: float | tuple[Tensor, Tensor] | None = None,
     optimizer: Optimizer | StepFunction = sgd_step,
     opt_state: Tree | None = None,
     model_state: State | None = None,
@@ -232,25 +246,49 @@ def fit(
     checkpoint_info: Any = None,
     check_finite: bool = True,
     on_resume: Callable[[Checkpoint], None] | None = None,
+    drop_last: bool = False,
+    patience: int | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> tuple[Params, History]:
-    """Train on shuffled minibatches; return the final params and the per-epoch history.
+    """Train on minibatches; return the final params and the per-epoch history.
 
-    Each epoch draws a permutation of the rows from ``generator`` and steps
-    through it ``batch_size`` rows at a time (the last batch may be shorter);
-    each step updates the params with ``optimizer``. After each epoch
-    the loss and accuracy on the whole training set (and on ``test``, if
-    given) are recorded. Pure: ``params``, ``x`` and ``target`` are not
-    changed, nothing global is read or written, and the same generator state
-    gives the same params and history, bit for bit. Prints nothing.
+    A thin loop over the pure step (:func:`~rdl_functional.train_step`)::
+
+        for epoch in 1..epochs:
+            for x, target in the epoch's batches:
+                state, metrics = step(state, x, target)
+                hooks' on_step(progress)
+            hooks' on_epoch(progress)          # finite check, history, early stopping, checkpoint, callback, yours
+
+    The batches: from ``(x, target)`` tensors, each epoch draws a permutation
+    of the rows from ``generator`` and steps through it ``batch_size`` rows at
+    a time (the last batch may be shorter, or dropped with ``drop_last=True``);
+    from any other iterable of ``(x, target)`` batches (a
+    ``torch.utils.data.DataLoader``, a list), each epoch iterates it once, as it
+    is. After each epoch the loss and the task's metrics on the whole training
+    set (and on held-out data, if given) are recorded. Pure: ``params``, ``x``
+    and ``target`` are not changed, nothing global is read or written, and the
+    same generator state gives the same params and history, bit for bit (a loop
+    of ``train_step`` over the same batches gives the same bits). Prints nothing.
+
+    Compile, capture and data-parallel are transforms of the step, chosen once
+    before the loop: ``compile=True`` runs :func:`~rdl_functional.compiled_step`,
+    ``capture=True`` the gradient as a CUDA graph, and a ``torch.distributed``
+    group of several processes :func:`~rdl_functional.data_parallel`.
 
     Args:
         model: what to train.
         loss: what to minimize, ``loss(model(params, x), target)``.
         params: the starting params (not changed).
-        x: ``(n, features)`` inputs.
+        x: ``(n, features)`` inputs, or an iterable of ``(x, target)`` batches (then
+            ``target``, ``batch_size`` and ``drop_last`` stay unset; the history is
+            measured on the rows each epoch trained on, kept for the epoch; a one-pass
+            iterator serves one epoch only).
         target: ``(n, ...)``, what ``loss`` compares with.
         epochs: passes over the data, ≥ 0.
-        batch_size: rows per step, ≥ 1.
+        batch_size: rows per step, ≥ 1 (for tensors).
+        drop_last: leave out each epoch's last batch when it is shorter than ``batch_size``.
         lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
             step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`;
             for a step function such as ``sgd_step`` only: an
@@ -258,7 +296,9 @@ def fit(
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed: each epoch's
             shuffle is drawn from it, then each step's random layers (dropout) draw
             their masks from it, in order.
-        test: optional ``(x_test, target_test)`` to measure after every epoch.
+        test: optional ``(x_test, target_test)`` to measure after every epoch (``history.test_*``).
+        validation: held-out data measured as ``test`` is: a fraction in (0, 1) of the rows of
+            ``x``, its last rows, held out of training; or ``(x_val, target_val)``.
         optimizer: an :class:`~rdl_functional.Optimizer` (``rf.adam(1e-3)``,
             ``rf.sgd(0.1, momentum=0.9)``, a ``rf.chain``), or a step function
             ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
@@ -274,7 +314,7 @@ def fit(
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
         record_history: measure the loss and the task's metrics after each epoch (a
-            forward pass over the training set, and the test set if given);
+            forward pass over the training set, and the held-out set if given);
             with ``False`` the history stays empty and training runs alone.
             The measurement is a real cost, not bookkeeping: on the seed task
             it adds a tenth to a fifth of the training time at batch 100 and about
@@ -310,7 +350,9 @@ def fit(
             the same ``ValueError`` naming the first setting that does.
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
-            replacing the last whole or not at all. When the file exists, ``fit``
+            replacing the last whole or not at all: the :class:`~rdl_functional.TrainState`
+            (:func:`~rdl_functional.load_state` reads it), the loop's place and the history.
+            When the file exists, ``fit``
             resumes from it: called again with the same arguments after a
             crash or a kill, it ends with the params and history of the run never
             interrupted, bit for bit. A checkpoint of another run (another model,
@@ -320,6 +362,7 @@ def fit(
             (a constant rate, or a schedule that does not depend on the total);
             a schedule tied to the total (a decay to the last step) is refused
             with the reason. :func:`~rdl_functional.read_checkpoint` reads one.
+            ``(x, target)`` tensors only.
         checkpoint_every: steps between checkpoints, ≥ 1.
         on_resume: called with the :class:`~rdl_functional.Checkpoint` once ``fit``
             has accepted it to resume from, before the first step (``rdl-train``
@@ -335,12 +378,19 @@ def fit(
             checked together at each epoch's end (and before each checkpoint,
             which is never written with params that are not finite), so there is
             no host sync per step.
+        patience: stop once the held-out loss (the training loss without held-out
+            data) has not improved for ``patience`` epochs, and return the best
+            epoch's params (:func:`~rdl_functional.early_stopping`; ``history.best_epoch``).
+        on_step: called as ``on_step(progress)`` after every step (a
+            :class:`~rdl_functional.Progress`: ``progress.metrics["loss"]``, ``progress.steps``, ...).
+        hooks: objects with some of ``on_step(progress)``, ``on_epoch(progress)`` and
+            ``on_end(progress)``, run after fit's own (:mod:`rdl_functional.hooks` has the protocol).
 
     With an :class:`~rdl_functional.Optimizer` or the default ``sgd_step``,
-    ``fit`` updates private copies of the params and the optimizer state in
-    place (the same kernels as ``optimizer.step``, so the same bits): a new
-    tree per step would cost a fresh allocation per parameter per step, and
-    page faults with it, for nothing the caller can see.
+    the step applies the optimizer to private copies of the params and its
+    state in place (the same kernels as ``optimizer.step``, so the same bits):
+    a new tree per step would cost a fresh allocation per parameter per step,
+    and page faults with it, for nothing the caller can see.
 
     >>> import rdl_functional as rf
     >>> x, labels = rf.disc_dataset(200, 0)
@@ -351,197 +401,410 @@ def fit(
     (3, 3, ())
     """
     _check_count("fit", "epochs", epochs, 0)
-    _check_count("fit", "batch_size", batch_size, 1)
-    _check_rows("fit", x, target)
-    if test is not None:
-        _check_rows("fit: test", *test)
-    # Data that requires grad would make every step record an autograd graph that the updates carry on: detached
-    # (views, no copy) as the params are.
-    params, x, target = _detached(params), x.detach(), target.detach()
-    if test is not None:
-        test = (test[0].detach(), test[1].detach())
-    g = as_generator(generator, "fit")
+    data, test = _batches_of(x, target, batch_size, drop_last, validation, test, epochs)
+    params, g = _detached(params), as_generator(generator, "fit")
     check_loss("fit", loss)
-    has_state = isinstance(model, StatefulLayer)
-    if has_state:
+    model_state = _model_state_of(model, params, data, model_state, compile)
+    if capture:
+        _check_capture(model, data, params, compile)
+    check_task("fit", task)
+    measure = _Measure(model, loss, data, test, record_history, params, model_state, task)
+    rank, size = world()
+    if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
+        params = _data_parallel_start(model, loss, optimizer, lr, params, opt_state, model_state, data, test,
+                                      epochs, generator, record_history, checkpoint_info, compile, capture,
+                                      check_finite, checkpoint, checkpoint_every, measure.task, size)
+    resumed = settings = None
+    if checkpoint is not None:
+        resumed, settings = _resumed(model, loss, optimizer, lr, params, opt_state, model_state, data, test, epochs,
+                                     generator, record_history, checkpoint_info, compile, checkpoint, measure.task)
+        if resumed is not None and on_resume is not None:
+            on_resume(resumed)
+    elif checkpoint_every is not None or checkpoint_info is not None or on_resume is not None:
+        raise ValueError("fit: checkpoint_every, checkpoint_info and on_resume go with checkpoint=PATH")
+    step, state = _step_and_state(model, loss, optimizer, lr, params, opt_state, model_state, g, resumed, compile,
+                                  capture, rank, size, data)
+    finite = _Finite(checkpoint) if check_finite else None
+    hooks = [finite, measure, *(_early(patience, record_history, checkpoint)),
+             _checkpoints(checkpoint, checkpoint_every, epochs, data, settings, finite, rank, optimizer, model),
+             _Callback(callback) if callback is not None else None, _OnStep(on_step) if on_step else None, *hooks]
+    step_hooks = [hook.on_step for hook in hooks if hasattr(hook, "on_step")]
+    epoch_hooks = [hook.on_epoch for hook in hooks if hasattr(hook, "on_epoch")]
+    progress = Progress(state, measure.start(resumed), epoch=resumed.epochs_done if resumed else 0,
+                        steps=int(state.step))
+    for epoch in range(progress.epoch + 1, epochs + 1):
+        state, progress.order, progress.step_in_epoch, batches = data.epoch(state, resumed)
+        progress.epoch, progress.raw, resumed = epoch, state, None
+        for rows, x_batch, target_batch in batches:
+            state, metrics = step(state, x_batch, target_batch)
+            progress.advance(state, metrics, rows, (x_batch, target_batch))
+            for on_step_hook in step_hooks:
+                on_step_hook(progress)
+        for on_epoch_hook in epoch_hooks:
+            on_epoch_hook(progress)
+        if progress.stop:
+            break
+    return _result(progress, hooks, generator, optimizer, model)
+
+
+def _batches_of(x: Any, target: Any, batch_size: Any, drop_last: Any, validation: Any, test: Any,
+                epochs: int) -> tuple[_Tensors | _Iterable, tuple[Tensor, Tensor] | None]:
+    """What the loop draws its batches from, and the held-out data (``test`` or ``validation``), checked."""
+    if test is not None and validation is not None:
+        raise ValueError("fit: test= and validation= both give held-out data, measured as history.test_*; pass one")
+    if not isinstance(drop_last, bool):
+        raise TypeError(f"fit: drop_last must be True or False, got {type(drop_last).__name__}")
+    fraction = isinstance(validation, float)
+    if isinstance(x, Tensor):
+        _check_count("fit", "batch_size", batch_size, 1)
+        if target is None:
+            raise ValueError("fit: target is missing: pass fit(model, loss, params, x, target, ...) with tensors, or "
+                             "an iterable of (x, target) batches as x")
+        _check_rows("fit", x, target)
+        x, target = x.detach(), target.detach()  # data that requires grad would grow a graph through every step
+        if fraction:
+            x, target, test = _split(x, target, validation)
+        elif validation is not None:
+            test = validation
+        data: _Tensors | _Iterable = _Tensors(x, target, batch_size, drop_last)
+        if drop_last and data.per_epoch == 0:
+            raise ValueError(f"fit: drop_last=True with {x.shape[0]} rows in batches of {batch_size} leaves no batch; "
+                             "use a smaller batch_size")
+    else:
+        for name, value, unset in (("target", target, None), ("batch_size", batch_size, None),
+                                   ("drop_last", drop_last, False)):
+            if value is not unset:
+                raise ValueError(f"fit: {name} goes with (x, target) tensors; an iterable of batches (a DataLoader) "
+                                 f"makes its own batches (leave {name} out)")
+        if fraction:
+            raise ValueError("fit: validation as a fraction splits (x, target) tensors; with an iterable of batches, "
+                             "pass validation=(x_val, target_val)")
+        data = _Iterable.of(x, epochs)
+    if test is not None:
+        if not isinstance(test, (tuple, list)) or len(test) != 2:
+            raise TypeError(f"fit: held-out data must be a pair (x, target) of tensors, got {type(test).__name__}")
+        _check_rows("fit: test", *test)
+        test = (test[0].detach(), test[1].detach())
+    return data, test
+
+
+def _split(x: Tensor, target: Tensor, fraction: float) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """The first rows to train on and the last ``fraction`` of them held out, as Keras' ``validation_split``."""
+    n = x.shape[0]
+    held = round(n * fraction) if 0 < fraction < 1 else 0
+    if not 0 < held < n:
+        raise ValueError(f"fit: validation={fraction!r} holds out {held} of {n} rows; expected a fraction in (0, 1) "
+                         "that leaves at least one row on each side")
+    return x[:-held], target[:-held], (x[-held:], target[-held:])
+
+
+@attrs.frozen
+class _Tensors:
+    """Batches of ``(x, target)`` tensors: each epoch a shuffle drawn from the state's generator, then slices."""
+
+    x: Tensor
+    target: Tensor
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def rows(self) -> int:
+        """Rows trained on in an epoch."""
+        n = self.x.shape[0]
+        return n - n % self.batch_size if self.drop_last else n
+
+    @property
+    def per_epoch(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+    def epoch(self, state: TrainState, resumed: Checkpoint | None) -> tuple[TrainState, Tensor, int, Iterator[Any]]:
+        """``(state, order, steps done, batches)``: the epoch's shuffle (or the resumed one), and its batches as
+        ``(rows done, x, target)``, each a slice (a view, no copy) of the shuffled data."""
+        if resumed is not None and resumed.position:  # inside the epoch the checkpoint was written in
+            order, first = resumed.order, resumed.position
+        else:
+            shuffler = torch.Generator()
+            shuffler.set_state(state.generator)
+            order, first = torch.randperm(self.x.shape[0], generator=shuffler), 0
+            state = attrs.evolve(state, generator=shuffler.get_state())  # the masks are drawn after the shuffle
+        on_device = order.to(self.x.device)  # drawn on the generator's device (the CPU), the same on every device
+        x, target, size, n = self.x.index_select(0, on_device), self.target.index_select(0, on_device), \
+            self.batch_size, self.x.shape[0]
+        batches = ((min(start + size, n), x[start:start + size], target[start:start + size])
+                   for start in range(first, self.rows, size))
+        return state, order, first // size, batches
+
+
+class _Iterable:
+    """Batches from any iterable of ``(x, target)`` pairs, iterated once an epoch, as they come."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.first = source, None
+
+    @classmethod
+    def of(cls, source: Any, epochs: int) -> _Iterable:
+        try:
+            iterator = iter(source)
+        except TypeError:
+            raise TypeError(f"fit: x must be a torch.Tensor (with target) or an iterable of (x, target) batches such "
+                            f"as a DataLoader, got {type(source).__name__}") from None
+        if iterator is source and epochs > 1:
+            raise ValueError(f"fit: x is a one-pass iterator ({type(source).__name__}), used up by the first of "
+                             f"{epochs} epochs; pass a list of batches or a DataLoader, which can be iterated again")
+        return cls(source)
+
+    def epoch(self, state: TrainState, resumed: Any) -> tuple[TrainState, None, int, Iterator[Any]]:
+        return state, None, 0, self._batches()
+
+    def _batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        rows = 0
+        for index, batch in enumerate(self.source):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+                shown = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch).__name__
+                raise TypeError(f"fit: batch {index} of x is {shown}; an iterable of batches yields (x, target) "
+                                "pairs of tensors (a DataLoader over a TensorDataset(x, target) does)")
+            x, target = batch
+            _check_rows(f"fit: batch {index}", x, target)
+            if self.first is not None:  # the metrics' check, on the first batch, before its step
+                self.first, check = None, self.first
+                check(x, target)
+            rows += x.shape[0]
+            yield rows, x, target
+
+
+class _Measure:
+    """The history hook: after each epoch, the model's state and (with ``record``) the loss and the task's metrics
+    on the training set (for an iterable, the rows the epoch trained on) and on the held-out set."""
+
+    def __init__(self, model: Any, loss: Loss, data: _Tensors | _Iterable, test: Any, record: bool, params: Params,
+                 model_state: State | None, task: str | None) -> None:
+        self.model, self.loss, self.data, self.test, self.record = model, loss, data, test, record
+        self.task, self.seen = task, []
+        self.stateful = isinstance(model, StatefulLayer)
+        if not record:
+            return
+
+        def find_task(x: Tensor, target: Tensor) -> None:  # before any step: data the metrics cannot take fails now
+            self.task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x,
+                                     target, test, task)
+
+        if isinstance(data, _Tensors):
+            find_task(data.x, data.target)
+        else:
+            data.first = find_task
+
+    def start(self, resumed: Checkpoint | None) -> History:
+        if resumed is None:
+            return History()
+        return History(**{name: tuple(values) for name, values in resumed.history.items()},
+                       task=self.task if resumed.history["train_loss"] else None)
+
+    def on_step(self, progress: Progress) -> None:
+        if self.record and isinstance(self.data, _Iterable):
+            self.seen.append(progress.batch)
+
+    def on_epoch(self, progress: Progress) -> None:
+        state, history = progress.raw, progress.history
+        model_state = state.model_state if self.stateful else None
+        if self.stateful:
+            history = attrs.evolve(history, model_state=model_state)
+        if self.record:
+            if isinstance(self.data, _Tensors):
+                x, target = self.data.x, self.data.target
+            else:
+                x, target = (torch.cat(part) for part in zip(*self.seen, strict=True))
+                self.seen = []
+            on_test = None if self.test is None else evaluate(self.model, self.loss, state.params, *self.test,
+                                                              state=model_state, task=self.task)
+            history = history._append(evaluate(self.model, self.loss, state.params, x, target, state=model_state,
+                                               task=self.task), on_test)
+        progress.history = history
+
+
+def _model_state_of(model: Any, params: Params, data: Any, model_state: State | None, compile: bool) -> State | None:
+    """The model's state to start from: a stateful model's (checked), ``None`` for a plain model."""
+    if isinstance(model, StatefulLayer):
         if compile:
             raise ValueError(f"fit: compile=True compiles a plain model's step; {model.name} carries state or "
                              "randomness")
-        model_state = _start_state(model, params, x, model_state)
-    elif model_state is not None:
+        return _start_state(model, params, data.x if isinstance(data, _Tensors) else None, model_state)
+    if model_state is not None:
         raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
-    if capture:
-        _check_capture(model, x, target, params, compile, has_state)
-    check_task("fit", task)
-    if record_history:  # before any step: a model or data that the metrics cannot measure fails now
-        task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x, target,
-                            test, task)
-    n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
-    rank, size = world()
-    if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
-        # First, before any collective that takes the ranks to agree (a broadcast of params of other shapes aborts
-        # in gloo): every rank trains the same run, or every rank says where they differ.
-        _check_same_run({
-            **_run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test, epochs,
-                            batch_size, generator, record_history, checkpoint_info, per_epoch, compile),
-            "start": _start_shapes(params, opt_state, model_state),  # rank 0's params, broadcast, are everyone's
-            "capture": capture, "check_finite": check_finite, "device": x.device.type,
-            "checkpoint": None if checkpoint is None else {"path": os.fspath(checkpoint), "every": checkpoint_every,
-                                                          "file": _file_digest(checkpoint)},
-        }, x.device, size)
-        if compile or capture:
-            raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
-                             "as it is, without compile=True or capture=True (not yet)")
-        if "reduction='sum'" in loss.name:
-            raise ValueError(f"fit: data-parallel training weighs each process's loss by its share of the rows, "
-                             f"which is right for a mean over rows; {loss.name} sums (use reduction='mean')")
-        params = broadcast_params(params)
-    resumed: Checkpoint | None = None
-    if checkpoint is not None:
-        # Here, not at the top: checkpoints bring safetensors, which `import rdl_functional` need not load.
-        from .checkpoint import _HISTORY, Checkpoint, write_checkpoint
+    return None
 
-        check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
-        every = per_epoch if checkpoint_every is None else checkpoint_every
-        _check_count("fit", "checkpoint_every", every, 1)
 
-        def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
-            settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                     total, batch_size, generator, record_history, checkpoint_info, per_epoch,
-                                     compile, checkpoint)
-            # What the history measures: a resumed run measures alike.
-            return {**settings, "task": task if record_history else None}
+def _data_parallel_start(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Any,
+                         model_state: Any, data: Any, test: Any, epochs: int, generator: Any, record_history: bool,
+                         info: Any, compile: bool, capture: bool, check_finite: bool, checkpoint: Any,
+                         checkpoint_every: Any, task: Any, size: int) -> Params:
+    """Before a data-parallel run: every rank trains the same run (or every rank says where they differ), and
+    rank 0's params, broadcast, are everyone's."""
+    if not isinstance(data, _Tensors):
+        raise ValueError("fit: data-parallel training takes (x, target) tensors, whose shuffle every process draws "
+                         "alike; with an iterable of batches, write the loop with rf.data_parallel(step)")
+    # First, before any collective that takes the ranks to agree (a broadcast of params of other shapes aborts
+    # in gloo): every rank trains the same run, or every rank says where they differ.
+    _check_same_run({
+        **_run_settings(model, loss, optimizer, lr, params, opt_state, model_state, data.x, data.target, test,
+                        epochs, data.batch_size, generator, record_history, info, data.per_epoch, compile,
+                        drop_last=data.drop_last),
+        "start": _start_shapes(params, opt_state, model_state),  # rank 0's params, broadcast, are everyone's
+        "capture": capture, "check_finite": check_finite, "device": data.x.device.type,
+        "checkpoint": None if checkpoint is None else {"path": os.fspath(checkpoint), "every": checkpoint_every,
+                                                      "file": _file_digest(checkpoint)},
+    }, data.x.device, size)
+    if compile or capture:
+        raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
+                         "as it is, without compile=True or capture=True (not yet)")
+    if "reduction='sum'" in loss.name:
+        raise ValueError(f"fit: data-parallel training weighs each process's loss by its share of the rows, "
+                         f"which is right for a mean over rows; {loss.name} sums (use reduction='mean')")
+    return broadcast_params(params)
 
-        settings = describe(epochs)
-        resumed = _resume(checkpoint, settings, describe)
-        if resumed is not None:
-            _check_resumed(checkpoint, resumed, optimizer, params, opt_state, model_state if has_state else None,
-                           n, batch_size, per_epoch, _recorded(record_history, task, test))
-            if on_resume is not None:
-                on_resume(resumed)
-            params, model_state = resumed.params, resumed.model_state
-            g.set_state(resumed.generator_state)
-    elif checkpoint_every is not None or checkpoint_info is not None or on_resume is not None:
-        raise ValueError("fit: checkpoint_every, checkpoint_info and on_resume go with checkpoint=PATH")
-    runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
-                                       resumed=resumed.opt_state if resumed is not None else None)
-    if size > 1:
-        step = _data_parallel_stateful(model, loss, rank, size) if has_state else _data_parallel(model, loss, rank,
-                                                                                                 size)
-    else:
-        step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
-        if capture:
-            from .graphs import capture as record  # imported on first use, as compile's module
 
-            step = record(step)
-    if runner is not None:
-        params = runner.params
-    history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
+def _resumed(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Any, model_state: Any,
+             data: Any, test: Any, epochs: int, generator: Any, record_history: bool, info: Any, compile: bool,
+             checkpoint: Any, task: Any) -> tuple[Checkpoint | None, dict[str, Any]]:
+    """``(the checkpoint to resume from or None, the run's settings)``, every check passed."""
+    if not isinstance(data, _Tensors):
+        raise ValueError("fit: checkpoint= resumes a run inside an epoch of (x, target) tensors, whose shuffle it "
+                         "records; an iterable of batches cannot be taken up where it stopped. Save the state after "
+                         "an epoch yourself (a hook's on_epoch: rf.save_state(progress.state, path))")
+    check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
+
+    def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
+        settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, data.x, data.target,
+                                 test, total, data.batch_size, generator, record_history, info, data.per_epoch,
+                                 compile, checkpoint, data.drop_last)
+        # What the history measures: a resumed run measures alike.
+        return {**settings, "task": task if record_history else None}
+
+    settings = describe(epochs)
+    resumed = _resume(checkpoint, settings, describe)
     if resumed is not None:
-        history = History(**{name: tuple(values) for name, values in resumed.history.items()},
-                          task=task if resumed.history["train_loss"] else None, model_state=model_state)
-        count, done, position = resumed.steps, resumed.epochs_done, resumed.position
-
-    def save(epochs_done: int, position: int, order: Tensor | None) -> None:
-        if check_finite:
-            _check_params_finite(runner.params if runner is not None else params, epochs_done + (position > 0),
-                                 count, checkpoint)
-        if rank != 0:  # every rank holds the same state; one writes it (and every rank resumes from it)
-            return
-        write_checkpoint(checkpoint, Checkpoint(
-            params=params, opt_state=runner.state() if runner is not None else None, model_state=model_state,
-            generator_state=g.get_state(), order=order, epochs_done=epochs_done, position=position, steps=count,
-            history={name: list(getattr(history, name)) for name in _HISTORY}, settings=settings,
-        ))
-
-    for epoch in range(done + 1, epochs + 1):
-        if resumed is not None and position:  # inside the epoch the checkpoint was written in
-            order, first = resumed.order, position
-        else:
-            # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
-            order, first = torch.randperm(n, generator=g), 0
-        resumed = None
-        on_device = order.to(x.device)  # drawn on the generator's device (the CPU), the same on every device
-        x_shuffled, target_shuffled = x.index_select(0, on_device), target.index_select(0, on_device)
-        losses: list[Tensor] = []  # this epoch's step losses, checked for NaN and inf without a sync per step
-        loss_start = first  # the row where the batch of losses[0] starts
-        for start in range(first, n, batch_size):
-            stop = start + batch_size
-            if compile:
-                value, params = step(params, x_shuffled[start:stop], target_shuffled[start:stop],
-                                     step_function(count))
-            elif has_state:
-                try:
-                    value, grads, model_state = step(params, model_state, x_shuffled[start:stop],
-                                                     target_shuffled[start:stop], generator=g)
-                except ValueError as error:
-                    if stop <= n:
-                        raise
-                    raise ValueError(f"fit: the last batch of each epoch holds {n - start} row(s) "
-                                     f"({n} rows in batches of {batch_size}): {error}") from None
-                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
-                del grads
-            else:
-                value, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
-                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
-                del grads  # not alive through the next step's forward pass
-            count += 1
-            if check_finite:
-                losses.append(value)
-            if checkpoint is not None and count % every == 0 and stop < n:  # inside an epoch
-                _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
-                save(epoch - 1, stop, order)
-                loss_start = stop  # the losses checked so far are gone from the list
-        _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
-        if has_state:
-            history = attrs.evolve(history, model_state=model_state)
-        if record_history:
-            on_test = evaluate(model, loss, params, *test, state=model_state, task=task) if test is not None else None
-            history = history._append(evaluate(model, loss, params, x, target, state=model_state, task=task), on_test)
-        if checkpoint is not None and (count % every == 0 or epoch == epochs):
-            save(epoch, 0, None)
-        if callback is not None:
-            # A copy: the params in hand are updated in place by the next epoch.
-            callback(epoch, _copy(params) if runner is not None else params, history)
-    if runner is not None and isinstance(optimizer, Optimizer):  # a step function keeps no state
-        history = attrs.evolve(history, opt_state=runner.state())
-    if runner is None and count == 0:  # nothing ran: still new tensors, never the caller's own
-        params = _copy(params)
-    return params, history
+        _check_resumed(checkpoint, resumed, optimizer, params, opt_state, model_state, data.rows, data.batch_size,
+                       data.per_epoch, _recorded(record_history, task, test))
+    return resumed, settings
 
 
-class NonFiniteLoss(FloatingPointError):
-    """Raised by :func:`fit` when a step's loss is NaN or infinite; ``epoch`` and ``step`` (1-based) say where."""
+def _step_and_state(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Any,
+                    model_state: Any, g: torch.Generator, resumed: Checkpoint | None, compile: bool, capture: bool,
+                    rank: int, size: int, data: Any) -> tuple[Callable[..., Any], TrainState]:
+    """The step the loop runs, chosen once (the transforms applied: compile, data-parallel, capture), and the
+    :class:`TrainState` it starts from (the checkpoint's, when one is resumed)."""
+    if resumed is not None:
+        params, model_state = resumed.params, resumed.model_state
+        g.set_state(resumed.generator_state)
+    runner, rate = _optimizer("fit", optimizer, lr, params, opt_state, compile,
+                              resumed=resumed.opt_state if resumed is not None else None)
+    steps = resumed.steps if resumed is not None else 0
+    state = TrainState(params=runner.params if runner is not None else params,
+                       opt_state=runner if runner is not None else {}, model_state=model_state or {},
+                       generator=g.get_state(), step=torch.tensor(steps, dtype=torch.int64))
+    if compile:
+        return _CompiledSGD(_compiled_sgd(model, loss), rate), state
+    # The optimizer applied in place to the runner's private copies, or a step function at the step's rate.
+    step = TrainStep(model, loss, _InPlace(runner) if runner is not None else _Rated(optimizer, rate, steps),
+                     grad=value_and_grad(model, loss))
+    if size > 1:
+        from .distributed import _sharded
 
-    def __init__(self, message: str, epoch: int, step: int) -> None:
-        super().__init__(message)
-        self.epoch, self.step = epoch, step
+        step = _sharded(step, rank, size, "fit")
+    if capture:
+        from .graphs import capture as record  # imported on first use, as compile's module
+
+        step = attrs.evolve(step, grad=record(step._grad))
+    if isinstance(model, StatefulLayer) and isinstance(data, _Tensors):
+        return _short_batch_named(step, data), state
+    return step, state
 
 
-def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[Params, Tensor, Tensor],
-                                                                           tuple[Tensor, Params]]:
-    """``value_and_grad`` of a global minibatch, computed from this rank's shard: the shard's share of the global
-    mean loss (its cotangent is rows_shard / rows_batch), summed over the ranks by one all-reduce per dtype."""
-    run = _gradient_fn(model, loss)
+class _InPlace:
+    """The optimizer of fit's step: ``optim.base._Running``, which updates private copies of the params and its
+    state in place with the kernels of ``optimizer.step`` (so the same bits), without a new tree per step. The
+    state's ``opt_state`` is the runner itself; :attr:`Progress.state` reads it out."""
 
-    def step(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
-        a, b = shard(0, x.shape[0], rank, size)
-        if b > a:
-            weight = torch.tensor((b - a) / x.shape[0], dtype=x.dtype, device=x.device)
-            value, grads = run(params, x[a:b], target[a:b], weight)
-        else:  # a batch smaller than the world: this rank adds nothing
-            weight = torch.zeros((), dtype=x.dtype, device=x.device)
-            value, grads = weight, tree_map(torch.zeros_like, params)
-        return _summed(value, grads, weight)
+    def __init__(self, runner: _Running) -> None:
+        self.runner = runner
 
-    return step
+    def step(self, params: Params, grads: Params, opt_state: Any) -> tuple[Params, _Running]:
+        return self.runner(grads), self.runner
 
 
-def _summed(value: Tensor, grads: Params, weight: Tensor) -> tuple[Tensor, Params]:
-    """The global batch's loss and gradient from each rank's: its shard's loss weighted by the shard's share of
-    the rows (the gradient is weighted already, through the loss's cotangent), summed by one all-reduce per dtype."""
-    summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
-    return summed["value"][0], summed["grads"]
+class _Rated:
+    """A step function ``(params, grads, lr) -> params`` as the step's optimizer, at the rate of each step count."""
+
+    def __init__(self, function: StepFunction, rate: Callable[[int], float], count: int) -> None:
+        self.function, self.rate, self.count = function, rate, count
+
+    def step(self, params: Params, grads: Params, opt_state: Tree) -> tuple[Params, Tree]:
+        new = self.function(params, grads, self.rate(self.count))
+        self.count += 1
+        return new, opt_state
+
+
+@attrs.frozen(eq=False)
+class _CompiledSGD:
+    """``compile=True``'s step: forward, backward and plain SGD as one ``torch.compile``'d function."""
+
+    run: Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]
+    rate: Callable[[int], float]
+
+    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        value, params = self.run(state.params, x, target, self.rate(int(state.step)))
+        return attrs.evolve(state, params=params, step=state.step + 1), {"loss": value}
+
+
+def _short_batch_named(step: Callable[..., Any], data: _Tensors) -> Callable[..., Any]:
+    """``step``, with an error at an epoch's short last batch (batch norm cannot take one row) saying so."""
+
+    def run(state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        try:
+            return step(state, x, target)
+        except ValueError as error:
+            if x.shape[0] == data.batch_size:
+                raise
+            raise ValueError(f"fit: the last batch of each epoch holds {x.shape[0]} row(s) ({data.x.shape[0]} rows in "
+                             f"batches of {data.batch_size}): {error}") from None
+
+    return run
+
+
+def _early(patience: int | None, record_history: bool, checkpoint: Any) -> list[EarlyStopping]:
+    if patience is None:
+        return []
+    if not record_history:
+        raise ValueError("fit: patience watches the loss the history records after each epoch; it needs "
+                         "record_history=True")
+    if checkpoint is not None:
+        raise ValueError("fit: patience keeps the best epoch's state in memory, which a checkpoint does not hold: a "
+                         "resumed run would lose it. Use one or the other")
+    return [early_stopping(patience)]
+
+
+def _checkpoints(path: Any, every: int | None, epochs: int, data: Any, settings: Any, finite: _Finite | None,
+                 rank: int, optimizer: Any, model: Any) -> _Checkpoints | None:
+    if path is None:
+        return None
+    every = data.per_epoch if every is None else every
+    _check_count("fit", "checkpoint_every", every, 1)
+    keeps_opt_state = isinstance(optimizer, Optimizer) or optimizer is sgd_step
+    return _Checkpoints(path, every, epochs, data.rows, settings, finite, rank, keeps_opt_state,
+                        isinstance(model, StatefulLayer))
+
+
+def _result(progress: Progress, hooks: list[Any], generator: Any, optimizer: Any, model: Any) -> tuple[Params,
+                                                                                                       History]:
+    """What fit returns: the final state's params (or the one a hook's ``on_end`` chose), and the history with
+    the optimizer's and the model's state."""
+    chosen = [hook.on_end(progress) for hook in hooks if hasattr(hook, "on_end")]
+    final = next((state for state in reversed(chosen) if state is not None), None) or progress.state
+    if isinstance(generator, torch.Generator):  # advanced, as every torch sampling function advances its generator
+        generator.set_state(progress.raw.generator)
+    history = attrs.evolve(progress.history, opt_state=final.opt_state if isinstance(optimizer, Optimizer) else None,
+                           model_state=final.model_state if isinstance(model, StatefulLayer) else None)
+    ran = progress.steps > 0 or isinstance(progress.raw.opt_state, _Running)
+    return (final.params if ran else _copy(final.params)), history
 
 
 def _check_same_run(settings: dict[str, Any], device: torch.device, size: int) -> None:
@@ -585,80 +848,19 @@ def _file_digest(path: str | os.PathLike[str]) -> str | None:
         return f"unreadable: {error.strerror or error}"
 
 
-def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: int) -> Callable[
-    ..., tuple[Tensor, Params, State]
-]:
-    """:func:`_data_parallel` for a model with state or randomness: each layer gets a :class:`BatchShard` where the
-    generator goes, so dropout keeps its rows of the global batch's mask and batch norm uses the global batch's
-    statistics; the new state is then the same on every rank, as one process would compute it."""
-    run = _stateful_gradient_fn(model, loss)
-
-    def step(params: Params, state: State, x: Tensor, target: Tensor, *, generator: torch.Generator) -> tuple[
-        Tensor, Params, State
-    ]:
-        rows = x.shape[0]
-        if rows < size:
-            raise ValueError(f"fit: a global batch of {rows} row(s) leaves a process of the {size} without rows, "
-                             "which a model with state or randomness cannot take (every process runs the model, to "
-                             "draw the same masks and take part in batch norm's sums); use batches of at least as "
-                             "many rows as processes")
-        a, b = shard(0, rows, rank, size)
-        weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
-        value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), True,
-                                      weight)
-        return *_summed(value, grads, weight), new_state
-
-    return step
-
-
-def _check_capture(model: Any, x: Tensor, target: Tensor, params: Params, compile: bool, has_state: bool) -> None:
+def _check_capture(model: Any, data: Any, params: Params, compile: bool) -> None:
     if compile:
         raise ValueError("fit: compile=True and capture=True are two ways to run the step; choose one")
-    if has_state:
+    if isinstance(model, StatefulLayer):
         raise ValueError(f"fit: capture=True records a plain model's step as a CUDA graph; {model.name} carries state "
                          "or randomness, whose step takes a generator and a state that the graph does not carry yet "
                          "(and dropout draws its masks on the CPU)")
-    devices = {str(x.device), str(target.device), *(str(leaf.device) for leaf in tree_leaves(params))}
+    if not isinstance(data, _Tensors):  # an iterable's batches: the graph itself refuses one off the device
+        return
+    devices = {str(data.x.device), str(data.target.device), *(str(leaf.device) for leaf in tree_leaves(params))}
     if len(devices) > 1 or not next(iter(devices)).startswith("cuda"):
         raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x, target and the params must be "
                          f"on one CUDA device; they are on {', '.join(sorted(devices))}")
-
-
-def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,
-                  check: bool, who: str = "fit") -> None:
-    """Raise :class:`NonFiniteLoss` at the first step of ``losses`` whose loss is not finite; empties the list.
-
-    One read of the device for the lot (here, at an epoch's end or before a checkpoint), not one per step.
-    """
-    if not check or not losses:
-        return
-    bad = ~torch.isfinite(torch.stack([value.detach().reshape(()) for value in losses]))
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        value = float(losses[index])
-        step = first // batch_size + index + 1
-        raise NonFiniteLoss(f"{who}: the loss is {value} at epoch {epoch}, step {step}: training stopped"
-                            f"{_kept(checkpoint)}. "
-                            "Check the data and the initial params for NaN or inf, and try a smaller learning "
-                            "rate (or pass check_finite=False to train on regardless)", epoch, step)
-    losses.clear()
-
-
-def _check_params_finite(params: Params, epoch: int, steps: int, checkpoint: Any) -> None:
-    """A checkpoint is never written over the last good one with params that are not finite."""
-    leaves = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
-    if leaves and not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
-        raise NonFiniteLoss(f"fit: the params are no longer finite after step {steps} (in epoch {epoch}), though "
-                            f"the losses were: training stopped{_kept(checkpoint)}", epoch, 0)
-
-
-def _kept(checkpoint: Any) -> str:
-    """What the error says of the checkpoint: only what is true of it."""
-    if checkpoint is None:
-        return ""
-    if not os.path.exists(checkpoint):
-        return f"; no checkpoint was written to {str(checkpoint)!r} yet"
-    return f"; the checkpoint {str(checkpoint)!r} holds the last good state"
 
 
 def _detached(params: Params) -> Params:
@@ -670,7 +872,7 @@ def _detached(params: Params) -> Params:
 def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
                   model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
                   generator: Any, record_history: bool, info: Any, per_epoch: int,
-                  compile: bool = False, path: Any = None) -> dict[str, Any]:
+                  compile: bool = False, path: Any = None, drop_last: bool = False) -> dict[str, Any]:
     """What a checkpoint (at ``path``) records of the run, and a resumed run must match, as JSON data."""
     from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
 
@@ -700,6 +902,7 @@ def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Param
         "compile": compile,
         "optimizer": describe_optimizer(optimizer, epochs * per_epoch),
         "lr": describe_rate(lr, epochs * per_epoch),
+        **({"drop_last": True} if drop_last else {}),  # a key only when set: older checkpoints resume as they were
     }
     try:  # before any work: the settings go into every checkpoint as JSON
         return json.loads(json.dumps(settings, allow_nan=False))

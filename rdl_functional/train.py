@@ -543,12 +543,11 @@ class _Iterable:
 
     @classmethod
     def of(cls, source: Any, epochs: int) -> _Iterable:
-        try:
-            iterator = iter(source)
-        except TypeError:
+        # Not iter(source): a DataLoader draws its base seed from its generator at each iter().
+        if not isinstance(source, Iterable):
             raise TypeError(f"fit: x must be a torch.Tensor (with target) or an iterable of (x, target) batches such "
-                            f"as a DataLoader, got {type(source).__name__}") from None
-        if iterator is source and epochs > 1:
+                            f"as a DataLoader, got {type(source).__name__}")
+        if isinstance(source, Iterator) and epochs > 1:
             raise ValueError(f"fit: x is a one-pass iterator ({type(source).__name__}), used up by the first of "
                              f"{epochs} epochs; pass a list of batches or a DataLoader, which can be iterated again")
         return cls(source)

@@ -69,7 +69,9 @@ class Progress:
     def state(self) -> TrainState:
         """The :class:`~rdl_functional.TrainState` now (its ``opt_state`` a copy; its params fit's own)."""
         live = self.raw.opt_state
-        return attrs.evolve(self.raw, opt_state=live.state()) if hasattr(live, "state") else self.raw
+        if not hasattr(live, "state"):  # a state of its own, not the in-place runner's
+            return self.raw
+        return attrs.evolve(self.raw, opt_state=live.state(), step=torch.tensor(self.steps, dtype=torch.int64))
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -582,6 +582,8 @@ class _Measure:
         self.stateful = isinstance(model, StatefulLayer)
         if not record:
             return
+        if isinstance(data, _Iterable):  # the rows each epoch trains on, kept for its measurement
+            self.on_step = lambda progress: self.seen.append(progress.batch)
 
         def find_task(x: Tensor, target: Tensor) -> None:  # before any step: data the metrics cannot take fails now
             self.task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x,
@@ -597,10 +599,6 @@ class _Measure:
             return History()
         return History(**{name: tuple(values) for name, values in resumed.history.items()},
                        task=self.task if resumed.history["train_loss"] else None)
-
-    def on_step(self, progress: Progress) -> None:
-        if self.record and isinstance(self.data, _Iterable):
-            self.seen.append(progress.batch)
 
     def on_epoch(self, progress: Progress) -> None:
         state, history = progress.raw, progress.history
@@ -713,9 +711,9 @@ def _step_and_state(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Par
         from .graphs import capture as record  # imported on first use, as compile's module
 
         step = attrs.evolve(step, grad=record(step._grad))
-    if isinstance(model, StatefulLayer) and isinstance(data, _Tensors):
-        return _short_batch_named(step, data), state
-    return step, state
+    if isinstance(model, StatefulLayer):
+        return (_short_batch_named(step, data) if isinstance(data, _Tensors) else step), state
+    return (_Applied(step._grad, runner) if runner is not None else step), state
 
 
 class _InPlace:
@@ -728,6 +726,21 @@ class _InPlace:
 
     def step(self, params: Params, grads: Params, opt_state: Any) -> tuple[Params, _Running]:
         return self.runner(grads), self.runner
+
+
+class _Applied:
+    """A plain model's step with an optimizer, as fit runs it: the gradient (the TrainStep's, transforms
+    included), then the optimizer applied in place by the runner. The state it returns is the one passed in,
+    whose params and opt_state (the runner) are live: no record, and no step count tensor, is made per step
+    (about 6 µs of a 110 µs step at batch 10); :attr:`Progress.state` reads the state out, step count included."""
+
+    def __init__(self, grad: Callable[..., tuple[Tensor, Params]], runner: _Running) -> None:
+        self.grad, self.runner = grad, runner
+
+    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        value, grads = self.grad(state.params, x, target)
+        self.runner(grads)
+        return state, {"loss": value}
 
 
 class _Rated:

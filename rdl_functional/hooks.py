@@ -46,6 +46,8 @@ class Progress:
         order: the epoch's shuffle of the rows (``(n,)`` int64) for ``(x, target)`` tensors, ``None``
             for an iterable of batches.
         stop: set to ``True`` to stop after the current epoch.
+        raw: the state as the step returned it; with fit's in-place optimizer its ``opt_state`` is
+            the runner itself and its ``step`` the count at the start: read :attr:`state` instead.
     """
 
     raw: TrainState = attrs.field(repr=False)

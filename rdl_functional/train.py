@@ -418,7 +418,7 @@ def fit(
     finite = _Finite(checkpoint) if check_finite else None
     hooks = [finite, measure, *(_early(patience, record_history, checkpoint)),
              _checkpoints(checkpoint, checkpoint_every, epochs, data, settings, finite, rank, optimizer, model),
-             _Callback(callback) if callback is not None else None, _OnStep(on_step) if on_step else None, *hooks]
+             _Callback(callback) if callback is not None else None, *_user_hooks(on_step, hooks)]
     step_hooks = [hook.on_step for hook in hooks if hasattr(hook, "on_step")]
     epoch_hooks = [hook.on_epoch for hook in hooks if hasattr(hook, "on_epoch")]
     progress = Progress(state, measure.start(resumed), epoch=resumed.epochs_done if resumed else 0,
@@ -483,6 +483,22 @@ class _Measure:
             history = history._append(evaluate(self.model, self.loss, state.params, x, target, state=model_state,
                                                task=self.task), on_test)
         progress.history = history
+
+
+def _user_hooks(on_step: Any, hooks: Any) -> list[Any]:
+    """``on_step`` as a hook, then ``hooks``, each checked to be a hook (an object with some of on_step, on_epoch
+    and on_end), so that a misspelt method fails now rather than never being called."""
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"fit: on_step must be a function on_step(progress), got {type(on_step).__name__}")
+    if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
+        raise TypeError(f"fit: hooks must be a list of hooks, got {type(hooks).__name__}")
+    hooks = list(hooks)
+    for index, hook in enumerate(hooks):
+        if not any(callable(getattr(hook, name, None)) for name in ("on_step", "on_epoch", "on_end")):
+            raise TypeError(f"fit: hooks[{index}] ({type(hook).__name__}) has none of the methods on_step(progress), "
+                            "on_epoch(progress), on_end(progress) that make a hook (rdl_functional.hooks has the "
+                            "protocol)")
+    return [*([_OnStep(on_step)] if on_step is not None else []), *hooks]
 
 
 def _early(patience: int | None, record_history: bool, checkpoint: Any) -> list[EarlyStopping]:

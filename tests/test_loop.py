@@ -275,3 +275,21 @@ def test_data_parallel_fit_takes_tensors(monkeypatch):
     x, target = _data(8)
     with pytest.raises(ValueError, match=r"fit: data-parallel training takes \(x, target\) tensors"):
         rf.fit(model, rf.mse_loss, model.init(0), [(x, target)], epochs=1, optimizer=rf.sgd(0.1), generator=0)
+
+
+def test_hooks_that_are_not_hooks_are_refused_by_name():
+    model = rf.linear(2, 2)
+    x, target = _data(8)
+    fit = dict(epochs=1, batch_size=4, optimizer=rf.sgd(0.1), generator=0)
+
+    class Misspelt:
+        def on_epoch_end(self, progress):
+            pass
+
+    with pytest.raises(TypeError, match=r"fit: hooks\[1\] \(Misspelt\) has none of the methods on_step\(progress\), "
+                                        r"on_epoch\(progress\), on_end\(progress\)"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, hooks=[_Recorder(), Misspelt()], **fit)
+    with pytest.raises(TypeError, match=r"fit: hooks must be a list of hooks, got Misspelt"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, hooks=Misspelt(), **fit)
+    with pytest.raises(TypeError, match=r"fit: on_step must be a function on_step\(progress\), got int"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, on_step=3, **fit)

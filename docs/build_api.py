@@ -41,6 +41,7 @@ MODULES = [
     "io",
     "data",
     "train",
+    "hooks",
     "metrics",
     "ensemble",
     "apps.disc",

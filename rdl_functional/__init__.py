@@ -22,7 +22,9 @@ from .autodiff import value_and_grad
 from .codegen import Code
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
+from .distributed import data_parallel
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
+from .hooks import EarlyStopping, Progress, early_stopping
 from .layers import Layer, identity, leaky_relu, linear, relu, sigmoid, tanh
 from .losses import (
     Loss,
@@ -128,12 +130,14 @@ __all__ = [
     "DiscData",
     "DiscResult",
     "DiscSettings",
+    "EarlyStopping",
     "Evaluation",
     "History",
     "Layer",
     "Loss",
     "NonFiniteLoss",
     "Optimizer",
+    "Progress",
     "Schedule",
     "State",
     "StatefulLayer",
@@ -161,9 +165,11 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "cross_entropy_loss",
+    "data_parallel",
     "disc_dataset",
     "draw_run",
     "dropout",
+    "early_stopping",
     "elu",
     "evaluate",
     "exponential_decay",

@@ -13,10 +13,12 @@ draws the global batch's mask and keeps its rows, and batch norm in training
 sums its statistics over the processes (as torch's SyncBatchNorm, on any
 device), so the result again equals one process's.
 
-``rf.fit`` runs this way by itself when ``torch.distributed`` has been
-initialized with more than one process (``torchrun --nproc-per-node N``, or
-``rdl-train --nproc N``, which starts the processes itself on 127.0.0.1 with
-gloo). The functions here are the pieces, for a loop of your own.
+:func:`data_parallel` is this as a transform of the training step:
+``rf.data_parallel(rf.train_step(model, loss, optimizer))`` is a step with the
+same signature. ``rf.fit`` runs this way by itself when ``torch.distributed``
+has been initialized with more than one process (``torchrun --nproc-per-node
+N``, or ``rdl-train --nproc N``, which starts the processes itself on
+127.0.0.1 with gloo). The functions here are the pieces, for a loop of your own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor
 from ._random import BatchShard
 from .tree import Tree, _first_difference, _rebuild_like, tree_leaves
 
-__all__ = ["BatchShard", "all_reduce_mean", "broadcast_params", "is_data_parallel", "shard", "world"]
+__all__ = ["BatchShard", "all_reduce_mean", "broadcast_params", "data_parallel", "is_data_parallel", "shard", "world"]
 
 
 def _dist() -> Any:
@@ -228,3 +230,117 @@ def _disagreement(who: str, settings: dict[str, Any], device: torch.device) -> t
         if found is not None:
             return rank, *found
     return None
+
+
+# ---------------------------------------------------------------------------
+# Data-parallel as a transform of the step.
+
+
+def data_parallel(step: Any) -> Any:
+    """The training step ``step`` (an :class:`~rdl_functional.TrainStep`) run data-parallel: a step with the same
+    signature, ``state, metrics = step(state, x, target)``, where each process of the ``torch.distributed`` group
+    computes the gradient of its shard of the global batch ``x`` ``(batch, ...)`` and one all-reduce per dtype
+    sums the shards' shares, so that every process makes the global batch's update, equal to one process's to
+    float rounding (batch norm and dropout included: each layer gets a :class:`BatchShard`).
+
+    Made once the group is up: the processes are first checked to run the same step (model, loss, optimizer),
+    each raising the same ``ValueError`` naming the first difference. Start every process from the same state,
+    e.g. ``attrs.evolve(state, params=rf.broadcast_params(state.params))``, and feed each the same global batches.
+    Outside a group of several processes the step comes back as it is.
+
+    Raises:
+        TypeError: ``step`` is not a TrainStep (a compiled or captured step shards no batch).
+        ValueError: the loss sums over rows (each shard's loss is weighed by its share of the rows, right for a
+            mean), or the processes run different steps.
+
+    >>> import rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 1))
+    >>> step = rf.data_parallel(rf.train_step(model, rf.mse_loss, rf.sgd(0.1)))
+    >>> type(step).__name__                 # one process here: the step as it was
+    'TrainStep'
+    """
+    from .step import TrainStep
+
+    if not isinstance(step, TrainStep):
+        raise TypeError(f"data_parallel: expected an rf.TrainStep (rf.train_step(model, loss, optimizer)), got "
+                        f"{type(step).__name__}")
+    rank, size = world()
+    if size == 1:
+        return step
+    from .checkpoint import describe_optimizer
+
+    settings = {"model": step.model.name, "loss": step.loss.name,
+                "optimizer": describe_optimizer(step.optimizer, 0)}
+    found = _disagreement("data_parallel", settings, torch.device("cpu") if _dist().get_backend() == "gloo"
+                          else torch.device("cuda", torch.cuda.current_device()))
+    if found is not None:
+        other, path, theirs, first = found
+        raise ValueError(f"data_parallel: the {size} processes must run the same step, but rank {other} differs "
+                         f"from rank 0 in {path}: {theirs} on rank {other}, {first} on rank 0")
+    return _sharded(step, rank, size, "data_parallel")
+
+
+def _sharded(step: Any, rank: int, size: int, who: str) -> Any:
+    """``step`` with its gradient taken from rank ``rank``'s shard of each batch and summed over ``size`` ranks."""
+    import attrs
+
+    from .stateful import StatefulLayer
+
+    if "reduction='sum'" in step.loss.name:
+        raise ValueError(f"{who}: data-parallel training weighs each process's loss by its share of the rows, "
+                         f"which is right for a mean over rows; {step.loss.name} sums (use reduction='mean')")
+    made = _stateful_shard_grad if isinstance(step.model, StatefulLayer) else _shard_grad
+    return attrs.evolve(step, grad=made(step.model, step.loss, rank, size, who))
+
+
+def _shard_grad(model: Any, loss: Any, rank: int, size: int, who: str) -> Callable[..., tuple[Tensor, Tree]]:
+    """``value_and_grad`` of a global minibatch, computed from this rank's shard: the shard's share of the global
+    mean loss (its cotangent is rows_shard / rows_batch), summed over the ranks by one all-reduce per dtype."""
+    from .autodiff import _gradient_fn
+    from .tree import tree_map
+
+    run = _gradient_fn(model, loss)
+
+    def grad(params: Tree, x: Tensor, target: Tensor) -> tuple[Tensor, Tree]:
+        a, b = shard(0, x.shape[0], rank, size)
+        if b > a:
+            weight = torch.tensor((b - a) / x.shape[0], dtype=x.dtype, device=x.device)
+            value, grads = run(params, x[a:b], target[a:b], weight)
+        else:  # a batch smaller than the world: this rank adds nothing
+            weight = torch.zeros((), dtype=x.dtype, device=x.device)
+            value, grads = weight, tree_map(torch.zeros_like, params)
+        return _summed(value, grads, weight)
+
+    return grad
+
+
+def _summed(value: Tensor, grads: Tree, weight: Tensor) -> tuple[Tensor, Tree]:
+    """The global batch's loss and gradient from each rank's: its shard's loss weighted by the shard's share of
+    the rows (the gradient is weighted already, through the loss's cotangent), summed by one all-reduce per dtype."""
+    summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
+    return summed["value"][0], summed["grads"]
+
+
+def _stateful_shard_grad(model: Any, loss: Any, rank: int, size: int, who: str) -> Callable[..., Any]:
+    """:func:`_shard_grad` for a model with state or randomness: each layer gets a :class:`BatchShard` where the
+    generator goes, so dropout keeps its rows of the global batch's mask and batch norm uses the global batch's
+    statistics; the new state is then the same on every rank, as one process would compute it."""
+    from .autodiff import _stateful_gradient_fn
+
+    run = _stateful_gradient_fn(model, loss)
+
+    def grad(params: Tree, state: Tree, x: Tensor, target: Tensor, *, generator: torch.Generator,
+             train: bool = True) -> tuple[Tensor, Tree, Tree]:
+        rows = x.shape[0]
+        if rows < size:
+            raise ValueError(f"{who}: a global batch of {rows} row(s) leaves a process of the {size} without rows, "
+                             "which a model with state or randomness cannot take (every process runs the model, to "
+                             "draw the same masks and take part in batch norm's sums); use batches of at least as "
+                             "many rows as processes")
+        a, b = shard(0, rows, rank, size)
+        weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
+        value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), train,
+                                      weight)
+        return *_summed(value, grads, weight), new_state
+
+    return grad

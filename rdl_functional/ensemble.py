@@ -22,12 +22,14 @@ from torch import Tensor
 
 from .autodiff import _gradient_fn
 from .combinators import compose
+from .hooks import _check_losses
 from .layers import Layer, Params, Pullback
+from .loop import StepFunction, _check_count, _detached, _optimizer
 from .losses import Loss, check_loss
 from .metrics import Evaluation, check_task, measure
 from .optim import Optimizer, Schedule, sgd_step
 from .stateful import StatefulLayer
-from .train import History, StepFunction, _check_count, _check_losses, _detached, _optimizer, _task_of_run
+from .train import History, _task_of_run
 from .tree import Tree, tree_difference, tree_leaves, tree_map
 
 __all__ = ["fit_stacked", "stack_params", "stacked", "unstack_params"]

@@ -2,35 +2,52 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 from torch import Tensor
 
-from ._files import check_writable
-from ._random import BatchShard, as_generator
-from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
-from .distributed import all_reduce_mean, broadcast_params, shard, world
+from ._random import as_generator
+from ._runs import _data_parallel_start, _resumed
+from .distributed import world
+from .hooks import (
+    EarlyStopping,
+    NonFiniteLoss,
+    Progress,
+    _Callback,
+    _Checkpoints,
+    _Finite,
+    _OnStep,
+    early_stopping,
+)
 from .layers import Layer, Params
+from .loop import (
+    StepFunction,
+    _batches_of,
+    _check_capture,
+    _check_count,
+    _check_rows,
+    _copy,
+    _detached,
+    _Iterable,
+    _model_state_of,
+    _step_and_state,
+    _Tensors,
+)
 from .losses import Loss, check_loss
 from .metrics import Evaluation, check_fits, check_task, infer_task, measure, predictions, task_of_outputs
-from .optim import _FACTORIES, Optimizer, Schedule, sgd, sgd_step
+from .optim import Optimizer, Schedule, sgd_step
 from .optim.base import _Running
-from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
-from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_map
+from .tree import Tree
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 __all__ = ["History", "NonFiniteLoss", "accuracy", "evaluate", "fit", "predict"]
-
-StepFunction = Callable[[Tree, Tree, float], Tree]
-"""``(params, grads, lr) -> new params``, as :func:`~rdl_functional.sgd_step`."""
 
 
 @attrs.frozen
@@ -53,7 +70,8 @@ class History:
     ``fit(..., optimizer=opt, opt_state=history.opt_state)``. ``model_state`` is a
     stateful model's state (batch norm's running statistics) after the last step,
     ``None`` for a plain model: evaluate with it, or continue with
-    ``fit(..., model_state=history.model_state)``.
+    ``fit(..., model_state=history.model_state)``. ``best_epoch`` is the epoch whose
+    state ``fit`` returned when early stopping chose it (``patience=``), else ``None``.
     """
 
     train_loss: tuple[float, ...] = ()
@@ -67,6 +85,7 @@ class History:
     test_rmse: tuple[float, ...] = ()
     test_r2: tuple[float, ...] = ()
     task: str | None = None
+    best_epoch: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -192,33 +211,19 @@ def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tenso
     return task
 
 
-def _check_count(where: str, name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value!r}")
-
-
-def _check_rows(where: str, x: Tensor, target: Tensor) -> None:
-    for name, value in (("x", x), ("target", target)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if x.dim() == 0 or x.shape[0] == 0:  # the mean loss and every metric of no rows is NaN
-        raise ValueError(f"{where}: x has no rows (shape {tuple(x.shape)}); expected (rows, ...) with rows ≥ 1")
-    if x.shape[:1] != target.shape[:1]:
-        raise ValueError(f"{where}: x has {x.shape[0]} rows but target has {target.shape[0]}")
-
-
 def fit(
     model: Layer | StatefulLayer,
     loss: Loss,
     params: Params,
-    x: Tensor,
-    target: Tensor,
+    x: Tensor | Iterable[tuple[Tensor, Tensor]],
+    target: Tensor | None = None,
     *,
     epochs: int,
-    batch_size: int,
+    batch_size: int | None = None,
     lr: float | Schedule | None = None,
     generator: torch.Generator | int,
     test: tuple[Tensor, Tensor] | None = None,
+    validation: float | tuple[Tensor, Tensor] | None = None,
     optimizer: Optimizer | StepFunction = sgd_step,
     opt_state: Tree | None = None,
     model_state: State | None = None,
@@ -232,25 +237,49 @@ def fit(
     checkpoint_info: Any = None,
     check_finite: bool = True,
     on_resume: Callable[[Checkpoint], None] | None = None,
+    drop_last: bool = False,
+    patience: int | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> tuple[Params, History]:
-    """Train on shuffled minibatches; return the final params and the per-epoch history.
+    """Train on minibatches; return the final params and the per-epoch history.
 
-    Each epoch draws a permutation of the rows from ``generator`` and steps
-    through it ``batch_size`` rows at a time (the last batch may be shorter);
-    each step updates the params with ``optimizer``. After each epoch
-    the loss and accuracy on the whole training set (and on ``test``, if
-    given) are recorded. Pure: ``params``, ``x`` and ``target`` are not
-    changed, nothing global is read or written, and the same generator state
-    gives the same params and history, bit for bit. Prints nothing.
+    A thin loop over the pure step (:func:`~rdl_functional.train_step`)::
+
+        for epoch in 1..epochs:
+            for x, target in the epoch's batches:
+                state, metrics = step(state, x, target)
+                hooks' on_step(progress)
+            hooks' on_epoch(progress)          # finite check, history, early stopping, checkpoint, callback, yours
+
+    The batches: from ``(x, target)`` tensors, each epoch draws a permutation
+    of the rows from ``generator`` and steps through it ``batch_size`` rows at
+    a time (the last batch may be shorter, or dropped with ``drop_last=True``);
+    from any other iterable of ``(x, target)`` batches (a
+    ``torch.utils.data.DataLoader``, a list), each epoch iterates it once, as it
+    is. After each epoch the loss and the task's metrics on the whole training
+    set (and on held-out data, if given) are recorded. Pure: ``params``, ``x``
+    and ``target`` are not changed, nothing global is read or written, and the
+    same generator state gives the same params and history, bit for bit (a loop
+    of ``train_step`` over the same batches gives the same bits). Prints nothing.
+
+    Compile, capture and data-parallel are transforms of the step, chosen once
+    before the loop: ``compile=True`` runs :func:`~rdl_functional.compiled_step`,
+    ``capture=True`` the gradient as a CUDA graph, and a ``torch.distributed``
+    group of several processes :func:`~rdl_functional.data_parallel`.
 
     Args:
         model: what to train.
         loss: what to minimize, ``loss(model(params, x), target)``.
         params: the starting params (not changed).
-        x: ``(n, features)`` inputs.
+        x: ``(n, features)`` inputs, or an iterable of ``(x, target)`` batches (then
+            ``target``, ``batch_size`` and ``drop_last`` stay unset; the history is
+            measured on the rows each epoch trained on, kept for the epoch; a one-pass
+            iterator serves one epoch only).
         target: ``(n, ...)``, what ``loss`` compares with.
         epochs: passes over the data, ≥ 0.
-        batch_size: rows per step, ≥ 1.
+        batch_size: rows per step, ≥ 1 (for tensors).
+        drop_last: leave out each epoch's last batch when it is shorter than ``batch_size``.
         lr: the learning rate, finite and ≥ 0, or a schedule: a function of the
             step count (0, 1, ...) such as :func:`~rdl_functional.linear_schedule`;
             for a step function such as ``sgd_step`` only: an
@@ -258,7 +287,9 @@ def fit(
         generator: a ``torch.Generator`` (advanced) or an ``int`` seed: each epoch's
             shuffle is drawn from it, then each step's random layers (dropout) draw
             their masks from it, in order.
-        test: optional ``(x_test, target_test)`` to measure after every epoch.
+        test: optional ``(x_test, target_test)`` to measure after every epoch (``history.test_*``).
+        validation: held-out data measured as ``test`` is: a fraction in (0, 1) of the rows of
+            ``x``, its last rows, held out of training; or ``(x_val, target_val)``.
         optimizer: an :class:`~rdl_functional.Optimizer` (``rf.adam(1e-3)``,
             ``rf.sgd(0.1, momentum=0.9)``, a ``rf.chain``), or a step function
             ``(params, grads, lr) -> params``; :func:`~rdl_functional.sgd_step` by default.
@@ -274,7 +305,7 @@ def fit(
         callback: called as ``callback(epoch, params, history)`` after each
             epoch (epochs count from 1), e.g. to show progress.
         record_history: measure the loss and the task's metrics after each epoch (a
-            forward pass over the training set, and the test set if given);
+            forward pass over the training set, and the held-out set if given);
             with ``False`` the history stays empty and training runs alone.
             The measurement is a real cost, not bookkeeping: on the seed task
             it adds a tenth to a fifth of the training time at batch 100 and about
@@ -310,7 +341,9 @@ def fit(
             the same ``ValueError`` naming the first setting that does.
         checkpoint: a file to write the run's state to every ``checkpoint_every``
             steps (once an epoch by default) and at the end, each write
-            replacing the last whole or not at all. When the file exists, ``fit``
+            replacing the last whole or not at all: the :class:`~rdl_functional.TrainState`
+            (:func:`~rdl_functional.load_state` reads it), the loop's place and the history.
+            When the file exists, ``fit``
             resumes from it: called again with the same arguments after a
             crash or a kill, it ends with the params and history of the run never
             interrupted, bit for bit. A checkpoint of another run (another model,
@@ -320,6 +353,7 @@ def fit(
             (a constant rate, or a schedule that does not depend on the total);
             a schedule tied to the total (a decay to the last step) is refused
             with the reason. :func:`~rdl_functional.read_checkpoint` reads one.
+            ``(x, target)`` tensors only.
         checkpoint_every: steps between checkpoints, ≥ 1.
         on_resume: called with the :class:`~rdl_functional.Checkpoint` once ``fit``
             has accepted it to resume from, before the first step (``rdl-train``
@@ -335,12 +369,19 @@ def fit(
             checked together at each epoch's end (and before each checkpoint,
             which is never written with params that are not finite), so there is
             no host sync per step.
+        patience: stop once the held-out loss (the training loss without held-out
+            data) has not improved for ``patience`` epochs, and return the best
+            epoch's params (:func:`~rdl_functional.early_stopping`; ``history.best_epoch``).
+        on_step: called as ``on_step(progress)`` after every step (a
+            :class:`~rdl_functional.Progress`: ``progress.metrics["loss"]``, ``progress.steps``, ...).
+        hooks: objects with some of ``on_step(progress)``, ``on_epoch(progress)`` and
+            ``on_end(progress)``, run after fit's own (:mod:`rdl_functional.hooks` has the protocol).
 
     With an :class:`~rdl_functional.Optimizer` or the default ``sgd_step``,
-    ``fit`` updates private copies of the params and the optimizer state in
-    place (the same kernels as ``optimizer.step``, so the same bits): a new
-    tree per step would cost a fresh allocation per parameter per step, and
-    page faults with it, for nothing the caller can see.
+    the step applies the optimizer to private copies of the params and its
+    state in place (the same kernels as ``optimizer.step``, so the same bits):
+    a new tree per step would cost a fresh allocation per parameter per step,
+    and page faults with it, for nothing the caller can see.
 
     >>> import rdl_functional as rf
     >>> x, labels = rf.disc_dataset(200, 0)
@@ -351,527 +392,149 @@ def fit(
     (3, 3, ())
     """
     _check_count("fit", "epochs", epochs, 0)
-    _check_count("fit", "batch_size", batch_size, 1)
-    _check_rows("fit", x, target)
-    if test is not None:
-        _check_rows("fit: test", *test)
-    # Data that requires grad would make every step record an autograd graph that the updates carry on: detached
-    # (views, no copy) as the params are.
-    params, x, target = _detached(params), x.detach(), target.detach()
-    if test is not None:
-        test = (test[0].detach(), test[1].detach())
-    g = as_generator(generator, "fit")
+    data, test = _batches_of(x, target, batch_size, drop_last, validation, test, epochs)
+    params, g = _detached(params), as_generator(generator, "fit")
     check_loss("fit", loss)
-    has_state = isinstance(model, StatefulLayer)
-    if has_state:
-        if compile:
-            raise ValueError(f"fit: compile=True compiles a plain model's step; {model.name} carries state or "
-                             "randomness")
-        model_state = _start_state(model, params, x, model_state)
-    elif model_state is not None:
-        raise ValueError(f"fit: model_state goes with a StatefulLayer; {model.name} is a plain Layer, which has none")
+    model_state = _model_state_of(model, params, data, model_state, compile)
     if capture:
-        _check_capture(model, x, target, params, compile, has_state)
+        _check_capture(model, data, params, compile)
     check_task("fit", task)
-    if record_history:  # before any step: a model or data that the metrics cannot measure fails now
-        task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x, target,
-                            test, task)
-    n, per_epoch = x.shape[0], -(-x.shape[0] // batch_size)
+    measure = _Measure(model, loss, data, test, record_history, params, model_state, task)
     rank, size = world()
     if size > 1:  # data-parallel: the same params everywhere, each rank its shard of every global batch
-        # First, before any collective that takes the ranks to agree (a broadcast of params of other shapes aborts
-        # in gloo): every rank trains the same run, or every rank says where they differ.
-        _check_same_run({
-            **_run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test, epochs,
-                            batch_size, generator, record_history, checkpoint_info, per_epoch, compile),
-            "start": _start_shapes(params, opt_state, model_state),  # rank 0's params, broadcast, are everyone's
-            "capture": capture, "check_finite": check_finite, "device": x.device.type,
-            "checkpoint": None if checkpoint is None else {"path": os.fspath(checkpoint), "every": checkpoint_every,
-                                                          "file": _file_digest(checkpoint)},
-        }, x.device, size)
-        if compile or capture:
-            raise ValueError("fit: data-parallel training (torch.distributed with several processes) runs the step "
-                             "as it is, without compile=True or capture=True (not yet)")
-        if "reduction='sum'" in loss.name:
-            raise ValueError(f"fit: data-parallel training weighs each process's loss by its share of the rows, "
-                             f"which is right for a mean over rows; {loss.name} sums (use reduction='mean')")
-        params = broadcast_params(params)
-    resumed: Checkpoint | None = None
+        params = _data_parallel_start(model, loss, optimizer, lr, params, opt_state, model_state, data, test,
+                                      epochs, generator, record_history, checkpoint_info, compile, capture,
+                                      check_finite, checkpoint, checkpoint_every, measure.task, size)
+    resumed = settings = None
     if checkpoint is not None:
-        # Here, not at the top: checkpoints bring safetensors, which `import rdl_functional` need not load.
-        from .checkpoint import _HISTORY, Checkpoint, write_checkpoint
-
-        check_writable(checkpoint, "fit: checkpoint")  # before any work: a path that cannot be written fails now
-        every = per_epoch if checkpoint_every is None else checkpoint_every
-        _check_count("fit", "checkpoint_every", every, 1)
-
-        def describe(total: int) -> dict[str, Any]:  # the run's settings, as if it were `total` epochs long
-            settings = _run_settings(model, loss, optimizer, lr, params, opt_state, model_state, x, target, test,
-                                     total, batch_size, generator, record_history, checkpoint_info, per_epoch,
-                                     compile, checkpoint)
-            # What the history measures: a resumed run measures alike.
-            return {**settings, "task": task if record_history else None}
-
-        settings = describe(epochs)
-        resumed = _resume(checkpoint, settings, describe)
-        if resumed is not None:
-            _check_resumed(checkpoint, resumed, optimizer, params, opt_state, model_state if has_state else None,
-                           n, batch_size, per_epoch, _recorded(record_history, task, test))
-            if on_resume is not None:
-                on_resume(resumed)
-            params, model_state = resumed.params, resumed.model_state
-            g.set_state(resumed.generator_state)
+        resumed, settings = _resumed(model, loss, optimizer, lr, params, opt_state, model_state, data, test, epochs,
+                                     generator, record_history, checkpoint_info, compile, checkpoint, measure.task)
+        if resumed is not None and on_resume is not None:
+            on_resume(resumed)
     elif checkpoint_every is not None or checkpoint_info is not None or on_resume is not None:
         raise ValueError("fit: checkpoint_every, checkpoint_info and on_resume go with checkpoint=PATH")
-    runner, step_function = _optimizer("fit", optimizer, lr, params, opt_state, compile,
-                                       resumed=resumed.opt_state if resumed is not None else None)
-    if size > 1:
-        step = _data_parallel_stateful(model, loss, rank, size) if has_state else _data_parallel(model, loss, rank,
-                                                                                                 size)
-    else:
-        step = _compiled_sgd(model, loss) if compile else value_and_grad(model, loss)
-        if capture:
-            from .graphs import capture as record  # imported on first use, as compile's module
+    step, state = _step_and_state(model, loss, optimizer, lr, params, opt_state, model_state, g, resumed, compile,
+                                  capture, rank, size, data)
+    finite = _Finite(checkpoint) if check_finite else None
+    hooks = [finite, measure, *(_early(patience, record_history, checkpoint)),
+             _checkpoints(checkpoint, checkpoint_every, epochs, data, settings, finite, rank, optimizer, model),
+             _Callback(callback) if callback is not None else None, *_user_hooks(on_step, hooks)]
+    step_hooks = [hook.on_step for hook in hooks if hasattr(hook, "on_step")]
+    epoch_hooks = [hook.on_epoch for hook in hooks if hasattr(hook, "on_epoch")]
+    progress = Progress(state, measure.start(resumed), epoch=resumed.epochs_done if resumed else 0,
+                        steps=int(state.step))
+    for epoch in range(progress.epoch + 1, epochs + 1):
+        state, progress.order, progress.step_in_epoch, batches = data.epoch(state, resumed)
+        progress.epoch, progress.raw, resumed = epoch, state, None
+        for rows, x_batch, target_batch in batches:
+            state, metrics = step(state, x_batch, target_batch)
+            progress.advance(state, metrics, rows, (x_batch, target_batch))
+            for on_step_hook in step_hooks:
+                on_step_hook(progress)
+        for on_epoch_hook in epoch_hooks:
+            on_epoch_hook(progress)
+        if progress.stop:
+            break
+    return _result(progress, hooks, generator, optimizer, model)
 
-            step = record(step)
-    if runner is not None:
-        params = runner.params
-    history, count, done, position = History(model_state=model_state if has_state else None), 0, 0, 0
-    if resumed is not None:
-        history = History(**{name: tuple(values) for name, values in resumed.history.items()},
-                          task=task if resumed.history["train_loss"] else None, model_state=model_state)
-        count, done, position = resumed.steps, resumed.epochs_done, resumed.position
 
-    def save(epochs_done: int, position: int, order: Tensor | None) -> None:
-        if check_finite:
-            _check_params_finite(runner.params if runner is not None else params, epochs_done + (position > 0),
-                                 count, checkpoint)
-        if rank != 0:  # every rank holds the same state; one writes it (and every rank resumes from it)
+class _Measure:
+    """The history hook: after each epoch, the model's state and (with ``record``) the loss and the task's metrics
+    on the training set (for an iterable, the rows the epoch trained on) and on the held-out set."""
+
+    def __init__(self, model: Any, loss: Loss, data: _Tensors | _Iterable, test: Any, record: bool, params: Params,
+                 model_state: State | None, task: str | None) -> None:
+        self.model, self.loss, self.data, self.test, self.record = model, loss, data, test, record
+        self.task, self.seen = task, []
+        self.stateful = isinstance(model, StatefulLayer)
+        if not record:
             return
-        write_checkpoint(checkpoint, Checkpoint(
-            params=params, opt_state=runner.state() if runner is not None else None, model_state=model_state,
-            generator_state=g.get_state(), order=order, epochs_done=epochs_done, position=position, steps=count,
-            history={name: list(getattr(history, name)) for name in _HISTORY}, settings=settings,
-        ))
+        if isinstance(data, _Iterable):  # the rows each epoch trains on, kept for its measurement
+            self.on_step = lambda progress: self.seen.append(progress.batch)
 
-    for epoch in range(done + 1, epochs + 1):
-        if resumed is not None and position:  # inside the epoch the checkpoint was written in
-            order, first = resumed.order, position
+        def find_task(x: Tensor, target: Tensor) -> None:  # before any step: data the metrics cannot take fails now
+            self.task = _task_of_run("fit", lambda rows: _forward("fit", model, params, rows, model_state), loss, x,
+                                     target, test, task)
+
+        if isinstance(data, _Tensors):
+            find_task(data.x, data.target)
         else:
-            # Shuffle once an epoch; each batch is then a slice, a view that costs no copy.
-            order, first = torch.randperm(n, generator=g), 0
-        resumed = None
-        on_device = order.to(x.device)  # drawn on the generator's device (the CPU), the same on every device
-        x_shuffled, target_shuffled = x.index_select(0, on_device), target.index_select(0, on_device)
-        losses: list[Tensor] = []  # this epoch's step losses, checked for NaN and inf without a sync per step
-        loss_start = first  # the row where the batch of losses[0] starts
-        for start in range(first, n, batch_size):
-            stop = start + batch_size
-            if compile:
-                value, params = step(params, x_shuffled[start:stop], target_shuffled[start:stop],
-                                     step_function(count))
-            elif has_state:
-                try:
-                    value, grads, model_state = step(params, model_state, x_shuffled[start:stop],
-                                                     target_shuffled[start:stop], generator=g)
-                except ValueError as error:
-                    if stop <= n:
-                        raise
-                    raise ValueError(f"fit: the last batch of each epoch holds {n - start} row(s) "
-                                     f"({n} rows in batches of {batch_size}): {error}") from None
-                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
-                del grads
-            else:
-                value, grads = step(params, x_shuffled[start:stop], target_shuffled[start:stop])
-                params = runner(grads) if runner is not None else optimizer(params, grads, step_function(count))
-                del grads  # not alive through the next step's forward pass
-            count += 1
-            if check_finite:
-                losses.append(value)
-            if checkpoint is not None and count % every == 0 and stop < n:  # inside an epoch
-                _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
-                save(epoch - 1, stop, order)
-                loss_start = stop  # the losses checked so far are gone from the list
-        _check_losses(losses, epoch, loss_start, batch_size, checkpoint, check_finite)
-        if has_state:
+            data.first = find_task
+
+    def start(self, resumed: Checkpoint | None) -> History:
+        if resumed is None:
+            return History()
+        return History(**{name: tuple(values) for name, values in resumed.history.items()},
+                       task=self.task if resumed.history["train_loss"] else None)
+
+    def on_epoch(self, progress: Progress) -> None:
+        state, history = progress.raw, progress.history
+        model_state = state.model_state if self.stateful else None
+        if self.stateful:
             history = attrs.evolve(history, model_state=model_state)
-        if record_history:
-            on_test = evaluate(model, loss, params, *test, state=model_state, task=task) if test is not None else None
-            history = history._append(evaluate(model, loss, params, x, target, state=model_state, task=task), on_test)
-        if checkpoint is not None and (count % every == 0 or epoch == epochs):
-            save(epoch, 0, None)
-        if callback is not None:
-            # A copy: the params in hand are updated in place by the next epoch.
-            callback(epoch, _copy(params) if runner is not None else params, history)
-    if runner is not None and isinstance(optimizer, Optimizer):  # a step function keeps no state
-        history = attrs.evolve(history, opt_state=runner.state())
-    if runner is None and count == 0:  # nothing ran: still new tensors, never the caller's own
-        params = _copy(params)
-    return params, history
+        if self.record:
+            if isinstance(self.data, _Tensors):
+                x, target = self.data.x, self.data.target
+            else:
+                x, target = (torch.cat(part) for part in zip(*self.seen, strict=True))
+                self.seen = []
+            on_test = None if self.test is None else evaluate(self.model, self.loss, state.params, *self.test,
+                                                              state=model_state, task=self.task)
+            history = history._append(evaluate(self.model, self.loss, state.params, x, target, state=model_state,
+                                               task=self.task), on_test)
+        progress.history = history
 
 
-class NonFiniteLoss(FloatingPointError):
-    """Raised by :func:`fit` when a step's loss is NaN or infinite; ``epoch`` and ``step`` (1-based) say where."""
-
-    def __init__(self, message: str, epoch: int, step: int) -> None:
-        super().__init__(message)
-        self.epoch, self.step = epoch, step
-
-
-def _data_parallel(model: Layer, loss: Loss, rank: int, size: int) -> Callable[[Params, Tensor, Tensor],
-                                                                           tuple[Tensor, Params]]:
-    """``value_and_grad`` of a global minibatch, computed from this rank's shard: the shard's share of the global
-    mean loss (its cotangent is rows_shard / rows_batch), summed over the ranks by one all-reduce per dtype."""
-    run = _gradient_fn(model, loss)
-
-    def step(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
-        a, b = shard(0, x.shape[0], rank, size)
-        if b > a:
-            weight = torch.tensor((b - a) / x.shape[0], dtype=x.dtype, device=x.device)
-            value, grads = run(params, x[a:b], target[a:b], weight)
-        else:  # a batch smaller than the world: this rank adds nothing
-            weight = torch.zeros((), dtype=x.dtype, device=x.device)
-            value, grads = weight, tree_map(torch.zeros_like, params)
-        return _summed(value, grads, weight)
-
-    return step
+def _user_hooks(on_step: Any, hooks: Any) -> list[Any]:
+    """``on_step`` as a hook, then ``hooks``, each checked to be a hook (an object with some of on_step, on_epoch
+    and on_end), so that a misspelt method fails now rather than never being called."""
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"fit: on_step must be a function on_step(progress), got {type(on_step).__name__}")
+    if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
+        raise TypeError(f"fit: hooks must be a list of hooks, got {type(hooks).__name__}")
+    hooks = list(hooks)
+    for index, hook in enumerate(hooks):
+        if not any(callable(getattr(hook, name, None)) for name in ("on_step", "on_epoch", "on_end")):
+            raise TypeError(f"fit: hooks[{index}] ({type(hook).__name__}) has none of the methods on_step(progress), "
+                            "on_epoch(progress), on_end(progress) that make a hook (rdl_functional.hooks has the "
+                            "protocol)")
+    return [*([_OnStep(on_step)] if on_step is not None else []), *hooks]
 
 
-def _summed(value: Tensor, grads: Params, weight: Tensor) -> tuple[Tensor, Params]:
-    """The global batch's loss and gradient from each rank's: its shard's loss weighted by the shard's share of
-    the rows (the gradient is weighted already, through the loss's cotangent), summed by one all-reduce per dtype."""
-    summed = all_reduce_mean({"grads": grads, "value": (value * weight).reshape(1)}, weight=1.0)
-    return summed["value"][0], summed["grads"]
-
-
-def _check_same_run(settings: dict[str, Any], device: torch.device, size: int) -> None:
-    """Every rank of a data-parallel run trains the same run: each rank's settings (those a checkpoint records,
-    and how it checkpoints) are gathered, and every rank raises the same error naming the first that differs."""
-    from .distributed import _disagreement
-
-    found = _disagreement("fit", settings, device)
-    if found is not None:
-        rank, path, theirs, first = found
-        raise ValueError(f"fit: the {size} processes of a data-parallel run must train the same run, but rank "
-                         f"{rank} differs from rank 0 in {path}: {theirs} on rank {rank}, {first} on rank 0 (start "
-                         "every process with the same arguments: data, seed, model, loss, optimizer, rate, ...)")
-
-
-def _start_shapes(params: Params, opt_state: Tree | None, model_state: Any) -> dict[str, Any]:
-    """What must agree of the start of a data-parallel run: the params' shapes and dtypes (their values are rank
-    0's, which the broadcast gives every rank) and the optimizer's and model's states, which are not broadcast."""
-    from .checkpoint import digest
-    from .tree import tree_flatten
-
-    return {"params": {path: f"{leaf.dtype} {tuple(leaf.shape)}" if isinstance(leaf, Tensor) else repr(leaf)
-                       for path, leaf in tree_flatten(params).items()},
-            "states": digest(opt_state, model_state)}
-
-
-def _file_digest(path: str | os.PathLike[str]) -> str | None:
-    """A fingerprint of the file's bytes (``None`` when there is none): every rank must resume from the same
-    checkpoint, which ranks on machines that do not share the file would not."""
-    import hashlib
-
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()[:16]
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}"
-
-
-def _data_parallel_stateful(model: StatefulLayer, loss: Loss, rank: int, size: int) -> Callable[
-    ..., tuple[Tensor, Params, State]
-]:
-    """:func:`_data_parallel` for a model with state or randomness: each layer gets a :class:`BatchShard` where the
-    generator goes, so dropout keeps its rows of the global batch's mask and batch norm uses the global batch's
-    statistics; the new state is then the same on every rank, as one process would compute it."""
-    run = _stateful_gradient_fn(model, loss)
-
-    def step(params: Params, state: State, x: Tensor, target: Tensor, *, generator: torch.Generator) -> tuple[
-        Tensor, Params, State
-    ]:
-        rows = x.shape[0]
-        if rows < size:
-            raise ValueError(f"fit: a global batch of {rows} row(s) leaves a process of the {size} without rows, "
-                             "which a model with state or randomness cannot take (every process runs the model, to "
-                             "draw the same masks and take part in batch norm's sums); use batches of at least as "
-                             "many rows as processes")
-        a, b = shard(0, rows, rank, size)
-        weight = torch.tensor((b - a) / rows, dtype=x.dtype, device=x.device)
-        value, grads, new_state = run(params, state, x[a:b], target[a:b], BatchShard(generator, a, b, rows), True,
-                                      weight)
-        return *_summed(value, grads, weight), new_state
-
-    return step
-
-
-def _check_capture(model: Any, x: Tensor, target: Tensor, params: Params, compile: bool, has_state: bool) -> None:
-    if compile:
-        raise ValueError("fit: compile=True and capture=True are two ways to run the step; choose one")
-    if has_state:
-        raise ValueError(f"fit: capture=True records a plain model's step as a CUDA graph; {model.name} carries state "
-                         "or randomness, whose step takes a generator and a state that the graph does not carry yet "
-                         "(and dropout draws its masks on the CPU)")
-    devices = {str(x.device), str(target.device), *(str(leaf.device) for leaf in tree_leaves(params))}
-    if len(devices) > 1 or not next(iter(devices)).startswith("cuda"):
-        raise ValueError(f"fit: capture=True records each step as a CUDA graph, so x, target and the params must be "
-                         f"on one CUDA device; they are on {', '.join(sorted(devices))}")
-
-
-def _check_losses(losses: list[Tensor], epoch: int, first: int, batch_size: int, checkpoint: Any,
-                  check: bool, who: str = "fit") -> None:
-    """Raise :class:`NonFiniteLoss` at the first step of ``losses`` whose loss is not finite; empties the list.
-
-    One read of the device for the lot (here, at an epoch's end or before a checkpoint), not one per step.
-    """
-    if not check or not losses:
-        return
-    bad = ~torch.isfinite(torch.stack([value.detach().reshape(()) for value in losses]))
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        value = float(losses[index])
-        step = first // batch_size + index + 1
-        raise NonFiniteLoss(f"{who}: the loss is {value} at epoch {epoch}, step {step}: training stopped"
-                            f"{_kept(checkpoint)}. "
-                            "Check the data and the initial params for NaN or inf, and try a smaller learning "
-                            "rate (or pass check_finite=False to train on regardless)", epoch, step)
-    losses.clear()
-
-
-def _check_params_finite(params: Params, epoch: int, steps: int, checkpoint: Any) -> None:
-    """A checkpoint is never written over the last good one with params that are not finite."""
-    leaves = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
-    if leaves and not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
-        raise NonFiniteLoss(f"fit: the params are no longer finite after step {steps} (in epoch {epoch}), though "
-                            f"the losses were: training stopped{_kept(checkpoint)}", epoch, 0)
-
-
-def _kept(checkpoint: Any) -> str:
-    """What the error says of the checkpoint: only what is true of it."""
-    if checkpoint is None:
-        return ""
-    if not os.path.exists(checkpoint):
-        return f"; no checkpoint was written to {str(checkpoint)!r} yet"
-    return f"; the checkpoint {str(checkpoint)!r} holds the last good state"
-
-
-def _detached(params: Params) -> Params:
-    """The params detached from any autograd graph (a view each, no copy): params that require grad would
-    otherwise grow a graph through every update, which is never freed, and hand back results with a grad_fn."""
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, params)
-
-
-def _run_settings(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
-                  model_state: Any, x: Tensor, target: Tensor, test: Any, epochs: int, batch_size: int,
-                  generator: Any, record_history: bool, info: Any, per_epoch: int,
-                  compile: bool = False, path: Any = None) -> dict[str, Any]:
-    """What a checkpoint (at ``path``) records of the run, and a resumed run must match, as JSON data."""
-    from .checkpoint import describe_optimizer, describe_rate, digest, unidentified
-
-    reason = unidentified(optimizer) if info is None and path is not None else None  # a checkpoint must know it
-    if reason:
-        inner = getattr(optimizer, "func", optimizer)  # a functools.partial's function
-        name = getattr(inner, "__qualname__", None) or type(optimizer).__name__
-        values = ", ".join(f"'{free}': ..." for free in getattr(getattr(optimizer, "__code__", None), "co_freevars",
-                                                                ())) or "'values': ..."
-        raise ValueError(f"fit: checkpoint={str(path)!r} knows a run by its settings, and the step function {name} "
-                         f"{reason}: "
-                         "a checkpoint of it would be taken up by another that differs only there (as one of "
-                         "make(1.0) by make(3.0)). Pass checkpoint_info naming it and those values (e.g. "
-                         f"checkpoint_info={{'step': '{name}', {values}}}), which a resumed run must match; or use "
-                         "an rf.Optimizer, or a module-level function without a closure")
-    settings = {  # the plainest first, so that a difference is named by the plainest setting that shows it
-        "info": info,
-        "model": model.name,
-        "loss": loss.name,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "data": f"{x.shape[0]} rows, {digest(x, target)}",
-        "test": digest(*test) if test is not None else None,
-        "start": digest(params, opt_state, model_state),
-        "generator": generator if isinstance(generator, int) else digest(generator.get_state()),
-        "record_history": record_history,
-        "compile": compile,
-        "optimizer": describe_optimizer(optimizer, epochs * per_epoch),
-        "lr": describe_rate(lr, epochs * per_epoch),
-    }
-    try:  # before any work: the settings go into every checkpoint as JSON
-        return json.loads(json.dumps(settings, allow_nan=False))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"fit: checkpoint_info must be JSON data (dicts, lists, strings, numbers), which it "
-                         f"is not: {error} (it goes into the checkpoint {str(path)!r})") from None
-
-
-def _check_resumed(path: Any, saved: Checkpoint, optimizer: Any, params: Params, opt_state: Tree | None,
-                   model_state: State | None, n: int, batch_size: int, per_epoch: int, recorded: set[str]) -> None:
-    """The checkpoint's record agrees with itself and with the run that resumes it: its position and step count
-    with the data and batches, its trees with the model's and the optimizer's (an optimizer that keeps a state has
-    it there, its step counts those of the steps taken), its history with what the run records (``recorded``: the
-    names of the history's lists that are not empty after an epoch). A checkpoint edited by hand and signed anew
-    would otherwise resume into another run."""
-
-    def refuse(what: str) -> None:
-        raise ValueError(f"fit: the checkpoint {str(path)!r} {what}: it cannot be resumed; remove it to start afresh")
-
-    total = saved.settings.get("epochs")
-    if isinstance(total, int) and _ahead_of(saved, total):
-        refuse(f"{_ahead_of(saved, total)}, more than the {total} epochs of its run")
-    if saved.position >= n or saved.position % batch_size:
-        refuse(f"records a position of {saved.position} rows into an epoch of {n} rows in batches of {batch_size}")
-    steps = saved.epochs_done * per_epoch + saved.position // batch_size
-    if saved.steps != steps:
-        refuse(f"records {saved.steps} steps, where {saved.epochs_done} epochs of {per_epoch} steps and "
-               f"{saved.position} rows in batches of {batch_size} are {steps}")
-    found = tree_difference(params, saved.params, names=("the model's params", "the checkpoint's"), leaves=True)
-    if found:
-        refuse(f"holds other params than the model's ({found})")
-    if model_state is not None:
-        found = tree_difference(model_state, saved.model_state if saved.model_state is not None else {},
-                                names=("the model's state", "the checkpoint's"), leaves=True)
-        if saved.model_state is None or found:
-            refuse(f"holds {'no' if saved.model_state is None else 'another'} model state than the model keeps "
-                   f"(batch norm's running statistics){f': {found}' if found else ''}")
-        for where, leaf in tree_flatten(saved.model_state).items():
-            if where.endswith("num_batches_tracked") and int(leaf) < 0:
-                refuse(f"records {int(leaf)} batches at {where}, fewer than none")
-    if isinstance(optimizer, Optimizer) or optimizer is sgd_step:
-        rule = optimizer if isinstance(optimizer, Optimizer) else sgd(0.0)
-        start = opt_state if opt_state is not None else rule.init(params)
-        if saved.opt_state is None and tree_leaves(start):
-            refuse(f"holds no optimizer state, but {rule.name} keeps one (its step count and buffers)")
-        found = tree_difference(start, saved.opt_state or {}, names=(f"{rule.name}'s state", "the checkpoint's"),
-                                leaves=True)
-        if found:
-            refuse(f"holds another optimizer state than {rule.name} keeps ({found})")
-        counts = tree_flatten(saved.opt_state or {})
-        for where, first in tree_flatten(start).items():
-            if where.split(".")[-1] == "count" and int(counts[where]) != int(first) + saved.steps:
-                refuse(f"records {int(counts[where])} optimizer steps at {where}, where {saved.steps} steps were "
-                       f"taken from {int(first)}")
-    for name, values in saved.history.items():
-        if bool(values) != (name in recorded and saved.epochs_done > 0):
-            refuse(f"holds {len(values)} value(s) of {name}, which the run "
-                   f"{'records once an epoch' if name in recorded else 'does not record'}")
-
-
-def _recorded(record_history: bool, task: str | None, test: Any) -> set[str]:
-    """The history's lists that fill once an epoch, as :meth:`History._append` fills them for ``task``."""
+def _early(patience: int | None, record_history: bool, checkpoint: Any) -> list[EarlyStopping]:
+    if patience is None:
+        return []
     if not record_history:
-        return set()
-    metrics = ("loss", "rmse", "r2") if task == "regression" else ("loss", "accuracy")
-    return {f"{split}_{metric}" for split in ("train", *(("test",) if test is not None else ())) for metric in metrics}
+        raise ValueError("fit: patience watches the loss the history records after each epoch; it needs "
+                         "record_history=True")
+    if checkpoint is not None:
+        raise ValueError("fit: patience keeps the best epoch's state in memory, which a checkpoint does not hold: a "
+                         "resumed run would lose it. Use one or the other")
+    return [early_stopping(patience)]
 
 
-def _ahead_of(saved: Checkpoint, epochs: int) -> str | None:
-    """What ``saved`` has done beyond a run of ``epochs`` epochs, in words (``"has 3 epochs and 12 rows of the next
-    done"``), or ``None`` when such a run can resume it: a checkpoint inside epoch ``epochs + 1`` is past its end."""
-    if saved.epochs_done < epochs or (saved.epochs_done == epochs and not saved.position):
+def _checkpoints(path: Any, every: int | None, epochs: int, data: Any, settings: Any, finite: _Finite | None,
+                 rank: int, optimizer: Any, model: Any) -> _Checkpoints | None:
+    if path is None:
         return None
-    rows = f" and {saved.position} rows of the next" if saved.position else ""
-    return f"has {saved.epochs_done} epochs{rows} done"
+    every = data.per_epoch if every is None else every
+    _check_count("fit", "checkpoint_every", every, 1)
+    keeps_opt_state = isinstance(optimizer, Optimizer) or optimizer is sgd_step
+    return _Checkpoints(path, every, epochs, data.rows, settings, finite, rank, keeps_opt_state,
+                        isinstance(model, StatefulLayer))
 
 
-def _resume(path: Any, settings: dict[str, Any], describe: Callable[[int], dict[str, Any]]) -> Checkpoint | None:
-    """The checkpoint at ``path`` to resume from, ``None`` when there is none; refused if it records another run.
-
-    A run of another length is the same run extended (or cut short) when everything else matches, the
-    optimizer's rate at every step the two lengths share included (``describe(total)`` describes this run as
-    if it were ``total`` epochs long): a constant rate, or a schedule that does not depend on the total.
-    """
-    from .checkpoint import difference, read_checkpoint
-
-    if not os.path.exists(path):
-        return None
-    saved = read_checkpoint(path)
-    shown, epochs = repr(str(path)), settings["epochs"]
-    found = difference(saved.settings, settings)
-    if found is None:
-        return saved
-    total = saved.settings.get("epochs")
-    if isinstance(total, int) and not isinstance(total, bool) and 0 <= total != epochs:
-        found = difference(saved.settings, describe(total))
-        if found is None:
-            ahead = _ahead_of(saved, epochs)
-            if ahead:
-                raise ValueError(f"fit: the checkpoint {shown} {ahead}, more than epochs={epochs}; resume it with "
-                                 f"epochs ≥ {saved.epochs_done + (saved.position > 0)}")
-            return saved
-        if found.startswith(("optimizer", "lr")):
-            raise ValueError(f"fit: the checkpoint {shown} records a run of {total} epochs, which cannot go on to "
-                             f"{epochs}: the optimizer or its rate would differ over the steps it has taken "
-                             f"({found}). A schedule tied to the run's length (a linear or cosine decay to its "
-                             "last step) changes with it; only a run with a constant rate, or a schedule that does "
-                             f"not depend on the total, can be extended. Resume it with epochs={total}, or remove "
-                             "it to start afresh")
-    raise ValueError(f"fit: the checkpoint {shown} records another run ({found}); resume with the "
-                     "settings it was written with, or remove it to start afresh")
+def _result(progress: Progress, hooks: list[Any], generator: Any, optimizer: Any, model: Any) -> tuple[Params,
+                                                                                                       History]:
+    """What fit returns: the final state's params (or the one a hook's ``on_end`` chose), and the history with
+    the optimizer's and the model's state."""
+    chosen = [hook.on_end(progress) for hook in hooks if hasattr(hook, "on_end")]
+    final = next((state for state in reversed(chosen) if state is not None), None) or progress.state
+    if isinstance(generator, torch.Generator):  # advanced, as every torch sampling function advances its generator
+        generator.set_state(progress.raw.generator)
+    history = attrs.evolve(progress.history, opt_state=final.opt_state if isinstance(optimizer, Optimizer) else None,
+                           model_state=final.model_state if isinstance(model, StatefulLayer) else None)
+    ran = progress.steps > 0 or isinstance(progress.raw.opt_state, _Running)
+    return (final.params if ran else _copy(final.params)), history
 
 
-def _optimizer(
-    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, compile: bool = False,
-    resumed: Tree | None = None,
-) -> tuple[_Running | None, Callable[[int], float]]:
-    """``(runner, rate)``: the optimizer run in place on private copies, or ``None`` and the rate of step
-    ``count`` for a step function (``sgd_step`` compiled, or a user's own)."""
-    if isinstance(optimizer, Optimizer):
-        if lr is not None:
-            raise ValueError(f"{who}: {optimizer.name} carries its own lr; leave lr out (or pass lr=None)")
-        if compile:
-            raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other "
-                             "optimizer")
-        return _Running(optimizer, params, resumed if resumed is not None else opt_state, who), lambda count: 0.0
-    if any(optimizer is factory for factory in _FACTORIES):
-        raise TypeError(f"{who}: optimizer rf.{optimizer.__name__} makes an optimizer: call it, e.g. "
-                        f"optimizer=rf.{optimizer.__name__}(...) with its rate (a step function passed here takes "
-                        "(params, grads, lr))")
-    if not callable(optimizer):
-        raise TypeError(f"{who}: optimizer must be an rf.Optimizer or a step function (params, grads, lr) -> params, "
-                        f"got {type(optimizer).__name__}")
-    if lr is None:
-        raise ValueError(f"{who}: lr is required with a step function such as sgd_step "
-                         "(or pass optimizer=rf.sgd(lr), which carries its own)")
-    if opt_state is not None:
-        raise ValueError(f"{who}: opt_state goes with an rf.Optimizer; a step function keeps no state")
-    schedule = lr if callable(lr) else _constant(lr, who)
-    if optimizer is sgd_step and not compile:  # the same kernel, run in place by the one optimizer path
-        return _Running(sgd(schedule), params, resumed, who), lambda count: 0.0
-    if compile and optimizer is not sgd_step:
-        raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
-    return None, lambda count: _rate(schedule, count, who)
-
-
-def _start_state(model: StatefulLayer, params: Params, x: Tensor, state: State | None) -> State:
-    """The state to train from: ``state``, or ``model.init_state()`` in the dtype of the params (else of ``x``)."""
-    if state is not None:
-        return _copy(state)  # the caller's tensors are never handed back as the result
-    floats = [leaf for leaf in tree_leaves(params) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
-    dtype = floats[0].dtype if floats else x.dtype if isinstance(x, Tensor) and x.is_floating_point() else None
-    return model.init_state(dtype=dtype or torch.float32)
-
-
-def _constant(lr: Any, who: str) -> Callable[[int], float]:
-    """A checked constant rate, as a schedule."""
-    value = _check_lr(lr, who)
-    return lambda count: value
-
-
-def _copy(tree: Tree) -> Tree:
-    return tree_map(torch.clone, tree)
-
-
-def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]:
-    """The compiled step with the rate passed as a tensor, so that a schedule never recompiles it."""
-    from .compiled import compiled_step
-
-    step = compiled_step(model, loss)
-
-    def run(params: Params, x: Tensor, target: Tensor, lr: float) -> tuple[Tensor, Params]:
-        return step(params, x, target, torch.tensor(lr, dtype=x.dtype))
-
-    return run

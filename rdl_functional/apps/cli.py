@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from .._files import atomic_write, check_writable
+from .._runs import _ahead_of
 from ..checkpoint import _KEY as _CHECKPOINT_KEY
 from ..checkpoint import read_checkpoint
 from ..distributed import PeerLost
@@ -27,7 +28,7 @@ from ..initializers import INITIALIZERS
 from ..io import _load, load
 from ..layers import Params
 from ..optim.schedules import MAX_LR
-from ..train import History, NonFiniteLoss, _ahead_of
+from ..train import History, NonFiniteLoss
 from ..tree import tree_leaves
 from .disc import (
     DEFAULTS,

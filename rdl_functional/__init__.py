@@ -86,6 +86,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
     from .testing import VjpMismatch, VjpReport, check_vjp
+    from .transforms import CapturedStep, CompiledStep, compiled
 
 __version__ = "0.1.0"
 
@@ -95,6 +96,7 @@ _LAZY = {
     **dict.fromkeys(("Checkpoint", "load_state", "read_checkpoint", "save_state"), "checkpoint"),
     **dict.fromkeys(("Captured", "capture"), "graphs"),
     **dict.fromkeys(("compiled_step",), "compiled"),
+    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled"), "transforms"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "apps.disc"),
     **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
@@ -123,8 +125,10 @@ __all__ = [
     "DISC_RADIUS",
     "TASKS",
     "Captured",
+    "CapturedStep",
     "Checkpoint",
     "Code",
+    "CompiledStep",
     "DiscData",
     "DiscResult",
     "DiscSettings",
@@ -155,6 +159,7 @@ __all__ = [
     "check_params_fit",
     "check_vjp",
     "clip_by_global_norm",
+    "compiled",
     "compiled_step",
     "compose",
     "concat",

@@ -66,11 +66,13 @@ def sgd(
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
         g = _weight_decay(g, p, weight_decay)
         if momentum:
-            if count == 1:
-                b = o.copy(buffers["momentum_buffer"], g)  # torch starts the buffer at the first gradient
-            else:
+            def later() -> Leaves:
                 b = o.mul(buffers["momentum_buffer"], momentum)
                 torch._foreach_add_(b, g, alpha=1 - dampening)
+                return b
+
+            # torch starts the buffer at the first gradient
+            b = o.first_step(count, lambda: o.copy(buffers["momentum_buffer"], g), later)
             buffers = {"momentum_buffer": b}
             g = torch._foreach_add(g, b, alpha=momentum) if nesterov else b
         return o.add(p, g, alpha=-lr), buffers

@@ -1,0 +1,462 @@
+"""Transforms of the training step: ``rf.compiled(step)``, one compiled graph, with the step's own signature.
+
+::
+
+    fast = rf.compiled(rf.train_step(model, loss, optimizer))
+    state, metrics = fast(state, x, target)              # as step(state, x, target), to float rounding
+
+The step is seen as one function of flat tensors: the params' leaves, ``x``,
+``target``, and per optimizer rule the step count being taken and its rate
+(0-dim float64 tensors: graph inputs, so a schedule's rate and Adam's bias
+corrections never become constants baked into the graph), then the rule's
+buffers; it returns the loss, the new params and the new buffers. Inside,
+it is ``rf.value_and_grad`` (the layers' own pullbacks) and the optimizer's
+own rules run through a tensor-scalar op table (``optim.base._Traced``), so
+no maths is written twice. Around it, on the host: the state is read into
+the flat list and the new :class:`~rdl_functional.TrainState` is built from
+the outputs (its ``count`` and ``lr`` entries as the eager step writes them).
+
+That function is compiled by torch's own compilers, once per *signature*
+(the trees' structure, every tensor's shape, dtype, stride and device):
+``torch.compile`` (inductor, ``dynamic=False``, one graph) or AOTInductor
+(``torch.export`` then ``torch._inductor.aoti_compile_and_package``, loaded
+with ``aoti_load_package``). ``backend="auto"`` builds both and keeps the
+faster, timed on the first call's own inputs. AOTInductor's packages, and
+the auto choice, are cached on disk keyed by what the step was traced for,
+so a second process loads instead of compiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+import types
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from .layers import Layer
+from .optim.base import _traced_run
+from .optim.schedules import _rate
+from .stateful import StatefulLayer
+from .step import TrainState, TrainStep
+
+__all__ = ["CapturedStep", "CompiledStep", "compiled"]
+
+BACKENDS = ("auto", "inductor", "aoti")
+Runner = Callable[[list[Tensor]], list[Tensor]]
+
+
+def _walk(tree: Any, leaves: list[Any]) -> Any:
+    """The structure of a tree of dicts as nested ``(key, spec)`` tuples (``None`` for a leaf); leaves appended."""
+    if type(tree) is dict:
+        return tuple((key, _walk(child, leaves)) for key, child in tree.items())
+    leaves.append(tree)
+    return None
+
+
+def _fill(spec: Any, it: Any) -> Any:
+    """The tree of ``spec`` with the leaves of the iterator ``it``, in :func:`_walk`'s order."""
+    if spec is None:
+        return next(it)
+    return {key: _fill(child, it) for key, child in spec}
+
+
+@attrs.frozen
+class _Layout:
+    """What one signature's flat lists hold: the params' structure, and per rule its count, rate and buffers."""
+
+    spec: Any
+    counts: tuple[int, ...]  # the count each rule's state held (the step taken is count + 1)
+    rates: tuple[float, ...]
+
+
+class _Flat:
+    """A :class:`~rdl_functional.TrainStep` as a function of flat tensors, and the host code around it."""
+
+    def __init__(self, step: Any, who: str) -> None:
+        _check_step(step, who)
+        self.step, self.who = step, who
+        self.links = step.optimizer.links
+        self.rules = [link for link in self.links if link.rule is not None]
+        self.names = [tuple(name for name, _ in link.buffers) for link in self.rules]
+        self.checked: set[Any] = set()  # the signatures whose first call the eager step has vouched for
+
+    def prepare(self, state: Any, x: Tensor, target: Tensor) -> tuple[Any, list[Tensor], _Layout]:
+        """``(signature, flat inputs, layout)``; a new signature is first run by the eager step, whose checks
+        (the layers', the optimizer's) refuse what does not fit, with their own messages."""
+        if type(state) is not TrainState:
+            self.step(state, x, target)  # its TypeError names what arrived
+        if isinstance(state.model_state, dict) and state.model_state:
+            self.step(state, x, target)  # its ValueError names the stray state
+        leaves: list[Any] = []
+        spec = _walk(state.params, leaves)
+        leaves += (x, target)
+        device = x.device
+        opt = state.opt_state
+        counts, rates, shapes = [], [], []
+        try:
+            link_states = [opt[str(i)] for i in range(len(self.links))] if self.step.optimizer.chained else [opt]
+            for link, link_state in zip(self.links, link_states, strict=True):
+                if link.rule is None:
+                    shapes.append(())
+                    continue
+                count = int(link_state["count"])
+                rate = _rate(link.lr, count, self.who)
+                counts.append(count)
+                rates.append(rate)
+                leaves.append(torch.tensor(count + 1, dtype=torch.float64, device=device))
+                leaves.append(torch.tensor(rate, dtype=torch.float64, device=device))
+                shapes.append(tuple(_walk(link_state[name], leaves) for name, _ in link.buffers))
+            key = (spec, tuple(shapes), torch.is_autocast_enabled(device.type),
+                   tuple((t.shape, t.dtype, t.device, t.stride()) for t in leaves))
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
+            key = None  # not a state of this optimizer, or a leaf that is not a tensor: the eager step says so
+        if key not in self.checked:
+            self.step(state, x, target)
+            if key is None:  # the eager step took what the flat walk could not: refuse rather than guess
+                raise TypeError(f"{self.who}: the state's trees must be plain dicts of tensors to be compiled")
+            self.checked.add(key)
+        return key, leaves, _Layout(spec, tuple(counts), tuple(rates))
+
+    def finish(self, state: TrainState, layout: _Layout, out: list[Tensor]) -> tuple[TrainState, dict[str, Tensor]]:
+        """The new state and metrics from the flat outputs ``[loss, *params, *buffers]``."""
+        it = iter(out)
+        value = next(it)
+        params = _fill(layout.spec, it)
+        states, rule = [], 0
+        for link in self.links:
+            if link.rule is None:
+                states.append({})
+                continue
+            count, rate = layout.counts[rule], layout.rates[rule]
+            link_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(rate, dtype=torch.float64)}
+            for name in self.names[rule]:
+                link_state[name] = _fill(layout.spec, it)
+            states.append(link_state)
+            rule += 1
+        opt_state = {str(i): s for i, s in enumerate(states)} if self.step.optimizer.chained else states[0]
+        new = TrainState(params=params, opt_state=opt_state, model_state={}, generator=state.generator,
+                         step=state.step + 1)
+        return new, {"loss": value}
+
+    def function(self, layout: _Layout, n_params: int) -> Callable[..., tuple[Tensor, ...]]:
+        """The step as ``fn(*flat inputs) -> (loss, *new params, *new buffers)``: what the compilers trace."""
+        grad, optimizer, who, names = self.step._grad, self.step.optimizer, self.who, self.names
+        spec = layout.spec
+
+        def flat_step(*inputs: Tensor) -> tuple[Tensor, ...]:
+            p = list(inputs[:n_params])
+            params = _fill(spec, iter(p))
+            value, grads = grad(params, inputs[n_params], inputs[n_params + 1])
+            g: list[Tensor] = []
+            _walk(grads, g)
+            at = n_params + 2
+            counts, rates, buffers = [], [], []
+            for rule_names in names:
+                counts.append(inputs[at])
+                rates.append(inputs[at + 1])
+                at += 2
+                rule_buffers = {}
+                for name in rule_names:
+                    rule_buffers[name] = list(inputs[at:at + n_params])
+                    at += n_params
+                buffers.append(rule_buffers)
+            new_p, new_buffers = _traced_run(optimizer, p, g, params, buffers, counts, rates, who)
+            out = [value, *new_p]
+            for rule_names, rule_buffers in zip(names, new_buffers, strict=True):
+                for name in rule_names:
+                    out += rule_buffers[name]
+            return tuple(out)
+
+        return flat_step
+
+
+def _check_step(step: Any, who: str) -> None:
+    """Refuse, by name, what is not a plain :class:`~rdl_functional.TrainStep` this module can trace."""
+    if isinstance(step, CompiledStep):
+        raise TypeError(f"{who}: {step!r} is compiled already")
+    if isinstance(step, CapturedStep):
+        raise TypeError(f"{who}: {step!r} is a captured step (a CUDA graph's replay cannot be compiled); compile "
+                        "first, then capture: rf.capture(rf.compiled(step))")
+    if not isinstance(step, TrainStep):
+        name = getattr(step, "__name__", type(step).__name__)
+        raise TypeError(f"{who}: expected an rf.TrainStep (rf.train_step(model, loss, optimizer)), got {name}: a "
+                        "function of your own is not traced here (build the step with rf.train_step, or call "
+                        "torch.compile on your function)")
+    if isinstance(step.model, StatefulLayer) or not isinstance(step.model, Layer):
+        raise ValueError(f"{who}: {step.model.name} carries state or randomness (dropout, batch norm), which is not "
+                         "compiled: its masks come from state.generator, a CPU torch.Generator that a compiled graph "
+                         "cannot draw from (inductor draws with its own RNG, so the masks, and a restored run, would "
+                         "no longer be the step's); run the step as it is")
+    for link in step.optimizer.links:
+        if link.custom is not None:
+            raise ValueError(f"{who}: the optimizer's link {link.name} is a transform of your own "
+                             "(rf.gradient_transform), whose state is not a tree of buffers like params and is not "
+                             "traced; compile a step whose optimizer is built from the library's rules and transforms")
+
+
+class CompiledStep:
+    """``state, metrics = fast(state, x, target)``: a :class:`~rdl_functional.TrainStep` compiled; :func:`compiled`.
+
+    Attributes:
+        step: the step it compiles; ``model``, ``loss`` and ``optimizer`` are its.
+        backend: ``"auto"``, ``"inductor"`` or ``"aoti"``, as asked.
+        chosen: per signature compiled so far (by its digest, the cache's file name):
+            ``{"backend": ..., "compile_s": ..., "loaded": ...}`` (``loaded``: AOTInductor's package
+            was read from the cache), and ``"us"``, µs per call of each backend, where auto measured.
+    """
+
+    def __init__(self, step: TrainStep, backend: str, cache_dir: Path) -> None:
+        self._flat = _Flat(step, "compiled")
+        self.step, self.backend, self.cache_dir = step, backend, cache_dir
+        self.model, self.loss, self.optimizer = step.model, step.loss, step.optimizer
+        self._runners: dict[Any, Runner] = {}
+        self.chosen: dict[Any, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<compiled({self.model.name}, {self.optimizer.name}; backend={self.backend})>"
+
+    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
+        key, leaves, layout = self._flat.prepare(state, x, target)
+        return self._flat.finish(state, layout, self._run(key, leaves, layout))
+
+    def _run(self, key: Any, leaves: list[Tensor], layout: _Layout) -> list[Tensor]:
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners[key] = self._build(key, leaves, layout)
+        return runner(leaves)
+
+    def _build(self, key: Any, leaves: list[Tensor], layout: _Layout) -> Runner:
+        fn = self._flat.function(layout, _count_leaves(layout.spec))
+        digest = _digest(self.step, key)
+        folder = self.cache_dir / "aoti"
+        package, record = folder / f"{digest}.pt2", folder / f"{digest}.json"
+        start = time.perf_counter()
+        wanted = self.backend
+        if wanted == "auto" and record.exists():
+            wanted = json.loads(record.read_text())["backend"]  # the choice a process made before
+        info: dict[str, Any] = {"backend": wanted, "loaded": False}
+        if wanted == "inductor":
+            runner = _inductor(fn)
+        elif wanted == "aoti":
+            info["loaded"] = package.exists()
+            runner = _aoti(fn, leaves, package)
+        else:
+            runners = {"inductor": _inductor(fn), "aoti": _aoti(fn, leaves, package)}
+            info["us"] = _measure(runners, leaves)
+            info["backend"] = min(info["us"], key=info["us"].get)
+            runner = runners[info["backend"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"backend": info["backend"], "us": info["us"]}))
+        runner(list(leaves))  # compiled (inductor compiles at its first call) before the clock stops
+        info["compile_s"] = time.perf_counter() - start
+        self.chosen[digest] = info
+        return runner
+
+
+class CapturedStep:
+    """``state, metrics = step(state, x, target)``, each call one replay of a CUDA graph: ``rf.capture(step)``.
+
+    The flat step (the one :func:`compiled` compiles: the rate and the step count are tensor inputs,
+    so the graph replays them as they change) recorded once per signature by
+    :class:`~rdl_functional.Captured`; of a :class:`CompiledStep`, its compiled code is recorded.
+    """
+
+    def __init__(self, step: TrainStep | CompiledStep, *, warmup: int, max_shapes: int, recorder: Any) -> None:
+        from .graphs import Captured
+
+        if isinstance(step, CapturedStep):
+            raise TypeError(f"capture: {step!r} is captured already (a graph's replay cannot be recorded in another)")
+        if isinstance(step, CompiledStep):
+            self._flat, run = step._flat, step._run
+        else:
+            self._flat, run = _Flat(step, "capture"), self._eager
+        self.step = step
+        self.model, self.loss, self.optimizer = step.model, step.loss, step.optimizer
+        self._functions: dict[Any, Callable[..., tuple[Tensor, ...]]] = {}
+        self._current: tuple[Any, _Layout] | None = None
+        name = "capture(compiled step)" if isinstance(step, CompiledStep) else "capture(step)"
+        self._captured = Captured(lambda *leaves: run(*self._current[:1], list(leaves), self._current[1]),
+                                  warmup=warmup, max_shapes=max_shapes, name=name, recorder=recorder)
+
+    def __repr__(self) -> str:
+        return f"<capture of the step of {self.model.name}, {self.optimizer.name}: {self.shapes} recorded>"
+
+    @property
+    def shapes(self) -> int:
+        """The signatures recorded so far, each its own graph."""
+        return self._captured.shapes
+
+    def _eager(self, key: Any, leaves: list[Tensor], layout: _Layout) -> tuple[Tensor, ...]:
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = self._flat.function(layout, _count_leaves(layout.spec))
+        return fn(*leaves)
+
+    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
+        """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
+        key, leaves, layout = self._flat.prepare(state, x, target)
+        self._current = (key, layout)
+        return self._flat.finish(state, layout, list(self._captured(*leaves)))
+
+
+def _count_leaves(spec: Any) -> int:
+    return 1 if spec is None else sum(_count_leaves(child) for _, child in spec)
+
+
+def _inductor(fn: Callable[..., tuple[Tensor, ...]]) -> Runner:
+    """``torch.compile`` of ``fn``: inductor, one graph, static shapes."""
+    run = torch.compile(fn, dynamic=False, fullgraph=True)
+    return lambda leaves: list(run(*leaves))
+
+
+class _Module(torch.nn.Module):
+    """The flat step as a module, the form ``torch.export`` takes."""
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return self.fn(*inputs)
+
+
+def _aoti(fn: Callable[..., tuple[Tensor, ...]], leaves: list[Tensor], package: Path) -> Runner:
+    """AOTInductor's package of ``fn`` at ``package``, built (export, compile, package) when not there yet."""
+    with warnings.catch_warnings():  # torch 2.13's own use of a deprecated pytree check, in export and the loader
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        if not package.exists():
+            package.parent.mkdir(parents=True, exist_ok=True)
+            exported = torch.export.export(_Module(fn), tuple(leaves), strict=False)
+            partial = package.with_suffix(f".{os.getpid()}.partial.pt2")  # whole or not at all, as checkpoints
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+            os.replace(partial, package)
+        loader = torch._inductor.aoti_load_package(str(package)).loader
+    return lambda leaves: loader.boxed_run(list(leaves))
+
+
+def _measure(runners: dict[str, Runner], leaves: list[Tensor], rounds: int = 15) -> dict[str, float]:
+    """Median µs per call of each runner on these inputs, interleaved, after three calls each to warm up."""
+    sync = torch.cuda.synchronize if leaves[0].device.type == "cuda" else (lambda: None)
+    for runner in runners.values():
+        for _ in range(3):
+            runner(leaves)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            sync()
+            start = time.perf_counter()
+            runner(leaves)
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _fingerprint(obj: Any, out: list[str], seen: set[int], depth: int = 0) -> None:
+    """What the compiled graph depends on in ``obj``: functions' bytecode and constants, the numbers they close
+    over (hyperparameters), records' fields; recursively, each object once."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype)):
+        out.append(repr(obj))
+        return
+    if id(obj) in seen or depth > 12:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            _fingerprint(item, out, seen, depth + 1)
+    elif isinstance(obj, (set, frozenset)):  # iterated in an order that changes with each process's hash seed
+        parts = []
+        for item in obj:
+            part: list[str] = []
+            _fingerprint(item, part, set(seen), depth + 1)
+            parts.append("\n".join(part))
+        out += sorted(parts)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _fingerprint(key, out, seen, depth + 1)
+            _fingerprint(value, out, seen, depth + 1)
+    elif isinstance(obj, types.FunctionType):
+        out.append(obj.__qualname__)
+        _fingerprint(obj.__code__, out, seen, depth + 1)
+        _fingerprint(obj.__defaults__, out, seen, depth + 1)
+        for cell in obj.__closure__ or ():
+            _fingerprint(cell.cell_contents, out, seen, depth + 1)
+    elif isinstance(obj, types.CodeType):
+        out.append(obj.co_code.hex())
+        _fingerprint(obj.co_consts, out, seen, depth + 1)
+    elif isinstance(obj, Tensor):
+        out.append(f"{obj.shape}{obj.dtype}{hashlib.sha256(obj.detach().cpu().numpy().tobytes()).hexdigest()}")
+    elif attrs.has(type(obj)):
+        out.append(type(obj).__qualname__)
+        for field in attrs.fields(type(obj)):
+            _fingerprint(getattr(obj, field.name), out, seen, depth + 1)
+    else:
+        out.append(type(obj).__qualname__)
+
+
+def _digest(step: TrainStep, key: Any) -> str:
+    """The cache's name for what a signature's graph was traced for: the model's, the loss's and the optimizer's
+    code and hyperparameters (not the rate: an input), the signature, the device and the torch version."""
+    out = [torch.__version__, repr(key)]
+    links = [attrs.evolve(link, lr=None) for link in step.optimizer.links]  # the schedule is not in the graph
+    _fingerprint((step.model, step.loss, links), out, set())
+    return hashlib.sha256("\n".join(out).encode()).hexdigest()[:32]
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("RDL_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "rdl_functional"
+
+
+def compiled(step: TrainStep, *, backend: str = "auto", cache_dir: str | os.PathLike | None = None) -> CompiledStep:
+    """The training step compiled as one graph: forward, backward and the optimizer's update.
+
+    ``fast = rf.compiled(step)`` is called as the step is, ``state, metrics =
+    fast(state, x, target)``, and gives its results to float rounding (a
+    compiler fuses and reorders float operations: not bit for bit). The first
+    call of each signature (the trees' structure; every tensor's shape, dtype,
+    stride and device) runs the eager step once, whose checks refuse what does
+    not fit, then compiles; later calls run the compiled code. The rate (a
+    schedule's value) and the step count are tensor inputs of the graph: a
+    schedule never recompiles it.
+
+    Args:
+        step: an :class:`~rdl_functional.TrainStep` of a plain model (``rf.train_step(model, loss,
+            optimizer)``), with an optimizer built from the library's rules and transforms.
+        backend: ``"inductor"`` (``torch.compile``), ``"aoti"`` (AOTInductor's package) or
+            ``"auto"``: both built, a few calls of each timed on the first call's inputs, the faster
+            kept (``fast.chosen`` says which, and the times).
+        cache_dir: where AOTInductor's packages (and auto's choices) are kept, keyed by what the step
+            was traced for, so another process loads them instead of compiling; by default
+            ``$RDL_CACHE_DIR``, else ``~/.cache/rdl_functional``.
+
+    Raises:
+        TypeError: ``step`` is not an ``rf.TrainStep`` (a function of your own), or is compiled or
+            captured already.
+        ValueError: a model with dropout or batch norm (its masks are drawn from ``state.generator``,
+            which a compiled graph cannot draw from), an optimizer with an ``rf.gradient_transform``
+            link, or an unknown backend.
+
+    >>> import torch, rdl_functional as rf
+    >>> model = rf.compose(rf.linear(2, 3), rf.relu, rf.linear(3, 1))
+    >>> fast = rf.compiled(rf.train_step(model, rf.mse_loss, rf.adam(1e-2)), backend="inductor")
+    >>> fast
+    <compiled(compose(linear(2, 3), relu, linear(3, 1)), adam; backend=inductor)>
+
+    Then ``state, metrics = fast(state, x, target)``, as the step itself.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"compiled: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return CompiledStep(step, backend, _cache_dir(cache_dir))

@@ -6,10 +6,11 @@
     state, metrics = fast(state, x, target)              # as step(state, x, target), to float rounding
 
 The step is seen as one function of flat tensors: the params' leaves, ``x``,
-``target``, and per optimizer rule the step count being taken and its rate
-(0-dim float64 tensors: graph inputs, so a schedule's rate and Adam's bias
-corrections never become constants baked into the graph), then the rule's
-buffers; it returns the loss, the new params and the new buffers. Inside,
+``target``, and per optimizer rule its state's step count (0-dim int64) and
+its rate (0-dim float64): graph inputs, so a schedule's rate and Adam's bias
+corrections never become constants baked into the graph; then the rule's
+buffers. It returns the loss, the new params, the new buffers and the new
+counts. Inside,
 it is ``rf.value_and_grad`` (the layers' own pullbacks) and the optimizer's
 own rules run through a tensor-scalar op table (``optim.base._Traced``), so
 no maths is written twice. Around it, on the host: the state is read into
@@ -56,11 +57,19 @@ Runner = Callable[[list[Tensor]], list[Tensor]]
 
 
 def _walk(tree: Any, leaves: list[Any]) -> Any:
-    """The structure of a tree of dicts as nested ``(key, spec)`` tuples (``None`` for a leaf); leaves appended."""
-    if type(tree) is dict:
-        return tuple((key, _walk(child, leaves)) for key, child in tree.items())
-    leaves.append(tree)
-    return None
+    """The structure of a tree of dicts as nested ``(key, spec)`` tuples (``None`` for a leaf); leaves appended.
+    On every call's path: a loop rather than a recursion per leaf."""
+    if type(tree) is not dict:
+        leaves.append(tree)
+        return None
+    spec = []
+    for key, child in tree.items():
+        if type(child) is dict:
+            spec.append((key, _walk(child, leaves)))
+        else:
+            leaves.append(child)
+            spec.append((key, None))
+    return tuple(spec)
 
 
 def _fill(spec: Any, it: Any) -> Any:
@@ -76,7 +85,16 @@ class _Layout:
 
     spec: Any
     counts: tuple[int, ...]  # the count each rule's state held (the step taken is count + 1)
-    rates: tuple[float, ...]
+    rates: tuple[Tensor, ...]  # each rule's rate as the new state keeps it: a 0-dim float64 CPU tensor
+
+
+class _Signature:
+    """One signature met: its key, and what runs it (a compiled runner, or the flat function), once built."""
+
+    __slots__ = ("key", "runner")
+
+    def __init__(self, key: Any) -> None:
+        self.key, self.runner = key, None
 
 
 class _Flat:
@@ -88,9 +106,10 @@ class _Flat:
         self.links = step.optimizer.links
         self.rules = [link for link in self.links if link.rule is not None]
         self.names = [tuple(name for name, _ in link.buffers) for link in self.rules]
-        self.checked: set[Any] = set()  # the signatures whose first call the eager step has vouched for
+        self.checked: dict[Any, _Signature] = {}  # the signatures whose first call the eager step vouched for
+        self.rates: list[tuple[float, Tensor, Tensor] | None] = [None] * len(self.rules)  # the last rate, kept
 
-    def prepare(self, state: Any, x: Tensor, target: Tensor) -> tuple[Any, list[Tensor], _Layout]:
+    def prepare(self, state: Any, x: Tensor, target: Tensor) -> tuple[_Signature, list[Tensor], _Layout]:
         """``(signature, flat inputs, layout)``; a new signature is first run by the eager step, whose checks
         (the layers', the optimizer's) refuse what does not fit, with their own messages."""
         if type(state) is not TrainState:
@@ -102,43 +121,55 @@ class _Flat:
         leaves += (x, target)
         device = x.device
         opt = state.opt_state
-        counts, rates, shapes = [], [], []
+        counts, rates, shapes, rule = [], [], [], 0
         try:
             link_states = [opt[str(i)] for i in range(len(self.links))] if self.step.optimizer.chained else [opt]
             for link, link_state in zip(self.links, link_states, strict=True):
                 if link.rule is None:
                     shapes.append(())
                     continue
-                count = int(link_state["count"])
-                rate = _rate(link.lr, count, self.who)
+                count_tensor = link_state["count"]
+                count = int(count_tensor)
+                on_device, on_cpu = self._rate(rule, _rate(link.lr, count, self.who), device)
                 counts.append(count)
-                rates.append(rate)
-                leaves.append(torch.tensor(count + 1, dtype=torch.float64, device=device))
-                leaves.append(torch.tensor(rate, dtype=torch.float64, device=device))
+                rates.append(on_cpu)
+                leaves += (count_tensor.to(device), on_device)
+                rule += 1
                 shapes.append(tuple(_walk(link_state[name], leaves) for name, _ in link.buffers))
             key = (spec, tuple(shapes), torch.is_autocast_enabled(device.type),
-                   tuple((t.shape, t.dtype, t.device, t.stride()) for t in leaves))
+                   tuple([(t.shape, t.dtype, t.device, t.stride()) for t in leaves]))
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
             key = None  # not a state of this optimizer, or a leaf that is not a tensor: the eager step says so
-        if key not in self.checked:
+        signature = self.checked.get(key)
+        if signature is None:
             self.step(state, x, target)
             if key is None:  # the eager step took what the flat walk could not: refuse rather than guess
                 raise TypeError(f"{self.who}: the state's trees must be plain dicts of tensors to be compiled")
-            self.checked.add(key)
-        return key, leaves, _Layout(spec, tuple(counts), tuple(rates))
+            signature = self.checked[key] = _Signature(key)
+        return signature, leaves, _Layout(spec, tuple(counts), tuple(rates))
+
+    def _rate(self, rule: int, rate: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The rate as 0-dim float64 tensors on the device (the graph's input) and on the CPU (the state's ``lr``);
+        a rate that has not changed (a constant one) reuses the tensors of the call before."""
+        kept = self.rates[rule]
+        if kept is None or kept[0] != rate or kept[1].device != device:
+            on_cpu = torch.tensor(rate, dtype=torch.float64)
+            kept = self.rates[rule] = (rate, on_cpu.to(device), on_cpu)
+        return kept[1], kept[2]
 
     def finish(self, state: TrainState, layout: _Layout, out: list[Tensor]) -> tuple[TrainState, dict[str, Tensor]]:
-        """The new state and metrics from the flat outputs ``[loss, *params, *buffers]``."""
+        """The new state and metrics from the flat outputs ``[loss, *params, *buffers, *counts]``."""
         it = iter(out)
         value = next(it)
         params = _fill(layout.spec, it)
+        taken = out[len(out) - len(self.rules):]  # each rule's count + 1, int64, computed by the graph
         states, rule = [], 0
         for link in self.links:
             if link.rule is None:
                 states.append({})
                 continue
-            count, rate = layout.counts[rule], layout.rates[rule]
-            link_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(rate, dtype=torch.float64)}
+            count = taken[rule] if taken[rule].device.type == "cpu" else torch.tensor(layout.counts[rule] + 1)
+            link_state = {"count": count, "lr": layout.rates[rule]}
             for name in self.names[rule]:
                 link_state[name] = _fill(layout.spec, it)
             states.append(link_state)
@@ -149,7 +180,8 @@ class _Flat:
         return new, {"loss": value}
 
     def function(self, layout: _Layout, n_params: int) -> Callable[..., tuple[Tensor, ...]]:
-        """The step as ``fn(*flat inputs) -> (loss, *new params, *new buffers)``: what the compilers trace."""
+        """The step as ``fn(*flat inputs) -> (loss, *new params, *new buffers, *new counts)``: what the compilers
+        trace. Each rule's inputs are its state's ``count`` (int64) and its rate (float64), 0-dim."""
         grad, optimizer, who, names = self.step._grad, self.step.optimizer, self.who, self.names
         spec = layout.spec
 
@@ -160,9 +192,10 @@ class _Flat:
             g: list[Tensor] = []
             _walk(grads, g)
             at = n_params + 2
-            counts, rates, buffers = [], [], []
+            counts, rates, buffers, taken = [], [], [], []
             for rule_names in names:
-                counts.append(inputs[at])
+                taken.append(inputs[at] + 1)  # the step being taken
+                counts.append(taken[-1].to(torch.float64))
                 rates.append(inputs[at + 1])
                 at += 2
                 rule_buffers = {}
@@ -175,7 +208,7 @@ class _Flat:
             for rule_names, rule_buffers in zip(names, new_buffers, strict=True):
                 for name in rule_names:
                     out += rule_buffers[name]
-            return tuple(out)
+            return (*out, *taken)
 
         return flat_step
 
@@ -219,7 +252,6 @@ class CompiledStep:
         self._flat = _Flat(step, "compiled")
         self.step, self.backend, self.cache_dir = step, backend, cache_dir
         self.model, self.loss, self.optimizer = step.model, step.loss, step.optimizer
-        self._runners: dict[Any, Runner] = {}
         self.chosen: dict[Any, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
@@ -227,13 +259,13 @@ class CompiledStep:
 
     def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
         """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
-        key, leaves, layout = self._flat.prepare(state, x, target)
-        return self._flat.finish(state, layout, self._run(key, leaves, layout))
+        signature, leaves, layout = self._flat.prepare(state, x, target)
+        return self._flat.finish(state, layout, self._run(signature, leaves, layout))
 
-    def _run(self, key: Any, leaves: list[Tensor], layout: _Layout) -> list[Tensor]:
-        runner = self._runners.get(key)
+    def _run(self, signature: _Signature, leaves: list[Tensor], layout: _Layout) -> list[Tensor]:
+        runner = signature.runner
         if runner is None:
-            runner = self._runners[key] = self._build(key, leaves, layout)
+            runner = signature.runner = self._build(signature.key, leaves, layout)
         return runner(leaves)
 
     def _build(self, key: Any, leaves: list[Tensor], layout: _Layout) -> Runner:
@@ -283,10 +315,9 @@ class CapturedStep:
             self._flat, run = _Flat(step, "capture"), self._eager
         self.step = step
         self.model, self.loss, self.optimizer = step.model, step.loss, step.optimizer
-        self._functions: dict[Any, Callable[..., tuple[Tensor, ...]]] = {}
         self._current: tuple[Any, _Layout] | None = None
         name = "capture(compiled step)" if isinstance(step, CompiledStep) else "capture(step)"
-        self._captured = Captured(lambda *leaves: run(*self._current[:1], list(leaves), self._current[1]),
+        self._captured = Captured(lambda *leaves: run(self._current[0], list(leaves), self._current[1]),
                                   warmup=warmup, max_shapes=max_shapes, name=name, recorder=recorder)
 
     def __repr__(self) -> str:
@@ -297,16 +328,15 @@ class CapturedStep:
         """The signatures recorded so far, each its own graph."""
         return self._captured.shapes
 
-    def _eager(self, key: Any, leaves: list[Tensor], layout: _Layout) -> tuple[Tensor, ...]:
-        fn = self._functions.get(key)
-        if fn is None:
-            fn = self._functions[key] = self._flat.function(layout, _count_leaves(layout.spec))
-        return fn(*leaves)
+    def _eager(self, signature: _Signature, leaves: list[Tensor], layout: _Layout) -> tuple[Tensor, ...]:
+        if signature.runner is None:
+            signature.runner = self._flat.function(layout, _count_leaves(layout.spec))
+        return signature.runner(*leaves)
 
     def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
         """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
-        key, leaves, layout = self._flat.prepare(state, x, target)
-        self._current = (key, layout)
+        signature, leaves, layout = self._flat.prepare(state, x, target)
+        self._current = (signature, layout)
         return self._flat.finish(state, layout, list(self._captured(*leaves)))
 
 

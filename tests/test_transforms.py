@@ -69,8 +69,8 @@ def test_the_rate_and_the_count_are_inputs_of_the_flat_step_not_constants():
     (x, target), = batches(1)
     key, leaves, _ = flat.prepare(state, x, target)
     count, rate = leaves[len(rf.tree_leaves(state.params)) + 2:][:2]
-    assert count.dtype == rate.dtype == torch.float64 and count.dim() == rate.dim() == 0
-    assert (float(count), float(rate)) == (1.0, 1e-2)
+    assert (count.dtype, rate.dtype, count.dim(), rate.dim()) == (torch.int64, torch.float64, 0, 0)
+    assert (int(count), float(rate)) == (0, 1e-2)
     later, _ = step(step(state, x, target)[0], x, target)
     assert flat.prepare(later, x, target)[0] == key  # another step and rate: the same signature, the same graph
 

@@ -15,6 +15,8 @@ passes are written by hand; torch.autograd is never used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
@@ -113,6 +115,20 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups find it directly
     return value
+
+
+class _Package(types.ModuleType):
+    """The package's module type, for one name: ``rf.compiled`` is the function (``transforms.compiled``), never
+    the submodule ``rdl_functional.compiled`` (``compiled_step``, which ``fit(compile=True)`` imports), which
+    Python's import would otherwise set in its place. (The submodule should go once fit runs on rf.compiled.)"""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "compiled" and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["rdl_functional.compiled"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

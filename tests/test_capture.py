@@ -311,3 +311,22 @@ def test_a_cuda_graph_of_a_train_step_equals_the_step():
     for a, b in zip(rf.tree_leaves(ours.params), rf.tree_leaves(theirs.params), strict=True):
         torch.testing.assert_close(a, b)
     assert run.shapes == 1
+
+
+@pytest.mark.slow
+def test_a_captured_compiled_step_records_the_compiled_code_and_equals_the_step(tmp_path):
+    from rdl_functional.transforms import CapturedStep
+
+    model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2))
+    optimizer = rf.sgd(rf.linear_schedule(0.5, 0.0, 6), momentum=0.9)
+    step = rf.train_step(model, rf.mse_loss, optimizer)
+    fast = rf.compiled(step, backend="inductor", cache_dir=tmp_path)
+    recorder = Rerun()
+    run = CapturedStep(fast, warmup=1, max_shapes=8, recorder=recorder)
+    ours = theirs = rf.train_state(model, optimizer, model.init(0))
+    for x, target in batches(6):
+        ours, _ = run(ours, x, target)
+        theirs, _ = step(theirs, x, target)
+    for a, b in zip(rf.tree_leaves(ours.params), rf.tree_leaves(theirs.params), strict=True):
+        torch.testing.assert_close(a, b)
+    assert recorder.recorded == 1 and [info["backend"] for info in fast.chosen.values()] == ["inductor"]

@@ -179,3 +179,16 @@ def test_auto_measures_both_backends_keeps_the_faster_and_remembers_its_choice(t
     again = rf.compiled(step, cache_dir=tmp_path)
     run_both(again, step, optimizer, n=2)
     assert "us" not in again.chosen[digest] and again.chosen[digest]["backend"] == info["backend"]
+
+
+def test_rf_compiled_stays_the_function_when_the_compiled_step_module_is_imported():
+    """Regression: importing the submodule rdl_functional.compiled (fit(compile=True) and the API docs do) set the
+    package's attribute `compiled` to the module, so rf.compiled(step) raised "'module' object is not callable"."""
+    import importlib
+
+    from rdl_functional import transforms
+
+    importlib.import_module("rdl_functional.compiled")
+    from rdl_functional.compiled import compiled_step
+
+    assert rf.compiled is transforms.compiled and rf.compiled_step is compiled_step

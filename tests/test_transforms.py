@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import rdl_functional as rf
-from rdl_functional.transforms import _digest, _Flat
+from rdl_functional._compilers import _digest
+from rdl_functional.transforms import _Flat
 
 TINY = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2), rf.tanh)
 

@@ -16,8 +16,10 @@ Every built-in optimizer is a chain of *links*, each written once over flat
 lists of leaves (in the params' key order), with ``torch._foreach_*`` calls:
 a *rule* (sgd, adam, ...) maps params, grads and its buffers to new params
 and buffers; a *transform* (clipping, weight decay) maps grads to grads. The
-same link code runs three ways: pure (new tensors; ``step``, ``update``) and
-in place on private copies (``fit``), through the two op tables below.
+same link code runs three ways, through the op tables below: pure (new
+tensors; ``step``, ``update``), in place on private copies (``fit``), and
+traced into a compiled graph with the step count and the rate as tensors
+(``rf.compiled``, ``rf.capture`` of a step: :func:`_traced_run`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class _Traced(_Pure):
 
 
 Ops = type[_Pure] | type[_InPlace] | type[_Traced]
-Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int, float], tuple[Leaves, dict[str, Leaves]]]
+Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int | Tensor, float | Tensor],
+                tuple[Leaves, dict[str, Leaves]]]
 Transform = Callable[[Leaves, Leaves, Tree, str], Leaves]
 
 

@@ -34,6 +34,7 @@ MODULES = [
     "codegen",
     "activations",
     "initializers",
+    "transforms",
     "compiled",
     "graphs",
     "distributed",

@@ -15,6 +15,8 @@ passes are written by hand; torch.autograd is never used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
@@ -88,6 +90,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
     from .testing import VjpMismatch, VjpReport, check_vjp
+    from .transforms import CapturedStep, CompiledStep, compiled
 
 __version__ = "0.1.0"
 
@@ -97,6 +100,7 @@ _LAZY = {
     **dict.fromkeys(("Checkpoint", "load_state", "read_checkpoint", "save_state"), "checkpoint"),
     **dict.fromkeys(("Captured", "capture"), "graphs"),
     **dict.fromkeys(("compiled_step",), "compiled"),
+    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled"), "transforms"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "apps.disc"),
     **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
@@ -115,6 +119,20 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+class _Package(types.ModuleType):
+    """The package's module type, for one name: ``rf.compiled`` is the function (``transforms.compiled``), never
+    the submodule ``rdl_functional.compiled`` (``compiled_step``, which ``fit(compile=True)`` imports), which
+    Python's import would otherwise set in its place. (The submodule should go once fit runs on rf.compiled.)"""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "compiled" and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["rdl_functional.compiled"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __dir__() -> list[str]:
     """The public API (``__all__``, lazy names included) and the module's dunders: not its imports
     (``importlib``, ``Any``, ...), nor its submodules, which tab completion would otherwise offer."""
@@ -125,8 +143,10 @@ __all__ = [
     "DISC_RADIUS",
     "TASKS",
     "Captured",
+    "CapturedStep",
     "Checkpoint",
     "Code",
+    "CompiledStep",
     "DiscData",
     "DiscResult",
     "DiscSettings",
@@ -159,6 +179,7 @@ __all__ = [
     "check_params_fit",
     "check_vjp",
     "clip_by_global_norm",
+    "compiled",
     "compiled_step",
     "compose",
     "concat",

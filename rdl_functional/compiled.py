@@ -6,6 +6,13 @@ compiled step is asked for. The update inside the compiled step is written
 on CPU silently drops ``alpha``. The compiled step agrees with the eager one
 to float rounding (the compiler may fuse ``lr·g`` and the subtraction), not
 bit for bit.
+
+It compiles ``value_and_grad`` and plain SGD only, for ``fit(compile=True)``.
+:func:`rdl_functional.compiled` (``rdl_functional.transforms``) compiles a
+whole :class:`~rdl_functional.TrainStep`, every library optimizer and
+schedule included, with inductor or AOTInductor; ``fit(compile=True)``
+should be rebuilt on it once ``fit`` runs a ``TrainStep`` (issue 17, item 4),
+and this module then go.
 """
 
 from __future__ import annotations

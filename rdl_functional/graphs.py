@@ -5,8 +5,10 @@ on Python to launch each one. A CUDA graph records the kernels of one call
 and replays them all with one launch. :func:`capture` wraps a pure function
 of tensor trees so that each call replays its graph::
 
-    step = rf.capture(step)          # step(params, x, target) -> (loss, new_params), say
-    loss, params = step(params, x, target)
+    fast = rf.capture(rf.train_step(model, loss, optimizer))     # a training step
+    state, metrics = fast(state, x, target)
+    run = rf.capture(fn)             # or a function of tensor trees: fn(params, x, target) -> (loss, new_params)
+    loss, params = run(params, x, target)
 
 Per call: one ``torch._foreach_copy_`` of the arguments into the graph's own
 input buffers, the replay, and one ``torch._foreach_copy_`` of its outputs
@@ -18,11 +20,10 @@ Everything else is fixed at the first call of each shape and replayed as it
 was then:
 
 - a Python number computed inside the function (a rate from a schedule, a
-  step count read from a CPU tensor): keep it outside (an optimizer with a
-  step count, such as Adam, runs its few foreach kernels after the captured
-  ``value_and_grad``), or pass it as a 0-dim tensor argument on the device
-  and use it in tensor arithmetic (``p - lr * g``; ``sgd_step`` takes a
-  Python number);
+  step count read from a CPU tensor): pass it as a 0-dim tensor argument on
+  the device and use it in tensor arithmetic (``p - lr * g``; ``sgd_step``
+  takes a Python number). A training step's capture does this for you: its
+  step count and rate are graph inputs (see ``rdl_functional.transforms``);
 - randomness drawn on the CPU and moved (``rf.dropout``'s default
   generator): the copy from the CPU fails at the recording (from pinned
   memory, it would replay one mask forever);
@@ -36,10 +37,13 @@ and so does a call under ``torch.autocast`` where the last was not.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .transforms import CapturedStep
 
 __all__ = ["Captured", "capture"]
 
@@ -190,8 +194,16 @@ class Captured:
         return recording
 
 
-def capture(fn: Callable[..., Any], *, warmup: int = 3, max_shapes: int = 8) -> Captured:
+def capture(fn: Callable[..., Any], *, warmup: int = 3, max_shapes: int = 8) -> Captured | CapturedStep:
     """``fn``, recorded as a CUDA graph at its first call and replayed at every call: one launch a step.
+
+    ``fn`` is a training step (``rf.train_step(...)``, or ``rf.compiled(rf.train_step(...))``,
+    whose compiled code is then recorded) or a function of tensor trees. A step's capture is
+    a :class:`~rdl_functional.transforms.CapturedStep`, called as the step is, ``state,
+    metrics = captured(state, x, target)``, with the step's results to float rounding: the
+    step count and the rate (a schedule's) are tensor inputs of the graph, copied in at each
+    call, so the graph replays them as they change. It takes a plain model (dropout's masks
+    are drawn on the CPU) and refuses the rest as :func:`~rdl_functional.compiled` does.
 
     ``fn`` must be pure and run only device kernels: a training step made of
     ``rf.value_and_grad`` and ``rf.sgd_step`` is. Its arguments and results
@@ -227,10 +239,15 @@ def capture(fn: Callable[..., Any], *, warmup: int = 3, max_shapes: int = 8) -> 
     """
     if not callable(fn):
         raise TypeError(f"capture: expected a function to capture, got {type(fn).__name__}")
-    if isinstance(fn, Captured):
-        raise TypeError(f"capture: {fn!r} is captured already (a graph's replay cannot be recorded in another)")
     for name, value, low in (("warmup", warmup, 1), ("max_shapes", max_shapes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"capture: {name} must be an int ≥ {low}, got {value!r}")
+    from .step import TrainStep  # imported here: graphs is loaded on first use, after the step's module
+    from .transforms import CapturedStep, CompiledStep
+
+    if isinstance(fn, (TrainStep, CompiledStep, CapturedStep)):
+        return CapturedStep(fn, warmup=warmup, max_shapes=max_shapes, recorder=_cuda_graph)
+    if isinstance(fn, Captured):
+        raise TypeError(f"capture: {fn!r} is captured already (a graph's replay cannot be recorded in another)")
     name = f"capture({getattr(fn, 'name', None) or getattr(fn, '__name__', None) or type(fn).__name__})"
     return Captured(fn, warmup=warmup, max_shapes=max_shapes, name=name)

@@ -255,3 +255,78 @@ def test_a_first_call_in_inference_mode_leaves_buffers_that_later_calls_may_writ
         first = run(torch.zeros(2))
     second = run(torch.ones(2))
     assert torch.equal(first, torch.ones(2)) and torch.equal(second, torch.full((2,), 2.0))
+
+
+# ---------------------------------------------------------------------------
+# A training step: rf.capture(rf.train_step(...))
+
+
+@pytest.mark.parametrize("optimizer", [rf.sgd(rf.linear_schedule(0.8, 0.0, 10)), rf.sgd(0.1, momentum=0.9),
+                                       rf.adam(rf.linear_schedule(1e-2, 0.0, 10))], ids=["sgd", "momentum", "adam"])
+def test_a_captured_train_step_equals_the_step_and_records_once_though_rate_and_count_change(optimizer):
+    from rdl_functional.transforms import CapturedStep
+
+    model = rf.seed_model()
+    step = rf.train_step(model, rf.mse_loss, optimizer)
+    recorder = Rerun()
+    run = CapturedStep(step, warmup=1, max_shapes=8, recorder=recorder)
+    ours = theirs = rf.train_state(model, optimizer, model.init(0))
+    for x, target in batches(8):
+        ours, metrics = run(ours, x, target)
+        theirs, expected = step(theirs, x, target)
+        torch.testing.assert_close(metrics["loss"], expected["loss"])
+    for a, b in zip(rf.tree_leaves({"p": ours.params, "o": ours.opt_state}),
+                    rf.tree_leaves({"p": theirs.params, "o": theirs.opt_state}), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(ours.step, theirs.step) and int(ours.opt_state["count"]) == 8
+    # The graph was recorded at the first step: the later rates and counts were inputs copied into it.
+    assert recorder.recorded == 1 and run.shapes == 1
+    assert repr(run) == f"<capture of the step of {model.name}, {optimizer.name}: 1 recorded>"
+
+
+def test_a_captured_train_step_refuses_cpu_tensors_and_what_compiled_refuses():
+    model = rf.seed_model()
+    step = rf.train_step(model, rf.mse_loss, rf.sgd(0.1))
+    x, target = batches(1)[0]
+    with pytest.raises(ValueError, match=r"capture\(step\): a CUDA graph needs every argument on one CUDA device, "
+                                         r"got tensors on cpu"):
+        rf.capture(step)(rf.train_state(model, rf.sgd(0.1), model.init(0)), x, target)
+    noisy = rf.compose(rf.linear(2, 4), rf.dropout(0.5), rf.linear(4, 2))
+    with pytest.raises(ValueError, match=r"capture: compose\(linear\(2, 4\), dropout\(0.5\), linear\(4, 2\)\) "
+                                         r"carries state or randomness"):
+        rf.capture(rf.train_step(noisy, rf.mse_loss, rf.sgd(0.1)))
+    assert repr(rf.capture(rf.compiled(step))).startswith("<capture of the step of compose(")
+
+
+@needs_cuda
+def test_a_cuda_graph_of_a_train_step_equals_the_step():
+    model = rf.seed_model()
+    optimizer = rf.adam(rf.linear_schedule(1e-2, 0.0, 10))
+    step = rf.train_step(model, rf.mse_loss, optimizer)
+    run = rf.capture(step)
+    ours = theirs = rf.train_state(model, optimizer, model.init(0, device="cuda"))
+    for x, target in batches(10):
+        ours, _ = run(ours, x.cuda(), target.cuda())
+        theirs, _ = step(theirs, x.cuda(), target.cuda())
+    for a, b in zip(rf.tree_leaves(ours.params), rf.tree_leaves(theirs.params), strict=True):
+        torch.testing.assert_close(a, b)
+    assert run.shapes == 1
+
+
+@pytest.mark.slow
+def test_a_captured_compiled_step_records_the_compiled_code_and_equals_the_step(tmp_path):
+    from rdl_functional.transforms import CapturedStep
+
+    model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2))
+    optimizer = rf.sgd(rf.linear_schedule(0.5, 0.0, 6), momentum=0.9)
+    step = rf.train_step(model, rf.mse_loss, optimizer)
+    fast = rf.compiled(step, backend="inductor", cache_dir=tmp_path)
+    recorder = Rerun()
+    run = CapturedStep(fast, warmup=1, max_shapes=8, recorder=recorder)
+    ours = theirs = rf.train_state(model, optimizer, model.init(0))
+    for x, target in batches(6):
+        ours, _ = run(ours, x, target)
+        theirs, _ = step(theirs, x, target)
+    for a, b in zip(rf.tree_leaves(ours.params), rf.tree_leaves(theirs.params), strict=True):
+        torch.testing.assert_close(a, b)
+    assert recorder.recorded == 1 and [info["backend"] for info in fast.chosen.values()] == ["inductor"]

@@ -16,8 +16,10 @@ Every built-in optimizer is a chain of *links*, each written once over flat
 lists of leaves (in the params' key order), with ``torch._foreach_*`` calls:
 a *rule* (sgd, adam, ...) maps params, grads and its buffers to new params
 and buffers; a *transform* (clipping, weight decay) maps grads to grads. The
-same link code runs three ways: pure (new tensors; ``step``, ``update``) and
-in place on private copies (``fit``), through the two op tables below.
+same link code runs three ways, through the op tables below: pure (new
+tensors; ``step``, ``update``), in place on private copies (``fit``), and
+traced into a compiled graph with the step count and the rate as tensors
+(``rf.compiled``, ``rf.capture`` of a step: :func:`_traced_run`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,41 @@ for _op in ("mul", "add", "lerp", "addcmul", "addcdiv", "maximum"):
     setattr(_Pure, _op, staticmethod(getattr(torch, f"_foreach_{_op}")))
     setattr(_InPlace, _op, _in_place(getattr(torch, f"_foreach_{_op}_")))
 
-Ops = type[_Pure] | type[_InPlace]
-Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int, float], tuple[Leaves, dict[str, Leaves]]]
+
+def _first_step(count: int, first: Callable[[], Leaves], later: Callable[[], Leaves]) -> Leaves:
+    return first() if count == 1 else later()
+
+
+_Pure.first_step = _InPlace.first_step = staticmethod(_first_step)
+
+
+class _Traced(_Pure):
+    """The pure ops for a step traced into a compiled graph, where ``count`` and ``lr`` arrive as 0-dim float64
+    tensors (graph inputs, so a schedule's rate and Adam's bias corrections are never constants baked into the
+    graph). ``alpha=`` and ``value=`` take numbers only, so a tensor factor is a multiply; the first step's
+    branch (SGD's momentum starts at the gradient) is a select on ``count == 1``. The same rules run through it:
+    their maths is written once; the results equal the eager ones to float rounding, not bit for bit."""
+
+    @staticmethod
+    def add(a: Leaves, b: Leaves, alpha: Any = 1) -> Leaves:
+        return torch._foreach_add(a, torch._foreach_mul(b, alpha)) if isinstance(alpha, Tensor) else \
+            torch._foreach_add(a, b, alpha=alpha)
+
+    @staticmethod
+    def addcdiv(a: Leaves, b: Leaves, c: Leaves, value: Any = 1) -> Leaves:
+        if isinstance(value, Tensor):
+            return torch._foreach_add(a, torch._foreach_mul(torch._foreach_div(b, c), value))
+        return torch._foreach_addcdiv(a, b, c, value=value)
+
+    @staticmethod
+    def first_step(count: Tensor, first: Callable[[], Leaves], later: Callable[[], Leaves]) -> Leaves:
+        is_first = count == 1
+        return [torch.where(is_first, a, b) for a, b in zip(first(), later(), strict=True)]
+
+
+Ops = type[_Pure] | type[_InPlace] | type[_Traced]
+Rule = Callable[[Ops, Leaves, Leaves, dict[str, Leaves], int | Tensor, float | Tensor],
+                tuple[Leaves, dict[str, Leaves]]]
 Transform = Callable[[Leaves, Leaves, Tree, str], Leaves]
 
 
@@ -242,6 +277,26 @@ def _run_rule(link: _Link, params: Tree, grads: Tree, state: Any, who: str) -> t
     for (name, _), pair in zip(link.buffers, pairs[1:], strict=True):
         new_state[name] = pair.fill(buffers[name])
     return p, new_p, pairs[0], new_state
+
+
+def _traced_run(optimizer: Optimizer, p: Leaves, g: Leaves, params: Tree, buffers: list[dict[str, Leaves]],
+                counts: list[Tensor], rates: list[Tensor], who: str) -> tuple[Leaves, list[dict[str, Leaves]]]:
+    """The links of ``optimizer`` on leaf lists through the :class:`_Traced` ops: ``(new params, new buffers)``.
+
+    ``buffers``, ``counts`` and ``rates`` hold one entry per rule, in order: its buffers, the step being taken and
+    its rate, both 0-dim float64 tensors. This is :meth:`Optimizer.step`'s walk with the reading and checking of
+    the state (done once, outside the graph, by whoever traces it) left out; a user's transform is refused there.
+    """
+    new_buffers, rule, last = [], 0, len(optimizer.links) - 1
+    for index, link in enumerate(optimizer.links):
+        if link.transform is not None:
+            g = link.transform(g, p, params, who)
+            continue
+        new_p, found = link.rule(_Traced, p, g, buffers[rule], counts[rule], rates[rule])
+        new_buffers.append(found)
+        rule += 1
+        g = new_p if index == last else torch._foreach_sub(new_p, p)
+    return (torch._foreach_add(p, g) if optimizer.links[-1].transform is not None else g), new_buffers
 
 
 def _custom(link: _Link, g: Leaves, state: Any, params: Tree, who: str) -> tuple[Leaves, Any]:

@@ -6,7 +6,10 @@ float32 results are bit-identical to it. ``o`` is the op table: its ops are
 the first write to a buffer or the params (out of place for the pure
 functions, in place on fit's private copies); every later op writes only
 into a list the rule itself made. ``count`` is the step being taken (1 for
-the first), torch.optim's ``step`` after its increment.
+the first), torch.optim's ``step`` after its increment; ``count`` and ``lr``
+are Python numbers, or 0-dim float64 tensors when the rule is traced into a
+compiled graph (``base._Traced``), so the rules use them only in arithmetic
+and through the op table (``o.first_step`` for SGD's first-step branch).
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ def sgd(
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
         g = _weight_decay(g, p, weight_decay)
         if momentum:
-            if count == 1:
-                b = o.copy(buffers["momentum_buffer"], g)  # torch starts the buffer at the first gradient
-            else:
+            def later() -> Leaves:
                 b = o.mul(buffers["momentum_buffer"], momentum)
                 torch._foreach_add_(b, g, alpha=1 - dampening)
+                return b
+
+            # torch starts the buffer at the first gradient
+            b = o.first_step(count, lambda: o.copy(buffers["momentum_buffer"], g), later)
             buffers = {"momentum_buffer": b}
             g = torch._foreach_add(g, b, alpha=momentum) if nesterov else b
         return o.add(p, g, alpha=-lr), buffers

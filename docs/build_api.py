@@ -35,7 +35,6 @@ MODULES = [
     "activations",
     "initializers",
     "transforms",
-    "compiled",
     "graphs",
     "distributed",
     "optim",

@@ -15,8 +15,6 @@ passes are written by hand; torch.autograd is never used.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
@@ -86,11 +84,10 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
     )
     from .apps.plots import plot_dataset, plot_decision_boundary, plot_history, plot_seed_spread, save_figure
     from .checkpoint import Checkpoint, load_state, read_checkpoint, save_state
-    from .compiled import compiled_step
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
     from .testing import VjpMismatch, VjpReport, check_vjp
-    from .transforms import CapturedStep, CompiledStep, compiled
+    from .transforms import CapturedStep, CompiledStep, compiled, compiled_step
 
 __version__ = "0.1.0"
 
@@ -99,8 +96,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("Checkpoint", "load_state", "read_checkpoint", "save_state"), "checkpoint"),
     **dict.fromkeys(("Captured", "capture"), "graphs"),
-    **dict.fromkeys(("compiled_step",), "compiled"),
-    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled"), "transforms"),
+    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled", "compiled_step"), "transforms"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "apps.disc"),
     **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
@@ -117,20 +113,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups find it directly
     return value
-
-
-class _Package(types.ModuleType):
-    """The package's module type, for one name: ``rf.compiled`` is the function (``transforms.compiled``), never
-    the submodule ``rdl_functional.compiled`` (``compiled_step``, which ``fit(compile=True)`` imports), which
-    Python's import would otherwise set in its place. (The submodule should go once fit runs on rf.compiled.)"""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "compiled" and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable as sys.modules["rdl_functional.compiled"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

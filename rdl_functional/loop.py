@@ -357,7 +357,7 @@ def _copy(tree: Tree) -> Tree:
 
 def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]:
     """The compiled step with the rate passed as a tensor, so that a schedule never recompiles it."""
-    from .compiled import compiled_step
+    from .transforms import compiled_step
 
     step = compiled_step(model, loss)
 

@@ -115,7 +115,7 @@ def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
     (torch 2.13) takes an empty MappingProxyType, the plan's stand-in for an absent entry, for true."""
     import torch._dynamo
 
-    from rdl_functional.compiled import _sgd
+    from rdl_functional.transforms import _sgd
 
     if nested:  # a nested compose is run by the plan, not by generated code
         model = rf.compose(rf.linear(2, 4), rf.compose(rf.relu, rf.linear(4, 2)), rf.tanh)

@@ -6,7 +6,9 @@ first, and prints medians over rounds with their min–max, the machine and the
 thread counts; ``--json PATH`` writes the same. ``--quick`` runs tiny sizes
 (the test suite uses it to check that the benchmark runs; its numbers mean
 nothing). Both sides always get the same model, data, batches, initial params
-and thread count.
+and thread count. ``--steps`` runs only the step table (benchmarks/steps.py:
+the straight-line floor, rf's steps and, when the ``bench`` extra is
+installed, ``jax.jit``'s, per step, against torch.nn and the floor).
 """
 
 from __future__ import annotations

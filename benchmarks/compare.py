@@ -6,7 +6,9 @@ first, and prints medians over rounds with their min–max, the machine and the
 thread counts; ``--json PATH`` writes the same. ``--quick`` runs tiny sizes
 (the test suite uses it to check that the benchmark runs; its numbers mean
 nothing). Both sides always get the same model, data, batches, initial params
-and thread count.
+and thread count. ``--steps`` runs only the step table (benchmarks/steps.py:
+the straight-line floor, rf's steps and, when the ``bench`` extra is
+installed, ``jax.jit``'s, per step, against torch.nn and the floor).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import rdl_functional as rf
+from benchmarks import steps
+from benchmarks.common import interleaved, loop_ours, seed_task, train_torch
+from benchmarks.floor import floor_sgd
 from rdl_functional.apps.torch_baseline import torch_seed_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,80 +58,8 @@ def train_ours(model: rf.Layer, params, x, target, epochs: int, batch_size: int,
                   generator=torch.Generator().manual_seed(seed), record_history=False)[0]
 
 
-def loop_ours(model: rf.Layer, params, x, target, epochs: int, batch_size: int, lr: float, seed: int):
-    """The loop a user writes: value_and_grad, then sgd_step, on the batches train_torch draws."""
-    step = rf.value_and_grad(model, rf.mse_loss)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            _, grads = step(params, x[rows], target[rows])
-            params = rf.sgd_step(params, grads, lr)
-    return params
-
-
-_aten = torch.ops.aten
-
-
-def loop_floor(params, x, target, epochs: int, batch_size: int, lr: float, seed: int):
-    """The seed model's step as straight-line code: the aten ops both libraries issue, and no more.
-
-    No checks, no trees, no closures: what is left of a step once all the
-    Python a library adds is gone. The params are updated in place.
-    """
-    (w0, b0), (w1, b1), (w2, b2), (w3, b3) = ((params[k]["weight"].clone(), params[k]["bias"].clone())
-                                              for k in ("0", "2", "4", "6"))
-    leaves = [w0, b0, w1, b1, w2, b2, w3, b3]
-    linear, mse, mse_back = torch._C._nn.linear, _aten.mse_loss.default, _aten.mse_loss_backward.default
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            a0, t = x[rows], target[rows]
-            h1 = torch.relu(linear(a0, w0, b0))
-            h2 = torch.relu(linear(h1, w1, b1))
-            h3 = torch.relu(linear(h2, w2, b2))
-            y = torch.tanh(linear(h3, w3, b3))
-            value = mse(y, t, 1)
-            dz = _aten.tanh_backward(mse_back(torch.ones_like(value), y, t, 1), y)
-            g3w, g3b, dh = dz.t().mm(h3), dz.sum(0), dz.mm(w3)
-            dz = _aten.threshold_backward(dh, h3, 0)
-            g2w, g2b, dh = dz.t().mm(h2), dz.sum(0), dz.mm(w2)
-            dz = _aten.threshold_backward(dh, h2, 0)
-            g1w, g1b, dh = dz.t().mm(h1), dz.sum(0), dz.mm(w1)
-            dz = _aten.threshold_backward(dh, h1, 0)
-            g0w, g0b = dz.t().mm(a0), dz.sum(0)
-            torch._foreach_add_(leaves, [g0w, g0b, g1w, g1b, g2w, g2b, g3w, g3b], alpha=-lr)
-    return leaves
-
-
-def train_torch(build, params, x, target, epochs: int, batch_size: int, lr: float, seed: int, make=None):
-    model = build()
-    model.load_state_dict(rf.to_state_dict(params), strict=True)
-    optimizer = make(model.parameters()) if make is not None else torch.optim.SGD(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            optimizer.zero_grad()
-            F.mse_loss(model(x[rows]), target[rows]).backward()
-            optimizer.step()
-    return model
-
-
 # ---------------------------------------------------------------------------
 # Measuring
-
-
-def interleaved(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Wall times of each side, ``rounds`` times, alternating which goes first, after one untimed warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for side in sides.values():
-        side()
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def row(name: str, threads: int, times: dict[str, list[float]], target: str, **extra) -> dict:
@@ -134,13 +67,6 @@ def row(name: str, threads: int, times: dict[str, list[float]], target: str, **e
     ratios = [a / b for a, b in zip(times["ours"], times["torch"], strict=True)]
     return {"workload": name, "threads": threads, "ours_s": ours, "torch_s": theirs, "ratio": ours / theirs,
             "ratio_min": min(ratios), "ratio_max": max(ratios), "target": target, "rounds": len(ratios), **extra}
-
-
-def seed_task() -> tuple:
-    """One thread, the seed model, seed 0's initial params and training set with one-hot targets."""
-    torch.set_num_threads(1)
-    data, params, _ = rf.draw_run(0)
-    return rf.seed_model(), params, data.x_train, rf.one_hot(data.labels_train, 2)
 
 
 def seed_task_row(epochs: int, batch_size: int, rounds: int, target: str) -> dict:
@@ -232,7 +158,7 @@ def pure_loop_row(epochs: int, batch_size: int, rounds: int, target: str) -> dic
     times = interleaved({
         "ours": lambda: loop_ours(model, params, x, y, epochs, batch_size, 0.1, 1),
         "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.1, 1),
-        "floor": lambda: loop_floor(params, x, y, epochs, batch_size, 0.1, 1),
+        "floor": lambda: floor_sgd(params, x, y, epochs, batch_size, 0.1, 1),
         "fit": lambda: train_ours(model, params, x, y, epochs, batch_size, 0.1, 1),
     }, rounds)
     floor, fit = statistics.median(times["floor"]), statistics.median(times["fit"])
@@ -532,8 +458,7 @@ def format_table(rows: list[dict], info: dict) -> str:
             lines.append(f"| {r['workload']} | {r['threads']} | {r['ours_mib']:.1f} MiB | {r['torch_mib']:.1f} MiB "
                          f"| {r['ratio']:.2f}× | | {r['target']} |")
             continue
-        unit = 1000 if r["ours_s"] < 1 else 1
-        suffix = "ms" if unit == 1000 else "s"
+        unit, suffix = (1e6, "µs") if r.get("per_step") else (1000, "ms") if r["ours_s"] < 1 else (1, "s")
         note = ""
         if "floor_fraction" in r:
             note = f" (GEMM floor: {r['floor_fraction']:.0%} of ours, {r['torch_floor_fraction']:.0%} of torch's)"
@@ -546,6 +471,11 @@ def format_table(rows: list[dict], info: dict) -> str:
                     f"{r['floor_ratio_min']:.2f}–{r['floor_ratio_max']:.2f}; fit {r['fit_ratio']:.2f}×)")
         if "captured_vs_eager" in r:
             note = f" ({r['device']}; captured {r['captured_vs_eager']:.2f}× of our eager step)"
+        if "vs_floor" in r:
+            note = (f" (to the floor: {r['vs_floor']:.2f}×, {r['vs_floor_min']:.2f}–{r['vs_floor_max']:.2f}; "
+                    f"{r['cpu_per_wall']:.2f} CPU s per wall s"
+                    + (f"; first call, tracing and compiling: {r['compile_s']:.1f} s" if "compile_s" in r else "")
+                    + ")")
         baseline = f" ({r['baseline']})" if "baseline" in r else ""
         lines.append(f"| {r['workload']}{note} | {r['threads']} | {r['ours_s'] * unit:.3g} {suffix} | "
                      f"{r['torch_s'] * unit:.3g} {suffix}{baseline} | {r['ratio']:.2f}× | {r['ratio_min']:.2f}–"
@@ -553,14 +483,16 @@ def format_table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, rounds: int, gpu: bool = False) -> list[dict]:
+def run(quick: bool, rounds: int, gpu: bool = False, only_steps: bool = False) -> list[dict]:
     if gpu:
         return [capture_row(20 if quick else 1000, 1 if quick else rounds, "≤ 0.10× (≥ 10× faster)")]
+    if only_steps:
+        return steps.table(1 if quick else rounds, quick)
     if quick:
         return [seed_task_row(2, 100, 1, "runs"), pure_loop_row(2, 100, 1, "runs"),
                 optimizer_row("adam", False, 2, 1, "runs"), optimizer_row("adam", True, 2, 1, "runs"),
                 wide_row(16, 1, 1, "runs", floor=True), memory_row(16, 1, "runs"), stacked_row(3, 2, 1, "runs"),
-                import_row(1, "runs"), stateful_row(2, 100, 1, "runs")]
+                import_row(1, "runs"), stateful_row(2, 100, 1, "runs"), *steps.table(1, quick=True)]
     rows = [
         seed_task_row(200, 100, rounds, "≤ 0.45×"),
         seed_task_row(20, 10, rounds, "≤ 0.45×"),
@@ -568,6 +500,7 @@ def run(quick: bool, rounds: int, gpu: bool = False) -> list[dict]:
         pure_loop_row(200, 100, rounds, "≤ 0.45×"),
         pure_loop_row(20, 10, rounds, "≤ 0.42×"),
         pure_loop_row(200, 1000, rounds, "≤ 0.65×"),
+        *steps.table(rounds),
         process_row(200, rounds, "≤ 0.55×"),
         import_row(rounds, "adds ≤ 50 ms"),
         wide_row(256, 20, rounds, "≤ 1.00×", floor=False),
@@ -593,9 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per row (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--gpu", action="store_true", help="only the GPU rows (a row says so when there is no GPU)")
+    parser.add_argument("--steps", action="store_true",
+                        help="only the step table: the floor, rf and jax.jit steps, SGD and Adam, batch 10, 100, 1000")
     args = parser.parse_args(argv)
     info = machine()
-    rows = run(args.quick, args.rounds, args.gpu)
+    rows = run(args.quick, args.rounds, args.gpu, args.steps)
     print(format_table(rows, info))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n", encoding="utf-8")

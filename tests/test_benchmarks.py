@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,13 @@ def test_the_benchmark_runs_and_writes_its_table_and_json(tmp_path):
     assert len(rows) >= 5 and all(row["workload"] and row["target"] for row in rows)
     assert all(row["ratio"] > 0 for row in rows if "ratio" in row)
     assert any(0 < row.get("added_ms", -1) < 2000 for row in rows)
+    sides = {(row["optimizer"], row["side"]) for row in rows if row.get("per_step")}
+    assert {(o, s) for o in ("sgd", "adam") for s in ("floor", "fit", "loop")} <= sides
+    assert "straight-line floor (the same aten ops by hand) (to the floor: 1.00×" in done.stdout
+    if importlib.util.find_spec("jax") and importlib.util.find_spec("optax"):
+        assert {("sgd", "jax"), ("adam", "jax")} <= sides and "first call, tracing and compiling" in done.stdout
+    else:
+        assert "not measured: jax is not installed" in done.stdout and not any(side == "jax" for _, side in sides)
 
 
 def test_the_default_training_path_never_imports_dynamo_or_compile():
@@ -48,3 +56,79 @@ def test_the_gpu_benchmark_says_what_it_measured_or_that_there_is_no_gpu():
     assert done.returncode == 0, done.stderr
     assert "captured whole (rf.capture) vs torch.nn eager" in done.stdout
     assert ("not measured: no CUDA device" in done.stdout) != torch.cuda.is_available()
+
+
+def _seed_task():
+    import torch
+
+    import rdl_functional as rf
+
+    data, params, _ = rf.draw_run(0)
+    return params, data.x_train, rf.one_hot(data.labels_train, 2), torch
+
+
+def test_the_straight_line_floor_runs_the_very_kernels_of_torch_nn_and_torch_optim():
+    """The floor is the bar for every eager step because it is torch.nn's step without the library: same bits."""
+    from benchmarks.common import train_torch
+    from benchmarks.floor import floor_adam, floor_sgd
+    from rdl_functional.apps.torch_baseline import torch_seed_model
+
+    params, x, y, torch = _seed_task()
+    sgd = (floor_sgd, 0.1, lambda p: torch.optim.SGD(p, lr=0.1, foreach=True))
+    adam = (floor_adam, 1e-2, lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True))
+    for (floor, lr, make), batch_size in ((sgd, 10), (sgd, 1000), (adam, 100), (adam, 1000)):
+        ours = floor(params, x, y, 2, batch_size, lr, 1)
+        theirs = list(train_torch(torch_seed_model, params, x, y, 2, batch_size, lr, 1, make=make).parameters())
+        assert len(ours) == len(theirs) == 8
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), (floor.__name__, batch_size)
+
+
+def test_the_jax_side_trains_the_same_model_from_the_same_params_on_the_same_batches():
+    import pytest
+
+    from benchmarks import steps
+
+    if steps.jax_missing():  # not importorskip: jax_side sets XLA's flags before jax starts its backend
+        pytest.skip(steps.jax_missing())
+    from benchmarks import jax_side
+    from benchmarks.common import train_torch
+    from rdl_functional.apps.torch_baseline import torch_seed_model
+
+    params, x, y, torch = _seed_task()
+    trained = {}
+    for optimizer, lr, make in (("sgd", 0.1, None), ("adam", 1e-2, lambda p: torch.optim.Adam(p, lr=1e-2))):
+        for batch_size in (100, 1000):
+            trainer = jax_side.Trainer(optimizer, params, x, y, lr, batch_size)
+            ours = trainer.params(trainer(2, batch_size, 1))
+            theirs = list(train_torch(torch_seed_model, params, x, y, 2, batch_size, lr, 1, make=make).parameters())
+            assert all(a.dtype == torch.float32 for a in ours)
+            # XLA's float32 kernels round differently from torch's, so close, not equal; another batch order
+            # is off by far more (below).
+            torch.testing.assert_close(ours, theirs)
+            assert trainer.compile_s > 0
+            trained[optimizer, batch_size] = theirs
+    trainer = jax_side.Trainer("sgd", params, x, y, 0.1, 100)
+    other_batches = trainer.params(trainer(2, 100, 2))
+    with pytest.raises(AssertionError, match="not close"):
+        torch.testing.assert_close(other_batches, trained["sgd", 100])
+    with pytest.raises(ValueError, match=r"optimizer must be 'sgd' or 'adam', got 'rmsprop'"):
+        jax_side.Trainer("rmsprop", params, x, y, 0.1, 100)
+
+
+def test_the_step_table_says_why_a_side_is_not_measured(monkeypatch):
+    import importlib.util
+
+    from benchmarks import steps
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optax" else real(name, *a))
+    assert steps.jax_missing() == "optax is not installed (pip install -e '.[bench]')"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("jax", "optax") else
+                        real(name, *a))
+    assert steps.jax_missing() == "jax is not installed (pip install -e '.[bench]')"
+    rows = {row["side"]: row for row in steps.step_rows("sgd", 400, 1, 1, steps.targets("sgd", 400))}
+    assert rows["jax"]["workload"].endswith("`jax.jit` step (jax), XLA on one thread")
+    assert rows["jax"]["skipped"] == "jax is not installed (pip install -e '.[bench]')"
+    assert {"floor", "fit", "loop"} <= set(rows)
+    assert rows["floor"]["vs_floor"] == 1.0 and rows["loop"]["target"] == "≤ 1.10× floor"
+    assert all(rows[name]["ratio"] > 0 and rows[name]["ours_s"] > 0 for name in ("floor", "fit", "loop"))

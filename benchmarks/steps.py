@@ -1,0 +1,157 @@
+"""The step table: one SGD or Adam step of the seed task, every way of running it, against torch.nn and the floor.
+
+For one optimizer and one batch size, these sides run interleaved in one
+process on one thread, from the same initial params over the same batches
+(``torch.randperm`` from a generator seeded 1), each timed over whole epochs:
+
+- ``torch``: torch.nn + autograd + torch.optim (foreach), the baseline of every ratio;
+- ``floor``: the same aten ops written out by hand (benchmarks/floor.py);
+- ``fit``: ``rf.fit`` with ``rf.sgd`` / ``rf.adam``;
+- ``loop``: the pure loop a user writes, ``value_and_grad`` then ``sgd_step`` / ``opt.step``;
+- ``train_step``: the loop over ``rf.train_step`` (issue 17), when the library has it;
+- ``jax``: one ``jax.jit`` step (plain jax.numpy; optax for Adam), when jax and optax are installed.
+
+Each side but torch becomes a row: its time per step, its ratio to torch.nn
+(median and the min–max of the per-round ratios) and to the floor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from collections.abc import Callable
+
+import torch
+
+import rdl_functional as rf
+from benchmarks.common import interleaved, loop_ours, seed_task, train_torch
+from benchmarks.floor import floor_adam, floor_sgd
+from rdl_functional.apps.torch_baseline import torch_seed_model
+
+LR = {"sgd": 0.1, "adam": 1e-2}
+TORCH = {"sgd": lambda p: torch.optim.SGD(p, lr=LR["sgd"], foreach=True),
+         "adam": lambda p: torch.optim.Adam(p, lr=LR["adam"], foreach=True)}
+OURS = {"sgd": lambda: rf.sgd(LR["sgd"]), "adam": lambda: rf.adam(LR["adam"])}
+FLOOR = {"sgd": floor_sgd, "adam": floor_adam}
+SEED = 1
+
+DESCRIPTIONS = {
+    "floor": "straight-line floor (the same aten ops by hand)",
+    "fit": "rf `fit`",
+    "loop": "rf pure loop (`value_and_grad` + {update})",
+    "train_step": "rf pure loop over `rf.train_step`",
+    "jax": "`jax.jit` step ({jax}), XLA on one thread",
+}
+
+
+def jax_missing() -> str | None:
+    """Why the jax rows cannot run here, or None when they can."""
+    missing = [name for name in ("jax", "optax") if importlib.util.find_spec(name) is None]
+    return f"{missing[0]} is not installed (pip install -e '.[bench]')" if missing else None
+
+
+def train_step_missing() -> str | None:
+    """Why the train_step rows cannot run, or None: they need ``rf.train_state`` and ``rf.train_step``."""
+    if hasattr(rf, "train_step") and hasattr(rf, "train_state"):
+        return None
+    return "rf.train_step is not in this version of the library"
+
+
+def _pure_loop(model: rf.Layer, optimizer: str, params, x, target, epochs: int, batch_size: int):
+    if optimizer == "sgd":
+        return loop_ours(model, params, x, target, epochs, batch_size, LR["sgd"], SEED)
+    opt = OURS[optimizer]()
+    step, state = rf.value_and_grad(model, rf.mse_loss), opt.init(params)
+    g = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+            _, grads = step(params, x[rows], target[rows])
+            params, state = opt.step(params, grads, state)
+    return params
+
+
+def _train_step_loop(model: rf.Layer, optimizer: str, params, x, target, epochs: int, batch_size: int):
+    opt = OURS[optimizer]()
+    state, step = rf.train_state(model, opt, params, generator=SEED), rf.train_step(model, rf.mse_loss, opt)
+    g = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
+            state, _ = step(state, x[rows], target[rows])
+    return state
+
+
+def sides(optimizer: str, batch_size: int, epochs: int) -> tuple[dict[str, Callable[[], object]], dict]:
+    """The step table's sides for one optimizer and batch size, and what they know before timing (compile times)."""
+    model, params, x, y = seed_task()
+    run: dict[str, Callable[[], object]] = {
+        "torch": lambda: train_torch(torch_seed_model, params, x, y, epochs, batch_size, 0.0, SEED,
+                                     make=TORCH[optimizer]),
+        "floor": lambda: FLOOR[optimizer](params, x, y, epochs, batch_size, LR[optimizer], SEED),
+        "fit": lambda: rf.fit(model, rf.mse_loss, params, x, y, epochs=epochs, batch_size=batch_size,
+                              optimizer=OURS[optimizer](), generator=SEED, record_history=False),
+        "loop": lambda: _pure_loop(model, optimizer, params, x, y, epochs, batch_size),
+    }
+    info: dict = {"n": x.shape[0]}
+    if train_step_missing() is None:
+        run["train_step"] = lambda: _train_step_loop(model, optimizer, params, x, y, epochs, batch_size)
+    if jax_missing() is None:
+        from benchmarks import jax_side
+
+        trainer = jax_side.Trainer(optimizer, params, x, y, LR[optimizer], batch_size)
+        run["jax"] = lambda: trainer(epochs, batch_size, SEED)
+        info["jax"] = {"compile_s": trainer.compile_s, "version": jax_side.VERSION}
+    return run, info
+
+
+def _ratios(times: dict[str, list[float]], name: str, over: str) -> tuple[float, float, float]:
+    per_round = [a / b for a, b in zip(times[name], times[over], strict=True)]
+    return statistics.median(times[name]) / statistics.median(times[over]), min(per_round), max(per_round)
+
+
+def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets: dict[str, str]) -> list[dict]:
+    """One row per side but torch.nn's, in the order of ``DESCRIPTIONS``; ``targets`` by side ("report" if absent).
+
+    Times are per step. A side that cannot run here is a row that says why.
+    """
+    run, info = sides(optimizer, batch_size, epochs)
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(run, rounds, cpu=cpu)
+    steps = epochs * -(-info["n"] // batch_size)  # the last batch of an epoch may be short
+    update = "`sgd_step`" if optimizer == "sgd" else "`opt.step`"
+    head = (f"{'SGD' if optimizer == 'sgd' else 'Adam'} step, seed task, batch {batch_size}, {epochs} "
+            f"epoch{'s' if epochs != 1 else ''}: ")
+    rows = []
+    for name, description in DESCRIPTIONS.items():
+        workload = head + description.format(update=update, jax=info.get("jax", {}).get("version", "jax"))
+        target = targets.get(name, "report")
+        if name not in run:
+            why = jax_missing() if name == "jax" else train_step_missing()
+            rows.append({"workload": workload, "threads": 1, "side": name, "target": target, "skipped": why})
+            continue
+        ratio, low, high = _ratios(times, name, "torch")
+        to_floor, floor_low, floor_high = _ratios(times, name, "floor")
+        rows.append({"workload": workload, "threads": 1, "per_step": True, "side": name, "optimizer": optimizer,
+                     "batch_size": batch_size, "ours_s": statistics.median(times[name]) / steps,
+                     "torch_s": statistics.median(times["torch"]) / steps, "ratio": ratio, "ratio_min": low,
+                     "ratio_max": high, "vs_floor": to_floor, "vs_floor_min": floor_low, "vs_floor_max": floor_high,
+                     "cpu_per_wall": sum(cpu[name]) / sum(times[name]), "target": target, "rounds": rounds,
+                     **({"compile_s": info[name]["compile_s"]} if "compile_s" in info.get(name, {}) else {})})
+    return rows
+
+
+# The issue's targets for the pure step (issue 17): within 1.10× of the floor at every batch size, and at batch 100
+# at or under 0.40× (SGD) and 0.50× (Adam) of torch.nn.
+def targets(optimizer: str, batch_size: int) -> dict[str, str]:
+    pure = "≤ 1.10× floor" + (f", ≤ {'0.40' if optimizer == 'sgd' else '0.50'}×" if batch_size == 100 else "")
+    return {"loop": pure, "train_step": pure, "jax": "report (the bar for the compiled step)"}
+
+
+# Epochs per batch size: about 800 steps at batch 10 and 100, 400 at batch 1000 (the whole set of 800 points).
+EPOCHS = {10: 10, 100: 100, 1000: 400}
+
+
+def table(rounds: int, quick: bool = False) -> list[dict]:
+    """Every row of the step table: SGD then Adam, at batch 10, 100 and 1000 (``quick``: batch 100, one epoch)."""
+    sizes = {100: 1} if quick else EPOCHS
+    return [row for optimizer in ("sgd", "adam") for batch_size, epochs in sizes.items()
+            for row in step_rows(optimizer, batch_size, epochs, rounds, targets(optimizer, batch_size))]

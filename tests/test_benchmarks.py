@@ -116,12 +116,15 @@ def test_the_jax_side_trains_the_same_model_from_the_same_params_on_the_same_bat
 
 
 def test_the_step_table_says_why_a_side_is_not_measured(monkeypatch):
+    import importlib.machinery
     import importlib.util
 
     from benchmarks import steps
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optax" else real(name, *a))
+    present = importlib.machinery.ModuleSpec("jax", None)  # jax found, optax not, whatever this venv holds
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: {"jax": present, "optax": None}.get(name) if
+                        name in ("jax", "optax") else real(name, *a))
     assert steps.jax_missing() == "optax is not installed (pip install -e '.[bench]')"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("jax", "optax") else
                         real(name, *a))

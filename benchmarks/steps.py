@@ -9,6 +9,8 @@ process on one thread, from the same initial params over the same batches
 - ``fit``: ``rf.fit`` with ``rf.sgd`` / ``rf.adam``;
 - ``loop``: the pure loop a user writes, ``value_and_grad`` then ``sgd_step`` / ``opt.step``;
 - ``train_step``: the loop over ``rf.train_step`` (issue 17), when the library has it;
+- ``compiled``: the same loop over ``rf.compiled(rf.train_step(...))`` (the full table only: it compiles, about
+  30 s a configuration on a CPU the first time, then loads from its cache on disk);
 - ``jax``: one ``jax.jit`` step (plain jax.numpy; optax for Adam), when jax and optax are installed.
 
 Each side but torch becomes a row: its time per step, its ratio to torch.nn
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,6 +43,7 @@ DESCRIPTIONS = {
     "fit": "rf `fit`",
     "loop": "rf pure loop (`value_and_grad` + {update})",
     "train_step": "rf pure loop over `rf.train_step`",
+    "compiled": "rf loop over `rf.compiled(rf.train_step(...))`",
     "jax": "`jax.jit` step ({jax}), XLA on one thread",
 }
 
@@ -70,9 +74,11 @@ def _pure_loop(model: rf.Layer, optimizer: str, params, x, target, epochs: int, 
     return params
 
 
-def _train_step_loop(model: rf.Layer, optimizer: str, params, x, target, epochs: int, batch_size: int):
+def _train_step_loop(model: rf.Layer, optimizer: str, params, x, target, epochs: int, batch_size: int,
+                     step: Callable | None = None):
     opt = OURS[optimizer]()
-    state, step = rf.train_state(model, opt, params, generator=SEED), rf.train_step(model, rf.mse_loss, opt)
+    state = rf.train_state(model, opt, params, generator=SEED)
+    step = step or rf.train_step(model, rf.mse_loss, opt)
     g = torch.Generator().manual_seed(SEED)
     for _ in range(epochs):
         for rows in torch.randperm(x.shape[0], generator=g).split(batch_size):
@@ -80,7 +86,22 @@ def _train_step_loop(model: rf.Layer, optimizer: str, params, x, target, epochs:
     return state
 
 
-def sides(optimizer: str, batch_size: int, epochs: int) -> tuple[dict[str, Callable[[], object]], dict]:
+def compiled_missing() -> str | None:
+    """Why the compiled rows cannot run, or None: they need ``rf.compiled``."""
+    return None if hasattr(rf, "compiled") else "rf.compiled is not in this version of the library"
+
+
+def _compiled(model: rf.Layer, optimizer: str, params, x, target, epochs: int, batch_size: int) -> tuple:
+    """The compiled step, compiled (or loaded) by one untimed epoch, and how long that took."""
+    opt = OURS[optimizer]()
+    fast = rf.compiled(rf.train_step(model, rf.mse_loss, opt))
+    start = time.perf_counter()
+    _train_step_loop(model, optimizer, params, x, target, 1, batch_size, step=fast)
+    return fast, time.perf_counter() - start
+
+
+def sides(optimizer: str, batch_size: int, epochs: int,
+          compiled: bool = False) -> tuple[dict[str, Callable[[], object]], dict]:
     """The step table's sides for one optimizer and batch size, and what they know before timing (compile times)."""
     model, params, x, y = seed_task()
     run: dict[str, Callable[[], object]] = {
@@ -94,6 +115,11 @@ def sides(optimizer: str, batch_size: int, epochs: int) -> tuple[dict[str, Calla
     info: dict = {"n": x.shape[0]}
     if train_step_missing() is None:
         run["train_step"] = lambda: _train_step_loop(model, optimizer, params, x, y, epochs, batch_size)
+    if compiled and compiled_missing() is None:
+        fast, seconds = _compiled(model, optimizer, params, x, y, epochs, batch_size)
+        run["compiled"] = lambda: _train_step_loop(model, optimizer, params, x, y, epochs, batch_size, step=fast)
+        info["compiled"] = {"compile_s": seconds, "backend": sorted({choice["backend"] for choice in
+                                                                      fast.chosen.values()})}
     if jax_missing() is None:
         from benchmarks import jax_side
 
@@ -108,12 +134,13 @@ def _ratios(times: dict[str, list[float]], name: str, over: str) -> tuple[float,
     return statistics.median(times[name]) / statistics.median(times[over]), min(per_round), max(per_round)
 
 
-def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets: dict[str, str]) -> list[dict]:
+def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets: dict[str, str],
+              compiled: bool = False) -> list[dict]:
     """One row per side but torch.nn's, in the order of ``DESCRIPTIONS``; ``targets`` by side ("report" if absent).
 
     Times are per step. A side that cannot run here is a row that says why.
     """
-    run, info = sides(optimizer, batch_size, epochs)
+    run, info = sides(optimizer, batch_size, epochs, compiled)
     cpu: dict[str, list[float]] = {}
     times = interleaved(run, rounds, cpu=cpu)
     steps = epochs * -(-info["n"] // batch_size)  # the last batch of an epoch may be short
@@ -125,7 +152,8 @@ def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets
         workload = head + description.format(update=update, jax=info.get("jax", {}).get("version", "jax"))
         target = targets.get(name, "report")
         if name not in run:
-            why = jax_missing() if name == "jax" else train_step_missing()
+            why = {"jax": jax_missing, "compiled": lambda: compiled_missing() or "the full table only (it compiles)",
+                   "train_step": train_step_missing}[name]()
             rows.append({"workload": workload, "threads": 1, "side": name, "target": target, "skipped": why})
             continue
         ratio, low, high = _ratios(times, name, "torch")
@@ -135,7 +163,7 @@ def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets
                      "torch_s": statistics.median(times["torch"]) / steps, "ratio": ratio, "ratio_min": low,
                      "ratio_max": high, "vs_floor": to_floor, "vs_floor_min": floor_low, "vs_floor_max": floor_high,
                      "cpu_per_wall": sum(cpu[name]) / sum(times[name]), "target": target, "rounds": rounds,
-                     **({"compile_s": info[name]["compile_s"]} if "compile_s" in info.get(name, {}) else {})})
+                     **{key: info[name][key] for key in ("compile_s", "backend") if key in info.get(name, {})}})
     return rows
 
 
@@ -143,7 +171,8 @@ def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets
 # at or under 0.40× (SGD) and 0.50× (Adam) of torch.nn.
 def targets(optimizer: str, batch_size: int) -> dict[str, str]:
     pure = "≤ 1.10× floor" + (f", ≤ {'0.40' if optimizer == 'sgd' else '0.50'}×" if batch_size == 100 else "")
-    return {"loop": pure, "train_step": pure, "jax": "report (the bar for the compiled step)"}
+    return {"loop": pure, "train_step": pure, "jax": "report (the bar for the compiled step)",
+            "compiled": "≤ jax.jit" + (", ≤ 0.15×" if (optimizer, batch_size) == ("sgd", 100) else "")}
 
 
 # Epochs per batch size: about 800 steps at batch 10 and 100, 400 at batch 1000 (the whole set of 800 points).
@@ -154,4 +183,5 @@ def table(rounds: int, quick: bool = False) -> list[dict]:
     """Every row of the step table: SGD then Adam, at batch 10, 100 and 1000 (``quick``: batch 100, one epoch)."""
     sizes = {100: 1} if quick else EPOCHS
     return [row for optimizer in ("sgd", "adam") for batch_size, epochs in sizes.items()
-            for row in step_rows(optimizer, batch_size, epochs, rounds, targets(optimizer, batch_size))]
+            for row in step_rows(optimizer, batch_size, epochs, rounds, targets(optimizer, batch_size),
+                                 compiled=not quick)]

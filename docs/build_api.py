@@ -30,7 +30,7 @@ MODULES = [
     "losses",
     "autodiff",
     "checkpoint",
-    "codegen",
+    "trace",
     "activations",
     "initializers",
     "compiled",

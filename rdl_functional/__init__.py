@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
-from .codegen import Code
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
@@ -123,7 +122,6 @@ __all__ = [
     "TASKS",
     "Captured",
     "Checkpoint",
-    "Code",
     "DiscData",
     "DiscResult",
     "DiscSettings",

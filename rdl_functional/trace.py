@@ -1,0 +1,384 @@
+"""Traced once per signature: a function of trees of tensors kept as one straight-line function of tensors.
+
+``trace(fn)`` wraps ``fn(*args)``, whose arguments are trees (tensors, and
+dicts, lists and tuples of them) with hashable Python values and
+``torch.Generator``s among them. Each call computes the arguments'
+*signature*: the trees' structure and key order, every tensor's shape,
+dtype, device and strides, each Python value, and the grad, inference and
+autocast modes. The first call of a signature runs ``fn`` itself, so every
+check and message is ``fn``'s own; then ``torch.fx``'s ``make_fx`` runs it
+once more and records the aten operations it calls, and the record is
+written out as one Python function of the flat tensors. Later calls of that
+signature run the record: the same kernels in the same order, hence the
+same bits, without the closures, dicts and checks in between.
+
+What a record cannot replay runs ``fn``, silently and correctly: an
+argument that is not a tree of tensors and plain values, a function whose
+result depends on a value read from a tensor (a ``.item()``, a branch on
+data), anything ``make_fx`` cannot trace, a call inside ``torch.compile``,
+``torch.func``'s transforms or ``torch.autocast``. A record whose kernel
+refuses its data (a ``RuntimeError``: a label out of range) runs ``fn``
+again, so the error raised is ``fn``'s own.
+
+A generator among the arguments is replaced, in the record, by one of the
+record's own: set from the caller's before each call and copied back after,
+so the draws and the caller's generator advance exactly as ``fn``'s would.
+
+The record calls each operation through torch's generated binding for it
+(``torch.mm``, ``Tensor.bernoulli_``, ...) rather than its ``OpOverload``,
+whose Python call costs more; the bindings are checked once per record, on
+the traced arguments, to reach the very overloads recorded, or the
+overloads are called instead.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Traced", "is_tracing", "trace"]
+
+_MAX_SIGNATURES = 8
+_LITERALS = (bool, int, float, str, type(None))
+
+
+class _Untraceable(Exception):
+    """An argument or a function the record cannot stand for: run the function itself."""
+
+
+def is_tracing() -> bool:
+    """Whether ``make_fx`` is recording the running code: a value check (a label in range) is then left to the
+    kernel, since a record cannot repeat a branch on data.
+
+    >>> is_tracing()
+    False
+    """
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+def _walk(tree: Any, leaves: list[Tensor], gens: list[torch.Generator], key: list[Any]) -> None:
+    """``tree``'s tensors into ``leaves``, its generators into ``gens``, and what its signature is into ``key``."""
+    kind = type(tree)
+    if kind is Tensor:
+        leaves.append(tree)
+        key.append((tree.shape, tree.dtype, tree.device, tree.stride()))
+    elif kind is dict:
+        key.append(tuple(tree))
+        for value in tree.values():
+            _walk(value, leaves, gens, key)
+    elif kind is tuple or kind is list:
+        key.append((kind, len(tree)))
+        for value in tree:
+            _walk(value, leaves, gens, key)
+    elif kind is torch.Generator:
+        gens.append(tree)
+        key.append((kind, tree.device))
+    elif kind in _LITERALS or kind is torch.dtype or kind is torch.device:
+        key.append((kind, tree))
+    else:
+        raise _Untraceable(kind.__name__)
+
+
+def _modes() -> tuple[Any, ...]:
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+
+def _eager_only() -> bool:
+    """Calls the record must not stand for: inside torch.compile, torch.func's transforms, torch.autocast."""
+    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
+
+def _rebuild(tree: Any, leaves: Any, gens: Any) -> Any:
+    """``tree`` with its tensors and generators taken, in order, from the iterators ``leaves`` and ``gens``."""
+    kind = type(tree)
+    if kind is Tensor:
+        return next(leaves)
+    if kind is dict:
+        return {key: _rebuild(value, leaves, gens) for key, value in tree.items()}
+    if kind is tuple or kind is list:
+        return kind(_rebuild(value, leaves, gens) for value in tree)
+    if kind is torch.Generator:
+        return next(gens)
+    return tree
+
+
+class _Record:
+    """One signature's straight-line function, the generators it draws from, and how many calls it served."""
+
+    def __init__(self, run: Callable[[list[Tensor]], Any], gens: list[torch.Generator], source: str) -> None:
+        self.run, self.gens, self.source, self.replays = run, gens, source, 0
+
+
+class Traced:
+    """``fn`` traced once per signature (see the module's doc); calling it is calling ``fn``.
+
+    ``signatures`` is how many signatures have a record (at most
+    ``max_signatures`` are kept, the oldest dropped first), ``replayed``
+    whether the last call ran a record rather than ``fn``, and
+    ``source(i)`` the Python the ``i``-th record runs. None of them changes
+    what a call computes.
+
+    >>> import torch
+    >>> double = trace(lambda tree: {"y": tree["x"] * 2})
+    >>> out = double({"x": torch.ones(3)}); double.signatures, double.replayed
+    (1, False)
+    >>> out = double({"x": torch.zeros(3)}); double.replayed
+    True
+    >>> print(double.source(0).splitlines()[1].strip())
+    v0 = _mul_Tensor(a0, 2)
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, max_signatures: int = _MAX_SIGNATURES) -> None:
+        self._fn = fn
+        self._records: dict[tuple[Any, ...], _Record | None] = {}  # None: this signature runs fn
+        self._max = max_signatures
+        self._replayed = False
+
+    @property
+    def signatures(self) -> int:
+        return sum(record is not None for record in self._records.values())
+
+    @property
+    def replayed(self) -> bool:
+        return self._replayed
+
+    def source(self, index: int) -> str:
+        return [record for record in self._records.values() if record is not None][index].source
+
+    def __call__(self, *args: Any) -> Any:
+        self._replayed = False
+        leaves: list[Tensor] = []
+        gens: list[torch.Generator] = []
+        key: list[Any] = []
+        try:
+            _walk(args, leaves, gens, key)
+        except _Untraceable:
+            return self._fn(*args)
+        if _eager_only():
+            return self._fn(*args)
+        key.append(_modes())
+        signature = tuple(key)
+        record = self._records.get(signature, False)
+        if record is None:
+            return self._fn(*args)
+        if record is False:
+            return self._first(signature, args, leaves, gens)
+        own = record.gens
+        for mine, theirs in zip(own, gens, strict=True):
+            mine.set_state(theirs.get_state())
+        try:
+            out = record.run(leaves)
+        except RuntimeError:  # a kernel refused the data: fn's own checks say why, in its words
+            return self._fn(*args)
+        for mine, theirs in zip(own, gens, strict=True):
+            theirs.set_state(mine.get_state())
+        record.replays += 1
+        self._replayed = True
+        return out
+
+    def _first(self, signature: tuple[Any, ...], args: tuple[Any, ...], leaves: list[Tensor],
+               gens: list[torch.Generator]) -> Any:
+        """Run ``fn`` (its checks, its errors), then record it for the calls to come."""
+        states = [g.get_state() for g in gens]
+        out = self._fn(*args)
+        try:
+            record = _record(self._fn, args, leaves, gens, states)
+        except Exception:  # whatever make_fx cannot trace runs fn, which just succeeded
+            record = None
+        if len(self._records) >= self._max:
+            del self._records[next(iter(self._records))]
+        self._records[signature] = record
+        return out
+
+
+def trace(fn: Callable[..., Any], *, max_signatures: int = _MAX_SIGNATURES) -> Traced:
+    """``fn`` traced once per signature of its arguments, and replayed after (see the module's doc).
+
+    >>> import torch
+    >>> f = trace(lambda a, b: a.mm(b).relu())
+    >>> torch.equal(f(torch.eye(2), -torch.ones(2, 2)), torch.zeros(2, 2))
+    True
+    """
+    return Traced(fn, max_signatures=max_signatures)
+
+
+# ---------------------------------------------------------------------------
+# Recording and writing out
+
+
+def _record(fn: Callable[..., Any], args: tuple[Any, ...], leaves: list[Tensor], gens: list[torch.Generator],
+            states: list[Tensor]) -> _Record | None:
+    from torch.fx.experimental.proxy_tensor import make_fx  # imported on the first trace only
+
+    own = [torch.Generator(g.device) for g in gens]
+    for mine, state in zip(own, states, strict=True):
+        mine.set_state(state)
+    shape: list[Any] = []
+
+    def flat(*tensors: Tensor) -> list[Tensor]:
+        out = fn(*_rebuild(args, iter(tensors), iter(own)))
+        found: list[Tensor] = []
+        _walk(out, found, [], [])
+        shape.append(out)
+        return found
+
+    graph = make_fx(flat, tracing_mode="real")(*leaves).graph
+    if not shape:
+        return None
+    for node in graph.nodes:  # a value read from a tensor: the record would replay one branch for every value
+        if node.op == "call_function" and not _returns_tensors(node):
+            return None
+    for bindings in (True, False):
+        source, names = _write(graph, shape[0], bindings, own)
+        scope = dict(names)
+        exec(compile(source, "<rdl_functional trace>", "exec"), scope)  # the source written from the record
+        run = scope["replay"]
+        if not bindings or _same_overloads(run, graph, leaves, own, states):
+            return _Record(run, own, source)
+    raise AssertionError("unreachable")
+
+
+def _returns_tensors(node: Any) -> bool:
+    if node.target is operator.getitem:
+        return True
+    value = node.meta.get("val")
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return all(isinstance(v, Tensor) or v is None for v in values)
+
+
+def _binding(op: Any) -> Callable[..., Any] | None:
+    """torch's generated binding for the aten operation ``op``, if it has one of its name."""
+    name = op._schema.name.split("::")[-1]
+    for namespace in (torch._C._VariableFunctions, torch._C._nn, torch._C._linalg, torch._C._special):
+        found = getattr(namespace, name, None)
+        if found is not None:
+            return found
+    return getattr(torch._C.TensorBase, name, None)
+
+
+def _write(graph: Any, out_tree: Any, bindings: bool, own: list[torch.Generator]) -> tuple[str, dict[str, Any]]:
+    """The record as ``replay(leaves) -> out``: one line per operation, each value dropped after its last use."""
+    names: dict[str, Any] = {}
+    constants: dict[int, str] = {}
+    var: dict[Any, str] = {}
+
+    def constant(value: Any) -> str:
+        if type(value) in (bool, int, str, type(None)) or (type(value) is float and value == value
+                                                           and abs(value) != float("inf")):
+            return repr(value)
+        if type(value) in (list, tuple):
+            items = ", ".join(render(item) for item in value)
+            return f"[{items}]" if type(value) is list else f"({items}{',' if len(value) == 1 else ''})"
+        if type(value) is torch.Generator and not any(value is mine for mine in own):
+            raise _Untraceable("a generator made inside the function: a record would not draw what it draws")
+        if id(value) not in constants:
+            constants[id(value)] = f"_c{len(constants)}"
+            names[constants[id(value)]] = value
+        return constants[id(value)]
+
+    def render(value: Any) -> str:
+        return var[value] if value in var else constant(value)
+
+    def function(op: Any) -> str:
+        label = f"_{op._schema.name.split('::')[-1]}_{op._overloadname}"
+        if label not in names:
+            names[label] = (_binding(op) if bindings else None) or op._op
+        return label
+
+    nodes = list(graph.nodes)
+    last_use = {node: i for i, user in enumerate(nodes) for node in user.all_input_nodes}
+    lines = ["def replay(leaves):"]
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        var[node] = f"a{i}"
+    if placeholders:
+        lines.append(f"    {', '.join(var[node] for node in placeholders)}, = leaves")
+    out: list[str] = []
+    for i, node in enumerate(nodes):
+        if node.op == "call_function":
+            var[node] = f"v{len(var) - len(placeholders)}"
+            if node.target is operator.getitem:
+                lines.append(f"    {var[node]} = {render(node.args[0])}[{node.args[1]}]")
+            else:
+                args, kwargs = _full(node.target, node.args, node.kwargs)
+                call = [render(arg) for arg in args] + [f"{k}={render(v)}" for k, v in kwargs.items()]
+                lines.append(f"    {var[node]} = {function(node.target)}({', '.join(call)})")
+        elif node.op == "get_attr":
+            var[node] = constant(getattr(graph.owning_module, node.target))
+        elif node.op == "output":
+            out = [render(value) for value in node.args[0]]
+            continue
+        elif node.op != "placeholder":
+            raise _Untraceable(node.op)
+        dead = [var[done] for done in node.all_input_nodes if last_use.get(done) == i and done.op != "get_attr"]
+        if dead and node.op == "call_function":
+            lines.append(f"    del {', '.join(dict.fromkeys(dead))}")
+    lines.append(f"    return {_assembled(out_tree, iter(out), constant)}")
+    return "\n".join(lines) + "\n", names
+
+
+def _assembled(tree: Any, out: Any, constant: Callable[[Any], str]) -> str:
+    """The expression that builds ``tree``'s shape from the record's outputs, named in order by ``out``."""
+    kind = type(tree)
+    if kind is Tensor:
+        return next(out)
+    if kind is dict:
+        return "{" + ", ".join(f"{key!r}: {_assembled(value, out, constant)}" for key, value in tree.items()) + "}"
+    if kind is tuple or kind is list:
+        items = [_assembled(value, out, constant) for value in tree]
+        body = ", ".join(items) + ("," if kind is tuple and len(items) == 1 else "")
+        return f"({body})" if kind is tuple else f"[{body}]"
+    return constant(tree)
+
+
+def _full(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Every argument of ``op``'s schema, its defaults written out (a binding's defaults may differ from them):
+    the positional ones in order, the keyword-only ones by name."""
+    full: list[Any] = []
+    named: dict[str, Any] = {}
+    for i, argument in enumerate(op._schema.arguments):
+        if i < len(args):
+            value = args[i]
+        elif argument.name in kwargs:
+            value = kwargs[argument.name]
+        elif argument.has_default_value():
+            value = argument.default_value
+        else:
+            raise _Untraceable(f"{op} without its argument {argument.name}")
+        if argument.kwarg_only:
+            named[argument.name] = value
+        else:
+            full.append(value)
+    return full, named
+
+
+def _shape_of_call(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """An operation and its arguments other than tensors: what a binding must reproduce."""
+    full, named = _full(op, args, kwargs)
+    return (op, *[None if isinstance(v, (Tensor, torch.fx.Node)) else v for v in [*full, *named.values()]])
+
+
+def _same_overloads(run: Callable[[list[Tensor]], Any], graph: Any, leaves: list[Tensor],
+                    own: list[torch.Generator], states: list[Tensor]) -> bool:
+    """Whether the bindings ``run`` calls reach the overloads the record holds, in its order, on its arguments."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called: list[Any] = []
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            called.append(_shape_of_call(func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    recorded = [_shape_of_call(node.target, node.args, node.kwargs) for node in graph.nodes
+                if node.op == "call_function" and node.target is not operator.getitem]
+    for mine, state in zip(own, states, strict=True):
+        mine.set_state(state)
+    with Calls():
+        run(list(leaves))
+    return called == recorded

@@ -17,7 +17,7 @@ argument that is not a tree of tensors and plain values, a function whose
 result depends on a value read from a tensor (a ``.item()``, a branch on
 data), anything ``make_fx`` cannot trace, a call inside ``torch.compile``,
 ``torch.func``'s transforms or ``torch.autocast``. A record whose kernel
-refuses its data (a ``RuntimeError``: a label out of range) runs ``fn``
+refuses its data (a ``RuntimeError`` or ``IndexError``: a label out of range) runs ``fn``
 again, so the error raised is ``fn``'s own.
 
 A generator among the arguments is replaced, in the record, by one of the
@@ -88,8 +88,8 @@ def _modes() -> tuple[Any, ...]:
 
 
 def _eager_only() -> bool:
-    """Calls the record must not stand for: inside torch.compile, torch.func's transforms, torch.autocast."""
-    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    """Calls the record must not stand for: inside torch.func's transforms, under torch.autocast."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
             or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 
@@ -151,6 +151,8 @@ class Traced:
         return [record for record in self._records.values() if record is not None][index].source
 
     def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling():  # torch.compile traces the closures themselves
+            return self._fn(*args)
         self._replayed = False
         leaves: list[Tensor] = []
         gens: list[torch.Generator] = []
@@ -173,7 +175,7 @@ class Traced:
             mine.set_state(theirs.get_state())
         try:
             out = record.run(leaves)
-        except RuntimeError:  # a kernel refused the data: fn's own checks say why, in its words
+        except Exception:  # a kernel refused the data (RuntimeError, IndexError): fn's checks say why, in its words
             return self._fn(*args)
         for mine, theirs in zip(own, gens, strict=True):
             theirs.set_state(mine.get_state())
@@ -271,18 +273,18 @@ def _write(graph: Any, out_tree: Any, bindings: bool, own: list[torch.Generator]
         if type(value) in (bool, int, str, type(None)) or (type(value) is float and value == value
                                                            and abs(value) != float("inf")):
             return repr(value)
-        if type(value) in (list, tuple):
+        if isinstance(value, (list, tuple)):
             items = ", ".join(render(item) for item in value)
             return f"[{items}]" if type(value) is list else f"({items}{',' if len(value) == 1 else ''})"
-        if type(value) is torch.Generator and not any(value is mine for mine in own):
-            raise _Untraceable("a generator made inside the function: a record would not draw what it draws")
+        if type(value) is torch.Generator:
+            value = _own_generator(value, own)
         if id(value) not in constants:
             constants[id(value)] = f"_c{len(constants)}"
             names[constants[id(value)]] = value
         return constants[id(value)]
 
     def render(value: Any) -> str:
-        return var[value] if value in var else constant(value)
+        return var[value] if isinstance(value, torch.fx.Node) else constant(value)
 
     def function(op: Any) -> str:
         label = f"_{op._schema.name.split('::')[-1]}_{op._overloadname}"
@@ -320,6 +322,18 @@ def _write(graph: Any, out_tree: Any, bindings: bool, own: list[torch.Generator]
             lines.append(f"    del {', '.join(dict.fromkeys(dead))}")
     lines.append(f"    return {_assembled(out_tree, iter(out), constant)}")
     return "\n".join(lines) + "\n", names
+
+
+def _own_generator(value: torch.Generator, own: list[torch.Generator]) -> torch.Generator:
+    """Which of the record's generators ``value`` wraps (make_fx hands back another Python object for it)."""
+    for i, mine in enumerate(own):
+        state = mine.get_state()
+        mine.manual_seed(0x5EED0000 + i)  # a mark to find it by; its state is set again before every replay
+        found = value.initial_seed() == 0x5EED0000 + i
+        mine.set_state(state)
+        if found:
+            return mine
+    raise _Untraceable("a generator made inside the function: a record would not draw what it draws")
 
 
 def _assembled(tree: Any, out: Any, constant: Callable[[Any], str]) -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_layers import LAYERS
+from test_losses import LOSSES
 
 import rdl_functional as rf
 from rdl_functional._random import BatchShard
 from rdl_functional.trace import trace
-
-from test_layers import LAYERS
-from test_losses import LOSSES
 
 
 def _equal(a, b):

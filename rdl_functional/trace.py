@@ -4,7 +4,7 @@
 dicts, lists and tuples of them) with hashable Python values and
 ``torch.Generator``s among them. Each call computes the arguments'
 *signature*: the trees' structure and key order, every tensor's shape,
-dtype, device and strides, each Python value, and the grad, inference and
+dtype, device, strides and ``requires_grad``, each Python value, and the grad, inference and
 autocast modes. The first call of a signature runs ``fn`` itself, so every
 check and message is ``fn``'s own; then ``torch.fx``'s ``make_fx`` runs it
 once more and records the aten operations it calls, and the record is
@@ -70,7 +70,7 @@ def _walk(tree: Any, leaves: list[Tensor], gens: list[torch.Generator], key: lis
     kind = type(tree)
     if kind is Tensor:
         leaves.append(tree)
-        key.append((tree.shape, tree.dtype, tree.device, tree.stride()))
+        key.append((tree.shape, tree.dtype, tree.device, tree.stride(), tree.requires_grad))
     elif kind is dict:
         key.append(tuple(tree))
         for value in tree.values():
@@ -250,7 +250,7 @@ def _record(fn: Callable[..., Any], args: tuple[Any, ...], leaves: list[Tensor],
         if node.op == "call_function" and not _returns_tensors(node):
             return None
     for bindings in (True, False):
-        source, names = _write(graph, args, shape[0], bindings, own)
+        source, names = _write(graph, args, leaves, shape[0], bindings, own)
         scope = dict(names)
         exec(compile(source, "<rdl_functional trace>", "exec"), scope)  # the source written from the record
         run = scope["replay"]
@@ -277,7 +277,7 @@ def _binding(op: Any) -> Callable[..., Any] | None:
     return getattr(torch._C.TensorBase, name, None)
 
 
-def _write(graph: Any, args: tuple[Any, ...], out_tree: Any, bindings: bool,
+def _write(graph: Any, args: tuple[Any, ...], leaves: list[Tensor], out_tree: Any, bindings: bool,
            own: list[torch.Generator]) -> tuple[str, dict[str, Any]]:
     """The record as ``replay(*args) -> out``: first the signature's checks (``_MISS`` if the arguments have
     another), then one line per operation, each value dropped after its last use."""
@@ -317,7 +317,7 @@ def _write(graph: Any, args: tuple[Any, ...], out_tree: Any, bindings: bool,
     last_use = {node: i for i, user in enumerate(nodes) for node in user.all_input_nodes}
     lines = [f"def replay({', '.join(f'r{i}' for i in range(len(args)))}):"]
     generators: list[str] = []
-    lines += _checks(args, constant, generators)
+    lines += _checks(args, constant, generators, _tensor_guard(leaves))
     placeholders = [node for node in nodes if node.op == "placeholder"]
     for i, node in enumerate(placeholders):
         var[node] = f"a{i}"
@@ -351,9 +351,24 @@ def _write(graph: Any, args: tuple[Any, ...], out_tree: Any, bindings: bool,
     return "\n".join(lines) + "\n", names
 
 
-def _checks(args: tuple[Any, ...], constant: Callable[[Any], str], generators: list[str]) -> list[str]:
+def _tensor_guard(leaves: list[Tensor]) -> Any:
+    """One C++ check of every tensor's type, dtype, device, shape, strides, requires_grad and dispatch keys (and
+    that no two alias), dynamo's own; ``None`` where this torch has none, and the record checks in Python."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        guard = TensorGuards(*leaves, dynamic_dims_sizes=[list(t.shape) for t in leaves],
+                             dynamic_dims_strides=[list(t.stride()) for t in leaves])
+        return guard if guard.check(*leaves) else None
+    except Exception:  # a private API: without it, the record's own lines check the same
+        return None
+
+
+def _checks(args: tuple[Any, ...], constant: Callable[[Any], str], generators: list[str],
+            guard: Any = None) -> list[str]:
     """Lines that bind the arguments' tensors to ``a0, a1, ...`` (in ``_walk``'s order) and generators to
-    ``g0, ...`` (named in ``generators``), returning ``_MISS`` where the arguments are not of the signature."""
+    ``g0, ...`` (named in ``generators``), returning ``_MISS`` where the arguments are not of the signature;
+    the tensors are checked by ``guard`` (see :func:`_tensor_guard`) if there is one, else line by line."""
     lines: list[str] = []
     counts = {"a": 0, "n": 0}
 
@@ -363,9 +378,11 @@ def _checks(args: tuple[Any, ...], constant: Callable[[Any], str], generators: l
             name = f"a{counts['a']}"
             counts["a"] += 1
             lines.append(f"    {name} = {expr}")
+            if guard is not None:
+                return
             lines.append(f"    if type({name}) is not _Tensor or {name}.shape != {tuple(tree.shape)!r} or {name}.dtype "
                          f"is not {constant(tree.dtype)} or {name}.device != {constant(tree.device)} or "
-                         f"{name}.stride() != {tree.stride()!r}:")
+                         f"{name}.stride() != {tree.stride()!r} or {name}.requires_grad is not {tree.requires_grad}:")
         elif kind is dict or kind is tuple or kind is list:
             name = f"n{counts['n']}"
             counts["n"] += 1
@@ -390,6 +407,9 @@ def _checks(args: tuple[Any, ...], constant: Callable[[Any], str], generators: l
 
     for i, arg in enumerate(args):
         check(arg, f"r{i}")
+    if guard is not None and counts["a"]:
+        lines += [f"    if not {constant(guard)}.check({', '.join(f'a{i}' for i in range(counts['a']))}):",
+                  "        return _MISS"]
     return lines
 
 

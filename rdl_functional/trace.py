@@ -26,9 +26,10 @@ so the draws and the caller's generator advance exactly as ``fn``'s would.
 
 The record calls each operation through torch's generated binding for it
 (``torch.mm``, ``Tensor.bernoulli_``, ...) rather than its ``OpOverload``,
-whose Python call costs more; the bindings are checked once per record, on
-the traced arguments, to reach the very overloads recorded, or the
-overloads are called instead.
+whose Python call costs more, passing only the arguments that differ from
+the schema's defaults. The record is itself traced once to check that each
+call reaches the very overload recorded with the very arguments; a call
+that does not is written with all its arguments, then as the overload.
 """
 
 from __future__ import annotations
@@ -88,14 +89,12 @@ def _walk(tree: Any, leaves: list[Tensor], gens: list[torch.Generator], key: lis
         raise _Untraceable(kind.__name__)
 
 
-def _modes() -> tuple[Any, ...]:
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-
-
-def _eager_only() -> bool:
-    """Calls the record must not stand for: inside torch.func's transforms, under torch.autocast."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+# What a call's signature holds beside its arguments, and what makes a call run fn: read once a call, cheaply.
+_is_compiling = torch.compiler.is_compiling
+_functorch_level = torch._C._functorch.peek_interpreter_stack  # not None inside torch.func's transforms
+_any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
 
 
 def _rebuild(tree: Any, leaves: Any, gens: Any) -> Any:
@@ -161,12 +160,12 @@ class Traced:
         return [record for record in self._records.values() if record is not None][index].source
 
     def __call__(self, *args: Any) -> Any:
-        if torch.compiler.is_compiling():  # torch.compile traces the closures themselves
+        if _is_compiling():  # torch.compile traces the closures themselves
             return self._fn(*args)
         self._replayed = False
-        if _eager_only():
+        if _functorch_level() is not None or _any_autocast():  # what a record must not stand for
             return self._fn(*args)
-        modes = _modes()
+        modes = (_grad_enabled(), _inference_mode())
         last = self._last
         if last is not None and last.modes == modes:  # the usual call: the last signature again, checked by it
             out = self._replay(last, args)
@@ -249,14 +248,26 @@ def _record(fn: Callable[..., Any], args: tuple[Any, ...], leaves: list[Tensor],
     for node in graph.nodes:  # a value read from a tensor: the record would replay one branch for every value
         if node.op == "call_function" and not _returns_tensors(node):
             return None
-    for bindings in (True, False):
-        source, names = _write(graph, args, leaves, shape[0], bindings, own)
-        scope = dict(names)
-        exec(compile(source, "<rdl_functional trace>", "exec"), scope)  # the source written from the record
-        run = scope["replay"]
-        if not bindings or _same_overloads_or_false(run, graph, args, leaves, own, states):
-            return _Record(run, modes, source)
-    raise AssertionError("unreachable")
+    # Each operation is first written as torch's binding with its arguments as the closures passed them; where
+    # tracing the record shows another overload or other arguments, with all its arguments; then as the overload.
+    calls = [node for node in graph.nodes if node.op == "call_function" and node.target is not operator.getitem]
+    tiers = dict.fromkeys(calls, 0)
+    while not all(tier == _OVERLOAD for tier in tiers.values()):
+        # Checked with its tensors' checks in Python: a tensor being traced fails dynamo's C++ guard.
+        wrong = _other_calls(_compiled(*_write(graph, args, leaves, shape[0], tiers, own, False)),
+                             graph, args, leaves, own, states)
+        if not wrong or all(tiers[calls[i]] == _OVERLOAD for i in wrong):
+            break  # called as recorded; or what differs is not how it is called: the overload is as recorded
+        for i in wrong:
+            tiers[calls[i]] = min(tiers[calls[i]] + 1, _OVERLOAD)
+    source, names = _write(graph, args, leaves, shape[0], tiers, own, True)
+    return _Record(_compiled(source, names), modes, source)
+
+
+def _compiled(source: str, names: dict[str, Any]) -> Callable[..., Any]:
+    scope = dict(names)
+    exec(compile(source, "<rdl_functional trace>", "exec"), scope)  # the source written from the record
+    return scope["replay"]
 
 
 def _returns_tensors(node: Any) -> bool:
@@ -277,8 +288,11 @@ def _binding(op: Any) -> Callable[..., Any] | None:
     return getattr(torch._C.TensorBase, name, None)
 
 
-def _write(graph: Any, args: tuple[Any, ...], leaves: list[Tensor], out_tree: Any, bindings: bool,
-           own: list[torch.Generator]) -> tuple[str, dict[str, Any]]:
+_BINDING, _BINDING_ALL_ARGUMENTS, _OVERLOAD = 0, 1, 2  # how an operation is called, fastest first
+
+
+def _write(graph: Any, args: tuple[Any, ...], leaves: list[Tensor], out_tree: Any, tiers: dict[Any, int],
+           own: list[torch.Generator], guard: bool) -> tuple[str, dict[str, Any]]:
     """The record as ``replay(*args) -> out``: first the signature's checks (``_MISS`` if the arguments have
     another), then one line per operation, each value dropped after its last use."""
     names: dict[str, Any] = {"_MISS": _MISS, "_Tensor": Tensor, "_Generator": torch.Generator}
@@ -307,17 +321,17 @@ def _write(graph: Any, args: tuple[Any, ...], leaves: list[Tensor], out_tree: An
     def render(value: Any) -> str:
         return var[value] if isinstance(value, torch.fx.Node) else constant(value)
 
-    def function(op: Any) -> str:
-        label = f"_{op._schema.name.split('::')[-1]}_{op._overloadname}"
-        if label not in names:
-            names[label] = (_binding(op) if bindings else None) or op._op
+    def function(op: Any, tier: int) -> str:
+        binding = _binding(op) if tier != _OVERLOAD else None
+        label = f"_{op._schema.name.split('::')[-1]}_{op._overloadname}" + ("" if binding else "_op")
+        names[label] = binding or op._op
         return label
 
     nodes = list(graph.nodes)
     last_use = {node: i for i, user in enumerate(nodes) for node in user.all_input_nodes}
     lines = [f"def replay({', '.join(f'r{i}' for i in range(len(args)))}):"]
     generators: list[str] = []
-    lines += _checks(args, constant, generators, _tensor_guard(leaves))
+    lines += _checks(args, constant, generators, _tensor_guard(leaves) if guard else None)
     placeholders = [node for node in nodes if node.op == "placeholder"]
     for i, node in enumerate(placeholders):
         var[node] = f"a{i}"
@@ -331,11 +345,10 @@ def _write(graph: Any, args: tuple[Any, ...], leaves: list[Tensor], out_tree: An
             if node.target is operator.getitem:
                 lines.append(f"    {var[node]} = {render(node.args[0])}[{node.args[1]}]")
             else:
-                args, kwargs = _full(node.target, node.args, node.kwargs)
-                while args and args[-1] is None:  # a trailing None is "absent" to every binding; some refuse it
-                    args.pop()
+                tier = tiers[node]
+                args, kwargs = _arguments(node.target, node.args, node.kwargs, tier == _BINDING)
                 call = [render(arg) for arg in args] + [f"{k}={render(v)}" for k, v in kwargs.items()]
-                lines.append(f"    {var[node]} = {function(node.target)}({', '.join(call)})")
+                lines.append(f"    {var[node]} = {function(node.target, tier)}({', '.join(call)})")
         elif node.op == "get_attr":
             var[node] = constant(getattr(graph.owning_module, node.target))
         elif node.op == "output":
@@ -460,10 +473,36 @@ def _full(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[
     return full, named
 
 
+def _arguments(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], fewest: bool) -> tuple[list[Any],
+                                                                                                dict[str, Any]]:
+    """The arguments to write: all of the schema's (``fewest=False``; a trailing or keyword ``None`` left out,
+    which every binding reads as absent and some refuse), or only those that differ from the schema's defaults."""
+    full, named = _full(op, args, kwargs)
+    schema = op._schema.arguments
+    defaults = {a.name: a.default_value for a in schema if a.has_default_value()}
+
+    def is_default(name: str, value: Any) -> bool:
+        return (value is None or (fewest and name in defaults and not isinstance(value, (Tensor, torch.fx.Node))
+                and type(value) is type(defaults[name]) and value == defaults[name]))
+
+    while full and is_default(schema[len(full) - 1].name, full[-1]):
+        full.pop()
+    return full, {name: value for name, value in named.items() if not is_default(name, value)}
+
+
 def _shape_of_call(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """An operation and its arguments other than tensors: what a binding must reproduce."""
     full, named = _full(op, args, kwargs)
-    return (op, *[None if isinstance(v, (Tensor, torch.fx.Node)) else v for v in [*full, *named.values()]])
+    return (op, *[_no_tensors(v) for v in [*full, *named.values()]])
+
+
+def _no_tensors(value: Any) -> Any:
+    """``value`` with each tensor (or the node that stands for one), in lists too, as ``None``."""
+    if isinstance(value, (Tensor, torch.fx.Node)):
+        return None
+    if isinstance(value, (list, tuple)):
+        return tuple(_no_tensors(item) for item in value)
+    return value
 
 
 def _graph(fn: Callable[..., Any], leaves: list[Tensor]) -> Any:
@@ -483,18 +522,17 @@ def _calls(graph: Any) -> list[tuple[Any, ...]]:
             if node.op == "call_function" and node.target is not operator.getitem]
 
 
-def _same_overloads_or_false(*args: Any) -> bool:
-    try:
-        return _same_overloads(*args)
-    except Exception:  # a binding that refuses the record's arguments: the overloads are called instead
-        return False
-
-
-def _same_overloads(run: Callable[..., Any], graph: Any, args: tuple[Any, ...], leaves: list[Tensor],
-                    own: list[torch.Generator], states: list[Tensor]) -> bool:
-    """Whether the bindings ``run`` calls reach the overloads the record holds, with its arguments, in its order:
-    ``run`` traced as the record was."""
+def _other_calls(run: Callable[..., Any], graph: Any, args: tuple[Any, ...], leaves: list[Tensor],
+                 own: list[torch.Generator], states: list[Tensor]) -> list[int]:
+    """Which of the record's operations ``run`` does not call as recorded (the same overload, the same arguments,
+    in the same order), found by tracing ``run`` as the record was traced; every one, if ``run`` fails."""
     for mine, state in zip(own, states, strict=True):
         mine.set_state(state)
-    replayed = _graph(lambda *tensors: run(*_rebuild(args, iter(tensors), iter(own))), leaves)
-    return _calls(replayed) == _calls(graph)
+    recorded = _calls(graph)
+    try:
+        replayed = _calls(_graph(lambda *tensors: run(*_rebuild(args, iter(tensors), iter(own))), leaves))
+    except Exception:  # a binding that refuses the arguments written
+        return list(range(len(recorded)))
+    if len(replayed) != len(recorded):
+        return list(range(len(recorded)))
+    return [i for i, (a, b) in enumerate(zip(replayed, recorded, strict=True)) if a != b]

@@ -31,7 +31,7 @@ MODULES = [
     "autodiff",
     "step",
     "checkpoint",
-    "codegen",
+    "trace",
     "activations",
     "initializers",
     "transforms",

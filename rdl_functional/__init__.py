@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
 from .autodiff import value_and_grad
-from .codegen import Code
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .distributed import data_parallel
@@ -127,7 +126,6 @@ __all__ = [
     "Captured",
     "CapturedStep",
     "Checkpoint",
-    "Code",
     "CompiledStep",
     "DiscData",
     "DiscResult",

@@ -1,4 +1,4 @@
-"""Gradients of a loss through a model, from the hand-written pullbacks, run by a plan.
+"""Gradients of a loss through a model, from the hand-written pullbacks, run by a plan and traced once.
 
 ``value_and_grad(model, loss)`` looks at the model once and makes a *plan*:
 the flat list of its leaf layers (composes seen through, however nested),
@@ -13,6 +13,14 @@ Anything the guard does not vouch for (a ``Mapping`` that is not a dict, an
 unknown key) runs the general path, ``model.vjp``, which gives the same
 results and raises the same messages; a leaf's error is prefixed with its
 path exactly as compose prefixes it.
+
+The plan is then traced (:mod:`rdl_functional.trace`): the first call of a
+signature (the params' structure and key order, every tensor's shape, dtype,
+device and strides, ``train``) runs the plan, then records the aten
+operations it ran; later calls of that signature run the record, the same
+kernels in the same order. ``fn.traced`` is the :class:`~rdl_functional.trace.Traced`
+behind a returned ``fn``: ``fn.traced.signatures`` and ``fn.traced.replayed``
+say what it holds and what the last call ran.
 """
 
 from __future__ import annotations
@@ -23,11 +31,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .codegen import generate
 from .combinators import _NO_PARAMS, _in_layer
 from .layers import Layer, Params
 from .losses import Loss, check_loss
 from .stateful import State, StatefulLayer
+from .trace import trace
 
 __all__ = ["value_and_grad"]
 
@@ -74,7 +82,8 @@ def _assemble(spec: _Spec, params: Params, grads: list[Params]) -> Params:
 
 
 def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, Tensor | None], tuple[Tensor, Params]]:
-    """``fn(params, x, target, seed) -> (value, grads)``: the plan; ``seed`` is the loss's cotangent (None: 1)."""
+    """``fn(params, x, target, seed) -> (value, grads)``: the plan, traced; ``seed`` is the loss's cotangent
+    (None: 1)."""
     leaves: list[_Leaf] = []
     nodes: list[_Node] = []
     spec = _plan(model, (), leaves, nodes)
@@ -120,13 +129,7 @@ def _gradient_fn(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, 
             return value, {key: grads[spec[key]] for key in params}
         return value, _assemble(spec, params, grads)
 
-    codes = [leaf.layer.code for leaf in leaves]
-    if (type(spec) is int or flat) and loss.code is not None and all(code is not None for code in codes):
-        keys = [None] if type(spec) is int else [leaf.keys[0] for leaf in leaves]
-        generated = generate(keys, codes, loss.code, planned)
-        if generated is not None:
-            return generated
-    return planned
+    return trace(planned)
 
 
 _set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad sets, without its context manager's 4 µs
@@ -179,6 +182,7 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
                               train: bool = True) -> tuple[Tensor, Params, State]:
             return _no_graph(run_stateful, params, state, x, target, generator, train, None)
 
+        value_and_grad_fn.traced = run_stateful.traced  # type: ignore[attr-defined]
         return value_and_grad_fn
     if not isinstance(model, Layer):
         raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
@@ -187,6 +191,7 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
     def value_and_grad_fn(params: Params, x: Tensor, target: Tensor) -> tuple[Tensor, Params]:
         return _no_graph(run, params, x, target, None)
 
+    value_and_grad_fn.traced = run  # type: ignore[attr-defined]
     return value_and_grad_fn
 
 
@@ -200,11 +205,20 @@ def _stateful_gradient_fn(model: StatefulLayer, loss: Loss) -> Callable[..., tup
     if model.skips_dx:
         options["need_dx"] = False
 
-    def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, generator: Any, train: bool,
-                          seed: Tensor | None) -> tuple[Tensor, Params, State]:
+    def closures(params: Params, state: State, x: Tensor, target: Tensor, generator: Any, train: bool,
+                 seed: Tensor | None) -> tuple[Tensor, Params, State]:
         pred, new_state, pullback = model.vjp(params, state, x, train=train, generator=generator)
         value, loss_pullback = loss_vjp(pred, target)
         grads, _ = pullback(loss_pullback(torch.ones_like(value) if seed is None else seed), **options)
         return value, grads, new_state
 
+    traced = trace(closures)
+
+    def value_and_grad_fn(params: Params, state: State, x: Tensor, target: Tensor, generator: Any, train: bool,
+                          seed: Tensor | None) -> tuple[Tensor, Params, State]:
+        if type(generator) is int:  # the one generator compose would make of the seed, made here for the record
+            generator = torch.Generator().manual_seed(generator)
+        return traced(params, state, x, target, generator, train, seed)
+
+    value_and_grad_fn.traced = traced  # type: ignore[attr-defined]
     return value_and_grad_fn

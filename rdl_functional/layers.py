@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .codegen import Code
 from .initializers import INITIALIZERS, Initializer
 
 Params = dict[str, Any]
@@ -93,11 +92,6 @@ class Layer:
             input have a leading model dimension; ``None`` lets
             :func:`~rdl_functional.stacked` map the layer over the models with
             ``torch.func.vmap``, which is correct for any layer, only slower.
-        code: the layer's forward and backward as lines of Python
-            (:class:`~rdl_functional.codegen.Code`), which must run the very
-            kernels ``vjp`` and its pullback run; when every layer of a model
-            has one, :func:`~rdl_functional.value_and_grad` writes the whole
-            step out as one function.
     """
 
     init: Callable[..., Params]
@@ -107,7 +101,6 @@ class Layer:
     skips_dx: bool = False
     sequence: tuple[Layer, ...] = ()
     stacked: Layer | None = None
-    code: Code | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # Said once here for every layer, the library's and yours: init gets a torch.Generator for an int seed
@@ -264,7 +257,6 @@ def _elementwise(
     backward: Callable[[Tensor, Tensor], Tensor],
     *,
     keeps: str = "y",
-    code: Code | None = None,
 ) -> Layer:
     """A parameterless layer ``y = forward(x)`` with ``dx = backward(dy, kept)``.
 
@@ -299,43 +291,32 @@ def _elementwise(
 
         return y, pullback
 
-    layer = Layer(init=_no_params, apply=apply, vjp=vjp, name=name, code=code)
+    layer = Layer(init=_no_params, apply=apply, vjp=vjp, name=name)
     # Elementwise, so any leading dimensions, a stack of models' included, need nothing new.
     return attrs.evolve(layer, stacked=layer)
-
-
-def _elementwise_code(forward: str, pullback: str, **names: Any) -> Code:
-    """Code for a parameterless layer: ``{y} = forward`` and ``{dx} = pullback``."""
-    return Code(forward=f"{{y}} = {forward}", pullback=f"{{dx}} = {pullback}", names=names)
 
 
 relu = _elementwise(
     "relu",
     torch.relu,  # y = max(x, 0)
     lambda dy, y: _threshold_backward(dy, y, 0),  # dx = dy ⊙ [y > 0]
-    code=_elementwise_code("_relu({x})", "_threshold_backward({dy}, {y}, 0)", _relu=torch.relu,
-                           _threshold_backward=_threshold_backward),
 )
 
 tanh = _elementwise(
     "tanh",
     torch.tanh,
     _tanh_backward,  # dx = dy ⊙ (1 − y²)
-    code=_elementwise_code("_tanh({x})", "_tanh_backward({dy}, {y})", _tanh=torch.tanh, _tanh_backward=_tanh_backward),
 )
 
 sigmoid = _elementwise(
     "sigmoid",
     torch.sigmoid,  # y = 1 / (1 + e⁻ˣ)
     _sigmoid_backward,  # dx = dy ⊙ y ⊙ (1 − y)
-    code=_elementwise_code("_sigmoid({x})", "_sigmoid_backward({dy}, {y})", _sigmoid=torch.sigmoid,
-                           _sigmoid_backward=_sigmoid_backward),
 )
 
 # Identity returns new tensors, as every layer does, so that a caller who
 # writes into y (or dx) never writes into x (or dy).
-identity = _elementwise("identity", torch.clone, lambda dy, y: dy.clone(),  # dx = dy
-                        code=_elementwise_code("{x}.clone()", "{dy}.clone()"))
+identity = _elementwise("identity", torch.clone, lambda dy, y: dy.clone())  # dx = dy
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
@@ -357,12 +338,6 @@ def leaky_relu(negative_slope: float = 0.01) -> Layer:
         lambda x: _leaky_relu(x, slope),
         lambda dy, x: _leaky_relu_backward(dy, x, slope, False),
         keeps="x",
-        code=_elementwise_code(
-            f"_leaky_relu({{x}}, {slope!r})",
-            f"_leaky_relu_backward({{dy}}, {{x}}, {slope!r}, False)",
-            _leaky_relu=_leaky_relu,
-            _leaky_relu_backward=_leaky_relu_backward,
-        ),
     )
 
 
@@ -477,16 +452,7 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
 
     # The stack of models: weight (models, out, in), bias (models, out), x (models, batch, in).
     stacked = Layer(init=init_params, apply=stacked_apply, vjp=stacked_vjp, name=name, skips_dx=True)
-    code = Code(
-        forward="{y} = _linear({x}, {weight}, {bias})",
-        pullback="{dweight} = {dy}.t().mm({x})\n{dbias} = {dy}.sum(0)\n{dx} = {dy}.mm({weight})",
-        pullback_no_dx="{dweight} = {dy}.t().mm({x})\n{dbias} = {dy}.sum(0)",
-        params=(("weight", (out_features, in_features)), ("bias", (out_features,))),
-        in_features=in_features,
-        out_features=out_features,
-        names={"_linear": _linear},
-    )
-    return Layer(init=init_params, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked, code=code)
+    return Layer(init=init_params, apply=apply, vjp=vjp, name=name, skips_dx=True, stacked=stacked)
 
 
 def _autocast_pullback(dy: Tensor, x: Tensor, weight: Tensor, in_features: int, out_features: int,

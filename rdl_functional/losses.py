@@ -12,8 +12,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from .codegen import Code
 from .layers import autocast_on
+from .trace import is_tracing
 
 __all__ = [
     "Loss",
@@ -40,13 +40,11 @@ class Loss:
         apply: ``(pred, target) -> value``, a 0-dim tensor.
         vjp: ``(pred, target) -> (value, pullback)`` with ``pullback(g) -> dpred``.
         name: how the loss prints and how error messages name it.
-        code: the loss as lines of Python, as :class:`~rdl_functional.Layer`'s ``code``.
     """
 
     apply: Callable[[Tensor, Tensor], Tensor]
     vjp: Callable[[Tensor, Tensor], tuple[Tensor, LossPullback]]
     name: str = "loss"
-    code: Code | None = attrs.field(default=None, repr=False)
 
     def __call__(self, *args: Tensor) -> Tensor:
         if len(args) != 2:
@@ -164,12 +162,6 @@ mse_loss = Loss(
     apply=_mse_apply,
     vjp=_mse_vjp,
     name="mse_loss",
-    code=Code(
-        guard="isinstance({t}, _Tensor) and {t}.shape == {x}.shape and {t}.dtype == {x}.dtype",
-        forward="{y} = _mse_loss({x}, {t}, 1)",
-        pullback="{dx} = _mse_loss_backward({dy}, {x}, {t}, 1)",
-        names={"_mse_loss": _mse_loss, "_mse_loss_backward": _mse_loss_backward},
-    ),
 )
 """Mean squared error over all elements, exactly ``torch.nn.functional.mse_loss``.
 
@@ -201,7 +193,7 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
     # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
     # Nor under torch.func's transforms (vmap), where a value read from the data is not allowed.
-    if (labels.device.type == "cpu" and not _functorch_wrapped(labels) and labels.numel()
+    if (labels.device.type == "cpu" and not _functorch_wrapped(labels) and not is_tracing() and labels.numel()
             and (labels.min() < 0 or labels.max() >= classes)):
         raise ValueError(
             f"{where}: labels must lie in [0, {classes}), got values in "

@@ -50,66 +50,55 @@ STATE_DICT_MODELS = {
 }
 
 
-def _spy_on_fallback(monkeypatch, step) -> list[int]:
-    """Calls of the generated step's way out to the general plan, recorded (the step must be generated)."""
-    assert step.__code__.co_filename == "<rdl_functional generated step>"
-    calls: list[int] = []
-    fallback = step.__globals__["_fallback"]
-    monkeypatch.setitem(step.__globals__, "_fallback", lambda *args: calls.append(1) or fallback(*args))
-    return calls
+def _twice(step, params, x, target):
+    """The step's first call of a signature (the closures, then the record) and its second (the record)."""
+    step(params, x, target)
+    out = step(params, x, target)
+    assert step.traced.replayed
+    return out
 
 
 @pytest.mark.parametrize("name", STATE_DICT_MODELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_state_dict_tree_takes_the_fast_path_with_the_bits_of_model_inits_tree(name, dtype, monkeypatch, generator):
+def test_a_state_dict_tree_takes_the_fast_path_with_the_bits_of_model_inits_tree(name, dtype, generator):
     """Regression: a tree read with rf.from_state_dict (no entries for relu, tanh, ...) left the generated step
-    for the general plan, 1.36× slower, and torch.compile broke its graph on it."""
-    from rdl_functional.autodiff import _gradient_fn
-
+    for the general plan, 1.36× slower, and torch.compile broke its graph on it. Now every tree is traced."""
     model = STATE_DICT_MODELS[name]()
     full = model.init(generator, dtype=dtype)
     sparse = rf.from_state_dict(rf.to_state_dict(full))
     assert len(sparse) < len(full)
     x = torch.randn(9, 2, generator=generator, dtype=dtype)
     target = torch.rand(9, 2, generator=generator, dtype=dtype)
-    step = _gradient_fn(model, rf.mse_loss)
-    calls = _spy_on_fallback(monkeypatch, step)
-    value, grads = step(sparse, x, target, None)
-    expected_value, expected = step(full, x, target, None)
-    assert calls == []
+    step = rf.value_and_grad(model, rf.mse_loss)
+    value, grads = _twice(step, sparse, x, target)
+    expected_value, expected = _twice(step, full, x, target)
+    assert step.traced.signatures == 2  # the two layouts are two signatures, each with its record
     assert list(grads) == list(sparse)  # dparams has exactly the keys of params
     assert torch.equal(value, expected_value)
     assert all(torch.equal(grads[key][k], expected[key][k]) for key in grads for k in grads[key])
 
 
-def test_a_torch_sequentials_state_dict_steps_on_the_fast_path(monkeypatch):
-    from rdl_functional.autodiff import _gradient_fn
-
+def test_a_torch_sequentials_state_dict_steps_on_the_fast_path():
     torch_model = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2), torch.nn.Tanh())
     model = rf.compose(rf.linear(2, 5), rf.relu, rf.linear(5, 2), rf.tanh)
     params = rf.from_state_dict(torch_model.state_dict())
-    step = _gradient_fn(model, rf.mse_loss)
-    calls = _spy_on_fallback(monkeypatch, step)
-    _, grads = step(params, torch.rand(4, 2), torch.rand(4, 2), None)
-    assert calls == [] and list(grads) == ["0", "2"]
+    _, grads = _twice(rf.value_and_grad(model, rf.mse_loss), params, torch.rand(4, 2), torch.rand(4, 2))
+    assert list(grads) == ["0", "2"]
 
 
-def test_a_state_dict_tree_in_another_order_still_gets_the_plans_grads_in_its_order(monkeypatch):
-    from rdl_functional.autodiff import _gradient_fn
-
+def test_a_state_dict_tree_in_another_order_still_gets_the_plans_grads_in_its_order():
     model = rf.seed_model()
     full = model.init(0)
-    reordered = {key: full[key] for key in ("2", "0", "4", "6")}  # not a layout the generated step vouches for
-    step = _gradient_fn(model, rf.mse_loss)
-    calls = _spy_on_fallback(monkeypatch, step)
+    reordered = {key: full[key] for key in ("2", "0", "4", "6")}
+    step = rf.value_and_grad(model, rf.mse_loss)
     x, target = torch.rand(4, 2), torch.rand(4, 2)
-    _, grads = step(reordered, x, target, None)
-    _, expected = step(full, x, target, None)
-    assert calls == [1] and list(grads) == ["2", "0", "4", "6"]
+    _, grads = _twice(step, reordered, x, target)
+    _, expected = _twice(step, full, x, target)
+    assert list(grads) == ["2", "0", "4", "6"]
     assert all(torch.equal(grads[key][k], expected[key][k]) for key in grads for k in grads[key])
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["generated", "planned"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
 def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
     """Regression: fit(compile=True) broke its graph at every parameterless layer of a state-dict tree: dynamo
     (torch 2.13) takes an empty MappingProxyType, the plan's stand-in for an absent entry, for true."""
@@ -117,7 +106,7 @@ def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
 
     from rdl_functional.transforms import _sgd
 
-    if nested:  # a nested compose is run by the plan, not by generated code
+    if nested:
         model = rf.compose(rf.linear(2, 4), rf.compose(rf.relu, rf.linear(4, 2)), rf.tanh)
     else:
         model = rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2), rf.tanh)

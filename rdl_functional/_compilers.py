@@ -8,9 +8,11 @@ what its graph was traced for.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import statistics
+import tempfile
 import time
 import types
 import warnings
@@ -114,17 +116,37 @@ def _fingerprint(obj: Any, out: list[str], seen: set[int], depth: int = 0) -> No
         out.append(type(obj).__qualname__)
         for field in attrs.fields(type(obj)):
             _fingerprint(getattr(obj, field.name), out, seen, depth + 1)
-    else:
-        out.append(type(obj).__qualname__)
+    elif isinstance(obj, functools.partial):
+        _fingerprint((obj.func, obj.args, obj.keywords), out, seen, depth + 1)
+    elif isinstance(obj, (types.BuiltinFunctionType, types.ModuleType, type, torch._ops.OpOverload,
+                          torch._ops.OpOverloadPacket)):  # named for good: torch.tanh, aten.mm.default, a class
+        out.append(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', None) or repr(obj)}")
+    else:  # an object whose values this cannot read (a callable object, a module of torch.nn, ...)
+        out.append(_OPAQUE + type(obj).__qualname__)
 
 
-def _digest(step: TrainStep, key: Any) -> str:
+# Marks a fingerprint that may leave out something the graph depends on: its package is not kept for later.
+_OPAQUE = "\x00opaque:"
+# What train_step computes its gradient with; any other (rf.data_parallel's, yours) is not fingerprinted.
+_OWN_GRAD = "value_and_grad.<locals>.value_and_grad_fn"
+
+
+def _digest(step: TrainStep, key: Any) -> tuple[str, bool]:
     """The cache's name for what a signature's graph was traced for: the model's, the loss's and the optimizer's
-    code and hyperparameters (not the rate: an input), the signature, the device and the torch version."""
-    out = [torch.__version__, repr(key)]
+    code and hyperparameters (not the rate: an input), how the step takes its gradient, the signature, the device
+    and the torch version; and whether that name says everything the graph depends on, so that a later process may
+    load its package (not when it holds an object whose values it cannot read, or a gradient function other than
+    train_step's own, such as rf.data_parallel's, whose all-reduce the package must not lose)."""
+    out = [torch.__version__, repr(key), getattr(step._grad, "__qualname__", type(step._grad).__qualname__)]
     links = [attrs.evolve(link, lr=None) for link in step.optimizer.links]  # the schedule is not in the graph
     _fingerprint((step.model, step.loss, links), out, set())
-    return hashlib.sha256("\n".join(out).encode()).hexdigest()[:32]
+    reusable = out[2] == _OWN_GRAD and not any(part.startswith(_OPAQUE) for part in out)
+    return hashlib.sha256("\n".join(out).encode()).hexdigest()[:32], reusable
+
+
+def _package_folder(cache: Path, reusable: bool) -> Path:
+    """Where a signature's package goes: the cache, or a folder of its own that no later process looks in."""
+    return cache / "aoti" if reusable else Path(tempfile.mkdtemp(prefix="rdl-aoti-"))
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:

@@ -262,8 +262,11 @@ def data_parallel(step: Any) -> Any:
     from .step import TrainStep
 
     if not isinstance(step, TrainStep):
+        order = (" (data_parallel shards the eager step; compile or capture the sharded one: "
+                 "rf.compiled(rf.data_parallel(step)))" if type(step).__name__ in ("CompiledStep", "CapturedStep")
+                 else "")
         raise TypeError(f"data_parallel: expected an rf.TrainStep (rf.train_step(model, loss, optimizer)), got "
-                        f"{type(step).__name__}")
+                        f"{type(step).__name__}{order}")
     rank, size = world()
     if size == 1:
         return step

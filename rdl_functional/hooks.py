@@ -226,8 +226,11 @@ class EarlyStopping:
     best_epoch: int | None = None
     best: float | None = None
     _state: TrainState | None = attrs.field(default=None, repr=False)
+    _run: Progress | None = attrs.field(default=None, repr=False, eq=False)
 
     def on_epoch(self, progress: Progress) -> None:
+        if progress is not self._run:  # another fit: what an earlier run found best is not this run's
+            self._run, self.best, self.best_epoch, self._state = progress, None, None, None
         name = self.monitor or ("test_loss" if progress.history.test_loss else "train_loss")
         values = getattr(progress.history, name, None)
         if not values:

@@ -418,7 +418,7 @@ def fit(
     finite = _Finite(checkpoint) if check_finite else None
     hooks = [finite, measure, *(_early(patience, record_history, checkpoint)),
              _checkpoints(checkpoint, checkpoint_every, epochs, data, settings, finite, rank, optimizer, model),
-             _Callback(callback) if callback is not None else None, *_user_hooks(on_step, hooks)]
+             _Callback(callback) if callback is not None else None, *_user_hooks(on_step, hooks, checkpoint)]
     step_hooks = [hook.on_step for hook in hooks if hasattr(hook, "on_step")]
     epoch_hooks = [hook.on_epoch for hook in hooks if hasattr(hook, "on_epoch")]
     progress = Progress(state, measure.start(resumed), epoch=resumed.epochs_done if resumed else 0,
@@ -485,9 +485,10 @@ class _Measure:
         progress.history = history
 
 
-def _user_hooks(on_step: Any, hooks: Any) -> list[Any]:
+def _user_hooks(on_step: Any, hooks: Any, checkpoint: Any) -> list[Any]:
     """``on_step`` as a hook, then ``hooks``, each checked to be a hook (an object with some of on_step, on_epoch
-    and on_end), so that a misspelt method fails now rather than never being called."""
+    and on_end), so that a misspelt method fails now rather than never being called; early stopping is refused
+    with a checkpoint, as ``patience`` is (a resumed run would lose the best state it holds in memory)."""
     if on_step is not None and not callable(on_step):
         raise TypeError(f"fit: on_step must be a function on_step(progress), got {type(on_step).__name__}")
     if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
@@ -498,6 +499,9 @@ def _user_hooks(on_step: Any, hooks: Any) -> list[Any]:
             raise TypeError(f"fit: hooks[{index}] ({type(hook).__name__}) has none of the methods on_step(progress), "
                             "on_epoch(progress), on_end(progress) that make a hook (rdl_functional.hooks has the "
                             "protocol)")
+        if checkpoint is not None and isinstance(hook, EarlyStopping):
+            raise ValueError(f"fit: hooks[{index}] (early stopping) keeps the best epoch's state in memory, which a "
+                             "checkpoint does not hold: a resumed run would lose it. Use one or the other")
     return [*([_OnStep(on_step)] if on_step is not None else []), *hooks]
 
 

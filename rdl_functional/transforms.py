@@ -41,7 +41,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._compilers import Runner, _aoti, _cache_dir, _digest, _inductor, _measure
+from ._compilers import Runner, _aoti, _cache_dir, _digest, _inductor, _measure, _package_folder
 from .autodiff import value_and_grad
 from .layers import Layer, Params
 from .losses import Loss
@@ -269,8 +269,8 @@ class CompiledStep:
 
     def _build(self, key: Any, leaves: list[Tensor], layout: _Layout) -> Runner:
         fn = self._flat.function(layout, _count_leaves(layout.spec))
-        digest = _digest(self.step, key)
-        folder = self.cache_dir / "aoti"
+        digest, reusable = _digest(self.step, key)
+        folder = _package_folder(self.cache_dir, reusable)
         package, record = folder / f"{digest}.pt2", folder / f"{digest}.json"
         start = time.perf_counter()
         wanted = self.backend

@@ -293,3 +293,37 @@ def test_hooks_that_are_not_hooks_are_refused_by_name():
         rf.fit(model, rf.mse_loss, model.init(0), x, target, hooks=Misspelt(), **fit)
     with pytest.raises(TypeError, match=r"fit: on_step must be a function on_step\(progress\), got int"):
         rf.fit(model, rf.mse_loss, model.init(0), x, target, on_step=3, **fit)
+
+
+def test_an_early_stopping_hook_used_again_starts_afresh_not_from_the_last_runs_best():
+    """Regression: a reused rf.early_stopping hook kept the last run's best loss and state, and handed that run's
+    params back from a run that never beat it."""
+    model = rf.compose(rf.linear(2, 8), rf.relu, rf.linear(8, 2))
+    x, labels = rf.disc_dataset(120, 1)
+    stop = rf.early_stopping(3)
+    run = dict(epochs=12, batch_size=20, optimizer=rf.sgd(0.5), generator=0, validation=0.25)
+    first, _ = rf.fit(model, rf.cross_entropy_loss, model.init(0), x, labels, hooks=[stop], **run)
+    second, history = rf.fit(model, rf.cross_entropy_loss, model.init(1), x, labels, hooks=[stop], **run)
+    alone, alone_history = rf.fit(model, rf.cross_entropy_loss, model.init(1), x, labels,
+                                  hooks=[rf.early_stopping(3)], **run)
+    assert history.best_epoch == alone_history.best_epoch and _equal_trees(second, alone)
+    assert not _equal_trees(second, first)
+
+
+def test_an_early_stopping_hook_is_refused_with_a_checkpoint_as_patience_is(tmp_path):
+    """Regression: patience= with checkpoint= was refused, hooks=[rf.early_stopping(n)] with checkpoint= was not; a
+    resumed run loses the best state the hook keeps in memory."""
+    model = rf.linear(2, 2)
+    x, target = _data(40)
+    with pytest.raises(ValueError, match=r"fit: hooks\[0\] \(early stopping\) keeps the best epoch's state in memory, "
+                                         r"which a checkpoint does not hold"):
+        rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=2, batch_size=10, optimizer=rf.sgd(0.1),
+               generator=0, validation=0.25, hooks=[rf.early_stopping(2)], checkpoint=tmp_path / "run.ckpt")
+    assert not (tmp_path / "run.ckpt").exists()
+
+
+def test_data_parallel_of_a_compiled_step_names_the_order_that_composes():
+    step = rf.train_step(rf.linear(2, 1), rf.mse_loss, rf.sgd(0.1))
+    with pytest.raises(TypeError, match=r"got CompiledStep \(data_parallel shards the eager step; compile or capture "
+                                        r"the sharded one: rf.compiled\(rf.data_parallel\(step\)\)\)"):
+        rf.data_parallel(rf.compiled(step))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 import torch
 
@@ -78,13 +79,51 @@ def test_the_rate_and_the_count_are_inputs_of_the_flat_step_not_constants():
 
 def test_the_cache_key_follows_the_hyperparameters_not_the_rate():
     key = ("a signature",)
-    adam = _digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3)), key)
-    assert adam == _digest(rf.train_step(TINY, rf.mse_loss, rf.adam(rf.linear_schedule(1.0, 0.0, 5))), key)
-    assert adam != _digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3, betas=(0.8, 0.999))), key)
-    assert adam != _digest(rf.train_step(TINY, rf.l1_loss(), rf.adam(1e-3)), key)
-    assert adam != _digest(rf.train_step(rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2)), rf.mse_loss,
-                                         rf.adam(1e-3)), key)
-    assert adam != _digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3)), ("another signature",))
+
+    def digest(step, key=key):
+        name, reusable = _digest(step, key)
+        assert reusable  # the library's own layers, losses and optimizers: every value read
+        return name
+
+    adam = digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3)))
+    assert adam == digest(rf.train_step(TINY, rf.mse_loss, rf.adam(rf.linear_schedule(1.0, 0.0, 5))))
+    assert adam != digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3, betas=(0.8, 0.999))))
+    assert adam != digest(rf.train_step(TINY, rf.l1_loss(), rf.adam(1e-3)))
+    assert adam != digest(rf.train_step(rf.compose(rf.linear(2, 4), rf.relu, rf.linear(4, 2)), rf.mse_loss,
+                                        rf.adam(1e-3)))
+    assert adam != digest(rf.train_step(TINY, rf.mse_loss, rf.adam(1e-3)), ("another signature",))
+
+
+def _scaled(k, wrap=lambda f: f):
+    """A layer of one's own that multiplies by ``k``, held as ``wrap(functools.partial(torch.mul, other=k))``."""
+    import functools
+
+    f = wrap(functools.partial(torch.mul, other=k))
+    return rf.Layer(init=lambda g, *, dtype=torch.float32: {}, apply=lambda p, x: f(x),
+                    vjp=lambda p, x: (f(x), lambda dy: ({}, f(dy))), name="scaled")
+
+
+def test_the_cache_never_serves_a_package_for_another_step():
+    """Regression: a functools.partial's values, and the gradient function rf.data_parallel puts in the step, were
+    not in the cache's name, so another step (without the all-reduce, or scaling by another number) could load the
+    package compiled for the first."""
+    key = ("a signature",)
+    two, three = (_digest(rf.train_step(rf.compose(rf.linear(2, 1), _scaled(k)), rf.mse_loss, rf.sgd(0.1)), key)
+                  for k in (2.0, 3.0))
+    assert two[1] and three[1] and two[0] != three[0]
+    step = rf.train_step(TINY, rf.mse_loss, rf.sgd(0.1))
+    sharded = attrs.evolve(step, grad=lambda params, x, target: step._grad(params, x, target))
+    assert _digest(sharded, key)[0] != _digest(step, key)[0] and not _digest(sharded, key)[1]
+
+    class Times:  # a callable object: its fields are not read, so its package is kept for this process only
+        def __init__(self, f):
+            self.f = f
+
+        def __call__(self, x):
+            return self.f(x)
+
+    opaque = rf.train_step(rf.compose(rf.linear(2, 1), _scaled(2.0, Times)), rf.mse_loss, rf.sgd(0.1))
+    assert not _digest(opaque, key)[1]
 
 
 def test_what_cannot_be_compiled_is_refused_by_name():

@@ -25,7 +25,10 @@ def _uses(source: str, *, export_container: bool = False) -> list[str]:
     for node in ast.walk(tree):
         if id(node) in allowed:
             continue
-        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRIBUTES:
+        # .func is torch.func only (a functools.partial's .func is no transform).
+        torch_func = node.attr != "func" or ast.unparse(node.value) == "torch" if isinstance(node, ast.Attribute) \
+            else True
+        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRIBUTES and torch_func:
             found.append(f"line {node.lineno}: .{node.attr}")
         vmap_only = isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["vmap"]
         if vmap_only and node.module == "torch.func":
@@ -59,6 +62,11 @@ def test_the_export_container_is_the_only_torch_nn_allowed():
     container = "import torch\nclass M(torch.nn.Module):\n    pass\n"
     assert _uses(container) and not _uses(container, export_container=True)
     assert _uses(container + "layer = torch.nn.Linear(2, 3)\n", export_container=True)
+
+
+def test_a_partials_func_is_not_torch_func():
+    assert not _uses("import functools\nf = functools.partial(max, 1)\ng = f.func\n")
+    assert _uses("import torch\nv = torch.func.vmap\n")
 
 
 def test_the_scan_would_see_a_use():

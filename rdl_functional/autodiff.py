@@ -189,6 +189,7 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
             return _no_graph(run_stateful, params, state, x, target, generator, train, None)
 
         value_and_grad_fn.traced = run_stateful.traced  # type: ignore[attr-defined]
+        value_and_grad_fn._gradient_of = (model, loss)  # type: ignore[attr-defined]  # train_step reads it
         return value_and_grad_fn
     if not isinstance(model, Layer):
         raise TypeError(f"value_and_grad: model must be a Layer, got {type(model).__name__}")
@@ -198,6 +199,7 @@ def value_and_grad(model: Layer | StatefulLayer, loss: Loss) -> ValueAndGrad | S
         return _no_graph(run, params, x, target, None)
 
     value_and_grad_fn.traced = run  # type: ignore[attr-defined]
+    value_and_grad_fn._gradient_of = (model, loss)  # type: ignore[attr-defined]  # train_step reads it
     return value_and_grad_fn
 
 

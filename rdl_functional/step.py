@@ -19,6 +19,8 @@ keep and restore a whole run in one call each.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -26,13 +28,23 @@ import torch
 from torch import Tensor
 
 from ._random import as_generator
-from .autodiff import value_and_grad
+from .autodiff import _gradient_fn, _stateful_gradient_fn, value_and_grad
 from .layers import Layer, Params
 from .losses import Loss, check_loss
 from .optim import _FACTORIES, Optimizer
 from .optim.base import _read_state
 from .stateful import State, StatefulLayer
-from .tree import Tree, tree_difference, tree_flatten, tree_leaves, tree_unflatten
+from .trace import Traced, is_tracing, trace
+from .tree import (
+    Tree,
+    _fill_spec,
+    _leaves_by_spec,
+    _spec_of,
+    tree_difference,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
 
 __all__ = ["TrainState", "TrainStep", "train_state", "train_step"]
 
@@ -122,28 +134,162 @@ class TrainStep:
     loss: Loss
     optimizer: Optimizer
     _grad: Any = attrs.field(repr=False)
+    # The whole step as one traced record, when the step is train_step's own (not one a transform made with
+    # another gradient or optimizer): made after init, so attrs.evolve(step, grad=...) makes it anew.
+    _flat: Any = attrs.field(init=False, repr=False, default=None)
+    _fills: dict[Any, Any] = attrs.field(init=False, repr=False, factory=dict)  # the params' structure: a filler
+    _rates: dict[int, Any] = attrs.field(init=False, repr=False, factory=dict)  # each rule's last rate tensor
+
+    def __attrs_post_init__(self) -> None:
+        if type(self.optimizer) is Optimizer and getattr(self._grad, "_gradient_of", None) == (self.model, self.loss):
+            object.__setattr__(self, "_flat", _flat_step(self.model, self.loss, self.optimizer))
 
     def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
         """One step on the batch ``x`` ``(batch, ...)``, ``target`` ``(batch, ...)``: ``(new_state, metrics)``."""
-        if not isinstance(state, TrainState):
+        if type(state) is not TrainState:
             raise TypeError(f"train_step: state must be an rf.TrainState (from rf.train_state(model, optimizer, "
                             f"params) or rf.load_state(path)), got {type(state).__name__}")
-        if isinstance(self.model, StatefulLayer):
+        stateful = isinstance(self.model, StatefulLayer)
+        if not stateful and state.model_state:
+            raise ValueError(f"train_step: {self.model.name} is a plain Layer, which has no state, but "
+                             f"state.model_state holds {sorted(state.model_state)} (a state of another model?)")
+        generator = None
+        if stateful:
             generator = torch.Generator()
             generator.set_state(state.generator)  # a copy of its bytes: the state passed in is not changed
+        if self._flat is not None:
+            return self._flat_call(state, x, target, generator)
+        if stateful:
             value, grads, model_state = self._grad(state.params, state.model_state, x, target, generator=generator,
                                                    train=True)
-            drawn = generator.get_state()
         else:
-            if state.model_state:
-                raise ValueError(f"train_step: {self.model.name} is a plain Layer, which has no state, but "
-                                 f"state.model_state holds {sorted(state.model_state)} (a state of another model?)")
             value, grads = self._grad(state.params, x, target)
-            model_state, drawn = state.model_state, state.generator
+            model_state = state.model_state
         params, opt_state = self.optimizer.step(state.params, grads, state.opt_state)
-        new = TrainState(params=params, opt_state=opt_state, model_state=model_state, generator=drawn,
+        new = TrainState(params=params, opt_state=opt_state, model_state=model_state,
+                         generator=state.generator if generator is None else generator.get_state(),
                          step=state.step + 1)
         return new, {"loss": value}
+
+    def _flat_call(self, state: TrainState, x: Tensor, target: Tensor,
+                   generator: torch.Generator | None) -> tuple[TrainState, dict[str, Tensor]]:
+        """The step through its traced record: the gradient, the optimizer's state read out as leaf lists and
+        the new step count, in one replay; then the optimizer's rules on the leaves (their rates and bias
+        corrections are Python numbers, as torch.optim's are, so they run outside the record), and the trees."""
+        optimizer = self.optimizer
+        enabled = _grad_enabled()
+        _set_grad_enabled(False)  # the step records no autograd graph, whatever its tensors require
+        try:
+            value, p, g, links, model_state, step, spec = self._flat(
+                state.params, state.opt_state, state.model_state, generator, state.step, x, target)
+            last = self._fills.get(None)  # the structure of the last call: a record returns one object for it
+            if last is not None and last[0] is spec:
+                fill = last[1]
+            else:
+                fill = self._fills.get(spec) or _filler(spec)
+                self._fills[spec] = fill
+                self._fills[None] = (spec, fill)
+            reads, counts = [], []
+            for link, read in zip(optimizer.links, links, strict=True):
+                if link.rule is None:
+                    reads.append((0, {}, read))
+                    continue
+                count, new_count, buffers = read
+                named = {name: leaves for (name, _), leaves in zip(link.buffers, buffers, strict=True)}
+                reads.append((int(count), named, None))
+                counts.append(new_count)
+            final, new_states = optimizer._apply(p, g, state.params, reads, fill, optimizer.name + ".step", counts,
+                                                 self._rates)
+            if optimizer.links[-1].transform is not None:
+                final = torch._foreach_add(p, final) if p else []
+        finally:
+            _set_grad_enabled(enabled)
+        new = TrainState(params=fill(final), opt_state=new_states[0] if not optimizer.chained else
+                         {str(i): s for i, s in enumerate(new_states)}, model_state=model_state,
+                         generator=state.generator if generator is None else generator.get_state(), step=step)
+        return new, {"loss": value}
+
+
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad sets, without its context manager's cost
+
+
+def _filler(spec: Any) -> Callable[[list[Tensor]], Params]:
+    """``fill(leaves) -> tree``: the tree of ``spec`` (:func:`~rdl_functional.tree._spec_of`'s) holding ``leaves``
+    in order, as one dict display (a tree a step rebuilds three times is then about a microsecond)."""
+    count = iter(range(1 << 30))
+
+    def display(node: Any) -> str:
+        if node is None:
+            return f"leaves[{next(count)}]"
+        return "{" + ", ".join(f"{key!r}: {display(child)}" for key, child in node) + "}"
+
+    if spec is None or not all(type(key) is str for key in _keys(spec)):
+        return lambda leaves: _fill_spec(spec, iter(leaves))
+    return eval(f"lambda leaves: {display(spec)}")  # a display of string keys and subscripts, nothing else
+
+
+def _keys(spec: Any) -> list[Any]:
+    return [k for key, child in spec for k in [key, *(_keys(child) if child is not None else [])]]
+
+
+_FLAT_STEPS: collections.OrderedDict[Any, Traced] = collections.OrderedDict()  # the last 32 made
+
+
+def _flat_step(model: Layer | StatefulLayer, loss: Loss, optimizer: Optimizer) -> Traced:
+    """The step up to the optimizer's rules, traced (:mod:`rdl_functional.trace`):
+    ``(params, opt_state, model_state, generator, step, x, target) -> (value, params leaves, grads leaves, links,
+    new model state, step + 1, the params' structure)``, where ``links`` holds per rule its count, the count + 1
+    and its buffers as leaf lists in the params' order (and per other link its state as it is). Its first call
+    of a signature runs it, with the optimizer's checks of its state and the layers' of the params, so what does
+    not fit is refused with their messages; the record then guards that signature.
+
+    Kept per (model, loss) and the optimizer's structure (its links' names, kinds and buffers: all the function
+    reads of it), as value_and_grad's records are, so each new ``rf.adam(...)`` of a loop or a fit reuses them."""
+    structure = (optimizer.name, optimizer.chained, tuple((link.name, link.rule is None, link.transform is None,
+                                                           link.custom is None, tuple(n for n, _ in link.buffers))
+                                                          for link in optimizer.links))
+    key = (model, loss, structure)
+    found = _FLAT_STEPS.get(key)
+    if found is None:
+        found = _FLAT_STEPS[key] = _made_flat_step(model, loss, optimizer)
+        if len(_FLAT_STEPS) > 32:
+            _FLAT_STEPS.popitem(last=False)
+    return found
+
+
+def _made_flat_step(model: Layer | StatefulLayer, loss: Loss, optimizer: Optimizer) -> Traced:
+    stateful = isinstance(model, StatefulLayer)
+    grad = _stateful_gradient_fn(model, loss).traced._fn if stateful else _gradient_fn(model, loss)._fn
+    who = f"{optimizer.name}.step"
+
+    def flat(params: Params, opt_state: Tree, model_state: State, generator: Any, step: Tensor, x: Tensor,
+             target: Tensor) -> tuple[Any, ...]:
+        states = optimizer._states(opt_state, who)
+        if not is_tracing():  # the optimizer's checks, once per signature (a record cannot read a count)
+            for link, (link_state, where) in zip(optimizer.links, states, strict=True):
+                _read_state(link, link_state, params, where, who)
+        if stateful:
+            value, grads, model_state = grad(params, model_state, x, target, generator, True, None)
+        else:
+            value, grads = grad(params, x, target, None)
+        p: list[Tensor] = []
+        spec = _spec_of(params, p)
+        g: list[Tensor] = []
+        _leaves_by_spec(spec, grads, g)
+        links = []
+        for link, (link_state, _) in zip(optimizer.links, states, strict=True):
+            if link.rule is None:
+                links.append(link_state)
+                continue
+            buffers = []
+            for name, _ in link.buffers:
+                buffers.append([])
+                _leaves_by_spec(spec, link_state[name], buffers[-1])
+            links.append((link_state["count"], link_state["count"] + 1, buffers))
+        return value, p, g, links, model_state, step + 1, spec
+
+    return trace(flat)
 
 
 def train_step(model: Layer | StatefulLayer, loss: Loss, optimizer: Optimizer) -> TrainStep:

@@ -49,33 +49,11 @@ from .optim.base import _traced_run
 from .optim.schedules import _rate
 from .stateful import StatefulLayer
 from .step import TrainState, TrainStep
+from .tree import _fill_spec, _spec_of
 
 __all__ = ["CapturedStep", "CompiledStep", "compiled", "compiled_step"]
 
 BACKENDS = ("auto", "inductor", "aoti")
-
-
-def _walk(tree: Any, leaves: list[Any]) -> Any:
-    """The structure of a tree of dicts as nested ``(key, spec)`` tuples (``None`` for a leaf); leaves appended.
-    On every call's path: a loop rather than a recursion per leaf."""
-    if type(tree) is not dict:
-        leaves.append(tree)
-        return None
-    spec = []
-    for key, child in tree.items():
-        if type(child) is dict:
-            spec.append((key, _walk(child, leaves)))
-        else:
-            leaves.append(child)
-            spec.append((key, None))
-    return tuple(spec)
-
-
-def _fill(spec: Any, it: Any) -> Any:
-    """The tree of ``spec`` with the leaves of the iterator ``it``, in :func:`_walk`'s order."""
-    if spec is None:
-        return next(it)
-    return {key: next(it) if child is None else _fill(child, it) for key, child in spec}
 
 
 @attrs.frozen
@@ -116,7 +94,7 @@ class _Flat:
         if isinstance(state.model_state, dict) and state.model_state:
             self.step(state, x, target)  # its ValueError names the stray state
         leaves: list[Any] = []
-        spec = _walk(state.params, leaves)
+        spec = _spec_of(state.params, leaves)
         leaves += (x, target)
         device = x.device
         opt = state.opt_state
@@ -134,7 +112,7 @@ class _Flat:
                 rates.append(on_cpu)
                 leaves += (count_tensor.to(device), on_device)
                 rule += 1
-                shapes.append(tuple(_walk(link_state[name], leaves) for name, _ in link.buffers))
+                shapes.append(tuple(_spec_of(link_state[name], leaves) for name, _ in link.buffers))
             key = (spec, tuple(shapes), torch.is_autocast_enabled(device.type),
                    tuple([(t.shape, t.dtype, t.device, t.stride()) for t in leaves]))
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
@@ -160,7 +138,7 @@ class _Flat:
         """The new state and metrics from the flat outputs ``[loss, *params, *buffers, *counts]``."""
         it = iter(out)
         value = next(it)
-        params = _fill(layout.spec, it)
+        params = _fill_spec(layout.spec, it)
         taken = out[len(out) - len(self.rules):]  # each rule's count + 1, int64, computed by the graph
         states, rule = [], 0
         for link in self.links:
@@ -170,7 +148,7 @@ class _Flat:
             count = taken[rule] if taken[rule].device.type == "cpu" else torch.tensor(layout.counts[rule] + 1)
             link_state = {"count": count, "lr": layout.rates[rule]}
             for name in self.names[rule]:
-                link_state[name] = _fill(layout.spec, it)
+                link_state[name] = _fill_spec(layout.spec, it)
             states.append(link_state)
             rule += 1
         opt_state = {str(i): s for i, s in enumerate(states)} if self.step.optimizer.chained else states[0]
@@ -186,10 +164,10 @@ class _Flat:
 
         def flat_step(*inputs: Tensor) -> tuple[Tensor, ...]:
             p = list(inputs[:n_params])
-            params = _fill(spec, iter(p))
+            params = _fill_spec(spec, iter(p))
             value, grads = grad(params, inputs[n_params], inputs[n_params + 1])
             g: list[Tensor] = []
-            _walk(grads, g)
+            _spec_of(grads, g)
             at = n_params + 2
             counts, rates, buffers, taken = [], [], [], []
             for rule_names in names:

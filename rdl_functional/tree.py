@@ -267,6 +267,42 @@ class _Paired:
         return self.skeleton
 
 
+def _spec_of(tree: Any, leaves: list[Any]) -> Any:
+    """The structure of a tree of dicts as nested ``(key, spec)`` tuples (``None`` for a leaf); leaves appended.
+    On every call's path: a loop rather than a recursion per leaf."""
+    if type(tree) is not dict:
+        leaves.append(tree)
+        return None
+    spec = []
+    for key, child in tree.items():
+        if type(child) is dict:
+            spec.append((key, _spec_of(child, leaves)))
+        else:
+            leaves.append(child)
+            spec.append((key, None))
+    return tuple(spec)
+
+
+def _fill_spec(spec: Any, it: Any) -> Any:
+    """The tree of ``spec`` with the leaves of the iterator ``it``, in :func:`_spec_of`'s order."""
+    if spec is None:
+        return next(it)
+    return {key: next(it) if child is None else _fill_spec(child, it) for key, child in spec}
+
+
+def _leaves_by_spec(spec: Any, tree: Any, leaves: list[Any]) -> None:
+    """``tree``'s leaves appended in the order of ``spec`` (:func:`_spec_of`'s, of another tree): read by key, so a
+    tree of the same paths in another key order gives its leaves in ``spec``'s order."""
+    if spec is None:
+        leaves.append(tree)
+        return
+    for key, child in spec:
+        if child is None:
+            leaves.append(tree[key])
+        else:
+            _leaves_by_spec(child, tree[key], leaves)
+
+
 def _pair_walk(a: dict, b: dict, paired: _Paired) -> dict | None:
     # A module-level function, not a closure: a closure that calls itself is a reference
     # cycle, which would keep every tensor it saw alive until the cyclic collector runs.

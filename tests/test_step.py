@@ -277,3 +277,84 @@ def test_load_state_refuses_a_damaged_or_inconsistent_file_naming_it(tmp_path):
     _write(path, tree, '{"format": 7}', "save_state", "rdl_functional.train_state")
     with pytest.raises(ValueError, match=r"is a saved TrainState of format 7, which this version"):
         rf.load_state(path)
+
+
+# ---------------------------------------------------------------------------
+# The whole step traced (issue 17, item 2): one record from the params to the optimizer's rules.
+
+TRACED_CASES = {  # (model, optimizer): a transform link, a user's own link and a stateful model among them
+    **FIT_CASES,
+    "a custom link in a chain": (lambda: rf.seed_model(), lambda: rf.chain(
+        rf.gradient_transform(lambda params: {"n": torch.zeros((), dtype=torch.int64)},
+                              lambda g, s, p: (rf.tree_map(lambda t: 0.5 * t, g), {"n": s["n"] + 1})),
+        rf.adam(1e-2))),
+}
+
+
+def _eager(step: rf.TrainStep) -> rf.TrainStep:
+    """The same step through its untraced path: a gradient function that is not train_step's own."""
+    grad = step._grad
+    return rf.TrainStep(step.model, step.loss, step.optimizer, grad=lambda *a, **k: grad(*a, **k))
+
+
+@pytest.mark.parametrize("case", sorted(TRACED_CASES))
+def test_the_traced_step_replays_and_equals_the_untraced_step_bit_for_bit(case):
+    make_model, make_optimizer = TRACED_CASES[case]
+    model, (x, target) = make_model(), _data(60)
+    step = rf.train_step(model, rf.mse_loss, make_optimizer())
+    eager = _eager(step)
+    assert step._flat is not None and eager._flat is None
+    ours = theirs = rf.train_state(model, step.optimizer, model.init(2), generator=5)
+    for i in range(4):
+        rows = slice(15 * i, 15 * i + 15)
+        ours, _ = step(ours, x[rows], target[rows])
+        assert step._flat.replayed == (i > 0), "the first call of a signature runs the step; the others replay it"
+        theirs, _ = eager(theirs, x[rows], target[rows])
+        assert _states_equal(ours, theirs)
+
+
+def test_a_new_optimizer_of_the_same_kind_reuses_the_record_and_its_own_rate():
+    model, (x, target) = rf.seed_model(), _data(20)
+    first, second = (rf.train_step(model, rf.mse_loss, rf.sgd(lr)) for lr in (0.1, 0.2))
+    assert first._flat is second._flat  # one record for sgd(0.1) and sgd(0.2): the rates are not in it
+    state = rf.train_state(model, rf.sgd(0.1), model.init(0))
+    a, _ = first(state, x, target)
+    b, _ = second(state, x, target)
+    assert second._flat.replayed
+    assert float(a.opt_state["lr"]) == 0.1 and float(b.opt_state["lr"]) == 0.2
+    for key in ("weight", "bias"):
+        step_a = state.params["0"][key] - a.params["0"][key]
+        assert torch.allclose(2 * step_a, state.params["0"][key] - b.params["0"][key], atol=1e-6)
+
+
+BAD_STATES = {  # what an opt_state may be that the optimizer refuses, on a replay as on the first call
+    "a float count": (lambda s: {**s, "count": s["count"].double()}, "count must be a 0-dim int64 tensor"),
+    "a buffer of another shape": (lambda s: {**s, "exp_avg": {**s["exp_avg"], "0": {
+        "weight": torch.zeros(3, 3), "bias": s["exp_avg"]["0"]["bias"]}}}, "exp_avg"),
+    "a missing buffer": (lambda s: {k: v for k, v in s.items() if k != "exp_avg_sq"}, "keeps"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_an_opt_state_that_does_not_fit_is_refused_after_the_step_has_replayed(case):
+    edit, match = BAD_STATES[case]
+    model, (x, target) = rf.seed_model(), _data(20)
+    step = rf.train_step(model, rf.mse_loss, rf.adam(1e-2))
+    state = rf.train_state(model, step.optimizer, model.init(0))
+    for _ in range(2):
+        state, _ = step(state, x, target)
+    assert step._flat.replayed
+    bad = attrs.evolve(state, opt_state=edit(state.opt_state))
+    with pytest.raises(ValueError, match=match):
+        step(bad, x, target)
+
+
+def test_the_traced_step_records_no_autograd_graph_for_params_that_require_grad():
+    model, (x, target) = rf.seed_model(), _data(20)
+    params = rf.tree_map(lambda t: t.requires_grad_(), model.init(0))
+    step = rf.train_step(model, rf.mse_loss, rf.sgd(0.1))
+    state = rf.train_state(model, step.optimizer, params)
+    for _ in range(3):
+        state, metrics = step(state, x, target)
+    assert all(leaf.grad_fn is None for leaf in rf.tree_leaves(state.params)) and metrics["loss"].grad_fn is None
+    assert torch.is_grad_enabled()

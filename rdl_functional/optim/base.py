@@ -212,9 +212,25 @@ class Optimizer:
             culprit = "params" if _paired(params, params) is None else "grads"
             raise ValueError(f"{who}: {found or f'{culprit} must be plain dicts of tensors'}")
         p, g = paired.mine, paired.theirs
-        new_states = []
-        for index, (link, (link_state, where)) in enumerate(zip(self.links, self._states(state, who), strict=True)):
+        reads = []
+        for link, (link_state, where) in zip(self.links, self._states(state, who), strict=True):
             count, buffers = _read_state(link, link_state, params, where, who)
+            reads.append((count, buffers, link_state))
+        g, new_states = self._apply(p, g, params, reads, lambda leaves: _rebuild_like(params, leaves), who)
+        state = {str(i): s for i, s in enumerate(new_states)} if self.chained else new_states[0]
+        return p, g, paired, state
+
+    def _apply(self, p: Leaves, g: Leaves, params: Tree, reads: list[tuple[int, dict[str, Leaves], Any]],
+               fill: Callable[[Leaves], Tree], who: str, counts: list[Tensor] | None = None,
+               rates: dict[int, tuple[float, Tensor]] | None = None) -> tuple[Leaves, list[Any]]:
+        """The links on leaf lists: ``(final leaves, each link's new state)``, the final leaves being the new
+        params when the chain ends in a rule, else updates. ``reads`` holds per link its state as read (the
+        count, the buffers as leaf lists, the state itself); ``fill`` makes a buffer's tree of its new leaves.
+        ``counts``, if given, holds each rule's new count tensor (made by the caller); ``rates``, if given, keeps
+        each rule's last rate tensor, reused while the rate does not change."""
+        new_states: list[Any] = []
+        last, rule = len(self.links) - 1, 0
+        for index, (link, (count, buffers, link_state)) in enumerate(zip(self.links, reads, strict=True)):
             if link.custom is not None:
                 g, link_state = _custom(link, g, link_state, params, who)
                 new_states.append(link_state)
@@ -225,13 +241,18 @@ class Optimizer:
                 continue
             lr = _rate(link.lr, count, who)
             new_p, buffers = link.rule(_Pure, p, g, buffers, count + 1, lr) if p else (p, buffers)
-            new_state = {"count": torch.tensor(count + 1), "lr": torch.tensor(lr, dtype=torch.float64)}
+            kept = rates.get(rule) if rates is not None else None
+            if kept is None or kept[0] != lr:
+                kept = (lr, torch.tensor(lr, dtype=torch.float64))
+                if rates is not None:
+                    rates[rule] = kept
+            new_state = {"count": torch.tensor(count + 1) if counts is None else counts[rule], "lr": kept[1]}
             for name, _ in link.buffers:
-                new_state[name] = _rebuild_like(params, buffers[name])
+                new_state[name] = fill(buffers[name])
             new_states.append(new_state)
-            g = new_p if index == len(self.links) - 1 or not p else torch._foreach_sub(new_p, p)
-        state = {str(i): s for i, s in enumerate(new_states)} if self.chained else new_states[0]
-        return p, g, paired, state
+            rule += 1
+            g = new_p if index == last or not p else torch._foreach_sub(new_p, p)
+        return g, new_states
 
     def step(self, params: Tree, grads: Tree, opt_state: Tree) -> tuple[Tree, Tree]:
         """``(new_params, new_opt_state)``: one step, bit-identical to torch.optim's; nothing is mutated."""

@@ -51,7 +51,10 @@ def _assert_same_run(path_a, path_b):
     assert torch.equal(a.generator_state, b.generator_state)
 
 
-def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrupted(tmp_path):
+@pytest.mark.parametrize("wanted", [4, pytest.param(12, marks=pytest.mark.slow)], ids=["4 kills", "12 kills"])
+def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrupted(tmp_path, wanted):
+    """Each training subprocess pays torch's start and the trace's first import (about 3 s): four kills in the
+    default run, twelve with -m slow."""
     reference = _cli([*RUN, "--checkpoint", str(tmp_path / "reference.ckpt")])
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
@@ -59,7 +62,7 @@ def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrup
     rng = random.Random(20261128)
     kills, during_a_write, steps_seen = 0, 0, [0]
     process = _cli([*RUN, "--checkpoint", str(path)])
-    while kills < 12 or (not during_a_write and kills < 40):  # on a loaded machine a write may slip by: retry
+    while kills < wanted or (not during_a_write and kills < 40):  # on a loaded machine a write may slip by: retry
         # Wait until this run has written a checkpoint beyond the last one (it is training), then kill it at a
         # random moment soon after; every other time, at the moment a checkpoint's temporary file appears.
         deadline = time.monotonic() + 120
@@ -84,7 +87,7 @@ def test_a_run_killed_again_and_again_ends_bit_for_bit_as_the_run_never_interrup
         process = _cli(again)
     _, err = process.communicate()
     assert process.returncode == 0, err
-    assert kills >= 10, f"only {kills} kills landed before the run finished"
+    assert kills >= wanted - 2, f"only {kills} kills landed before the run finished"
     assert during_a_write >= 1, "no kill landed during a checkpoint write"
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] < 200  # each resumed run went on from the last
     _assert_same_run(path, tmp_path / "reference.ckpt")

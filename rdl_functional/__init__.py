@@ -86,7 +86,7 @@ if TYPE_CHECKING:  # imported on first use (below); named here for type checkers
     from .graphs import Captured, capture
     from .io import from_state_dict, load, save, split_state, to_state_dict
     from .testing import VjpMismatch, VjpReport, check_vjp
-    from .transforms import CapturedStep, CompiledStep, compiled, compiled_step
+    from .transforms import CapturedStep, CompiledStep, compiled
 
 __version__ = "0.1.0"
 
@@ -95,7 +95,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("Checkpoint", "load_state", "read_checkpoint", "save_state"), "checkpoint"),
     **dict.fromkeys(("Captured", "capture"), "graphs"),
-    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled", "compiled_step"), "transforms"),
+    **dict.fromkeys(("CapturedStep", "CompiledStep", "compiled"), "transforms"),
     **dict.fromkeys(("DiscData", "DiscResult", "DiscSettings", "check_params_fit", "draw_run", "logistic_model",
                      "run_disc", "run_disc_together", "seed_model", "summarize"), "apps.disc"),
     **dict.fromkeys(("from_state_dict", "load", "save", "split_state", "to_state_dict"), "io"),
@@ -160,7 +160,6 @@ __all__ = [
     "check_vjp",
     "clip_by_global_norm",
     "compiled",
-    "compiled_step",
     "compose",
     "concat",
     "constant_schedule",

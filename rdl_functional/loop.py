@@ -2,7 +2,8 @@
 
 The step is chosen once: a :class:`~rdl_functional.TrainStep` with the optimizer applied in place to private
 copies (``optim.base._Running``, the kernels of ``optimizer.step``), a step function at each step's rate, or
-``compile=True``'s compiled SGD; data-parallel and capture are transforms of its gradient. Each is called as
+``compile=True``'s :func:`~rdl_functional.compiled` train_step; data-parallel and capture are transforms of its
+gradient. Each is called as
 ``state, metrics = step(state, x, target)``.
 """
 
@@ -22,7 +23,7 @@ from .optim import _FACTORIES, Optimizer, sgd, sgd_step
 from .optim.base import _Running
 from .optim.schedules import _check_lr, _rate
 from .stateful import State, StatefulLayer
-from .step import TrainState, TrainStep
+from .step import TrainState, TrainStep, train_state, train_step
 from .tree import Tree, tree_leaves, tree_map
 
 if TYPE_CHECKING:
@@ -192,14 +193,14 @@ def _step_and_state(model: Any, loss: Loss, optimizer: Any, lr: Any, params: Par
     if resumed is not None:
         params, model_state = resumed.params, resumed.model_state
         g.set_state(resumed.generator_state)
-    runner, rate = _optimizer("fit", optimizer, lr, params, opt_state, compile,
-                              resumed=resumed.opt_state if resumed is not None else None)
     steps = resumed.steps if resumed is not None else 0
+    if compile:
+        return _compiled_step(model, loss, optimizer, lr, params, opt_state, g, resumed, steps)
+    runner, rate = _optimizer("fit", optimizer, lr, params, opt_state,
+                              resumed=resumed.opt_state if resumed is not None else None)
     state = TrainState(params=runner.params if runner is not None else params,
                        opt_state=runner if runner is not None else {}, model_state=model_state or {},
                        generator=g.get_state(), step=torch.tensor(steps, dtype=torch.int64))
-    if compile:
-        return _CompiledSGD(_compiled_sgd(model, loss), rate), state
     # The optimizer applied in place to the runner's private copies, or a step function at the step's rate.
     step = TrainStep(model, loss, _InPlace(runner) if runner is not None else _Rated(optimizer, rate, steps),
                      grad=value_and_grad(model, loss))
@@ -255,16 +256,58 @@ class _Rated:
         return new, opt_state
 
 
-@attrs.frozen(eq=False)
-class _CompiledSGD:
-    """``compile=True``'s step: forward, backward and plain SGD as one ``torch.compile``'d function."""
+def _compiled_step(model: Layer, loss: Loss, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None,
+                   g: torch.Generator, resumed: Checkpoint | None, steps: int) -> tuple[Callable[..., Any], TrainState]:
+    """``compile=True``'s step: :func:`~rdl_functional.compiled` of the model's :func:`~rdl_functional.train_step`
+    (inductor), kept per (model, loss, optimizer) so that fitting again reuses the compiled code; and its state."""
+    if isinstance(optimizer, Optimizer):
+        if lr is not None:
+            raise ValueError(f"fit: {optimizer.name} carries its own lr; leave lr out (or pass lr=None)")
+        key: Any = optimizer
+    elif optimizer is sgd_step:
+        if lr is None:
+            raise ValueError("fit: lr is required with a step function such as sgd_step (or pass "
+                             "optimizer=rf.sgd(lr), which carries its own)")
+        if opt_state is not None:
+            raise ValueError("fit: opt_state goes with an rf.Optimizer; a step function keeps no state")
+        key, optimizer = "sgd_step", None
+    else:
+        raise ValueError("fit: compile=True compiles the step of an rf.Optimizer (rf.sgd(lr), rf.adam(lr), ...) or of "
+                         "sgd_step with lr; a step function of your own is not compiled (pass optimizer=rf.sgd(lr) "
+                         "and the like)")
+    fast = _COMPILED.pop((model, loss, key), None)
+    if fast is None:
+        schedule = _Swapped()
+        fast = _compile(model, loss, optimizer or sgd(schedule)), schedule
+    _COMPILED[(model, loss, key)] = fast  # the most recent last
+    if len(_COMPILED) > 8:
+        del _COMPILED[next(iter(_COMPILED))]
+    fast, schedule = fast
+    if key == "sgd_step":  # the rate is an input of the compiled graph: this fit's schedule serves it
+        schedule.schedule = lr if callable(lr) else _constant(lr, "fit")
+    start = resumed.opt_state if resumed is not None else opt_state
+    state = train_state(model, fast.step.optimizer, _copy(params), g, opt_state=start)
+    return fast, attrs.evolve(state, step=torch.tensor(steps, dtype=torch.int64))
 
-    run: Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]
-    rate: Callable[[int], float]
 
-    def __call__(self, state: TrainState, x: Tensor, target: Tensor) -> tuple[TrainState, dict[str, Tensor]]:
-        value, params = self.run(state.params, x, target, self.rate(int(state.step)))
-        return attrs.evolve(state, params=params, step=state.step + 1), {"loss": value}
+def _compile(model: Layer, loss: Loss, optimizer: Optimizer) -> Any:
+    from .transforms import compiled  # imported on first use: it loads torch's compilers
+
+    return compiled(train_step(model, loss, optimizer), backend="inductor")
+
+
+# fit(compile=True)'s compiled steps, by (model, loss, optimizer): the last few, each holding its compiled code.
+_COMPILED: dict[Any, Any] = {}
+
+
+class _Swapped:
+    """The schedule of sgd_step's compiled step: the schedule of the fit that runs it (a rate is a graph input,
+    so one compiled step serves every fit of the model and loss, whatever their rates)."""
+
+    schedule: Callable[[int], float] = staticmethod(lambda count: 0.0)
+
+    def __call__(self, count: int) -> float:
+        return self.schedule(count)
 
 
 def _short_batch_named(step: Callable[..., Any], data: _Tensors) -> Callable[..., Any]:
@@ -304,17 +347,13 @@ def _detached(params: Params) -> Params:
 
 
 def _optimizer(
-    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, compile: bool = False,
-    resumed: Tree | None = None,
+    who: str, optimizer: Any, lr: Any, params: Params, opt_state: Tree | None, resumed: Tree | None = None,
 ) -> tuple[_Running | None, Callable[[int], float]]:
     """``(runner, rate)``: the optimizer run in place on private copies, or ``None`` and the rate of step
-    ``count`` for a step function (``sgd_step`` compiled, or a user's own)."""
+    ``count`` for a step function of the user's own."""
     if isinstance(optimizer, Optimizer):
         if lr is not None:
             raise ValueError(f"{who}: {optimizer.name} carries its own lr; leave lr out (or pass lr=None)")
-        if compile:
-            raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other "
-                             "optimizer")
         return _Running(optimizer, params, resumed if resumed is not None else opt_state, who), lambda count: 0.0
     if any(optimizer is factory for factory in _FACTORIES):
         raise TypeError(f"{who}: optimizer rf.{optimizer.__name__} makes an optimizer: call it, e.g. "
@@ -329,10 +368,8 @@ def _optimizer(
     if opt_state is not None:
         raise ValueError(f"{who}: opt_state goes with an rf.Optimizer; a step function keeps no state")
     schedule = lr if callable(lr) else _constant(lr, who)
-    if optimizer is sgd_step and not compile:  # the same kernel, run in place by the one optimizer path
+    if optimizer is sgd_step:  # the same kernel, run in place by the one optimizer path
         return _Running(sgd(schedule), params, resumed, who), lambda count: 0.0
-    if compile and optimizer is not sgd_step:
-        raise ValueError(f"{who}: compile=True runs plain SGD inside the compiled step; it takes no other optimizer")
     return None, lambda count: _rate(schedule, count, who)
 
 
@@ -353,15 +390,3 @@ def _constant(lr: Any, who: str) -> Callable[[int], float]:
 
 def _copy(tree: Tree) -> Tree:
     return tree_map(torch.clone, tree)
-
-
-def _compiled_sgd(model: Layer, loss: Loss) -> Callable[[Params, Tensor, Tensor, float], tuple[Tensor, Params]]:
-    """The compiled step with the rate passed as a tensor, so that a schedule never recompiles it."""
-    from .transforms import compiled_step
-
-    step = compiled_step(model, loss)
-
-    def run(params: Params, x: Tensor, target: Tensor, lr: float) -> tuple[Tensor, Params]:
-        return step(params, x, target, torch.tensor(lr, dtype=x.dtype))
-
-    return run

@@ -264,7 +264,7 @@ def fit(
     of ``train_step`` over the same batches gives the same bits). Prints nothing.
 
     Compile, capture and data-parallel are transforms of the step, chosen once
-    before the loop: ``compile=True`` runs :func:`~rdl_functional.compiled_step`,
+    before the loop: ``compile=True`` runs :func:`~rdl_functional.compiled` of the step,
     ``capture=True`` the gradient as a CUDA graph, and a ``torch.distributed``
     group of several processes :func:`~rdl_functional.data_parallel`.
 
@@ -321,10 +321,13 @@ def fit(
             a probability; classes for int labels or one-hot targets; else a regression),
             before the first step, on the first row of each set, so that data the metrics
             cannot measure fails at once; the task used comes back as ``history.task``.
-        compile: run each step through :func:`~rdl_functional.compiled_step`
-            (``torch.compile``; plain SGD only). The first step compiles, which
-            takes tens of seconds on a CPU; the results equal eager training
-            to float rounding, not bit for bit.
+        compile: run each step through :func:`~rdl_functional.compiled` of
+            ``rf.train_step(model, loss, optimizer)`` (inductor; a plain model,
+            an ``rf.Optimizer`` or ``sgd_step`` with ``lr``). The first step
+            compiles, which takes tens of seconds on a CPU; the compiled step is
+            kept for the next fit of the same model, loss and optimizer (any
+            ``lr`` for ``sgd_step``: rates are inputs of the graph). The results
+            equal eager training to float rounding, not bit for bit.
         capture: run each step's ``value_and_grad`` as a CUDA graph
             (:func:`~rdl_functional.capture`): recorded at the first step of
             each batch shape, then replayed with one launch; the optimizer's

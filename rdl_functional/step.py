@@ -20,7 +20,6 @@ keep and restore a whole run in one call each.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -37,7 +36,7 @@ from .stateful import State, StatefulLayer
 from .trace import Traced, is_tracing, trace
 from .tree import (
     Tree,
-    _fill_spec,
+    _filler,
     _leaves_by_spec,
     _spec_of,
     tree_difference,
@@ -212,25 +211,6 @@ class TrainStep:
 
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad sets, without its context manager's cost
-
-
-def _filler(spec: Any) -> Callable[[list[Tensor]], Params]:
-    """``fill(leaves) -> tree``: the tree of ``spec`` (:func:`~rdl_functional.tree._spec_of`'s) holding ``leaves``
-    in order, as one dict display (a tree a step rebuilds three times is then about a microsecond)."""
-    count = iter(range(1 << 30))
-
-    def display(node: Any) -> str:
-        if node is None:
-            return f"leaves[{next(count)}]"
-        return "{" + ", ".join(f"{key!r}: {display(child)}" for key, child in node) + "}"
-
-    if spec is None or not all(type(key) is str for key in _keys(spec)):
-        return lambda leaves: _fill_spec(spec, iter(leaves))
-    return eval(f"lambda leaves: {display(spec)}")  # a display of string keys and subscripts, nothing else
-
-
-def _keys(spec: Any) -> list[Any]:
-    return [k for key, child in spec for k in [key, *(_keys(child) if child is not None else [])]]
 
 
 _FLAT_STEPS: collections.OrderedDict[Any, Traced] = collections.OrderedDict()  # the last 32 made

@@ -46,7 +46,8 @@ from .optim.base import _traced_run
 from .optim.schedules import _rate
 from .stateful import StatefulLayer
 from .step import TrainState, TrainStep
-from .tree import _fill_spec, _spec_of
+from .trace import trace
+from .tree import _fill_spec, _filler, _spec_of
 
 __all__ = ["CapturedStep", "CompiledStep", "compiled"]
 
@@ -60,6 +61,7 @@ class _Layout:
     spec: Any
     counts: tuple[int, ...]  # the count each rule's state held (the step taken is count + 1)
     rates: tuple[Tensor, ...]  # each rule's rate as the new state keeps it: a 0-dim float64 CPU tensor
+    fill: Callable[[list[Tensor]], Any]  # a tree of the params' structure from its leaves
 
 
 class _Signature:
@@ -80,8 +82,35 @@ class _Flat:
         self.links = step.optimizer.links
         self.rules = [link for link in self.links if link.rule is not None]
         self.names = [tuple(name for name, _ in link.buffers) for link in self.rules]
-        self.checked: dict[Any, _Signature] = {}  # the signatures whose first call the eager step vouched for
+        self.tokens: dict[Any, int] = {}  # each signature's key, numbered
+        self.keys: dict[int, tuple[Any, Any]] = {}  # and back: the key and the params' structure
+        self.checked: dict[int, tuple[_Signature, Any]] = {}  # the signatures the eager step vouched for
         self.rates: list[tuple[float, Tensor, Tensor] | None] = [None] * len(self.rules)  # the last rate, kept
+        # The state read out as flat lists, traced (rdl_functional.trace): its record binds the trees' tensors
+        # and checks their structure, shapes, dtypes and strides in one go, instead of a walk and a key per call.
+        self.flatten = trace(self._flatten)
+
+    def _flatten(self, params: Any, opt_state: Any, x: Tensor, target: Tensor) -> tuple[Any, ...]:
+        """``(params leaves + [x, target], each rule's count, each rule's buffers' leaves, the signature's number)``."""
+        leaves: list[Tensor] = []
+        spec = _spec_of(params, leaves)
+        leaves += (x, target)
+        links = [opt_state[str(i)] for i in range(len(self.links))] if self.step.optimizer.chained else [opt_state]
+        counts, buffers, shapes = [], [], []
+        for link, link_state in zip(self.links, links, strict=True):
+            if link.rule is None:
+                shapes.append(())
+                continue
+            counts.append(link_state["count"])
+            found: list[Tensor] = []
+            shapes.append(tuple(_spec_of(link_state[name], found) for name, _ in link.buffers))
+            buffers.append(found)
+        every = [*leaves, *counts, *(leaf for found in buffers for leaf in found)]
+        key = (spec, tuple(shapes), torch.is_autocast_enabled(x.device.type),
+               tuple([(tuple(t.shape), t.dtype, t.device, t.stride()) for t in every]))
+        token = self.tokens.setdefault(key, len(self.tokens))
+        self.keys[token] = (key, spec)
+        return leaves, counts, buffers, token
 
     def prepare(self, state: Any, x: Tensor, target: Tensor) -> tuple[_Signature, list[Tensor], _Layout]:
         """``(signature, flat inputs, layout)``; a new signature is first run by the eager step, whose checks
@@ -90,37 +119,27 @@ class _Flat:
             self.step(state, x, target)  # its TypeError names what arrived
         if isinstance(state.model_state, dict) and state.model_state:
             self.step(state, x, target)  # its ValueError names the stray state
-        leaves: list[Any] = []
-        spec = _spec_of(state.params, leaves)
-        leaves += (x, target)
-        device = x.device
-        opt = state.opt_state
-        counts, rates, shapes, rule = [], [], [], 0
         try:
-            link_states = [opt[str(i)] for i in range(len(self.links))] if self.step.optimizer.chained else [opt]
-            for link, link_state in zip(self.links, link_states, strict=True):
-                if link.rule is None:
-                    shapes.append(())
-                    continue
-                count_tensor = link_state["count"]
-                count = int(count_tensor)
-                on_device, on_cpu = self._rate(rule, _rate(link.lr, count, self.who), device)
-                counts.append(count)
-                rates.append(on_cpu)
-                leaves += (count_tensor.to(device), on_device)
-                rule += 1
-                shapes.append(tuple(_spec_of(link_state[name], leaves) for name, _ in link.buffers))
-            key = (spec, tuple(shapes), torch.is_autocast_enabled(device.type),
-                   tuple([(t.shape, t.dtype, t.device, t.stride()) for t in leaves]))
+            leaves, counts, buffers, token = self.flatten(state.params, state.opt_state, x, target)
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
-            key = None  # not a state of this optimizer, or a leaf that is not a tensor: the eager step says so
-        signature = self.checked.get(key)
-        if signature is None:
+            token = None  # not a state of this optimizer, or a leaf that is not a tensor: the eager step says so
+        checked = self.checked.get(token)
+        if checked is None:
             self.step(state, x, target)
-            if key is None:  # the eager step took what the flat walk could not: refuse rather than guess
+            if token is None:  # the eager step took what the flat walk could not: refuse rather than guess
                 raise TypeError(f"{self.who}: the state's trees must be plain dicts of tensors to be compiled")
-            signature = self.checked[key] = _Signature(key)
-        return signature, leaves, _Layout(spec, tuple(counts), tuple(rates))
+            key, spec = self.keys[token]
+            checked = self.checked[token] = (_Signature(key), _filler(spec))
+        signature, fill = checked
+        device = x.device
+        ints, rates = [], []
+        for rule, (link, count_tensor, found) in enumerate(zip(self.rules, counts, buffers, strict=True)):
+            count = int(count_tensor)
+            on_device, on_cpu = self._rate(rule, _rate(link.lr, count, self.who), device)
+            ints.append(count)
+            rates.append(on_cpu)
+            leaves += (count_tensor.to(device), on_device, *found)
+        return signature, leaves, _Layout(self.keys[token][1], tuple(ints), tuple(rates), fill)
 
     def _rate(self, rule: int, rate: float, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rate as 0-dim float64 tensors on the device (the graph's input) and on the CPU (the state's ``lr``);
@@ -133,9 +152,8 @@ class _Flat:
 
     def finish(self, state: TrainState, layout: _Layout, out: list[Tensor]) -> tuple[TrainState, dict[str, Tensor]]:
         """The new state and metrics from the flat outputs ``[loss, *params, *buffers, *counts]``."""
-        it = iter(out)
-        value = next(it)
-        params = _fill_spec(layout.spec, it)
+        value, n = out[0], (len(out) - 1 - len(self.rules)) // (1 + sum(map(len, self.names)))
+        params, at = layout.fill(out[1:1 + n]), 1 + n
         taken = out[len(out) - len(self.rules):]  # each rule's count + 1, int64, computed by the graph
         states, rule = [], 0
         for link in self.links:
@@ -145,7 +163,8 @@ class _Flat:
             count = taken[rule] if taken[rule].device.type == "cpu" else torch.tensor(layout.counts[rule] + 1)
             link_state = {"count": count, "lr": layout.rates[rule]}
             for name in self.names[rule]:
-                link_state[name] = _fill_spec(layout.spec, it)
+                link_state[name] = layout.fill(out[at:at + n])
+                at += n
             states.append(link_state)
             rule += 1
         opt_state = {str(i): s for i, s in enumerate(states)} if self.step.optimizer.chained else states[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rdl_functional as rf
@@ -140,6 +142,37 @@ def test_batch_norm2d_equals_the_torch_module_bit_for_bit(name, layer, shape, tw
     assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
     _assert_equal_trees(dparams, dparams_ref)
     _assert_equal_trees(new_state, buffers)
+
+
+def _storages(tree):
+    return {leaf.untyped_storage().data_ptr() for leaf in rf.tree_leaves(tree)}
+
+
+@pytest.mark.parametrize(("name", "layer", "shape", "twin"), LAYERS + STATEFUL, ids=IDS + STATEFUL_IDS)
+def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(name, layer, shape, twin, generator):
+    params, x = _params(layer, generator, torch.float32), torch.randn(shape, generator=generator)
+    state = layer.init_state() if isinstance(layer, rf.StatefulLayer) else None
+    call = (lambda f: f(params, state, x, train=True)) if state is not None else (lambda f: f(params, x))
+    y, *new_state = (*call(layer.apply),) if state is not None else (call(layer.apply),)
+    *_, pullback = call(layer.vjp)
+    dy = torch.randn(y.shape, generator=generator)
+    given = {"params": params, "state": state or {}, "x": x, "dy": dy}
+    before = rf.tree_map(torch.clone, given)
+    dparams, dx = pullback(dy)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(given), rf.tree_leaves(before), strict=True))
+    assert not _storages({"y": y, "new_state": new_state[0] if new_state else {}, "dparams": dparams, "dx": dx}) & \
+        _storages(given)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 4), groups=st.sampled_from([1, 2]),
+       size=st.integers(3, 7), kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
+       dilation=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_conv2d_vjp_for_any_shape(batch, channels, groups, size, kernel, stride, padding, dilation, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layer = rf.conv2d(channels * groups, 2 * groups, kernel, stride, padding, dilation, groups)
+    x = torch.randn(batch, channels * groups, size, size + 1, generator=generator, dtype=torch.float64)
+    rf.check_vjp(layer, layer.init(generator, dtype=torch.float64), x, generator=generator)
 
 
 @pytest.mark.parametrize(("layer", "twin"), [

@@ -3,6 +3,8 @@ trained with train_step equal to torch.nn + torch.optim, and each bad input refu
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -315,3 +317,28 @@ REFUSED_PARAMS = [
 def test_params_of_another_layer_are_refused_by_name(layer, params, error, match):
     with pytest.raises(error, match=match):
         _call(layer, torch.zeros(2, 3 if "conv" in layer.name else 4, 6, 6), params)
+
+
+def test_batch_norm2d_on_a_shard_takes_the_synced_statistics_path_as_batch_norm_does(monkeypatch, generator):
+    """Data-parallel (here one process standing in for all, the sums over processes its own): batch_norm2d's
+    synced path is batch_norm's on the channels-last rows, moved back, and its gradients agree with the kernel's."""
+    from rdl_functional._random import BatchShard
+
+    stateful_module = importlib.import_module("rdl_functional.stateful")  # rf.stateful is the function
+    x = torch.randn(4, 3, 5, 5, generator=generator, dtype=torch.float64)
+    dy = torch.randn(4, 3, 5, 5, generator=generator, dtype=torch.float64)
+    norm2d, norm = rf.batch_norm2d(3), rf.batch_norm(3)
+    params = _params(norm2d, generator, torch.float64)
+    state = norm2d.init_state(dtype=torch.float64)
+    alone = norm2d.vjp(params, state, x, train=True)
+    monkeypatch.setattr(stateful_module, "is_data_parallel", lambda: True)
+    shard = BatchShard(torch.Generator(), 0, 4, 4)
+    y, new_state, pullback = norm2d.vjp(params, state, x, train=True, generator=shard)
+    y_rows, rows_state, rows_pullback = norm.vjp(params, state, x.permute(0, 2, 3, 1), train=True, generator=shard)
+    assert torch.equal(y, y_rows.permute(0, 3, 1, 2))
+    _assert_equal_trees(new_state, rows_state)
+    (dparams, dx), (rows_dparams, rows_dx) = pullback(dy), rows_pullback(dy.permute(0, 2, 3, 1))
+    assert torch.equal(dx, rows_dx.permute(0, 3, 1, 2))
+    _assert_equal_trees(dparams, rows_dparams)
+    torch.testing.assert_close((y, new_state, pullback(dy)), (alone[0], alone[1], alone[2](dy)), rtol=1e-12,
+                               atol=1e-12)

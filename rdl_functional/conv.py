@@ -95,8 +95,10 @@ def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[t
     return left, [value for e in reversed(extra) for value in (0, e)] if any(extra) else []
 
 
-def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_size: Any, stride: Any,
-          padding: Any, dilation: Any, groups: int, bias: bool, init: Any) -> Layer:
+def _conv_arguments(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_size: Any, stride: Any,
+                    padding: Any, dilation: Any, groups: int, bias: bool) -> tuple[Any, ...]:
+    """``(kernel, strides, pads, extra, dilations)`` as tuples of ints, read and checked as torch.nn.Conv does;
+    ``extra`` is 'same' padding's right-hand remainder as ``constant_pad_nd`` takes it (``[]``: none)."""
     _check_features(kind, in_channels=in_channels, out_channels=out_channels, groups=groups)
     kernel = as_tuple(kind, "kernel_size", kernel_size, spatial, 1)
     strides = as_tuple(kind, "stride", stride, spatial, 1)
@@ -106,15 +108,22 @@ def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_s
                          f"out_channels={out_channels} (each group convolves in/groups channels to out/groups)")
     if not isinstance(bias, bool):
         raise TypeError(f"{kind}: bias must be True or False, got {bias!r}")
-    if isinstance(padding, str):
-        if padding not in ("valid", "same"):
-            raise ValueError(f"{kind}: padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
-        if padding == "same" and strides != (1,) * spatial:
-            raise ValueError(f"{kind}: padding='same' is not supported for strided convolutions (stride={stride!r}), "
-                             "as torch refuses it: pass an int padding")
-        pads, extra = _same_padding(kernel, dilations) if padding == "same" else ((0,) * spatial, [])
-    else:
-        pads, extra = as_tuple(kind, "padding", padding, spatial, 0), []
+    if not isinstance(padding, str):
+        return kernel, strides, as_tuple(kind, "padding", padding, spatial, 0), [], dilations
+    if padding not in ("valid", "same"):
+        raise ValueError(f"{kind}: padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    if padding == "valid":
+        return kernel, strides, (0,) * spatial, [], dilations
+    if strides != (1,) * spatial:
+        raise ValueError(f"{kind}: padding='same' is not supported for strided convolutions (stride={stride!r}), "
+                         "as torch refuses it: pass an int padding")
+    return kernel, strides, *_same_padding(kernel, dilations), dilations
+
+
+def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_size: Any, stride: Any,
+          padding: Any, dilation: Any, groups: int, bias: bool, init: Any) -> Layer:
+    kernel, strides, pads, extra, dilations = _conv_arguments(spatial, kind, in_channels, out_channels, kernel_size,
+                                                              stride, padding, dilation, groups, bias)
     draw_weight, init_option = weight_initializer(kind, init)
     options = [f"stride={stride!r}"] * (stride != 1) + [f"padding={padding!r}"] * (padding != 0) + [
         f"dilation={dilation!r}"] * (dilation != 1) + [f"groups={groups}"] * (groups != 1) + ["bias=False"] * (

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import rdl_functional as rf
-from benchmarks import steps
+from benchmarks import models, steps
 from benchmarks.common import interleaved, loop_ours, seed_task, train_torch
 from benchmarks.floor import floor_sgd
 from rdl_functional.apps.torch_baseline import torch_seed_model
@@ -483,16 +483,20 @@ def format_table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, rounds: int, gpu: bool = False, only_steps: bool = False) -> list[dict]:
+def run(quick: bool, rounds: int, gpu: bool = False, only_steps: bool = False, only_models: bool = False
+        ) -> list[dict]:
     if gpu:
         return [capture_row(20 if quick else 1000, 1 if quick else rounds, "≤ 0.10× (≥ 10× faster)")]
     if only_steps:
         return steps.table(1 if quick else rounds, quick)
+    if only_models:
+        return models.table(rounds, quick)
     if quick:
         return [seed_task_row(2, 100, 1, "runs"), pure_loop_row(2, 100, 1, "runs"),
                 optimizer_row("adam", False, 2, 1, "runs"), optimizer_row("adam", True, 2, 1, "runs"),
                 wide_row(16, 1, 1, "runs", floor=True), memory_row(16, 1, "runs"), stacked_row(3, 2, 1, "runs"),
-                import_row(1, "runs"), stateful_row(2, 100, 1, "runs"), *steps.table(1, quick=True)]
+                import_row(1, "runs"), stateful_row(2, 100, 1, "runs"), *steps.table(1, quick=True),
+                *models.table(1, quick=True)]
     rows = [
         seed_task_row(200, 100, rounds, "≤ 0.45×"),
         seed_task_row(20, 10, rounds, "≤ 0.45×"),
@@ -501,6 +505,7 @@ def run(quick: bool, rounds: int, gpu: bool = False, only_steps: bool = False) -
         pure_loop_row(20, 10, rounds, "≤ 0.42×"),
         pure_loop_row(200, 1000, rounds, "≤ 0.65×"),
         *steps.table(rounds),
+        *models.table(rounds),
         process_row(200, rounds, "≤ 0.55×"),
         import_row(rounds, "adds ≤ 50 ms"),
         wide_row(256, 20, rounds, "≤ 1.00×", floor=False),
@@ -528,9 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="only the GPU rows (a row says so when there is no GPU)")
     parser.add_argument("--steps", action="store_true",
                         help="only the step table: the floor, rf and jax.jit steps, SGD and Adam, batch 10, 100, 1000")
+    parser.add_argument("--models", action="store_true",
+                        help="only the rows of the CNN and the transformer against their torch.nn twins")
     args = parser.parse_args(argv)
     info = machine()
-    rows = run(args.quick, args.rounds, args.gpu, args.steps)
+    rows = run(args.quick, args.rounds, args.gpu, args.steps, args.models)
     print(format_table(rows, info))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n", encoding="utf-8")

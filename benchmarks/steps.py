@@ -209,7 +209,8 @@ def user_layer_rows(batch_size: int, epochs: int, rounds: int, target: str) -> l
     steps = epochs * -(-x.shape[0] // batch_size)
     return [{"workload": f"SGD step, seed task, batch {batch_size}, {epochs} epochs: rf.train_step of the seed model "
                          "with a user's own linear layers, against the library's linear", "threads": 1,
-             "per_step": True, "side": "user layer", "ours_s": statistics.median(times["user"]) / steps,
+             "per_step": True, "optimizer": "sgd", "side": "user layer",
+             "ours_s": statistics.median(times["user"]) / steps,
              "torch_s": statistics.median(times["library"]) / steps, "ratio": ratio, "ratio_min": low,
              "ratio_max": high, "target": target, "rounds": rounds, "baseline": "library layers"}]
 

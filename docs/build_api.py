@@ -33,6 +33,8 @@ MODULES = [
     "checkpoint",
     "trace",
     "activations",
+    "sequences",
+    "attention",
     "initializers",
     "transforms",
     "graphs",

@@ -258,3 +258,19 @@ def test_the_layers_are_pure():
     assert rf.tree_difference(params, before, leaves=True) is None
     assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(params), rf.tree_leaves(before), strict=True))
     assert torch.equal(ids, ids_before) and torch.equal(dy, dy_before)
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"causal": True, "bias": False}], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_attention_off_the_cpu_runs_the_math_path_which_checks_out_and_agrees_with_the_fused_kernel(
+        options, padded, monkeypatch):
+    """Off the CPU the fused kernel is not there and the math path runs: here forced on the CPU."""
+    import rdl_functional.attention as attention_module
+
+    layer, g = rf.multi_head_attention(E, H, **options), torch.Generator().manual_seed(4)
+    params = _perturbed(layer.init(0, dtype=torch.float64), g)
+    x = _padded(g, torch.float64) if padded else _floats(g, torch.float64)
+    fused = layer(params, x)
+    monkeypatch.setattr(attention_module, "_FUSED_DEVICES", ())
+    rf.check_vjp(layer, params, x)
+    torch.testing.assert_close(layer(params, x), fused, rtol=1e-12, atol=1e-12)

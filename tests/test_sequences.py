@@ -274,3 +274,15 @@ def test_attention_off_the_cpu_runs_the_math_path_which_checks_out_and_agrees_wi
     monkeypatch.setattr(attention_module, "_FUSED_DEVICES", ())
     rf.check_vjp(layer, params, x)
     torch.testing.assert_close(layer(params, x), fused, rtol=1e-12, atol=1e-12)
+
+
+def test_a_replayed_step_still_refuses_ids_out_of_range_by_name():
+    model, g = _gpt(), torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, V, (2, 4, T), generator=g)
+    state = rf.train_state(model, rf.sgd(0.1), model.init(0))
+    step = rf.train_step(model, rf.cross_entropy_loss, rf.sgd(0.1))
+    for _ in range(2):
+        state, _ = step(state, ids, targets)
+    assert step._flat.replayed
+    with pytest.raises(ValueError, match=r"layer 0: embedding\(11, 8\).vjp: ids must lie in \[0, 11\)"):
+        step(state, torch.full((4, T), V), targets)

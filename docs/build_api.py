@@ -36,6 +36,8 @@ MODULES = [
     "conv",
     "pooling",
     "normalization",
+    "sequences",
+    "attention",
     "initializers",
     "transforms",
     "graphs",

@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
+from .attention import multi_head_attention, transformer_block
 from .autodiff import value_and_grad
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .conv import conv1d, conv2d
@@ -59,6 +60,7 @@ from .optim import (
     warmup_cosine_decay_schedule,
 )
 from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
+from .sequences import embedding, layer_norm, positional_embedding
 from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
 from .step import TrainState, TrainStep, train_state, train_step
 from .train import History, NonFiniteLoss, accuracy, evaluate, fit, predict
@@ -178,6 +180,7 @@ __all__ = [
     "dropout",
     "early_stopping",
     "elu",
+    "embedding",
     "evaluate",
     "exponential_decay",
     "fan_out",
@@ -192,6 +195,7 @@ __all__ = [
     "huber_loss",
     "identity",
     "l1_loss",
+    "layer_norm",
     "leaky_relu",
     "linear",
     "linear_schedule",
@@ -201,6 +205,7 @@ __all__ = [
     "logistic_model",
     "max_pool2d",
     "mse_loss",
+    "multi_head_attention",
     "nll_loss",
     "one_hot",
     "parallel",
@@ -209,6 +214,7 @@ __all__ = [
     "plot_decision_boundary",
     "plot_history",
     "plot_seed_spread",
+    "positional_embedding",
     "predict",
     "read_checkpoint",
     "relu",
@@ -235,6 +241,7 @@ __all__ = [
     "to_state_dict",
     "train_state",
     "train_step",
+    "transformer_block",
     "tree_difference",
     "tree_flatten",
     "tree_leaves",

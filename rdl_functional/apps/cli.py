@@ -45,6 +45,8 @@ from .disc import (
     run_disc_together,
     summarize,
 )
+from .disc_task import TASK as DISC
+from .tasks import TASK_NAMES, Column, Comparison
 
 
 class _Parser(argparse.ArgumentParser):
@@ -394,31 +396,31 @@ def _progress(label: str, epochs: int, quiet: bool, stream: TextIO) -> tuple[Cal
 # ---------------------------------------------------------------------------
 # Tables, on stdout
 
-_COLUMNS = (("seed", 6), ("train acc", 9), ("test acc", 8), ("test errors", 11), ("train loss", 10),
-            ("test loss", 9), ("time", 8))
+def _row(label: str, figures: dict[str, float], columns: tuple[Column, ...], percent_digits: int = 1) -> str:
+    def cell(column: Column) -> str:
+        value = figures[column.key]
+        if column.kind == "percent":
+            return f"{value:.{percent_digits}%}"
+        if column.kind == "count":
+            return f"{value:g}" if label.isdigit() else f"{value:.1f}"
+        return f"{value:.4f}" if column.kind == "loss" else f"{value:.2f} s"
+
+    widths = (6, *(column.width for column in columns))
+    return "  ".join(f"{text:>{width}}" for text, width in zip((label, *map(cell, columns)), widths, strict=True))
 
 
-def _row(label: str, figures: dict[str, float], percent_digits: int = 1) -> str:
-    cells = (
-        label,
-        f"{figures['train_accuracy']:.{percent_digits}%}",
-        f"{figures['test_accuracy']:.{percent_digits}%}",
-        f"{figures['test_errors']:g}" if label.isdigit() else f"{figures['test_errors']:.1f}",
-        f"{figures['train_loss']:.4f}",
-        f"{figures['test_loss']:.4f}",
-        f"{figures['seconds']:.2f} s",
-    )
-    return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
-
-
-def _print_table(results: list[DiscResult], summary: dict[str, dict[str, float]] | None) -> None:
-    print("  ".join(f"{name:>{width}}" for name, width in _COLUMNS))
+def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None,
+                 columns: tuple[Column, ...] = DISC.columns) -> None:
+    """One row per run, and with several, their median, mean, std and worst: the task's columns after "seed"."""
+    widths = (6, *(column.width for column in columns))
+    print("  ".join(f"{name:>{width}}" for name, width in zip(("seed", *(c.header for c in columns)), widths,
+                                                                strict=True)))
     for result in results:
-        print(_row(str(result.seed), result.summary()))
+        print(_row(str(result.seed), result.summary(), columns))
     if summary is not None:
-        print("  ".join("-" * width for _, width in _COLUMNS))
+        print("  ".join("-" * width for width in widths))
         for statistic in ("median", "mean", "std", "worst"):
-            print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, 2))
+            print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, columns, 2))
         test = summary["test_accuracy"]
         print(f"\ntest accuracy over {len(results)} seeds: median {test['median']:.2%}, "
               f"mean {test['mean']:.2%} ± {test['std']:.2%}, worst {test['worst']:.2%}")
@@ -437,10 +439,7 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                 save(results[0].model_state, state_path)
                 print(f"saved the model's state (batch norm's running statistics) to {state_path}")
         if args.plots is not None:
-            if len(results) > 1:
-                _write_seed_plot(args.plots, results, settings)
-            else:
-                _write_plots(args.plots, results[0], settings)
+            print(f"wrote {', '.join(DISC.plots(args.plots, results, settings))} to {args.plots}")
         if args.json is not None:
             document = {
                 "settings": {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
@@ -469,54 +468,12 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
         raise SystemExit(1) from None
 
 
-def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> None:
-    from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
-
-    data = result.data
-    name = _model_words(settings.task.description)
-    figures = {
-        "dataset.png": plot_dataset(data.x_train, data.labels_train,
-                                    title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
-        "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
-        "decision-boundary.png": plot_decision_boundary(settings.task.model, result.params, data.x_test,
-                                                        data.labels_test, state=result.model_state,
-                                                        title=f"Learned decision boundary, seed {result.seed}'s "
-                                                              f"test set: {result.test_accuracy:.1%} correct"),
-    }
-    for filename, figure in figures.items():
-        save_figure(figure, folder / filename)
-    print(f"wrote {', '.join(figures)} to {folder}")
-
-
-def _model_words(description: str) -> str:
-    """The model's part of a task's description: up to its first comma outside parentheses."""
-    depth = 0
-    for i, char in enumerate(description):
-        depth += (char == "(") - (char == ")")
-        if char == "," and depth == 0:
-            return description[:i]
-    return description
-
-
-def _write_seed_plot(folder: Path, results: list[DiscResult], settings: DiscSettings) -> None:
-    from .plots import plot_seed_spread, save_figure
-
-    seeds = ("seeds " + ",".join(str(r.seed) for r in results)) if len(results) <= 5 else f"{len(results)} seeds"
-    figure = plot_seed_spread([r.history for r in results],
-                              title=f"{settings.describe()}, {settings.describe_rate()}: test set, {seeds}")
-    save_figure(figure, folder / "seeds.png")
-    print(f"wrote seeds.png to {folder}")
-
-
-def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
-    from .torch_baseline import compare_with_torch
-
-    comparison = compare_with_torch(seed, settings)
-    print(f"\nthe same MLP trained by torch.nn + autograd + {comparison.torch_optimizer}, from the same params "
-          f"and batches:\n"
-          f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n"
-          f"  {'train accuracy':<22}{comparison.train_accuracy:>15.1%}{comparison.torch_train_accuracy:>11.1%}\n"
-          f"  {'test accuracy':<22}{comparison.test_accuracy:>15.1%}{comparison.torch_test_accuracy:>11.1%}\n"
+def _print_comparison(comparison: Comparison) -> None:
+    """The run and its torch.nn twin's, side by side, and the largest difference of their params."""
+    rows = "".join(f"  {label:<22}{ours:>15{spec}}{theirs:>11{spec}}\n" for label, ours, theirs, spec in
+                   comparison.figures)
+    print(f"\n{comparison.twin}, from the same params and batches:\n"
+          f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n{rows}"
           f"  {'training wall time':<22}{comparison.seconds:>13.2f} s{comparison.torch_seconds:>9.2f} s\n"
           f"  max |parameter difference|: {comparison.max_param_difference:.3g}"
           f"  (time ratio {comparison.seconds / comparison.torch_seconds:.2f}×)")
@@ -1008,7 +965,7 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
     _print_table(results, summary)
     _write_outputs(args, results, settings, summary)
     if args.compare_torch:
-        _compare_with_torch(results[0].seed, settings)
+        _print_comparison(DISC.compare_torch(results[0].seed, settings))
     return 0
 
 

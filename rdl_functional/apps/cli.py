@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+import attrs
 import torch
 
 from .. import __version__
@@ -46,7 +47,7 @@ from .disc import (
     summarize,
 )
 from .disc_task import TASK as DISC
-from .tasks import TASK_NAMES, Column, Comparison
+from .tasks import TASK_NAMES, Column, Comparison, TrainingTask
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
             "misclassifications, the losses and the wall time of each run."
         ),
     )
+    parser.add_argument("--task", choices=TASK_NAMES, default="disc",
+                        help="disc: the seed report's experiment (the flags below describe it); digits: "
+                             "scikit-learn's 8×8 handwritten digits and a small CNN (needs the [tasks] extra); "
+                             "adder: minGPT's 2-digit adder and a small transformer. The other tasks take "
+                             "--epochs, --batch-size, --lr, --weight-decay, --dropout, --device, --dtype, --seed(s), "
+                             "--threads and the output flags, each with the task's own default (default: "
+                             "%(default)s)")
     training = parser.add_argument_group("training")
     training.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
                           help="mlp: the seed model, MSE on one-hot targets; logistic: one linear layer, "
@@ -426,8 +434,20 @@ def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None
               f"mean {test['mean']:.2%} ± {test['std']:.2%}, worst {test['worst']:.2%}")
 
 
-def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings: DiscSettings,
-                   summary: dict[str, Any] | None) -> None:
+def _disc_json(settings: DiscSettings) -> dict[str, Any]:
+    """The disc's settings as --json records them: the values trained with."""
+    return {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
+            "optimizer": settings.optimizer, "lr": settings.rate, "momentum": settings.tuned("momentum"),
+            "weight_decay": settings.tuned("weight_decay"), "schedule": settings.schedule, "init": settings.init,
+            "dropout": settings.dropout, "batch_norm": settings.batch_norm, "device": settings.device,
+            "dtype": settings.dtype, "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
+            "n_train": settings.n_train, "n_test": settings.n_test}
+
+
+def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any] | None,
+                   task: TrainingTask = DISC) -> None:
+    """--save, --plots and --json, after training; a failed write is one line and exit 1."""
     try:
         if args.save is not None:
             from ..io import save
@@ -439,21 +459,13 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                 save(results[0].model_state, state_path)
                 print(f"saved the model's state (batch norm's running statistics) to {state_path}")
         if args.plots is not None:
-            print(f"wrote {', '.join(DISC.plots(args.plots, results, settings))} to {args.plots}")
+            print(f"wrote {', '.join(task.plots(args.plots, results, settings))} to {args.plots}")
         if args.json is not None:
+            recorded = _disc_json(settings) if task is DISC else attrs.asdict(settings)
             document = {
-                "settings": {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
-                             "optimizer": settings.optimizer, "lr": settings.rate,
-                             "momentum": settings.tuned("momentum"),
-                             "weight_decay": settings.tuned("weight_decay"),
-                             "schedule": settings.schedule, "init": settings.init,
-                             "dropout": settings.dropout, "batch_norm": settings.batch_norm,
-                             "device": settings.device, "dtype": settings.dtype,
-                             "processes": int(os.environ.get("WORLD_SIZE", "1")),
-                             "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
-                             "n_train": settings.n_train,
-                             "n_test": settings.n_test, "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "rdl_functional": __version__},
+                "task": task.name,
+                "settings": {**recorded, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                             "rdl_functional": __version__},
                 "runs": [result.summary() for result in results],
                 "summary": summary,
             }
@@ -855,6 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.task != "disc" or (args.resume is not None and _checkpoint_task(args.resume) != "disc"):
+        return _train_task(args, argv)
     if args.resume is not None:
         _resume_settings(parser, args, argv)
     if args.nproc > 1 and not _launched_by_torchrun():
@@ -966,6 +980,173 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
     _write_outputs(args, results, settings, summary)
     if args.compare_torch:
         _print_comparison(DISC.compare_torch(results[0].seed, settings))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The other tasks (--task digits, adder): one process, the seeds one after another
+
+_DISC_ONLY = {  # flags of the disc alone, and why another task does not take them
+    "model": "chooses the disc's model", "init": "chooses how the disc's MLP is drawn",
+    "loss": "chooses the disc's loss", "batch_norm": "goes into the disc's MLP",
+    "optimizer": "chooses the disc's optimizer", "momentum": "sets the disc's optimizer",
+    "schedule": "chooses the disc's rate schedule", "compile": "compiles the disc's step",
+    "capture": "captures the disc's step", "init_from": "starts the disc from saved params",
+}
+_ANY_TASK = {"task", "seed", "seeds", "separately", "threads", "quiet", "json", "plots", "save", "checkpoint",
+             "checkpoint_every", "resume", "compare_torch", "check_finite", "nproc"}
+
+
+def _checkpoint_task(path: Path) -> str:
+    """The task whose run the checkpoint at ``path`` records (a checkpoint without one is the disc's, whose path
+    says what is wrong with an unreadable file)."""
+    try:
+        info = read_checkpoint(path).settings.get("info")
+    except (OSError, ValueError):
+        return "disc"
+    task = info.get("task") if isinstance(info, dict) else None
+    return task if task in TASK_NAMES else "disc"
+
+
+def _task_named(name: str) -> TrainingTask:
+    from .tasks import TASKS_BY_NAME
+
+    try:
+        return TASKS_BY_NAME[name]
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.{name}":
+            _fail(f"--task {name}: this installation of rdl_functional has no {name} task")
+        raise
+
+
+def _task_settings(task: TrainingTask, given: dict[str, Any], where: str) -> Any:
+    try:
+        return task.settings(**given)
+    except (TypeError, ValueError) as error:
+        _fail(f"{where}: {error}")
+
+
+def _refuse_flags(task: TrainingTask, typed: dict[str, Any], actions: dict[str, argparse.Action]) -> None:
+    for dest in typed:
+        if dest in _ANY_TASK or dest in task.flags:
+            continue
+        flag = actions[dest].option_strings[0]
+        why = _DISC_ONLY.get(dest, "is a setting its runs do not have")
+        _fail(f"{flag} {why}; --task {task.name} does not take it (it takes "
+              f"{', '.join(actions[d].option_strings[0] for d in task.flags)} and the output flags)")
+
+
+def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]
+                 ) -> tuple[TrainingTask, Any]:
+    """``--resume PATH`` of a task's checkpoint: the task, its settings (``--epochs`` may be given anew) and, into
+    ``args``, the seed and the checkpoint path; a training flag given with another value is refused by name."""
+    if args.checkpoint is not None:
+        _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
+              f"{args.checkpoint}")
+    try:
+        checkpoint = read_checkpoint(args.resume)
+    except (OSError, ValueError) as error:
+        _fail(f"--resume: {error}")
+    info = checkpoint.settings["info"]
+    caller = info.get("caller")
+    if not isinstance(caller, dict) or caller.get("program") != "rdl-train" or not isinstance(info.get("seed"), int):
+        _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use the task's run function "
+              "with checkpoint=PATH and the same arguments to continue it)")
+    task = _task_named(info["task"])
+    if "task" in typed and typed["task"] != task.name:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {task.name}; leave out --task")
+    if ("seeds" in typed and typed["seeds"] != [info["seed"]]) or ("seed" in typed and typed["seed"] != info["seed"]):
+        _fail(f"--resume {args.resume}: the checkpoint records one run, of seed {info['seed']}; leave out "
+              "--seed and --seeds")
+    _refuse_flags(task, typed, actions)
+    settings = _task_settings(task, {**info["settings"], "epochs": typed.get("epochs", checkpoint.settings["epochs"])},
+                              f"--resume {args.resume}")
+    differ = [f"{actions[dest].option_strings[0]} {value} here, {getattr(settings, dest)} in the run"
+              for dest, value in typed.items() if dest in task.flags and dest != "epochs"
+              and value != getattr(settings, dest)]
+    if differ:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of other settings ({'; '.join(differ)}); leave "
+              "those flags out: --resume takes the run's settings from its checkpoint")
+    args.task, args.seed, args.seeds, args.checkpoint = task.name, info["seed"], None, args.resume
+    args.check_finite = bool(caller.get("check_finite", True))
+    args.threads = typed.get("threads", caller.get("threads", args.threads))
+    return task, settings
+
+
+def _check_task_args(args: argparse.Namespace, task: TrainingTask) -> None:
+    name, single = task.name, args.seeds is None or len(args.seeds) == 1
+    if args.nproc > 1 or _launched_by_torchrun():
+        _fail(f"{'--nproc' if args.nproc > 1 else 'torchrun'} trains the disc data-parallel; --task {name} trains "
+              "in one process")
+    for flag, value in (("--save", args.save), ("--compare-torch", args.compare_torch),
+                        ("--checkpoint", args.checkpoint)):
+        if value and not single:
+            _fail(f"{flag} describes one run; use --seed N rather than --seeds")
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        _fail("--checkpoint-every goes with --checkpoint PATH (or --resume PATH)")
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path is not None and args.checkpoint is not None and path.resolve() == args.checkpoint.resolve():
+            _fail(f"{flag} {path}: that is the checkpoint's own file; choose another path")
+        if path is not None:
+            _check_output_file(flag, path)
+    if args.checkpoint is not None and args.resume is None:
+        _check_output_file("--checkpoint", args.checkpoint)
+    if args.plots is not None:
+        _check_plot_dir(args.plots)
+
+
+def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--task digits`` or ``adder`` (or ``--resume`` of their checkpoint): the seeds one after another, then the
+    table, the outputs and the comparison with torch, as the disc's."""
+    typed, actions = _typed(argv), _actions(_parser())
+    if args.resume is not None:
+        task, settings = _task_resume(args, typed, actions)
+    else:
+        task = _task_named(args.task)
+        _refuse_flags(task, typed, actions)
+        given = {dest: value for dest, value in typed.items() if dest in task.flags}
+        if given.get("device") == "auto":
+            given["device"] = _auto_device()
+        if given.get("device") == "cuda" and not torch.cuda.is_available():
+            _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
+        settings = _task_settings(task, given, f"--task {task.name}")
+    _check_task_args(args, task)
+    torch.set_num_threads(args.threads)
+    print(f"rdl-train {__version__} --task {task.name}: {task.describe(settings)}\n"
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
+    caller = {"program": "rdl-train", "check_finite": args.check_finite, "threads": args.threads}
+    results = []
+    for seed in args.seeds or [args.seed]:
+        callback, close = _progress(f"seed {seed}", settings.epochs, args.quiet, sys.stderr)
+        try:
+            results.append(task.run(
+                seed, settings, callback=callback, checkpoint=args.checkpoint, check_finite=args.check_finite,
+                checkpoint_every=args.checkpoint_every,
+                checkpoint_info=caller if args.checkpoint is not None else None,
+                on_resume=_say_resuming(args.checkpoint, settings.epochs) if args.checkpoint is not None else None))
+        except ImportError as error:  # a task's optional dependency: the message names the extra to install
+            _fail(str(error))
+        except ValueError as error:
+            _fail(str(error))
+        except OSError as error:
+            print(f"rdl-train: error: {error}", file=sys.stderr)
+            return 1
+        except NonFiniteLoss as error:
+            print(f"rdl-train: {str(error).replace('pass check_finite=False', 'pass --no-finite-check')}",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
+                    f"{args.checkpoint} goes on" if args.checkpoint is not None and args.checkpoint.exists() else "")
+            print(f"rdl-train: interrupted{kept}", file=sys.stderr)
+            return 130
+        finally:
+            close()
+    summary = task.summarize(results) if len(results) > 1 else None
+    _print_table(results, summary, task.columns)
+    _write_outputs(args, results, settings, summary, task)
+    if args.compare_torch:
+        _print_comparison(task.compare_torch(results[0].seed, settings))
     return 0
 
 

@@ -5,7 +5,7 @@ downloaded; the optional extra ``rdl_functional[tasks]``), pixels 0..16 scaled t
 training set's mean and standard deviation, split 80/20 stratified by digit, the split fixed by the seed.
 
 The model, channels first ``(N, 1, 8, 8)``: a random 1-pixel shift in training (:func:`random_shift`), three 3×3
-convolutions (padding 1) each with batch norm and ReLU, a 2×2 max-pool after the second and the third, dropout,
+convolutions (padding 1, no bias: the batch norm after each shifts by its own) each with batch norm and ReLU, a 2×2 max-pool after the second and the third, dropout,
 and one linear layer to the 10 logits; AdamW on cross-entropy with a one-cycle rate (a linear warm-up over the
 first 30% of steps from peak/25 to the peak, then cosine decay to peak/25e4, as ``torch.optim.lr_scheduler
 .OneCycleLR`` with its shape linear on the way up).
@@ -174,7 +174,7 @@ def digits_model(width: int = 32, dropout: float = 0.25, shift: int = 1) -> Stat
     w = width
 
     def block(fan_in: int, fan_out: int) -> list[Layer | StatefulLayer]:
-        return [rf.conv2d(fan_in, fan_out, 3, padding=1), rf.batch_norm2d(fan_out), rf.relu]
+        return [rf.conv2d(fan_in, fan_out, 3, padding=1, bias=False), rf.batch_norm2d(fan_out), rf.relu]
 
     return rf.compose(random_shift(shift), *block(1, w), *block(w, w), rf.max_pool2d(2), *block(w, 2 * w),
                       rf.max_pool2d(2), rf.flatten(), rf.dropout(dropout), rf.linear(8 * w, 10))

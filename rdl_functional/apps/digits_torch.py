@@ -39,7 +39,7 @@ class RandomShift(torch.nn.Module):
         return shift_images(x, offsets, self.shift)
 
 
-def torch_digits_model(width: int = 32, dropout: float = 0.25, shift: int = 1) -> torch.nn.Sequential:
+def torch_digits_model(width: int = 32, dropout: float = 0.4, shift: int = 1) -> torch.nn.Sequential:
     """``digits_model(width, dropout, shift)`` as a ``torch.nn.Sequential``, with the same state-dict keys."""
     w = width
 

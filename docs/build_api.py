@@ -53,6 +53,10 @@ MODULES = [
     "testing",
     "apps.torch_baseline",
     "apps.plots",
+    "apps.tasks",
+    "apps.disc_task",
+    "apps.digits",
+    "apps.digits_torch",
 ]
 PACKAGE = "rdl_functional"
 ROOT = Path(__file__).resolve().parent.parent

@@ -56,6 +56,7 @@ from .optim import (
     sgd_step,
     warmup_cosine_decay_schedule,
 )
+from .sequences import embedding, layer_norm, positional_embedding
 from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
 from .step import TrainState, TrainStep, train_state, train_step
 from .train import History, NonFiniteLoss, accuracy, evaluate, fit, predict
@@ -172,6 +173,7 @@ __all__ = [
     "dropout",
     "early_stopping",
     "elu",
+    "embedding",
     "evaluate",
     "exponential_decay",
     "fan_out",
@@ -184,6 +186,7 @@ __all__ = [
     "huber_loss",
     "identity",
     "l1_loss",
+    "layer_norm",
     "leaky_relu",
     "linear",
     "linear_schedule",
@@ -200,6 +203,7 @@ __all__ = [
     "plot_decision_boundary",
     "plot_history",
     "plot_seed_spread",
+    "positional_embedding",
     "predict",
     "read_checkpoint",
     "relu",

@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplus
+from .attention import multi_head_attention, transformer_block
 from .autodiff import value_and_grad
 from .combinators import add, compose, concat, fan_out, parallel, residual
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
@@ -195,6 +196,7 @@ __all__ = [
     "log_softmax",
     "logistic_model",
     "mse_loss",
+    "multi_head_attention",
     "nll_loss",
     "one_hot",
     "parallel",
@@ -230,6 +232,7 @@ __all__ = [
     "to_state_dict",
     "train_state",
     "train_step",
+    "transformer_block",
     "tree_difference",
     "tree_flatten",
     "tree_leaves",

@@ -22,7 +22,18 @@ from ..train import fit, predict
 from ..tree import tree_unflatten
 from .disc import DiscSettings, draw_run
 
-__all__ = ["TorchComparison", "compare_with_torch", "torch_optimizer", "torch_seed_model", "train_torch"]
+__all__ = [
+    "TorchComparison",
+    "TorchPositionalEmbedding",
+    "TorchResidual",
+    "TorchSelfAttention",
+    "compare_with_torch",
+    "torch_gpt",
+    "torch_optimizer",
+    "torch_seed_model",
+    "torch_transformer_block",
+    "train_torch",
+]
 
 
 def torch_seed_model(*, dropout: float = 0.0, batch_norm: bool = False) -> torch.nn.Sequential:
@@ -34,6 +45,63 @@ def torch_seed_model(*, dropout: float = 0.0, batch_norm: bool = False) -> torch
         modules.append(torch.nn.ReLU())
         modules += [torch.nn.Dropout(dropout)] if dropout else []
     return torch.nn.Sequential(*modules, torch.nn.Linear(25, 2), torch.nn.Tanh())
+
+
+class TorchSelfAttention(torch.nn.MultiheadAttention):
+    """``rf.multi_head_attention(E, H, causal=..., bias=..., dropout=...)`` as torch.nn: batch-first self-attention
+    called with ``need_weights=False`` (the path ours follows), on ``x`` or ``(x, key_padding_mask)``; its state
+    dict is nn.MultiheadAttention's, ``in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, bias: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True)
+        self.causal = causal
+
+    def forward(self, x: Any) -> Tensor:  # type: ignore[override]
+        x, mask = x if isinstance(x, tuple) else (x, None)
+        length = x.shape[1]
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1) if self.causal else None
+        return super().forward(x, x, x, key_padding_mask=mask, need_weights=False, attn_mask=causal_mask,
+                               is_causal=self.causal)[0]
+
+
+class TorchResidual(torch.nn.Sequential):
+    """``rf.residual(rf.compose(...))``: ``x + layers(x)``, keyed ``0, 1, ...`` as the compose's params."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x + super().forward(x)
+
+
+class TorchPositionalEmbedding(torch.nn.Embedding):
+    """``rf.positional_embedding(max_length, dim)``: ``x + weight[arange(sequence)]``, its state dict ``weight``."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x + super().forward(torch.arange(x.shape[-2], device=x.device))
+
+
+def torch_transformer_block(embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, causal: bool = True,
+                            dropout: float = 0.0) -> torch.nn.Sequential:
+    """``rf.transformer_block(...)`` as torch.nn, with the same state-dict keys (pre-LN, as minGPT)."""
+    hidden = mlp_ratio * embed_dim
+    return torch.nn.Sequential(
+        TorchResidual(torch.nn.LayerNorm(embed_dim),
+                      TorchSelfAttention(embed_dim, num_heads, causal=causal, dropout=dropout)),
+        TorchResidual(torch.nn.LayerNorm(embed_dim), torch.nn.Linear(embed_dim, hidden), torch.nn.GELU(),
+                      torch.nn.Linear(hidden, embed_dim)),
+    )
+
+
+def torch_gpt(vocab: int, max_length: int, embed_dim: int, num_heads: int, blocks: int = 1, *,
+              mlp_ratio: int = 4, dropout: float = 0.0) -> torch.nn.Sequential:
+    """A small GPT as torch.nn: token embedding, position embedding, causal blocks, final layer norm, a linear
+    head to the vocabulary. Its state-dict keys are those of the rf model
+    ``rf.compose(rf.embedding(vocab, E), rf.positional_embedding(max_length, E), *[rf.transformer_block(E, H,
+    mlp_ratio=..., dropout=...)] * blocks, rf.layer_norm(E), rf.linear(E, vocab))``."""
+    return torch.nn.Sequential(
+        torch.nn.Embedding(vocab, embed_dim), TorchPositionalEmbedding(max_length, embed_dim),
+        *[torch_transformer_block(embed_dim, num_heads, mlp_ratio=mlp_ratio, dropout=dropout) for _ in range(blocks)],
+        torch.nn.LayerNorm(embed_dim), torch.nn.Linear(embed_dim, vocab),
+    )
 
 
 def torch_optimizer(settings: DiscSettings, parameters: Any) -> torch.optim.Optimizer:

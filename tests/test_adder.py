@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import rdl_functional as rf
 from rdl_functional.apps import adder
+from rdl_functional.apps.adder_plots import attention_weights
 from rdl_functional.apps.adder_torch import torch_adder_model, train_adder_torch
 
 
@@ -134,15 +135,33 @@ def test_adamw_steps_are_the_twins_bit_for_bit_in_float32(start):
     assert [key for key in ours_flat if not torch.equal(ours_flat[key], theirs_flat[key])] == []
 
 
-def test_a_short_run_trains_and_reports_its_figures():
-    settings = attrs.evolve(adder.DEFAULTS, epochs=1, batch_size=1000)
+@pytest.fixture(scope="module")
+def short_run():
+    """A smoke run: one epoch of 5 steps of 1,900 problems."""
     epochs = []
-    result = adder.run_adder(3, settings, callback=lambda epoch, params, history: epochs.append(epoch))
+    settings = attrs.evolve(adder.DEFAULTS, epochs=1, batch_size=1900)
+    result = adder.TASK.run(3, settings, callback=lambda epoch, params, history: epochs.append(epoch))
+    return result, epochs
+
+
+def test_a_short_run_trains_and_reports_the_tasks_columns(short_run):
+    result, epochs = short_run
     summary = result.summary()
-    assert epochs == [1] and summary["steps"] == 10 == len(result.step_losses)
+    assert epochs == [1] and summary["steps"] == 5 == len(result.step_losses) == result.settings.steps
     assert result.history.epochs == 1 and len(result.test_exact) == 1
     assert 0 <= summary["test_accuracy"] <= 1 and summary["test_correct"] == round(500 * summary["test_accuracy"])
     assert result.step_losses[-1] < result.step_losses[0]
+    assert {column.key for column in adder.TASK.columns} <= set(summary)
+    assert set(adder.TASK.flags) <= set(attrs.asdict(adder.DEFAULTS))
+    assert "gpt-nano" in adder.TASK.describe(result.settings)
+
+
+def test_the_plots_are_written(short_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    result, _ = short_run
+    assert adder.TASK.plots(tmp_path, [result], result.settings) == ["curves.png", "attention.png"]
+    assert adder.TASK.plots(tmp_path, [result, result], result.settings) == ["seeds.png"]
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in ("curves.png", "attention.png", "seeds.png"))
 
 
 @pytest.mark.slow
@@ -150,3 +169,22 @@ def test_a_short_run_trains_and_reports_its_figures():
 def test_the_defaults_get_every_held_out_sum_right(seed):
     result = adder.run_adder(seed)
     assert result.test_correct == 500 and result.summary()["test_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_the_attention_map_is_nn_multihead_attentions_weights(start, block):
+    data, params = start
+    twin = torch_adder_model()
+    twin.load_state_dict(rf.to_state_dict(params), strict=True)
+    x, _ = adder.inputs_and_targets(data.test[:5])
+    with torch.no_grad():
+        stream = twin[:2 + block](x)
+        norm, attention = twin[2 + block][0]
+        h = norm(stream)
+        future = torch.ones(6, 6, dtype=torch.bool).triu(1)
+        _, expected = torch.nn.MultiheadAttention.forward(attention, h, h, h, attn_mask=future, need_weights=True,
+                                                          average_attn_weights=False)
+    weights = attention_weights(params, x, block)
+    assert weights.shape == (5, 3, 6, 6)
+    torch.testing.assert_close(weights, expected)
+    assert not weights.triu(1).any()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -38,8 +39,10 @@ from .. import (
     History,
     Layer,
     Optimizer,
+    Schedule,
     adamw,
     compose,
+    cosine_decay_schedule,
     embedding,
     fit,
     layer_norm,
@@ -50,15 +53,21 @@ from .. import (
     transformer_block,
 )
 from ..layers import Params
+from .tasks import Column, Comparison, TrainingTask, summarize_runs
 
 __all__ = [
     "ANSWER_START",
     "BLOCKS",
     "BLOCK_SIZE",
+    "COLUMNS",
     "DEFAULTS",
+    "FEATURES",
+    "HEADS",
+    "LAYERS",
     "MODEL",
     "NDIGIT",
     "N_TEST",
+    "TASK",
     "VOCAB",
     "AdderData",
     "AdderResult",
@@ -67,6 +76,7 @@ __all__ = [
     "addition_split",
     "answer_loss",
     "answer_positions",
+    "describe",
     "draw_run",
     "encode",
     "exact_match",
@@ -206,7 +216,11 @@ def exact_match(model: Layer, params: Params, sequences: Tensor, *, batch_size: 
 # The model and the run
 
 
-def adder_model(blocks: int = 3, heads: int = 3, features: int = 48) -> Layer:
+FEATURES, HEADS, LAYERS = 48, 3, 3
+"""gpt-nano's width, heads per block and blocks."""
+
+
+def adder_model(blocks: int = LAYERS, heads: int = HEADS, features: int = FEATURES) -> Layer:
     """minGPT's ``gpt-nano`` with the answer head: tokens ``(batch, seq ≤ 6)`` int64 in, the log-probabilities of
     the digits at positions 3.. out, ``(batch, seq − 3, 10)``.
 
@@ -224,14 +238,15 @@ def adder_model(blocks: int = 3, heads: int = 3, features: int = 48) -> Layer:
 
 MODEL = adder_model()
 """The model of every run (a layer is a value: one object lets each run reuse its traced step)."""
-BLOCKS = range(2, 5)
-"""The keys of :data:`MODEL`'s transformer blocks."""
+BLOCKS = tuple(str(key) for key in range(2, 2 + LAYERS))
+"""The keys of :data:`MODEL`'s transformer blocks in its params."""
 
 
 @attrs.frozen
 class AdderSettings:
-    """How :func:`run_adder` trains: AdamW at a constant rate on shuffled minibatches, ``epochs`` passes over the
-    9,500 training problems (149 steps each at batch 64).
+    """How :func:`run_adder` trains: AdamW on shuffled minibatches, ``epochs`` passes over the 9,500 training
+    problems (149 steps each at batch 64), the rate ``lr`` decaying to 0 along a cosine over the run
+    (``schedule="cosine"``) or held (``"constant"``, minGPT's).
 
     ``device``, ``dtype``: where the params and data live and the params' floating dtype; everything is drawn on
     the CPU first, so a seed names the same run on every device.
@@ -241,6 +256,7 @@ class AdderSettings:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
+    schedule: str = attrs.field(default="cosine", validator=attrs.validators.in_(("cosine", "constant")))
     device: str = "cpu"
     dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "float64")))
 
@@ -249,9 +265,13 @@ class AdderSettings:
         """Steps of the whole run."""
         return self.epochs * -(-((10**NDIGIT) ** 2 - N_TEST) // self.batch_size)
 
+    def learning_rate(self) -> float | Schedule:
+        """The rate: ``lr``, or a function of the step count decaying from it."""
+        return cosine_decay_schedule(self.lr, self.steps) if self.schedule == "cosine" else self.lr
+
     def make_optimizer(self) -> Optimizer:
-        """AdamW at ``lr`` with ``weight_decay`` on every param (torch's defaults otherwise)."""
-        return adamw(self.lr, weight_decay=self.weight_decay)
+        """AdamW at :meth:`learning_rate` with ``weight_decay`` on every param (torch's defaults otherwise)."""
+        return adamw(self.learning_rate(), weight_decay=self.weight_decay)
 
 
 DEFAULTS = AdderSettings()
@@ -343,3 +363,54 @@ def run_adder(
         seconds=time.perf_counter() - start, params=params, history=history, data=data,
         step_losses=tuple(torch.stack(step_losses).tolist()) if step_losses else (), test_exact=tuple(test_exact),
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The task rdl-train runs
+
+
+def describe(settings: AdderSettings) -> str:
+    """The header's words: the problem, the model, the optimizer and the run's length."""
+    rate = "with cosine decay to 0" if settings.schedule == "cosine" else "(constant)"
+    return (f"minGPT's adder: all 10,000 pairs of 2-digit numbers, 500 held out per seed, the sum written reversed; "
+            f"gpt-nano ({LAYERS} pre-LN blocks, {HEADS} heads, {FEATURES} features), loss on the answer digits\n"
+            f"AdamW, lr {settings.lr:g} {rate}, weight decay {settings.weight_decay:g}; {settings.epochs} "
+            f"epoch{'' if settings.epochs == 1 else 's'} of batch {settings.batch_size} ({settings.steps} steps)")
+
+
+def _plots(folder: Path, results: list[AdderResult], settings: AdderSettings) -> list[str]:
+    """One run: curves.png and attention.png; several: seeds.png."""
+    from .adder_plots import plot_adder_curves, plot_adder_seeds, plot_attention
+    from .plots import save_figure
+
+    if len(results) > 1:
+        figures = {"seeds.png": plot_adder_seeds(results)}
+    else:
+        figures = {"curves.png": plot_adder_curves(results[0]), "attention.png": plot_attention(results[0])}
+    for filename, figure in figures.items():
+        save_figure(figure, folder / filename)
+    return list(figures)
+
+
+def _compare_torch(seed: int, settings: AdderSettings) -> Comparison:
+    from .adder_torch import compare_adder_with_torch
+
+    return compare_adder_with_torch(seed, settings)
+
+
+COLUMNS = (Column("test_accuracy", "test sums", 9, "percent"), Column("test_correct", "right of 500", 12, "count"),
+           Column("train_accuracy", "train sums", 10, "percent"), Column("test_loss", "test loss", 9, "loss"),
+           Column("steps", "steps", 6, "count"), Column("seconds", "time", 8, "seconds"))
+
+TASK = TrainingTask(
+    name="adder",
+    description="minGPT's adder: a gpt-nano learns 2-digit addition (500 held-out sums, exact match, greedy)",
+    defaults=DEFAULTS,
+    flags=("epochs", "batch_size", "lr", "weight_decay", "device", "dtype"),
+    run=run_adder,
+    summarize=summarize_runs,
+    plots=_plots,
+    compare_torch=_compare_torch,
+    describe=describe,
+    columns=COLUMNS,
+)  # fmt: skip

@@ -47,14 +47,18 @@ def train_adder_torch(params: Params, x: Tensor, target: Tensor, settings: Adder
     """Train :func:`torch_adder_model` from ``params`` the way ``rf.fit`` trains :data:`~.adder.MODEL`: each epoch's
     shuffle drawn from ``generator`` (``torch.randperm``), batches of ``settings.batch_size`` rows in that order,
     ``F.nll_loss`` of the log-probabilities (``F.cross_entropy`` on the answer positions), and
-    ``torch.optim.AdamW(lr, weight_decay)`` (foreach). Returns the trained params as a tree."""
+    ``torch.optim.AdamW(lr, weight_decay)`` (foreach), its rate set from ``settings.learning_rate()`` before each
+    step. Returns the trained params as a tree."""
     model = torch_adder_model().to(device=settings.device, dtype=getattr(torch, settings.dtype))
     model.load_state_dict(to_state_dict(params), strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                   foreach=True)
+    rate, count = settings.learning_rate(), 0
     for _ in range(settings.epochs):
         order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         for rows in order.split(settings.batch_size):
+            optimizer.param_groups[0]["lr"] = rate(count) if callable(rate) else rate
+            count += 1
             optimizer.zero_grad()
             torch.nn.functional.nll_loss(model(x[rows]).flatten(0, 1), target[rows].flatten()).backward()
             optimizer.step()

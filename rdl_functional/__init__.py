@@ -21,6 +21,7 @@ from .activations import elu, flatten, gelu, log_softmax, silu, softmax, softplu
 from .attention import multi_head_attention, transformer_block
 from .autodiff import value_and_grad
 from .combinators import add, compose, concat, fan_out, parallel, residual
+from .conv import conv1d, conv2d
 from .data import DISC_CENTER, DISC_RADIUS, disc_dataset, one_hot
 from .distributed import data_parallel
 from .ensemble import fit_stacked, stack_params, stacked, unstack_params
@@ -36,6 +37,7 @@ from .losses import (
     nll_loss,
 )
 from .metrics import TASKS, Evaluation
+from .normalization import batch_norm2d, group_norm
 from .optim import (
     Optimizer,
     Schedule,
@@ -57,6 +59,7 @@ from .optim import (
     sgd_step,
     warmup_cosine_decay_schedule,
 )
+from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
 from .sequences import embedding, layer_norm, positional_embedding
 from .stateful import State, StatefulLayer, batch_norm, dropout, stateful
 from .step import TrainState, TrainStep, train_state, train_step
@@ -154,7 +157,9 @@ __all__ = [
     "add",
     "add_decayed_weights",
     "apply_updates",
+    "avg_pool2d",
     "batch_norm",
+    "batch_norm2d",
     "bce_with_logits_loss",
     "capture",
     "chain",
@@ -166,6 +171,8 @@ __all__ = [
     "compose",
     "concat",
     "constant_schedule",
+    "conv1d",
+    "conv2d",
     "cosine_decay_schedule",
     "cross_entropy_loss",
     "data_parallel",
@@ -183,7 +190,9 @@ __all__ = [
     "flatten",
     "from_state_dict",
     "gelu",
+    "global_avg_pool2d",
     "gradient_transform",
+    "group_norm",
     "huber_loss",
     "identity",
     "l1_loss",
@@ -195,6 +204,7 @@ __all__ = [
     "load_state",
     "log_softmax",
     "logistic_model",
+    "max_pool2d",
     "mse_loss",
     "multi_head_attention",
     "nll_loss",

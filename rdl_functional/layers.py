@@ -351,6 +351,30 @@ def _check_features(name: str, **sizes: Any) -> None:
             raise ValueError(f"{name}: {arg} must be a positive int, got {size!r}")
 
 
+def weight_initializer(where: str, init: Any) -> tuple[Initializer, list[str]]:
+    """The function ``(generator, shape, dtype) -> weight`` that ``init`` names (or is), and the option that
+    prints in the layer's name (``[]`` for the default ``"torch_default"``): what linear and conv take as ``init=``."""
+    if isinstance(init, str):
+        if init not in INITIALIZERS:
+            raise ValueError(f"{where}: init must be one of {sorted(INITIALIZERS)} or a function "
+                             f"(generator, shape, dtype) -> weight, got {init!r}")
+        return INITIALIZERS[init], [] if init == "torch_default" else [f"init={init!r}"]
+    if callable(init):
+        return init, [f"init={getattr(init, '__name__', 'function')}"]
+    raise TypeError(f"{where}: init must be a name or a function (generator, shape, dtype) -> weight, "
+                    f"got {type(init).__name__}")
+
+
+def draw_weight_checked(where: str, draw: Initializer, generator: torch.Generator, shape: tuple[int, ...],
+                        dtype: torch.dtype) -> Tensor:
+    """``draw(generator, shape, dtype)``, refused by name where a user's init function returns anything else."""
+    weight = draw(generator, shape, dtype)
+    if not isinstance(weight, Tensor) or weight.shape != shape or weight.dtype != dtype:
+        got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{where}: the init function must return a {dtype} tensor of shape {shape}, got {got}")
+    return weight
+
+
 def linear(in_features: int, out_features: int, *, init: str | Initializer = "torch_default") -> Layer:
     """A fully connected layer, ``y = x Wᵀ + b``, with torch.nn.Linear's layout.
 
@@ -383,30 +407,15 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
             [0., 0., 0.]])
     """
     _check_features("linear", in_features=in_features, out_features=out_features)
-    name = f"linear({in_features}, {out_features})"
-    if isinstance(init, str):
-        if init not in INITIALIZERS:
-            raise ValueError(f"linear: init must be one of {sorted(INITIALIZERS)} or a function "
-                             f"(generator, shape, dtype) -> weight, got {init!r}")
-        draw_weight = INITIALIZERS[init]
-        name = name if init == "torch_default" else f"linear({in_features}, {out_features}, init={init!r})"
-    elif callable(init):
-        draw_weight = init
-        name = f"linear({in_features}, {out_features}, init={getattr(init, '__name__', 'function')})"
-    else:
-        raise TypeError(f"linear: init must be a name or a function (generator, shape, dtype) -> weight, "
-                        f"got {type(init).__name__}")
+    draw_weight, option = weight_initializer("linear", init)
+    name = f"linear({', '.join([str(in_features), str(out_features), *option])})"
     bias_bound = 1 / math.sqrt(in_features)  # torch.nn.Linear's: uniform_(bias, ±1/√fan_in)
 
     def init_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
-        weight = draw_weight(g, (out_features, in_features), dtype)
-        if not isinstance(weight, Tensor) or weight.shape != (out_features, in_features) or weight.dtype != dtype:
-            got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
-            raise ValueError(f"{name}.init: the init function must return a {dtype} tensor of shape "
-                             f"{(out_features, in_features)}, got {got}")
+        weight = draw_weight_checked(f"{name}.init", draw_weight, g, (out_features, in_features), dtype)
         bias = torch.empty(out_features, dtype=dtype).uniform_(-bias_bound, bias_bound, generator=g)
         return to_device({"weight": weight, "bias": bias}, device, f"{name}.init")
 

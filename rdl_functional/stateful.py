@@ -33,6 +33,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from ._images import check_image
 from ._random import BatchShard, as_generator
 from .distributed import all_reduce_mean, is_data_parallel
 from .layers import (
@@ -300,21 +301,41 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         ValueError: ``features`` is not a positive int, ``momentum`` is not in
             [0, 1] or None, ``eps`` is not > 0; in training, a batch of one row.
     """
-    _check_features("batch_norm", features=features)
+    return channel_norm("batch_norm", features, momentum, eps, affine, spatial=None)
+
+
+def channel_norm(kind: str, features: int, momentum: float | None, eps: float, affine: bool, *,
+                 spatial: int | None) -> StatefulLayer:
+    """Batch norm over a channel dimension: the last (``spatial=None``, :func:`batch_norm` on ``(..., features)``)
+    or the second, of an ``x`` ``(N, C, *spatial)`` with ``spatial`` spatial dimensions
+    (:func:`~rdl_functional.batch_norm2d`). One piece of code for both: torch's kernels take the channels at
+    dim 1, so features-last input goes to them as rows ``(positions, features)`` and channels-first as it is."""
+    _check_features(kind, features=features)
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 <= momentum <= 1):
-        raise ValueError(f"batch_norm: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
+        raise ValueError(f"{kind}: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"batch_norm: eps must be a finite number > 0 (it keeps 1/√(σ² + ε) finite for a feature "
+        raise ValueError(f"{kind}: eps must be a finite number > 0 (it keeps 1/√(σ² + ε) finite for a feature "
                          f"whose batch variance is 0; torch refuses eps ≤ 0 too), got {eps!r}")
     if not isinstance(affine, bool):
-        raise TypeError(f"batch_norm: affine must be True or False, got {affine!r}")
+        raise TypeError(f"{kind}: affine must be True or False, got {affine!r}")
     eps = float(eps)
     options = [] if momentum == 0.1 else [f"momentum={momentum!r}"]
     options += [] if eps == 1e-5 else [f"eps={eps!r}"]
     options += [] if affine else ["affine=False"]
-    name = f"batch_norm({', '.join([str(features), *options])})"
+    name = f"{kind}({', '.join([str(features), *options])})"
     shape = (features,)
+
+    def to_kernel(t: Tensor) -> Tensor:
+        """``t`` as torch's kernels take it, channels at dim 1: features-last input as rows (a view for 2-D)."""
+        return t.reshape(-1, features) if spatial is None else t
+
+    def to_rows(t: Tensor) -> Tensor:
+        """``t`` with its channels last, as the data-parallel statistics take it (and back: ``from_rows``)."""
+        return t if spatial is None else t.movedim(1, -1)
+
+    def from_rows(t: Tensor) -> Tensor:
+        return t if spatial is None else t.movedim(-1, 1)
 
     def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> Params:
@@ -335,9 +356,11 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         check_train(at, train)
         _check_bn_params(at, params, affine, shape)
         _check_bn_state(at, state, shape)
-        if not isinstance(x, Tensor):
+        if spatial is not None:
+            check_image(at, x, spatial, features)
+        elif not isinstance(x, Tensor):
             raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != features:
+        elif x.dim() == 0 or x.shape[-1] != features:
             raise ValueError(f"{at}: x must have shape (..., {features}), features last, got {tuple(x.shape)}"
                              + _one_feature_hint(x, features))
         mean, var = state["running_mean"], state["running_var"]
@@ -349,9 +372,10 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
         positions = x.numel() if global_rows is None else global_rows * math.prod(x.shape[1:])
         if train and positions == features:
             raise ValueError(f"{at}: in training, batch norm normalizes each feature over the batch, which needs "
-                             f"more than one row, got a batch of 1{'' if x.dim() == 2 else f' {tuple(x.shape)}'}; "
-                             "train on larger batches, or evaluate "
-                             "(train=False) to use the running statistics")
+                             + (f"more than one row, got a batch of 1{'' if x.dim() == 2 else f' {tuple(x.shape)}'}; "
+                                if spatial is None else f"more than one value per channel (N·H·W > 1), got x of "
+                                f"shape {tuple(x.shape)}; ")
+                             + "train on larger batches, or evaluate (train=False) to use the running statistics")
         return params.get("weight"), params.get("bias"), mean, var
 
     def forward(where: str, params: Params, state: State, x: Tensor, train: Any,
@@ -360,8 +384,12 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             weight, bias, mean, var = unpack(where, params, state, x, train, generator.rows)
             generator.check_rows(f"{name}.{where}", x)
             if is_data_parallel():
-                return _synced_forward(x.reshape(-1, features), generator, weight, bias, mean, var,
-                                       state["num_batches_tracked"] + 1, momentum, eps, x.shape)
+                rows = to_rows(x)
+                y, new_state, backward = _synced_forward(rows.reshape(-1, features), generator, weight, bias, mean,
+                                                         var, state["num_batches_tracked"] + 1, momentum, eps,
+                                                         rows.shape)
+                return from_rows(y), new_state, lambda dy, need_dx: _channels_back(backward(to_rows(dy), need_dx),
+                                                                                   from_rows)
             if generator.stop - generator.start != generator.rows:
                 raise ValueError(f"{name}.{where}: the shard is rows {generator.start}..{generator.stop} of "
                                  f"{generator.rows}, but there is no process group (torch.distributed) to sum the "
@@ -371,7 +399,7 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             count = state["num_batches_tracked"] + 1 if train else state["num_batches_tracked"].clone()
             new_state = {"running_mean": mean.clone(), "running_var": var.clone(), "num_batches_tracked": count}
             return x.clone(), new_state, None
-        rows = x.reshape(-1, features)  # (..., features): every leading position is a row (a view of x for 2-D)
+        rows = to_kernel(x)  # (..., features): every leading position a row; (N, C, *spatial): x itself
         if not train:  # the running statistics stand in for the batch's; nothing is updated
             y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, mean, var, False, 0.0, eps)
             # New tensors, as every result is: writing into the new state never writes into the old.
@@ -417,7 +445,7 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
             # training, dx = weight·s/n · (n·dy − Σ dy − x̂ ⊙ Σ dy ⊙ x̂) (μ and σ² depend on x);
             # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.
             dx, dweight, dbias = _native_batch_norm_backward(  # on rows, as the forward pass; dx in x's shape
-                dy.reshape(-1, features), x.reshape(-1, features), weight, mean, var, saved_mean, saved_invstd,
+                to_kernel(dy), to_kernel(x), weight, mean, var, saved_mean, saved_invstd,
                 train, eps, [need_dx, affine, affine]
             )
             dx = dx.reshape(x.shape) if dx is not None else None
@@ -433,6 +461,11 @@ def _autocast_mix(x: Tensor, param: Tensor) -> bool:
     kernels take the mix (BatchNorm1d's output is in ``x``'s dtype, its statistics and gradients stay float32)."""
     return (x.dtype in (torch.bfloat16, torch.float16) and param.dtype == torch.float32
             and autocast_on(x.device.type))
+
+
+def _channels_back(grads: tuple[Any, Any, Tensor | None], from_rows: Callable[[Tensor], Tensor]) -> tuple[Any, ...]:
+    dweight, dbias, dx = grads
+    return dweight, dbias, from_rows(dx) if dx is not None else None
 
 
 def _one_feature_hint(x: Tensor, features: int) -> str:

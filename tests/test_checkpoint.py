@@ -188,7 +188,7 @@ def test_soak_twenty_thousand_steps_with_params_that_require_grad_grow_rss_under
 def test_small_defects_of_issue_10_stay_fixed(tmp_path):
     import numpy as np
 
-    from rdl_functional.apps.cli import _model_words
+    from rdl_functional.apps.disc_task import model_words as _model_words
 
     # A stack of models stops at a NaN too (rdl-train --seeds trains one).
     x, labels = rf.disc_dataset(40, 0)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+import attrs
 import torch
 
 from .. import __version__
@@ -45,6 +46,8 @@ from .disc import (
     run_disc_together,
     summarize,
 )
+from .disc_task import TASK as DISC
+from .tasks import TASK_NAMES, Column, Comparison, TrainingTask
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
             "misclassifications, the losses and the wall time of each run."
         ),
     )
+    parser.add_argument("--task", choices=TASK_NAMES, default="disc",
+                        help="disc: the seed report's experiment (the flags below describe it); digits: "
+                             "scikit-learn's 8×8 handwritten digits and a small CNN (needs the [tasks] extra); "
+                             "adder: minGPT's 2-digit adder and a small transformer. The other tasks take "
+                             "--epochs, --batch-size, --lr, --weight-decay, --dropout, --device, --dtype, --seed(s), "
+                             "--threads and the output flags, each with the task's own default (default: "
+                             "%(default)s)")
     training = parser.add_argument_group("training")
     training.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
                           help="mlp: the seed model, MSE on one-hot targets; logistic: one linear layer, "
@@ -394,38 +404,50 @@ def _progress(label: str, epochs: int, quiet: bool, stream: TextIO) -> tuple[Cal
 # ---------------------------------------------------------------------------
 # Tables, on stdout
 
-_COLUMNS = (("seed", 6), ("train acc", 9), ("test acc", 8), ("test errors", 11), ("train loss", 10),
-            ("test loss", 9), ("time", 8))
+def _row(label: str, figures: dict[str, float], columns: tuple[Column, ...], percent_digits: int = 1) -> str:
+    def cell(column: Column) -> str:
+        value = figures[column.key]
+        if column.kind == "percent":
+            return f"{value:.{percent_digits}%}"
+        if column.kind == "count":
+            return f"{value:g}" if label.isdigit() else f"{value:.1f}"
+        return f"{value:.4f}" if column.kind == "loss" else f"{value:.2f} s"
+
+    widths = (6, *(column.width for column in columns))
+    return "  ".join(f"{text:>{width}}" for text, width in zip((label, *map(cell, columns)), widths, strict=True))
 
 
-def _row(label: str, figures: dict[str, float], percent_digits: int = 1) -> str:
-    cells = (
-        label,
-        f"{figures['train_accuracy']:.{percent_digits}%}",
-        f"{figures['test_accuracy']:.{percent_digits}%}",
-        f"{figures['test_errors']:g}" if label.isdigit() else f"{figures['test_errors']:.1f}",
-        f"{figures['train_loss']:.4f}",
-        f"{figures['test_loss']:.4f}",
-        f"{figures['seconds']:.2f} s",
-    )
-    return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
-
-
-def _print_table(results: list[DiscResult], summary: dict[str, dict[str, float]] | None) -> None:
-    print("  ".join(f"{name:>{width}}" for name, width in _COLUMNS))
+def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None,
+                 columns: tuple[Column, ...] = DISC.columns) -> None:
+    """One row per run, and with several, their median, mean, std and worst: the task's columns after "seed"."""
+    widths = (6, *(column.width for column in columns))
+    print("  ".join(f"{name:>{width}}" for name, width in zip(("seed", *(c.header for c in columns)), widths,
+                                                                strict=True)))
     for result in results:
-        print(_row(str(result.seed), result.summary()))
+        print(_row(str(result.seed), result.summary(), columns))
     if summary is not None:
-        print("  ".join("-" * width for _, width in _COLUMNS))
+        print("  ".join("-" * width for width in widths))
         for statistic in ("median", "mean", "std", "worst"):
-            print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, 2))
+            print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, columns, 2))
         test = summary["test_accuracy"]
         print(f"\ntest accuracy over {len(results)} seeds: median {test['median']:.2%}, "
               f"mean {test['mean']:.2%} ± {test['std']:.2%}, worst {test['worst']:.2%}")
 
 
-def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings: DiscSettings,
-                   summary: dict[str, Any] | None) -> None:
+def _disc_json(settings: DiscSettings) -> dict[str, Any]:
+    """The disc's settings as --json records them: the values trained with."""
+    return {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
+            "optimizer": settings.optimizer, "lr": settings.rate, "momentum": settings.tuned("momentum"),
+            "weight_decay": settings.tuned("weight_decay"), "schedule": settings.schedule, "init": settings.init,
+            "dropout": settings.dropout, "batch_norm": settings.batch_norm, "device": settings.device,
+            "dtype": settings.dtype, "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
+            "n_train": settings.n_train, "n_test": settings.n_test}
+
+
+def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any] | None,
+                   task: TrainingTask = DISC) -> None:
+    """--save, --plots and --json, after training; a failed write is one line and exit 1."""
     try:
         if args.save is not None:
             from ..io import save
@@ -437,24 +459,13 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
                 save(results[0].model_state, state_path)
                 print(f"saved the model's state (batch norm's running statistics) to {state_path}")
         if args.plots is not None:
-            if len(results) > 1:
-                _write_seed_plot(args.plots, results, settings)
-            else:
-                _write_plots(args.plots, results[0], settings)
+            print(f"wrote {', '.join(task.plots(args.plots, results, settings))} to {args.plots}")
         if args.json is not None:
+            recorded = _disc_json(settings) if task is DISC else attrs.asdict(settings)
             document = {
-                "settings": {"model": settings.model, "epochs": settings.epochs, "batch_size": settings.batch_size,
-                             "optimizer": settings.optimizer, "lr": settings.rate,
-                             "momentum": settings.tuned("momentum"),
-                             "weight_decay": settings.tuned("weight_decay"),
-                             "schedule": settings.schedule, "init": settings.init,
-                             "dropout": settings.dropout, "batch_norm": settings.batch_norm,
-                             "device": settings.device, "dtype": settings.dtype,
-                             "processes": int(os.environ.get("WORLD_SIZE", "1")),
-                             "loss": settings.loss or ("mse" if settings.model == "mlp" else "cross-entropy"),
-                             "n_train": settings.n_train,
-                             "n_test": settings.n_test, "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "rdl_functional": __version__},
+                "task": task.name,
+                "settings": {**recorded, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                             "rdl_functional": __version__},
                 "runs": [result.summary() for result in results],
                 "summary": summary,
             }
@@ -469,54 +480,12 @@ def _write_outputs(args: argparse.Namespace, results: list[DiscResult], settings
         raise SystemExit(1) from None
 
 
-def _write_plots(folder: Path, result: DiscResult, settings: DiscSettings) -> None:
-    from .plots import plot_dataset, plot_decision_boundary, plot_history, save_figure
-
-    data = result.data
-    name = _model_words(settings.task.description)
-    figures = {
-        "dataset.png": plot_dataset(data.x_train, data.labels_train,
-                                    title=f"Training set of seed {result.seed}: {len(data.x_train)} points"),
-        "history.png": plot_history(result.history, title=f"{name}, seed {result.seed}"),
-        "decision-boundary.png": plot_decision_boundary(settings.task.model, result.params, data.x_test,
-                                                        data.labels_test, state=result.model_state,
-                                                        title=f"Learned decision boundary, seed {result.seed}'s "
-                                                              f"test set: {result.test_accuracy:.1%} correct"),
-    }
-    for filename, figure in figures.items():
-        save_figure(figure, folder / filename)
-    print(f"wrote {', '.join(figures)} to {folder}")
-
-
-def _model_words(description: str) -> str:
-    """The model's part of a task's description: up to its first comma outside parentheses."""
-    depth = 0
-    for i, char in enumerate(description):
-        depth += (char == "(") - (char == ")")
-        if char == "," and depth == 0:
-            return description[:i]
-    return description
-
-
-def _write_seed_plot(folder: Path, results: list[DiscResult], settings: DiscSettings) -> None:
-    from .plots import plot_seed_spread, save_figure
-
-    seeds = ("seeds " + ",".join(str(r.seed) for r in results)) if len(results) <= 5 else f"{len(results)} seeds"
-    figure = plot_seed_spread([r.history for r in results],
-                              title=f"{settings.describe()}, {settings.describe_rate()}: test set, {seeds}")
-    save_figure(figure, folder / "seeds.png")
-    print(f"wrote seeds.png to {folder}")
-
-
-def _compare_with_torch(seed: int, settings: DiscSettings) -> None:
-    from .torch_baseline import compare_with_torch
-
-    comparison = compare_with_torch(seed, settings)
-    print(f"\nthe same MLP trained by torch.nn + autograd + {comparison.torch_optimizer}, from the same params "
-          f"and batches:\n"
-          f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n"
-          f"  {'train accuracy':<22}{comparison.train_accuracy:>15.1%}{comparison.torch_train_accuracy:>11.1%}\n"
-          f"  {'test accuracy':<22}{comparison.test_accuracy:>15.1%}{comparison.torch_test_accuracy:>11.1%}\n"
+def _print_comparison(comparison: Comparison) -> None:
+    """The run and its torch.nn twin's, side by side, and the largest difference of their params."""
+    rows = "".join(f"  {label:<22}{ours:>15{spec}}{theirs:>11{spec}}\n" for label, ours, theirs, spec in
+                   comparison.figures)
+    print(f"\n{comparison.twin}, from the same params and batches:\n"
+          f"  {'':<22}{'rdl_functional':>15}{'torch.nn':>11}\n{rows}"
           f"  {'training wall time':<22}{comparison.seconds:>13.2f} s{comparison.torch_seconds:>9.2f} s\n"
           f"  max |parameter difference|: {comparison.max_param_difference:.3g}"
           f"  (time ratio {comparison.seconds / comparison.torch_seconds:.2f}×)")
@@ -898,6 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.task != "disc" or (args.resume is not None and _checkpoint_task(args.resume) != "disc"):
+        return _train_task(args, argv)
     if args.resume is not None:
         _resume_settings(parser, args, argv)
     if args.nproc > 1 and not _launched_by_torchrun():
@@ -1008,7 +979,174 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
     _print_table(results, summary)
     _write_outputs(args, results, settings, summary)
     if args.compare_torch:
-        _compare_with_torch(results[0].seed, settings)
+        _print_comparison(DISC.compare_torch(results[0].seed, settings))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The other tasks (--task digits, adder): one process, the seeds one after another
+
+_DISC_ONLY = {  # flags of the disc alone, and why another task does not take them
+    "model": "chooses the disc's model", "init": "chooses how the disc's MLP is drawn",
+    "loss": "chooses the disc's loss", "batch_norm": "goes into the disc's MLP",
+    "optimizer": "chooses the disc's optimizer", "momentum": "sets the disc's optimizer",
+    "schedule": "chooses the disc's rate schedule", "compile": "compiles the disc's step",
+    "capture": "captures the disc's step", "init_from": "starts the disc from saved params",
+}
+_ANY_TASK = {"task", "seed", "seeds", "separately", "threads", "quiet", "json", "plots", "save", "checkpoint",
+             "checkpoint_every", "resume", "compare_torch", "check_finite", "nproc"}
+
+
+def _checkpoint_task(path: Path) -> str:
+    """The task whose run the checkpoint at ``path`` records (a checkpoint without one is the disc's, whose path
+    says what is wrong with an unreadable file)."""
+    try:
+        info = read_checkpoint(path).settings.get("info")
+    except (OSError, ValueError):
+        return "disc"
+    task = info.get("task") if isinstance(info, dict) else None
+    return task if task in TASK_NAMES else "disc"
+
+
+def _task_named(name: str) -> TrainingTask:
+    from .tasks import TASKS_BY_NAME
+
+    try:
+        return TASKS_BY_NAME[name]
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.{name}":
+            _fail(f"--task {name}: this installation of rdl_functional has no {name} task")
+        raise
+
+
+def _task_settings(task: TrainingTask, given: dict[str, Any], where: str) -> Any:
+    try:
+        return task.settings(**given)
+    except (TypeError, ValueError) as error:
+        _fail(f"{where}: {error}")
+
+
+def _refuse_flags(task: TrainingTask, typed: dict[str, Any], actions: dict[str, argparse.Action]) -> None:
+    for dest in typed:
+        if dest in _ANY_TASK or dest in task.flags:
+            continue
+        flag = actions[dest].option_strings[0]
+        why = _DISC_ONLY.get(dest, "is a setting its runs do not have")
+        _fail(f"{flag} {why}; --task {task.name} does not take it (it takes "
+              f"{', '.join(actions[d].option_strings[0] for d in task.flags)} and the output flags)")
+
+
+def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]
+                 ) -> tuple[TrainingTask, Any]:
+    """``--resume PATH`` of a task's checkpoint: the task, its settings (``--epochs`` may be given anew) and, into
+    ``args``, the seed and the checkpoint path; a training flag given with another value is refused by name."""
+    if args.checkpoint is not None:
+        _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
+              f"{args.checkpoint}")
+    try:
+        checkpoint = read_checkpoint(args.resume)
+    except (OSError, ValueError) as error:
+        _fail(f"--resume: {error}")
+    info = checkpoint.settings["info"]
+    caller = info.get("caller")
+    if not isinstance(caller, dict) or caller.get("program") != "rdl-train" or not isinstance(info.get("seed"), int):
+        _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use the task's run function "
+              "with checkpoint=PATH and the same arguments to continue it)")
+    task = _task_named(info["task"])
+    if "task" in typed and typed["task"] != task.name:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {task.name}; leave out --task")
+    if ("seeds" in typed and typed["seeds"] != [info["seed"]]) or ("seed" in typed and typed["seed"] != info["seed"]):
+        _fail(f"--resume {args.resume}: the checkpoint records one run, of seed {info['seed']}; leave out "
+              "--seed and --seeds")
+    _refuse_flags(task, typed, actions)
+    settings = _task_settings(task, {**info["settings"], "epochs": typed.get("epochs", checkpoint.settings["epochs"])},
+                              f"--resume {args.resume}")
+    differ = [f"{actions[dest].option_strings[0]} {value} here, {getattr(settings, dest)} in the run"
+              for dest, value in typed.items() if dest in task.flags and dest != "epochs"
+              and value != getattr(settings, dest)]
+    if differ:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of other settings ({'; '.join(differ)}); leave "
+              "those flags out: --resume takes the run's settings from its checkpoint")
+    args.task, args.seed, args.seeds, args.checkpoint = task.name, info["seed"], None, args.resume
+    args.check_finite = bool(caller.get("check_finite", True))
+    args.threads = typed.get("threads", caller.get("threads", args.threads))
+    return task, settings
+
+
+def _check_task_args(args: argparse.Namespace, task: TrainingTask) -> None:
+    name, single = task.name, args.seeds is None or len(args.seeds) == 1
+    if args.nproc > 1 or _launched_by_torchrun():
+        _fail(f"{'--nproc' if args.nproc > 1 else 'torchrun'} trains the disc data-parallel; --task {name} trains "
+              "in one process")
+    for flag, value in (("--save", args.save), ("--compare-torch", args.compare_torch),
+                        ("--checkpoint", args.checkpoint)):
+        if value and not single:
+            _fail(f"{flag} describes one run; use --seed N rather than --seeds")
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        _fail("--checkpoint-every goes with --checkpoint PATH (or --resume PATH)")
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path is not None and args.checkpoint is not None and path.resolve() == args.checkpoint.resolve():
+            _fail(f"{flag} {path}: that is the checkpoint's own file; choose another path")
+        if path is not None:
+            _check_output_file(flag, path)
+    if args.checkpoint is not None and args.resume is None:
+        _check_output_file("--checkpoint", args.checkpoint)
+    if args.plots is not None:
+        _check_plot_dir(args.plots)
+
+
+def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--task digits`` or ``adder`` (or ``--resume`` of their checkpoint): the seeds one after another, then the
+    table, the outputs and the comparison with torch, as the disc's."""
+    typed, actions = _typed(argv), _actions(_parser())
+    if args.resume is not None:
+        task, settings = _task_resume(args, typed, actions)
+    else:
+        task = _task_named(args.task)
+        _refuse_flags(task, typed, actions)
+        given = {dest: value for dest, value in typed.items() if dest in task.flags}
+        if given.get("device") == "auto":
+            given["device"] = _auto_device()
+        if given.get("device") == "cuda" and not torch.cuda.is_available():
+            _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
+        settings = _task_settings(task, given, f"--task {task.name}")
+    _check_task_args(args, task)
+    torch.set_num_threads(args.threads)
+    print(f"rdl-train {__version__} --task {task.name}: {task.describe(settings)}\n"
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
+    caller = {"program": "rdl-train", "check_finite": args.check_finite, "threads": args.threads}
+    results = []
+    for seed in args.seeds or [args.seed]:
+        callback, close = _progress(f"seed {seed}", settings.epochs, args.quiet, sys.stderr)
+        try:
+            results.append(task.run(
+                seed, settings, callback=callback, checkpoint=args.checkpoint, check_finite=args.check_finite,
+                checkpoint_every=args.checkpoint_every,
+                checkpoint_info=caller if args.checkpoint is not None else None,
+                on_resume=_say_resuming(args.checkpoint, settings.epochs) if args.checkpoint is not None else None))
+        except ImportError as error:  # a task's optional dependency: the message names the extra to install
+            _fail(str(error))
+        except ValueError as error:
+            _fail(str(error))
+        except OSError as error:
+            print(f"rdl-train: error: {error}", file=sys.stderr)
+            return 1
+        except NonFiniteLoss as error:
+            print(f"rdl-train: {str(error).replace('pass check_finite=False', 'pass --no-finite-check')}",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            kept = (f"; {args.checkpoint} holds the run up to its last checkpoint: rdl-train --resume "
+                    f"{args.checkpoint} goes on" if args.checkpoint is not None and args.checkpoint.exists() else "")
+            print(f"rdl-train: interrupted{kept}", file=sys.stderr)
+            return 130
+        finally:
+            close()
+    summary = task.summarize(results) if len(results) > 1 else None
+    _print_table(results, summary, task.columns)
+    _write_outputs(args, results, settings, summary, task)
+    if args.compare_torch:
+        _print_comparison(task.compare_torch(results[0].seed, settings))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Pictures of the disc experiment: the data, the training curves, the learned boundary.
+"""Pictures of the tasks: the disc's data and learned boundary, images with their predictions, a confusion
+matrix, the training curves.
 
 Needs matplotlib, the optional extra ``rdl_functional[plot]``; the rest of the
 library imports without it. Each function returns a ``matplotlib.figure.Figure``
@@ -24,7 +25,8 @@ from ..train import History, predict
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_dataset", "plot_decision_boundary", "plot_history", "plot_seed_spread", "save_figure"]
+__all__ = ["plot_confusion", "plot_dataset", "plot_decision_boundary", "plot_history", "plot_predictions",
+           "plot_seed_spread", "save_figure"]
 
 _CLASS_STYLE = {0: ("outside the disc (0)", "#9e9e9e"), 1: ("inside the disc (1)", "#111111")}
 
@@ -179,6 +181,58 @@ def plot_decision_boundary(
     _disc_outline(ax)
     accuracy = 1 - wrong.double().mean().item() if len(x) else float("nan")
     _square_axes(ax, title or f"Learned decision boundary: {accuracy:.1%} of the {len(x)} points shown correct")
+    return fig
+
+
+def plot_predictions(images: Tensor, labels: Tensor, predicted: Tensor, *, count: int = 40,
+                     title: str | None = None) -> Figure:
+    """A grid of images, each titled with its prediction (and, when wrong, its label, in red): the mistakes
+    first, then the others in order.
+
+    Args:
+        images: ``(n, 1, H, W)`` or ``(n, H, W)`` images, greyscale.
+        labels, predicted: ``(n,)`` the true and the predicted classes.
+        count: how many to show, at most.
+    """
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    right = (predicted == labels).nonzero().flatten().tolist()
+    shown = (wrong + right)[:count]
+    columns = 10
+    rows = max(1, -(-len(shown) // columns))
+    fig = _figure(figsize=(columns * 1.0, rows * 1.2 + 0.6))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, shown, strict=False):
+        ax.imshow(images[i].reshape(images.shape[-2:]), cmap="gray_r", interpolation="nearest")
+        mistake = int(predicted[i]) != int(labels[i])
+        ax.set_title(f"{int(predicted[i])}" + (f" (is {int(labels[i])})" if mistake else ""), fontsize=9,
+                     color="#d62728" if mistake else "black")
+    fig.suptitle(title or f"Predictions: {len(wrong)} of {len(labels)} wrong, shown first in red")
+    return fig
+
+
+def plot_confusion(labels: Tensor, predicted: Tensor, *, classes: int | None = None,
+                   title: str | None = None) -> Figure:
+    """The confusion matrix: how many of each true class (rows) were predicted as each class (columns).
+
+    Args:
+        labels, predicted: ``(n,)`` the true and the predicted classes, ``0..classes-1``.
+        classes: the number of classes (default: the largest class seen, plus one).
+    """
+    classes = classes or int(max(int(labels.max()), int(predicted.max())) + 1)
+    counts = torch.bincount(labels.long() * classes + predicted.long(), minlength=classes**2).reshape(classes,
+                                                                                                       classes)
+    fig = _figure(figsize=(6, 5.6))
+    ax = fig.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    for i in range(classes):
+        for j in range(classes):
+            if counts[i, j]:
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if counts[i, j] > counts.max() / 2 else ("#d62728" if i != j else "black"))
+    ax.set(xticks=range(classes), yticks=range(classes), xlabel="predicted", ylabel="true",
+           title=title or f"Confusion matrix: {int(counts.trace())} of {len(labels)} correct")
     return fig
 
 

@@ -14,8 +14,9 @@ The interface (one :class:`TrainingTask` per task, in the task's own module as `
         run(seed, settings, *, callback=None, checkpoint=None, checkpoint_every=None, checkpoint_info=None,
             on_resume=None, check_finite=True) -> result
                                       one whole run, named by its seed: the keywords are rf.fit's and pass
-                                      through to it (checkpoint_info: JSON data the checkpoint records and a
-                                      resume must match; the task adds its seed and settings to it)
+                                      through to it, except that fit's checkpoint_info is
+                                      checkpoint_record(name, seed, settings, checkpoint_info) (None without a
+                                      checkpoint): what `rdl-train --resume` rebuilds the run from
         summarize(results) -> {figure: {"median", "mean", "std", "worst", "best"}}
                                       over several runs (:func:`summarize_runs` does it for any results)
         plots(folder, results, settings) -> [file names written]
@@ -52,6 +53,7 @@ __all__ = [
     "Column",
     "Comparison",
     "TrainingTask",
+    "checkpoint_record",
     "summarize_runs",
 ]
 
@@ -127,6 +129,15 @@ def summarize_runs(results: list[Any], keys: tuple[str, ...] | None = None) -> d
             "best": (values.max() if higher_is_better else values.min()).item(),
         }
     return table
+
+
+def checkpoint_record(name: str, seed: int, settings: Any, caller: Any) -> dict[str, Any] | None:
+    """What a task's run gives ``fit`` as ``checkpoint_info``: the task, the seed, the settings (an attrs record,
+    as JSON data, less ``epochs``, which ``fit`` records itself and a resumed run may extend) and ``caller``'s own
+    (rdl-train's: its program and flags). ``None`` for ``caller=None`` with no checkpoint: pass
+    ``checkpoint_record(...) if checkpoint is not None else None``."""
+    fields = {key: value for key, value in attrs.asdict(settings).items() if key != "epochs"}
+    return {"task": name, "seed": seed, "settings": fields, "caller": caller}
 
 
 TASK_NAMES = ("disc", "digits", "adder")

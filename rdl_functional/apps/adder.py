@@ -26,10 +26,11 @@ off the biases, norms and embeddings, gradient clipping at 1, dropout 0.1; plain
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -53,7 +54,10 @@ from .. import (
     transformer_block,
 )
 from ..layers import Params
-from .tasks import Column, Comparison, TrainingTask, summarize_runs
+from .tasks import Column, Comparison, TrainingTask, checkpoint_record, summarize_runs
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 __all__ = [
     "ANSWER_START",
@@ -328,14 +332,18 @@ def run_adder(
     settings: AdderSettings = DEFAULTS,
     *,
     callback: Callable[[int, Params, History], None] | None = None,
-    **fit_options: Any,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_info: Any = None,
+    on_resume: Callable[[Checkpoint], None] | None = None,
+    check_finite: bool = True,
 ) -> AdderResult:
     """Train :data:`MODEL` on one seed's 9,500 problems and count the held-out sums it writes right.
 
-    ``rf.fit`` runs the epochs (its history: the answer loss and per-digit accuracy, under teacher forcing,
-    on both sets); after each epoch the test set is decoded greedily (:func:`exact_match`) for the curve.
-    ``callback`` and ``fit_options`` (``checkpoint``, ``checkpoint_every``, ``checkpoint_info``, ``on_resume``,
-    ``check_finite``) pass through to ``fit``.
+    ``rf.fit`` runs the epochs (its history: the answer loss and per-digit accuracy, under teacher forcing, on
+    both sets); after each epoch the test set is decoded greedily (:func:`exact_match`) for the curve. The
+    keywords pass through to ``fit``; the checkpoint records the task, the seed and the settings besides
+    ``checkpoint_info`` (a resumed run ends as the whole run would; its curves hold the steps run since).
     """
     start = time.perf_counter()
     data, params, g = draw_run(seed, settings)
@@ -349,13 +357,13 @@ def run_adder(
         if callback is not None:
             callback(epoch, params, history)
 
-    if fit_options.get("checkpoint") is not None:
-        fit_options["checkpoint_info"] = {"seed": seed, "settings": attrs.asdict(settings),
-                                          "caller": fit_options.get("checkpoint_info")}
-    params, history = fit(MODEL, answer_loss, params, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
-                          optimizer=settings.make_optimizer(), generator=g, test=(x_test, y_test),
-                          callback=each_epoch, on_step=lambda progress: step_losses.append(progress.metrics["loss"]),
-                          **fit_options)
+    params, history = fit(
+        MODEL, answer_loss, params, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
+        optimizer=settings.make_optimizer(), generator=g, test=(x_test, y_test), callback=each_epoch,
+        on_step=lambda progress: step_losses.append(progress.metrics["loss"]), checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, on_resume=on_resume, check_finite=check_finite,
+        checkpoint_info=None if checkpoint is None else checkpoint_record("adder", seed, settings, checkpoint_info),
+    )  # fmt: skip
     right = exact_match(MODEL, params, data.test)
     return AdderResult(
         seed=seed, settings=settings, test_accuracy=right.double().mean().item(), test_correct=int(right.sum()),

@@ -3,6 +3,8 @@ twin, and (marked slow) the goal: every held-out sum right."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import attrs
 import pytest
 import torch
@@ -188,3 +190,28 @@ def test_the_attention_map_is_nn_multihead_attentions_weights(start, block):
     assert weights.shape == (5, 3, 6, 6)
     torch.testing.assert_close(weights, expected)
     assert not weights.triu(1).any()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_the_whole_run_and_still_plots(tmp_path):
+    settings = attrs.evolve(adder.DEFAULTS, epochs=2, batch_size=4750)
+    whole = adder.run_adder(4, settings)
+
+    def stop_after_the_first_epoch(epoch, params, history):
+        if epoch == 1:
+            raise _Stop
+
+    path = tmp_path / "adder.ckpt"
+    with pytest.raises(_Stop):
+        adder.run_adder(4, settings, checkpoint=path, callback=stop_after_the_first_epoch)
+    assert rf.read_checkpoint(path).settings["info"]["task"] == "adder"
+    resumed = adder.run_adder(4, settings, checkpoint=path)
+    assert [key for key, value in rf.to_state_dict(whole.params).items()
+            if not torch.equal(value, rf.to_state_dict(resumed.params)[key])] == []
+    assert len(resumed.step_losses) == 2 and resumed.step_losses == whole.step_losses[2:]
+    assert resumed.history.test_loss == whole.history.test_loss and resumed.summary()["steps"] == 4
+    if importlib.util.find_spec("matplotlib"):
+        assert adder.TASK.plots(tmp_path, [resumed], settings) == ["curves.png", "attention.png"]

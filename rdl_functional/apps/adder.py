@@ -265,9 +265,14 @@ class AdderSettings:
     dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "float64")))
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one pass over the 9,500 training problems (the last batch may be shorter)."""
+        return -(-((10**NDIGIT) ** 2 - N_TEST) // self.batch_size)
+
+    @property
     def steps(self) -> int:
         """Steps of the whole run."""
-        return self.epochs * -(-((10**NDIGIT) ** 2 - N_TEST) // self.batch_size)
+        return self.epochs * self.steps_per_epoch
 
     def learning_rate(self) -> float | Schedule:
         """The rate: ``lr``, or a function of the step count decaying from it."""
@@ -303,7 +308,7 @@ class AdderResult:
     """One run: the figures, the trained params, ``fit``'s per-epoch history, and the curves of the run.
 
     ``step_losses``: the loss of every step's batch; ``test_exact``: the test set's exact-match accuracy after
-    each epoch.
+    each epoch. A run resumed from a checkpoint holds those of the steps and epochs it ran: the last ones.
     """
 
     seed: int
@@ -324,7 +329,7 @@ class AdderResult:
         last = lambda values: values[-1] if values else float("nan")  # noqa: E731
         return {"seed": self.seed, "test_accuracy": self.test_accuracy, "test_correct": self.test_correct,
                 "train_accuracy": self.train_accuracy, "train_loss": last(self.history.train_loss),
-                "test_loss": last(self.history.test_loss), "steps": len(self.step_losses), "seconds": self.seconds}
+                "test_loss": last(self.history.test_loss), "steps": self.settings.steps, "seconds": self.seconds}
 
 
 def run_adder(

@@ -44,10 +44,14 @@ def attention_weights(params: Params, tokens: Tensor, block: int = 0) -> Tensor:
     return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
-def _epoch_steps(result: AdderResult) -> list[int]:
-    """The step count at the end of each epoch."""
-    per_epoch = len(result.step_losses) // max(result.history.epochs, 1)
-    return [per_epoch * epoch for epoch in range(1, result.history.epochs + 1)]
+def _steps(result: AdderResult) -> tuple[list[int], list[int], list[int]]:
+    """Where on the step axis the curves' points lie: each recorded step loss, each epoch of the history, each
+    epoch's exact match (a resumed run recorded the last steps and epochs only)."""
+    per_epoch, epochs = result.settings.steps_per_epoch, result.history.epochs
+    ran = len(result.step_losses)
+    ends = [per_epoch * epoch for epoch in range(1, epochs + 1)]
+    return list(range(result.settings.steps - ran + 1, result.settings.steps + 1)), ends, \
+        ends[epochs - len(result.test_exact):]
 
 
 def plot_adder_curves(result: AdderResult, *, title: str | None = None) -> Figure:
@@ -56,13 +60,14 @@ def plot_adder_curves(result: AdderResult, *, title: str | None = None) -> Figur
     answer digits predicted right under teacher forcing."""
     fig = _figure(figsize=(10, 4.2))
     loss_ax, accuracy_ax = fig.subplots(1, 2)
-    steps, history = _epoch_steps(result), result.history
-    loss_ax.plot(range(1, len(result.step_losses) + 1), result.step_losses, color="#bbbbbb", linewidth=0.8,
+    each_step, steps, exact_steps = _steps(result)
+    history = result.history
+    loss_ax.plot(each_step, result.step_losses, color="#bbbbbb", linewidth=0.8,
                  label="each step's batch")
     loss_ax.plot(steps, history.train_loss, "o-", label=f"training set (last {history.train_loss[-1]:.2g})")
     loss_ax.plot(steps, history.test_loss, "s--", label=f"test set (last {history.test_loss[-1]:.2g})")
     loss_ax.set(xlabel="step", ylabel="cross-entropy of the answer digits", yscale="log", title="Loss")
-    accuracy_ax.plot(steps, [100 * a for a in result.test_exact], "o-",
+    accuracy_ax.plot(exact_steps, [100 * a for a in result.test_exact], "o-",
                      label=f"sums right, greedy (last {result.test_correct}/500)")
     accuracy_ax.plot(steps, [100 * a for a in history.test_accuracy], "s--",
                      label=f"digits right, teacher-forced (last {history.test_accuracy[-1]:.1%})")
@@ -100,9 +105,9 @@ def plot_adder_seeds(results: list[AdderResult], *, title: str | None = None) ->
     fig = _figure(figsize=(10, 4.2))
     loss_ax, accuracy_ax = fig.subplots(1, 2)
     for result in results:
-        line, = loss_ax.plot(range(1, len(result.step_losses) + 1), result.step_losses, linewidth=0.8,
-                             label=f"seed {result.seed}")
-        accuracy_ax.plot(_epoch_steps(result), [100 * a for a in result.test_exact], "o-", color=line.get_color(),
+        each_step, _, exact_steps = _steps(result)
+        line, = loss_ax.plot(each_step, result.step_losses, linewidth=0.8, label=f"seed {result.seed}")
+        accuracy_ax.plot(exact_steps, [100 * a for a in result.test_exact], "o-", color=line.get_color(),
                          label=f"seed {result.seed}: {result.test_correct}/500")
     loss_ax.set(xlabel="step", ylabel="answer cross-entropy (batch)", yscale="log", title="Step loss")
     accuracy_ax.set(xlabel="step", ylabel="% of held-out sums right (greedy)", ylim=(0, 101),

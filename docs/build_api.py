@@ -36,6 +36,8 @@ MODULES = [
     "conv",
     "pooling",
     "normalization",
+    "sequences",
+    "attention",
     "initializers",
     "transforms",
     "graphs",
@@ -51,6 +53,9 @@ MODULES = [
     "testing",
     "apps.torch_baseline",
     "apps.plots",
+    "apps.adder",
+    "apps.adder_plots",
+    "apps.adder_torch",
 ]
 PACKAGE = "rdl_functional"
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,6 +23,11 @@ its autograd runs, so float32 training is torch.nn's bit for bit:
   through ``bmm`` and ``_softmax_backward_data``;
 * the output projection ``addmm(b, O, Wₒᵤₜᵀ)``.
 
+On another device than the CPU the fused kernel is not there: the math path
+runs, the same maths and gradients (checked in float64 on the CPU), but not
+verified bit for bit against torch's CUDA kernels (flash or memory-efficient
+attention, which SDPA picks there).
+
 ``need_weights=True`` would take a third path (softmax(QKᵀ/√d) by ``baddbmm``,
 the weights averaged over heads and returned): not ours, since nothing here
 returns the weights.
@@ -52,6 +57,8 @@ _flash = _aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 _safe_softmax = _aten._safe_softmax.default
 _softmax_backward_data = _aten._softmax_backward_data.default
+# Where the fused kernel runs (it is the CPU's); elsewhere the math path, the same maths by bmm and softmax.
+_FUSED_DEVICES = ("cpu",)
 
 
 def _check_attention_params(where: str, params: Any, embed_dim: int, bias: bool) -> None:
@@ -145,8 +152,8 @@ def _heads_to_rows(d: Tensor) -> Tensor:
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, keep: float,
-                    g: torch.Generator) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]]:
-    """scaled_dot_product_attention's math path, with dropout: ``O`` and ``dO -> (dQ, dK, dV)``.
+                    g: torch.Generator | None) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]]:
+    """scaled_dot_product_attention's math path (with dropout where ``keep < 1``): ``O`` and ``dO -> (dQ, dK, dV)``.
 
     S = (Q·√s)(Kᵀ·√s) + mask, s = 1/√d, P = safe_softmax(S), P̃ = P ⊙ m, O = P̃ V;
     dV = P̃ᵀ dO, dP = (dO Vᵀ) ⊙ m, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS K √s·√s, dK = dSᵀ Q √s·√s.
@@ -163,14 +170,18 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal
     if mask is not None:
         scores = scores + mask
     p = _safe_softmax(scores, -1)
-    drop = torch.empty(p.shape, dtype=p.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep).to(p.device)
-    p_drop = (p * drop).view(batch * heads, length, length)
+    drop = None
+    if keep < 1.0:  # torch's op: empty_like(P).bernoulli_(1 − p).div_(1 − p), drawn where the generator is
+        drop = torch.empty(p.shape, dtype=p.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep).to(
+            p.device)
+    p_drop = (p if drop is None else p * drop).view(batch * heads, length, length)
     o = p_drop.bmm(v_flat).view(batch, heads, length, head_dim)
 
     def backward(do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         do = do.reshape(batch * heads, length, head_dim)
         dv = p_drop.transpose(1, 2).bmm(do).view(batch, heads, length, head_dim)  # dV = P̃ᵀ dO
-        dp = do.bmm(v_flat.transpose(1, 2)).view(batch, heads, length, length) * drop  # dP = (dO Vᵀ) ⊙ m
+        dp = do.bmm(v_flat.transpose(1, 2)).view(batch, heads, length, length)  # dP = (dO Vᵀ) ⊙ m
+        dp = dp if drop is None else dp * drop
         ds = _softmax_backward_data(dp, p, -1, p.dtype).view(batch * heads, length, length)
         dk = (q_s.transpose(1, 2).bmm(ds).view(batch, heads, head_dim, length) * root).transpose(-2, -1)
         dq = ds.bmm(k_s.transpose(1, 2)).view(batch, heads, length, head_dim) * root
@@ -255,7 +266,7 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
         rows, q, k, v = _project_in(x, weight, in_bias, num_heads)
         length = x.shape[1]
         float_mask = _float_mask(mask, causal, num_heads, length, x.dtype)
-        if keep < 1.0:
+        if keep < 1.0 or x.device.type not in _FUSED_DEVICES:
             o, attention_backward = _math_attention(q, k, v, float_mask, causal, keep, generator)
         else:
             is_causal = causal and float_mask is None

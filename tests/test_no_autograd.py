@@ -41,7 +41,7 @@ def _uses(source: str, *, export_container: bool = False) -> list[str]:
 
 
 # The oracles, public so that users can check their own layers; never on the training path.
-ORACLES = {"testing.py", "torch_baseline.py", "adder_torch.py"}
+ORACLES = {"testing.py", "torch_baseline.py", "adder_torch.py", "digits_torch.py"}
 # rf.compiled hands its flat step to torch.export, which takes a torch.nn.Module: the one container allowed.
 EXPORTS = {"_compilers.py"}
 

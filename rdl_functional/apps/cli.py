@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
             "with plain SGD (by default; a learning rate that decays linearly to 0) or another optimizer "
             "on MSE against one-hot targets, to tell whether points in [0,1]² lie inside the disc "
             "of radius 1/√(2π) centred at (0.5, 0.5). Prints the train and test accuracy, the test "
-            "misclassifications, the losses and the wall time of each run."
+            "misclassifications, the losses and the wall time of each run. --task digits and --task adder run "
+            "the other tasks (docs/tasks.md), with the same table and output flags."
         ),
     )
     parser.add_argument("--task", choices=TASK_NAMES, default="disc",

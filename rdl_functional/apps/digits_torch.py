@@ -39,12 +39,13 @@ class RandomShift(torch.nn.Module):
         return shift_images(x, offsets, self.shift)
 
 
-def torch_digits_model(width: int = 32, dropout: float = 0.25, shift: int = 1) -> torch.nn.Sequential:
+def torch_digits_model(width: int = 32, dropout: float = 0.4, shift: int = 1) -> torch.nn.Sequential:
     """``digits_model(width, dropout, shift)`` as a ``torch.nn.Sequential``, with the same state-dict keys."""
     w = width
 
     def block(fan_in: int, fan_out: int) -> list[torch.nn.Module]:
-        return [torch.nn.Conv2d(fan_in, fan_out, 3, padding=1), torch.nn.BatchNorm2d(fan_out), torch.nn.ReLU()]
+        return [torch.nn.Conv2d(fan_in, fan_out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(fan_out),
+                torch.nn.ReLU()]
 
     return torch.nn.Sequential(RandomShift(shift), *block(1, w), *block(w, w), torch.nn.MaxPool2d(2),
                                *block(w, 2 * w), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Dropout(dropout),

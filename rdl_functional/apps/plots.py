@@ -204,7 +204,7 @@ def plot_predictions(images: Tensor, labels: Tensor, predicted: Tensor, *, count
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i in zip(axes.flat, shown, strict=False):
-        ax.imshow(images[i].reshape(images.shape[-2:]), cmap="gray_r", interpolation="nearest")
+        ax.imshow(images[i].reshape(images.shape[-2:]).cpu().numpy(), cmap="gray_r", interpolation="nearest")
         mistake = int(predicted[i]) != int(labels[i])
         ax.set_title(f"{int(predicted[i])}" + (f" (is {int(labels[i])})" if mistake else ""), fontsize=9,
                      color="#d62728" if mistake else "black")
@@ -225,7 +225,7 @@ def plot_confusion(labels: Tensor, predicted: Tensor, *, classes: int | None = N
                                                                                                        classes)
     fig = _figure(figsize=(6, 5.6))
     ax = fig.add_subplot()
-    ax.imshow(counts, cmap="Blues")
+    ax.imshow(counts.numpy(), cmap="Blues")
     for i in range(classes):
         for j in range(classes):
             if counts[i, j]:

@@ -1,6 +1,6 @@
 """Pictures of the adder task: the training curves, an attention map (and its maths), the curves of several seeds.
 
-Needs matplotlib (``rdl_functional[plot]``), as :mod:`rdl_functional.apps.plots` does.
+Needs matplotlib (``rdl_functional[plot]``), as the disc's pictures in ``apps/plots.py`` do.
 """
 
 from __future__ import annotations

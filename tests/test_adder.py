@@ -139,9 +139,9 @@ def test_adamw_steps_are_the_twins_bit_for_bit_in_float32(start):
 
 @pytest.fixture(scope="module")
 def short_run():
-    """A smoke run: one epoch of 5 steps of 1,900 problems."""
+    """A smoke run: two epochs of 5 steps of 1,900 problems."""
     epochs = []
-    settings = attrs.evolve(adder.DEFAULTS, epochs=1, batch_size=1900)
+    settings = attrs.evolve(adder.DEFAULTS, epochs=2, batch_size=1900)
     result = adder.TASK.run(3, settings, callback=lambda epoch, params, history: epochs.append(epoch))
     return result, epochs
 
@@ -149,8 +149,8 @@ def short_run():
 def test_a_short_run_trains_and_reports_the_tasks_columns(short_run):
     result, epochs = short_run
     summary = result.summary()
-    assert epochs == [1] and summary["steps"] == 5 == len(result.step_losses) == result.settings.steps
-    assert result.history.epochs == 1 and len(result.test_exact) == 1
+    assert epochs == [1, 2] and summary["steps"] == 10 == len(result.step_losses) == result.settings.steps
+    assert result.history.epochs == 2 and len(result.test_exact) == 2
     assert 0 <= summary["test_accuracy"] <= 1 and summary["test_correct"] == round(500 * summary["test_accuracy"])
     assert result.step_losses[-1] < result.step_losses[0]
     assert {column.key for column in adder.TASK.columns} <= set(summary)
@@ -196,9 +196,9 @@ class _Stop(Exception):
     pass
 
 
-def test_a_run_resumed_from_its_checkpoint_ends_as_the_whole_run_and_still_plots(tmp_path):
-    settings = attrs.evolve(adder.DEFAULTS, epochs=2, batch_size=4750)
-    whole = adder.run_adder(4, settings)
+def test_a_run_resumed_from_its_checkpoint_ends_as_the_whole_run_and_still_plots(short_run, tmp_path):
+    whole, _ = short_run
+    settings = whole.settings
 
     def stop_after_the_first_epoch(epoch, params, history):
         if epoch == 1:
@@ -206,12 +206,12 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_whole_run_and_still_plots
 
     path = tmp_path / "adder.ckpt"
     with pytest.raises(_Stop):
-        adder.run_adder(4, settings, checkpoint=path, callback=stop_after_the_first_epoch)
+        adder.run_adder(3, settings, checkpoint=path, callback=stop_after_the_first_epoch)
     assert rf.read_checkpoint(path).settings["info"]["task"] == "adder"
-    resumed = adder.run_adder(4, settings, checkpoint=path)
+    resumed = adder.run_adder(3, settings, checkpoint=path)
     assert [key for key, value in rf.to_state_dict(whole.params).items()
             if not torch.equal(value, rf.to_state_dict(resumed.params)[key])] == []
-    assert len(resumed.step_losses) == 2 and resumed.step_losses == whole.step_losses[2:]
-    assert resumed.history.test_loss == whole.history.test_loss and resumed.summary()["steps"] == 4
+    assert len(resumed.step_losses) == 5 and resumed.step_losses == whole.step_losses[5:]
+    assert resumed.history.test_loss == whole.history.test_loss and resumed.summary()["steps"] == 10
     if importlib.util.find_spec("matplotlib"):
         assert adder.TASK.plots(tmp_path, [resumed], settings) == ["curves.png", "attention.png"]

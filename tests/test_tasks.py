@@ -92,6 +92,9 @@ def test_digits_takes_the_shared_flags_with_its_own_defaults(small_digits, capsy
         (["--task", "digits", "--seeds", "0-1", "--compare-torch"], "--compare-torch describes one run"),
         (["--task", "digits", "--seeds", "0-1", "--checkpoint", "c.ckpt"], "--checkpoint describes one run"),
         (["--task", "digits", "--checkpoint-every", "3"], "--checkpoint-every goes with --checkpoint PATH"),
+        (["--task", "digits", "--dtype", "float64", "--compare-torch"], "--compare-torch compares on the CPU in "
+                                                                         "float32"),
+        (["--task", "digits", "--lr", "-1"], "argument --lr: must be a number > 0"),
     ],
 )
 def test_flags_a_task_does_not_take_are_refused_with_the_reason(args, message, capsys):

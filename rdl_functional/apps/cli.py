@@ -1074,8 +1074,11 @@ def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[
     return task, settings
 
 
-def _check_task_args(args: argparse.Namespace, task: TrainingTask) -> None:
+def _check_task_args(args: argparse.Namespace, task: TrainingTask, settings: Any) -> None:
     name, single = task.name, args.seeds is None or len(args.seeds) == 1
+    where = (getattr(settings, "device", "cpu"), getattr(settings, "dtype", "float32"))
+    if args.compare_torch and where != ("cpu", "float32"):
+        _fail("--compare-torch compares on the CPU in float32; leave out --device and --dtype")
     if args.nproc > 1 or _launched_by_torchrun():
         _fail(f"{'--nproc' if args.nproc > 1 else 'torchrun'} trains the disc data-parallel; --task {name} trains "
               "in one process")
@@ -1111,7 +1114,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
         if given.get("device") == "cuda" and not torch.cuda.is_available():
             _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
         settings = _task_settings(task, given, f"--task {task.name}")
-    _check_task_args(args, task)
+    _check_task_args(args, task, settings)
     torch.set_num_threads(args.threads)
     print(f"rdl-train {__version__} --task {task.name}: {task.describe(settings)}\n"
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)

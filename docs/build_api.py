@@ -57,6 +57,9 @@ MODULES = [
     "apps.disc_task",
     "apps.digits",
     "apps.digits_torch",
+    "apps.adder",
+    "apps.adder_plots",
+    "apps.adder_torch",
 ]
 PACKAGE = "rdl_functional"
 ROOT = Path(__file__).resolve().parent.parent

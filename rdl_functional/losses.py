@@ -179,7 +179,7 @@ def _functorch_wrapped(tensor: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
-def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
+def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor, ignore_index: int | None = None) -> None:
     _check_pred(where, logits)
     if logits.dim() < 1:
         raise ValueError(f"{where}: logits must have shape (..., classes), got {tuple(logits.shape)}")
@@ -195,11 +195,14 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
     # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
     # Nor under torch.func's transforms (vmap), where a value read from the data is not allowed.
-    if (labels.device.type == "cpu" and not _functorch_wrapped(labels) and not is_tracing() and labels.numel()
-            and (labels.min() < 0 or labels.max() >= classes)):
+    if labels.device.type != "cpu" or _functorch_wrapped(labels) or is_tracing() or not labels.numel():
+        return
+    kept = labels if ignore_index is None else labels[labels != ignore_index]
+    if kept.numel() and (kept.min() < 0 or kept.max() >= classes):
+        ignored = "" if ignore_index in (None, -100) else f" (or be ignore_index={ignore_index})"  # -100: the default
         raise ValueError(
-            f"{where}: labels must lie in [0, {classes}), got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"{where}: labels must lie in [0, {classes}){ignored}, got values in "
+            f"[{int(kept.min())}, {int(kept.max())}]"
         )
 
 
@@ -350,36 +353,46 @@ def bce_with_logits_loss(reduction: str = "mean") -> Loss:
     )
 
 
-def nll_loss(reduction: str = "mean") -> Loss:
+def nll_loss(reduction: str = "mean", ignore_index: int = -100) -> Loss:
     """Negative log-likelihood of log-probabilities ``(..., classes)`` (from :data:`log_softmax`) at int64
     labels ``(...)``: ``torch.nn.functional.nll_loss``, its kernels both ways. Any leading dimensions (none:
     one example) are flattened into one batch: the mean is over all of them.
 
+    A label equal to ``ignore_index`` (torch's argument and default) adds nothing and its row gets no gradient;
+    the mean is over the other labels. ``log_softmax`` then ``nll_loss(ignore_index=-1)`` is
+    ``F.cross_entropy(..., ignore_index=-1)``, bit for bit: a loss on some positions of a sequence only.
+
     >>> import torch
     >>> nll_loss()(torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])), torch.tensor([0, 0]))
     tensor(0.3993)
+    >>> nll_loss(ignore_index=-1)(torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])), torch.tensor([-1, 0]))
+    tensor(0.1054)
     """
     mode = _reduction("nll_loss", reduction)
-    name = f"nll_loss(reduction={reduction!r})"
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"nll_loss: ignore_index must be an int (a label to leave out), got {ignore_index!r}")
+    name = f"nll_loss(reduction={reduction!r})" if ignore_index == -100 else \
+        f"nll_loss(reduction={reduction!r}, ignore_index={ignore_index})"
 
     def check(where: str, pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The kernels' layout: ``(batch, classes)`` and ``(batch,)``, or one example's ``(classes,)`` and ``()``."""
-        _check_cross_entropy(where, pred, labels)
+        _check_cross_entropy(where, pred, labels, ignore_index)
         if pred.dim() > 2:
             return pred.reshape(-1, pred.shape[-1]), labels.reshape(-1)
         return pred, labels
 
     def apply(pred: Tensor, labels: Tensor) -> Tensor:
         flat, flat_labels = check(f"{name}.apply", pred, labels)
-        return torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)[0]
+        return torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, ignore_index)[0]
 
     def vjp(pred: Tensor, labels: Tensor) -> tuple[Tensor, LossPullback]:
         flat, flat_labels = check(f"{name}.vjp", pred, labels)
-        value, total_weight = torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)
+        value, total_weight = torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, ignore_index)
 
         def pullback(g: Tensor) -> Tensor:
             g = _scalar_cotangent(f"{name} pullback", g, value)
-            dflat = torch.ops.aten.nll_loss_backward(g, flat, flat_labels, None, mode, -100, total_weight)
+            # dpred[i, yᵢ] = −g / (labels kept) for the mean (−g for the sum), 0 elsewhere and on ignored rows
+            dflat = torch.ops.aten.nll_loss_backward(g, flat, flat_labels, None, mode, ignore_index, total_weight)
             return dflat.reshape(pred.shape)
 
         return value, pullback

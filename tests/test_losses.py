@@ -20,6 +20,11 @@ def _labels(pred, generator):
     return torch.randint(0, pred.shape[1], (pred.shape[0],), generator=generator)
 
 
+def _labels_some_ignored(pred, generator):
+    labels = _labels(pred, generator)
+    return torch.where(torch.arange(len(labels)) % 2 == 1, -1, labels)  # every other row ignored, never row 0
+
+
 # name, loss, pred scale, target maker, torch reference. Adding a loss is one line.
 def _probabilities(pred, generator):
     return torch.rand(pred.shape, generator=generator, dtype=pred.dtype)
@@ -37,6 +42,8 @@ LOSSES = [
      lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction="sum")),
     ("nll", rf.nll_loss(), 1.0, _labels, F.nll_loss),
     ("nll_sum", rf.nll_loss("sum"), 1.0, _labels, lambda p, t: F.nll_loss(p, t, reduction="sum")),
+    ("nll_ignore_index", rf.nll_loss(ignore_index=-1), 1.0, _labels_some_ignored,
+     lambda p, t: F.nll_loss(p, t, ignore_index=-1)),
     ("cross_entropy", rf.cross_entropy_loss, 1.0, _labels, F.cross_entropy),
     ("cross_entropy_large_logits", rf.cross_entropy_loss, 1e4, _labels, F.cross_entropy),
 ]
@@ -182,3 +189,30 @@ def test_torchs_loss_function_and_a_called_loss_value_say_what_to_pass():
     with pytest.raises(TypeError, match=r"^mse_loss: a Loss is called as loss\(pred, target\), got 0 arguments "
                                         r"\(mse_loss is a Loss already, not a factory: pass it without calling it\)$"):
         rf.mse_loss()
+
+
+def test_log_softmax_then_nll_with_ignore_index_is_torchs_cross_entropy_bit_for_bit(generator):
+    """A loss on some positions of a sequence only (the adder's answer digits): minGPT's
+    F.cross_entropy(logits, targets, ignore_index=-1), value and gradient, in float32."""
+    logits = torch.randn(8, 6, 10, generator=generator)
+    labels = torch.randint(0, 10, (8, 6), generator=generator)
+    labels[:, :3] = -1
+    loss = rf.nll_loss(ignore_index=-1)
+    leaf = logits.clone().requires_grad_()
+    reference = F.cross_entropy(leaf.flatten(0, 1), labels.flatten(), ignore_index=-1)
+    log_p = rf.log_softmax({}, logits)
+    value, pullback = loss.vjp(log_p, labels)
+    assert torch.equal(value, reference)
+    _, log_softmax_pullback = rf.log_softmax.vjp({}, logits)
+    dlogits = log_softmax_pullback(pullback(1.0))[1]
+    (expected,) = torch.autograd.grad(reference, leaf)
+    assert torch.equal(dlogits, expected)
+    assert not dlogits[:, :3].any()
+
+
+def test_nll_loss_ignore_index_is_refused_unless_an_int_and_other_labels_still_checked():
+    with pytest.raises(TypeError, match=r"^nll_loss: ignore_index must be an int \(a label to leave out\), got 1.0$"):
+        rf.nll_loss(ignore_index=1.0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(or be ignore_index=-1\), got values in "
+                                         r"\[-2, 0\]$"):
+        rf.nll_loss(ignore_index=-1)(torch.zeros(3, 3), torch.tensor([-1, -2, 0]))

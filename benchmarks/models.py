@@ -165,7 +165,25 @@ def model_rows(task: dict, optimizer: str, rounds: int, target: str) -> dict:
             "cpu_per_wall": sum(cpu["ours"]) / sum(times["ours"]), "target": target, "rounds": rounds}
 
 
-TASKS = {"cnn": cnn_task}
+def gpt_task(batch_size: int = 64, steps: int = 25) -> dict:
+    """The adder task's transformer (minGPT's gpt-nano: 3 causal pre-LN blocks, 3 heads, 48 features, the answer
+    head), its torch.nn twin, its params and ``steps`` batches of the adder's problems."""
+    from rdl_functional.apps.adder import MODEL, addition_split, encode, inputs_and_targets
+    from rdl_functional.apps.adder_torch import torch_adder_model
+
+    torch.set_num_threads(1)
+    params = MODEL.init(0)
+    twin = torch_adder_model()
+    twin.load_state_dict(rf.to_state_dict(params), strict=True)
+    train, _ = addition_split(0)
+    x, y = inputs_and_targets(encode(train[: batch_size * steps]))
+    batches = list(zip(x.split(batch_size), y.split(batch_size), strict=True))
+    return {"name": f"the adder's transformer (3 blocks, 3 heads, 48 features, 6 tokens), batch {batch_size}",
+            "model": MODEL, "twin": twin, "params": params, "batches": batches, "loss": rf.nll_loss(),
+            "torch_loss": lambda out, target: F.nll_loss(out.flatten(0, 1), target.flatten())}
+
+
+TASKS = {"cnn": cnn_task, "gpt": gpt_task}
 
 
 def table(rounds: int, quick: bool = False) -> list[dict]:

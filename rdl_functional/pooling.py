@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._images import as_tuple, check_image, check_spans
+from ._images import as_tuple, check_image, check_windows
 from .layers import Layer, Params, Pullback, _check_cotangent, _no_params
 
 __all__ = ["avg_pool2d", "global_avg_pool2d", "max_pool2d"]
@@ -95,7 +95,7 @@ def max_pool2d(kernel_size: int | tuple[int, int], stride: int | tuple[int, int]
 
     def check(where: str, x: Any) -> None:
         check_image(where, x, 2)
-        check_spans(where, x, kernel, strides, pads, dilations, ceil_mode)
+        check_windows(where, x, kernel, strides, pads, dilations, ceil_mode)
 
     return _pool(
         name,
@@ -135,7 +135,7 @@ def avg_pool2d(kernel_size: int | tuple[int, int], stride: int | tuple[int, int]
 
     def check(where: str, x: Any) -> None:
         check_image(where, x, 2)
-        check_spans(where, x, kernel, strides, pads, dilations, ceil_mode)
+        check_windows(where, x, kernel, strides, pads, dilations, ceil_mode)
 
     return _pool(
         name,

@@ -286,6 +286,11 @@ REFUSED_INPUTS = [
      r"the kernel spans 7 along W .* but the padded input is 6 \(W = 4 \+ 2·padding 1\)"),
     (rf.max_pool2d(3), torch.zeros(2, 3, 2, 2), ValueError, r"max_pool2d\(3\)\.apply: the kernel spans 3 along H"),
     (rf.avg_pool2d(4, padding=1), torch.zeros(1, 1, 1, 8), ValueError, r"the kernel spans 4 along H"),
+    (rf.max_pool2d((1, 2), stride=2, padding=(0, 1), dilation=2, ceil_mode=True), torch.zeros(1, 2, 3, 1),
+     ValueError, r"output 0 along W has a window that covers no input position \(it reads \[-1, 1\], x has 1"),
+    (rf.max_pool2d(2, padding=1, dilation=2), torch.zeros(1, 1, 1, 4), ValueError,
+     r"output 0 along H has a window that covers no input position"),
+    (rf.max_pool2d(3, 2, ceil_mode=True), torch.zeros(1, 1, 1, 2), ValueError, r"the kernel spans 3 along H"),
     (rf.conv2d(3, 8, 3), torch.zeros(2, 3, 8, 8, dtype=torch.float64), TypeError,
      r"x is torch.float64 but weight is torch.float32"),
     (rf.conv2d(3, 8, 3), [[1.0]], TypeError, r"conv2d\(3, 8, 3\)\.apply: x must be a torch.Tensor, got list"),
@@ -342,3 +347,13 @@ def test_batch_norm2d_on_a_shard_takes_the_synced_statistics_path_as_batch_norm_
     _assert_equal_trees(dparams, rows_dparams)
     torch.testing.assert_close((y, new_state, pullback(dy)), (alone[0], alone[1], alone[2](dy)), rtol=1e-12,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", [rf.max_pool2d(3, 2, ceil_mode=True), rf.avg_pool2d(3, 2, ceil_mode=True)],
+                         ids=["max", "avg"])
+def test_a_ceil_mode_pool_larger_than_its_input_gives_torchs_one_output(pool, generator):
+    twin = (torch.nn.MaxPool2d if "max" in pool.name else torch.nn.AvgPool2d)(3, 2, ceil_mode=True)
+    x = torch.randn(1, 2, 2, 2, generator=generator)
+    y_ref, dy, _, dx_ref = _torch_vjp(twin, {}, {}, x, lambda y: torch.randn(y.shape, generator=generator))
+    y, pullback = pool.vjp({}, x)
+    assert y.shape == (1, 2, 1, 1) and torch.equal(y, y_ref) and torch.equal(pullback(dy)[1], dx_ref)

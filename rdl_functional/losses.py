@@ -203,11 +203,18 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
         )
 
 
+# The ignore_index passed to torch's nll kernels: one no label can take. torch's default, -100, would make a
+# replayed record skip a label of -100 (a replay skips the range check above); with this one
+# the kernel refuses it as out of range, and the step falls back to the checked path and its message. Where no
+# label is ignored the kernels' bits do not depend on it.
+_NO_IGNORE = torch.iinfo(torch.int64).min
+
+
 def _cross_entropy_forward(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(value, log_p, flat_labels, total_weight)``: F.cross_entropy's kernels on the rows ``(-1, classes)``."""
     log_p = _aten._log_softmax.default(logits.reshape(-1, logits.shape[-1]), 1, False)
     flat_labels = labels.reshape(-1)
-    value, total_weight = _aten.nll_loss_forward.default(log_p, flat_labels, None, 1, -100)  # 1: the mean
+    value, total_weight = _aten.nll_loss_forward.default(log_p, flat_labels, None, 1, _NO_IGNORE)  # 1: the mean
     return value, log_p, flat_labels, total_weight
 
 
@@ -227,7 +234,7 @@ def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPull
         # dz = (softmax(z) − onehot(y)) g / rows: nll_loss_backward puts −g/rows at each label, and
         # _log_softmax_backward_data maps d(log p) to dz = d − softmax(z) Σ d: the kernels F.cross_entropy's
         # autograd runs, so the bits are torch's.
-        d_log_p = _aten.nll_loss_backward.default(g, log_p, flat_labels, None, 1, -100, total_weight)
+        d_log_p = _aten.nll_loss_backward.default(g, log_p, flat_labels, None, 1, _NO_IGNORE, total_weight)
         return _aten._log_softmax_backward_data.default(d_log_p, log_p, 1, log_p.dtype).view(shape)
 
     return value, pullback
@@ -371,15 +378,15 @@ def nll_loss(reduction: str = "mean") -> Loss:
 
     def apply(pred: Tensor, labels: Tensor) -> Tensor:
         flat, flat_labels = check(f"{name}.apply", pred, labels)
-        return torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)[0]
+        return torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, _NO_IGNORE)[0]
 
     def vjp(pred: Tensor, labels: Tensor) -> tuple[Tensor, LossPullback]:
         flat, flat_labels = check(f"{name}.vjp", pred, labels)
-        value, total_weight = torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, -100)
+        value, total_weight = torch.ops.aten.nll_loss_forward(flat, flat_labels, None, mode, _NO_IGNORE)
 
         def pullback(g: Tensor) -> Tensor:
             g = _scalar_cotangent(f"{name} pullback", g, value)
-            dflat = torch.ops.aten.nll_loss_backward(g, flat, flat_labels, None, mode, -100, total_weight)
+            dflat = torch.ops.aten.nll_loss_backward(g, flat, flat_labels, None, mode, _NO_IGNORE, total_weight)
             return dflat.reshape(pred.shape)
 
         return value, pullback

@@ -134,16 +134,30 @@ def test_an_error_of_a_layer_is_raised_through_the_traced_path_by_name_with_its_
         fn(bad, torch.zeros(4, 2), torch.zeros(4, 2))
 
 
+@pytest.mark.parametrize(("bad", "shown"), [(7, r"\[0, 7\]"), (-100, r"\[-100, 2\]")], ids=["7", "-100"])
 @pytest.mark.parametrize("loss", [rf.cross_entropy_loss, rf.nll_loss()], ids=["cross_entropy", "nll"])
-def test_a_label_out_of_range_in_a_replay_raises_the_losss_own_message(loss):
+def test_a_label_out_of_range_in_a_replay_raises_the_losss_own_message(loss, bad, shown):
+    # -100 is torch's ignore_index: the replayed kernel skipped such a label, unchecked, until the losses passed
+    # one no label can take.
     model = rf.linear(2, 3)
     fn = rf.value_and_grad(model, loss)
     params = model.init(0)
     for _ in range(2):
         fn(params, torch.ones(4, 2), torch.tensor([0, 1, 2, 1]))
     assert fn.traced.replayed
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 7\]"):
-        fn(params, torch.ones(4, 2), torch.tensor([0, 1, 7, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in " + shown):
+        fn(params, torch.ones(4, 2), torch.tensor([0, 1, bad, 2]))
+
+
+def test_a_label_of_minus_100_after_the_step_replays_is_refused_by_name():
+    model = rf.linear(2, 3)
+    step = rf.train_step(model, rf.cross_entropy_loss, rf.sgd(0.1))
+    state = rf.train_state(model, rf.sgd(0.1), model.init(0))
+    for _ in range(2):
+        state, _ = step(state, torch.ones(4, 2), torch.tensor([0, 1, 2, 1]))
+    assert step._flat.replayed
+    with pytest.raises(ValueError, match=r"cross_entropy_loss.vjp: labels must lie in \[0, 3\), got .*\[-100, 2\]"):
+        step(state, torch.ones(4, 2), torch.tensor([0, -100, 2, 1]))
 
 
 def test_dropout_in_a_replay_draws_the_closures_masks_and_advances_the_generator_as_they_do():

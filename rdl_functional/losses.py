@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .layers import autocast_on
-from .trace import is_tracing
+from .trace import reads_values
 
 _aten = torch.ops.aten
 
@@ -175,10 +175,6 @@ For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a�
 # Cross-entropy on logits
 
 
-def _functorch_wrapped(tensor: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-
-
 def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
     _check_pred(where, logits)
     if logits.dim() < 1:
@@ -192,11 +188,8 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor) -> None:
             f"{where}: labels must have shape {tuple(logits.shape[:-1])} to match the logits, got {tuple(labels.shape)}"
         )
     classes = logits.shape[-1]
-    # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
-    # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
-    # Nor under torch.func's transforms (vmap), where a value read from the data is not allowed.
-    if (labels.device.type == "cpu" and not _functorch_wrapped(labels) and not is_tracing() and labels.numel()
-            and (labels.min() < 0 or labels.max() >= classes)):
+    # Read where a read is free and allowed (reads_values); elsewhere torch's kernel refuses a label out of range.
+    if reads_values(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(
             f"{where}: labels must lie in [0, {classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"

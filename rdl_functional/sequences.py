@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._random import as_generator
 from .layers import Layer, Params, Pullback, _check_cotangent, _check_features, _check_float_dtype, to_device
-from .trace import is_tracing
+from .trace import reads_values
 
 __all__ = ["embedding", "layer_norm", "positional_embedding"]
 
@@ -152,10 +152,8 @@ def _check_ids(where: str, ids: Any, num_embeddings: int) -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{where}: ids must be int64 (or int32) token ids, got {ids.dtype} (an embedding looks up "
                         "rows by index: pass ids.long(), not features)")
-    # The range is read only where reading a value is free (the CPU), not under make_fx's tracing (a record cannot
-    # repeat a branch on data) nor torch.func's transforms: there torch's own kernel refuses an index out of range.
-    if (ids.device.type == "cpu" and not is_tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(ids)
-            and ids.numel() and (ids.min() < 0 or ids.max() >= num_embeddings)):
+    # Read where a read is free and allowed (reads_values); elsewhere torch's kernel refuses an index out of range.
+    if reads_values(ids) and ids.numel() and (ids.min() < 0 or ids.max() >= num_embeddings):
         raise ValueError(f"{where}: ids must lie in [0, {num_embeddings}) (num_embeddings={num_embeddings}), got "
                          f"values in [{int(ids.min())}, {int(ids.max())}]")
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Traced", "is_tracing", "trace"]
+__all__ = ["Traced", "is_tracing", "reads_values", "trace"]
 
 _MAX_SIGNATURES = 8
 _LITERALS = (bool, int, float, str, type(None))
@@ -64,6 +64,21 @@ def is_tracing() -> bool:
     False
     """
     return getattr(_tracing, "active", False)
+
+
+def reads_values(tensor: Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values (a label in range): only on the CPU, where a read costs no
+    device sync, and not where a read cannot be made or kept: make_fx recording (a record cannot repeat a branch
+    on data), torch.compile (dynamo cannot trace the read) and torch.func's transforms. Where it is False, torch's
+    own kernel refuses a value out of range.
+
+    >>> reads_values(torch.zeros(2, dtype=torch.int64))
+    True
+    """
+    if torch.compiler.is_compiling():  # first: dynamo reads it as True and skips the rest
+        return False
+    return (tensor.device.type == "cpu" and not is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
 def _walk(tree: Any, leaves: list[Tensor], gens: list[torch.Generator], key: list[Any]) -> None:

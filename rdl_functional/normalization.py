@@ -20,6 +20,12 @@ __all__ = ["batch_norm2d", "group_norm"]
 
 _native_group_norm = torch.ops.aten.native_group_norm.default
 _native_group_norm_backward = torch.ops.aten.native_group_norm_backward.default
+_suggest_memory_format = torch._prims_common.suggest_memory_format  # C++'s Tensor::suggest_memory_format, in Python
+
+
+def _kernel_layout(x: Tensor) -> torch.memory_format:
+    """The memory format torch's group_norm hands its kernels ``x`` (and ``dy``) in."""
+    return _suggest_memory_format(x) if x.device.type == "cpu" else torch.contiguous_format
 
 
 def batch_norm2d(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -99,8 +105,10 @@ def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bo
         weight, bias = params.get("weight"), params.get("bias")
         check_same_dtype_and_device(at, x, {"weight": weight, "bias": bias})
         n, positions = x.shape[0], math.prod(x.shape[2:])
-        # As torch's group_norm: the kernel on a contiguous x, of (N, C, positions) values.
-        y, mean, rstd = _native_group_norm(x.contiguous(), weight, bias, n, num_channels, positions, num_groups, eps)
+        # As torch's group_norm: the kernel on x made contiguous in its own layout (channels-last stays so) on
+        # the CPU, in (N, C, positions) order elsewhere: the kernels' sums run in that order, so the bits follow it.
+        y, mean, rstd = _native_group_norm(x.contiguous(memory_format=_kernel_layout(x)), weight, bias, n,
+                                           num_channels, positions, num_groups, eps)
         return y, weight, mean, rstd, positions
 
     def apply(params: Params, x: Tensor) -> Tensor:
@@ -113,7 +121,9 @@ def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bo
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Any]:
             _check_cotangent(name, dy, shape, dtype)
             # dbias = Σ dy, dweight = Σ dy ⊙ x̂, dx = s/m · (m·g − Σ g − x̂ ⊙ Σ g ⊙ x̂), g = dy ⊙ weight: autograd's kernel
-            dx, dweight, dbias = _native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
+            layout = _kernel_layout(x)  # x's, for dy too: as autograd's formula for native_group_norm
+            dx, dweight, dbias = _native_group_norm_backward(dy.contiguous(memory_format=layout),
+                                                             x.contiguous(memory_format=layout), mean, rstd, weight,
                                                              shape[0], num_channels, positions, num_groups,
                                                              [need_dx, affine, affine])
             return ({"weight": dweight, "bias": dbias} if affine else {}), dx

@@ -357,3 +357,20 @@ def test_a_ceil_mode_pool_larger_than_its_input_gives_torchs_one_output(pool, ge
     y_ref, dy, _, dx_ref = _torch_vjp(twin, {}, {}, x, lambda y: torch.randn(y.shape, generator=generator))
     y, pullback = pool.vjp({}, x)
     assert y.shape == (1, 2, 1, 1) and torch.equal(y, y_ref) and torch.equal(pullback(dy)[1], dx_ref)
+
+
+@pytest.mark.parametrize("make_x", [
+    lambda g: torch.randn(3, 4, 5, 6, generator=g).to(memory_format=torch.channels_last),
+    lambda g: torch.randn(3, 5, 6, 4, generator=g).permute(0, 3, 1, 2),
+], ids=["channels_last", "permuted"])
+def test_group_norm_of_a_channels_last_x_equals_the_torch_module_bit_for_bit(make_x, generator):
+    # The layer made x contiguous in (N, C, H, W) order; torch keeps its layout, and the kernels' sums follow it.
+    layer = rf.group_norm(2, 4)
+    params = _params(layer, generator, torch.float32)
+    x = make_x(generator)
+    y_ref, dy, dparams_ref, dx_ref = _torch_vjp(torch.nn.GroupNorm(2, 4), params, {}, x,
+                                                lambda y: torch.randn(y.shape, generator=generator))
+    y, pullback = layer.vjp(params, x)
+    dparams, dx = pullback(dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    _assert_equal_trees(dparams, dparams_ref)

@@ -37,6 +37,14 @@ def _padded(g, dtype):
     return _floats(g, dtype), _mask()
 
 
+def _fully_masked(g, dtype):
+    """Every key of the second sequence masked, and the first key of the first: with causal, query 0 sees none."""
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1] = True
+    mask[0, 0] = True
+    return _floats(g, dtype), mask
+
+
 def _attention(**options):
     return (lambda: rf.multi_head_attention(E, H, **options),
             lambda: TorchSelfAttention(E, H, **options))
@@ -56,6 +64,9 @@ LAYERS = {
     "attention_no_bias": (*_attention(bias=False), _floats),
     "attention_padded": (*_attention(), _padded),
     "attention_causal_padded_no_bias": (*_attention(causal=True, bias=False), _padded),
+    # A query with no key to attend to gets out_proj.bias in torch, not NaN (the docs said NaN).
+    "attention_fully_masked": (*_attention(), _fully_masked),
+    "attention_causal_fully_masked": (*_attention(causal=True), _fully_masked),
     "attention_dropout": (*_attention(dropout=0.25), _floats),
     "attention_causal_dropout_padded": (*_attention(causal=True, dropout=0.5), _padded),
     "transformer_block": (lambda: rf.transformer_block(E, H), lambda: torch_transformer_block(E, H), _floats),
@@ -286,3 +297,11 @@ def test_a_replayed_step_still_refuses_ids_out_of_range_by_name():
     assert step._flat.replayed
     with pytest.raises(ValueError, match=r"layer 0: embedding\(11, 8\).vjp: ids must lie in \[0, 11\)"):
         step(state, torch.full((4, T), V), targets)
+
+
+def test_a_query_whose_every_key_is_masked_gets_the_out_proj_bias_not_nan():
+    layer = rf.multi_head_attention(E, H)
+    params = _perturbed(layer.init(0), torch.Generator().manual_seed(2))
+    x, mask = _fully_masked(torch.Generator().manual_seed(3), torch.float32)
+    y = layer(params, (x, mask))
+    assert torch.equal(y[1], params["out_proj"]["bias"].expand(T, E))

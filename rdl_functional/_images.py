@@ -53,19 +53,6 @@ def check_image(where: str, x: Any, spatial: int | None, channels: int | None = 
                          f"(x is {tuple(x.shape)}, channels first {taken})")
 
 
-def check_same_dtype_and_device(where: str, x: Tensor, tensors: dict[str, Tensor | None]) -> None:
-    """Every tensor of ``tensors`` (a param or state entry by name) in ``x``'s dtype and on ``x``'s device."""
-    for key, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{where}: x is {x.dtype} but {key} is {tensor.dtype} (convert x with "
-                            f"x.to({tensor.dtype}) or init the params with that dtype)")
-        if tensor.device != x.device:
-            raise ValueError(f"{where}: x is on {x.device} but {key} is on {tensor.device} (move them to one device: "
-                             "rf.tree_map(lambda p: p.to(device), params), x.to(device))")
-
-
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool = False) -> int:
     """torch's output length of a conv or pool along one dimension (``pooling_output_shape`` for ``ceil_mode``)."""
     span = dilation * (kernel - 1) + 1

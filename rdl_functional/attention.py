@@ -36,12 +36,13 @@ returns the weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._checks import check_params, check_x
 from ._random import as_generator
 from .activations import gelu
 from .combinators import compose, residual
@@ -61,28 +62,16 @@ _softmax_backward_data = _aten._softmax_backward_data.default
 _FUSED_DEVICES = ("cpu",)
 
 
-def _check_attention_params(where: str, params: Any, embed_dim: int, bias: bool) -> None:
-    expected = {"in_proj_weight": (3 * embed_dim, embed_dim), "in_proj_bias": (3 * embed_dim,)}
-    out = {"weight": (embed_dim, embed_dim), "bias": (embed_dim,)}
+def _attention_shapes(embed_dim: int, bias: bool) -> dict[str, Any]:
+    """The params' shapes, torch's: ``in_proj_weight``, ``in_proj_bias``, ``out_proj`` (an nn.Linear's)."""
+    shapes: dict[str, Any] = {"in_proj_weight": (3 * embed_dim, embed_dim), "in_proj_bias": (3 * embed_dim,),
+                              "out_proj": {"weight": (embed_dim, embed_dim), "bias": (embed_dim,)}}
     if not bias:
-        del expected["in_proj_bias"], out["bias"]
-    fix = "" if bias else " (the layer was built with bias=False)"
-    if not isinstance(params, Mapping) or not isinstance(params.get("out_proj"), Mapping):
-        raise TypeError(f"{where}: params must be a dict {{{', '.join(map(repr, expected))}, 'out_proj': "
-                        f"{{{', '.join(map(repr, out))}}}}}, got {type(params).__name__}")
-    if sorted(params) != sorted([*expected, "out_proj"]) or sorted(params["out_proj"]) != sorted(out):
-        raise ValueError(f"{where}: params must have the keys {[*expected, 'out_proj']} and out_proj {list(out)}, "
-                         f"got {sorted(params)} and out_proj {sorted(params['out_proj'])}{fix}")
-    tensors = [(key, params[key], shape) for key, shape in expected.items()]
-    tensors += [(f"out_proj.{key}", params["out_proj"][key], shape) for key, shape in out.items()]
-    for key, tensor, shape in tensors:
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape or not tensor.is_floating_point():
-            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{where}: params[{key!r}] must be a floating tensor of shape {shape}, got {got} "
-                             "(are these another layer's params?)")
+        del shapes["in_proj_bias"], shapes["out_proj"]["bias"]
+    return shapes
 
 
-def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def _split_input(where: str, x: Any, embed_dim: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """``x`` or ``(x, key_padding_mask)``, checked: x ``(batch, sequence, E)``, the mask bool ``(batch, sequence)``."""
     mask = None
     if isinstance(x, tuple):
@@ -95,9 +84,10 @@ def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tupl
     if x.dim() != 3 or x.shape[-1] != embed_dim:
         raise ValueError(f"{where}: x must have shape (batch, sequence, {embed_dim}), batch first and features "
                          f"last, got {tuple(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"{where}: x is {x.dtype} but in_proj_weight is {dtype} (convert x with x.to({dtype}) or "
-                        "init the params with that dtype)")
+    if not x.shape[0] or not x.shape[1]:
+        raise ValueError(f"{where}: x has shape {tuple(x.shape)}, an empty batch or sequence; attention needs at "
+                         "least one example of at least one position")
+    check_x(where, x, "in_proj_weight", weight)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
@@ -106,6 +96,9 @@ def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tupl
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{where}: key_padding_mask must have shape (batch, sequence) = {tuple(x.shape[:2])}, "
                              f"got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"{where}: key_padding_mask is on {mask.device} but x is on {x.device} (move it: "
+                             "mask.to(x.device))")
     return x, mask
 
 
@@ -239,6 +232,7 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
     dropout = float(dropout)
     options = [f"{embed_dim}, {num_heads}"] + (["causal=True"] if causal else []) + ([] if bias else ["bias=False"])
     name = f"multi_head_attention({', '.join(options + ([f'dropout={dropout!r}'] if dropout else []))})"
+    shapes, fix = _attention_shapes(embed_dim, bias), "" if bias else " (the layer was built with bias=False)"
 
     def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> Params:
@@ -259,10 +253,10 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
     def forward(where: str, params: Params, x: Any, keep: float = 1.0,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Callable[..., Any]]:
         at = f"{name}.{where}"
-        _check_attention_params(at, params, embed_dim, bias)
+        check_params(at, params, shapes, fix)
         weight, in_bias = params["in_proj_weight"], params.get("in_proj_bias")
         out_weight, out_bias = params["out_proj"]["weight"], params["out_proj"].get("bias")
-        x, mask = _split_input(at, x, embed_dim, weight.dtype)
+        x, mask = _split_input(at, x, embed_dim, weight)
         rows, q, k, v = _project_in(x, weight, in_bias, num_heads)
         length = x.shape[1]
         float_mask = _float_mask(mask, causal, num_heads, length, x.dtype)

@@ -258,8 +258,11 @@ def test_bad_arguments_are_refused_at_construction(build, error, match):
         build()
 
 
-def _call(layer, x, params=None):
-    params = layer.init(0) if params is None else params
+_INIT = object()  # _call's default: the layer's own params (None is a value a test passes)
+
+
+def _call(layer, x, params=_INIT):
+    params = layer.init(0) if params is _INIT else params
     if isinstance(layer, rf.StatefulLayer):
         return layer(params, layer.init_state(), x, train=True)
     return layer(params, x)
@@ -296,6 +299,14 @@ REFUSED_INPUTS = [
      r"x is torch.float64 but weight is torch.float32"),
     (rf.conv2d(3, 8, 3), [[1.0]], TypeError, r"conv2d\(3, 8, 3\)\.apply: x must be a torch.Tensor, got list"),
     (rf.batch_norm2d(3), torch.zeros(1, 3, 1, 1), ValueError, r"more than one value per channel \(N·H·W > 1\)"),
+    (rf.max_pool2d(2), torch.zeros(1, 1, 4, 4, dtype=torch.int64), TypeError,
+     r"max_pool2d\(2\)\.apply: a floating x is needed, got torch.int64"),
+    (rf.avg_pool2d(2), torch.zeros(1, 1, 4, 4, dtype=torch.bool), TypeError,
+     r"avg_pool2d\(2\)\.apply: a floating x is needed, got torch.bool"),
+    (rf.global_avg_pool2d, torch.zeros(1, 1, 4, 4, dtype=torch.int64), TypeError,
+     r"global_avg_pool2d\.apply: a floating x is needed, got torch.int64"),
+    (rf.group_norm(2, 4), torch.zeros(1, 4, 2, 2, dtype=torch.int64), TypeError,
+     r"group_norm\(2, 4\)\.apply: a floating x is needed, got torch.int64"),
 ]
 
 
@@ -314,8 +325,17 @@ REFUSED_PARAMS = [
      r"params\['weight'\] has shape \(8, 3, 5, 5\) but the layer was built for \(8, 3, 3, 3\)"),
     (rf.conv2d(3, 8, 3), [1], TypeError, r"params must be a dict with \['weight', 'bias'\], got list"),
     (rf.group_norm(2, 4), {"weight": torch.ones(3), "bias": torch.zeros(4)}, ValueError,
-     r"params\['weight'\] must be a tensor of shape \(4,\), got \(3,\)"),
+     r"params\['weight'\] has shape \(3,\) but the layer was built for \(4,\)"),
     (rf.max_pool2d(2), {"weight": torch.ones(1)}, ValueError, r"max_pool2d\(2\) has no parameters"),
+    (rf.max_pool2d(2), None, TypeError, r"max_pool2d\(2\) has no parameters, so params must be \{\}, got NoneType"),
+    (rf.conv2d(3, 8, 3), {"weight": torch.zeros(8, 3, 3, 3, dtype=torch.int64), "bias": torch.zeros(8)}, TypeError,
+     r"params\['weight'\] is torch.int64, but params must be floating tensors"),
+    # The params disagree among themselves: the message names them, and does not tell the user to convert x.
+    (rf.conv2d(3, 8, 3), {"weight": torch.zeros(8, 3, 3, 3), "bias": torch.zeros(8, dtype=torch.float64)}, TypeError,
+     r"conv2d\(3, 8, 3\)\.apply: params\['bias'\] is torch.float64 but params\['weight'\] is torch.float32 \(a "
+     r"layer's params share one dtype"),
+    (rf.group_norm(2, 4), [1], TypeError,
+     r"group_norm\(2, 4\)\.apply: params must be a dict with \['weight', 'bias'\], got list"),
 ]
 
 

@@ -243,7 +243,30 @@ ERRORS = [  # (the call, error, match)
     (lambda: rf.multi_head_attention(E, H, bias=False)(rf.multi_head_attention(E, H).init(0), torch.zeros(B, T, E)),
      ValueError, r"params must have the keys \['in_proj_weight', 'out_proj'\].*\(the layer was built with "
                  r"bias=False\)"),
+    (lambda: rf.layer_norm(E)({"weight": torch.ones(E), "bias": torch.zeros(E, dtype=torch.float64)},
+                              torch.zeros(B, T, E)),
+     TypeError, r"layer_norm\(8\).apply: params\['bias'\] is torch.float64 but params\['weight'\] is torch.float32"),
+    (lambda: rf.layer_norm(E)(rf.layer_norm(E).init(0), torch.zeros(B, E, dtype=torch.int64)), TypeError,
+     r"layer_norm\(8\).apply: a floating x is needed, got torch.int64"),
+    (lambda: _attention_call(lambda p: {**p, "out_proj": rf.tree_map(torch.Tensor.double, p["out_proj"])}),
+     TypeError, r"params\['out_proj'\]\['weight'\] is torch.float64 but params\['in_proj_weight'\] is torch.float32"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": p["in_proj_bias"].double()}),
+     TypeError, r"params\['in_proj_bias'\] is torch.float64 but params\['in_proj_weight'\] is torch.float32"),
+    (lambda: _attention_call(lambda p: {key: p[key] for key in ("in_proj_weight", "in_proj_bias")}),
+     ValueError, r"params must have the keys \['in_proj_weight', 'in_proj_bias', 'out_proj'\], got "
+                 r"\['in_proj_bias', 'in_proj_weight'\] \(missing \['out_proj'\]\)"),
+    (lambda: _attention_call(lambda p: p, torch.zeros(0, T, E)),
+     ValueError, r"x has shape \(0, 5, 8\), an empty batch or sequence"),
+    (lambda: _attention_call(lambda p: p, torch.zeros(B, 0, E)),
+     ValueError, r"x has shape \(3, 0, 8\), an empty batch or sequence"),
+    (lambda: _attention_call(lambda p: p, (torch.zeros(B, T, E), torch.zeros(B, T, dtype=torch.bool, device="meta"))),
+     ValueError, r"key_padding_mask is on meta but x is on cpu \(move it: mask.to\(x.device\)\)"),
 ]
+
+
+def _attention_call(change, x=None):
+    layer = rf.multi_head_attention(E, H)
+    return layer(change(layer.init(0)), torch.zeros(B, T, E) if x is None else x)
 
 
 @pytest.mark.parametrize(("call", "error", "match"), ERRORS, ids=[case[2][:40] for case in ERRORS])

@@ -154,12 +154,13 @@ def _storages(tree):
 def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(name, layer, shape, twin, generator):
     params, x = _params(layer, generator, torch.float32), torch.randn(shape, generator=generator)
     state = layer.init_state() if isinstance(layer, rf.StatefulLayer) else None
+    given = {"params": params, "state": state or {}, "x": x}
+    before = rf.tree_map(torch.clone, given)  # cloned before apply and vjp run: they must change nothing either
     call = (lambda f: f(params, state, x, train=True)) if state is not None else (lambda f: f(params, x))
     y, *new_state = (*call(layer.apply),) if state is not None else (call(layer.apply),)
     *_, pullback = call(layer.vjp)
     dy = torch.randn(y.shape, generator=generator)
-    given = {"params": params, "state": state or {}, "x": x, "dy": dy}
-    before = rf.tree_map(torch.clone, given)
+    given["dy"], before["dy"] = dy, dy.clone()
     dparams, dx = pullback(dy)
     assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(given), rf.tree_leaves(before), strict=True))
     assert not _storages({"y": y, "new_state": new_state[0] if new_state else {}, "dparams": dparams, "dx": dx}) & \

@@ -200,6 +200,7 @@ def test_a_gpt_with_attention_dropout_trains_as_its_twin_with_the_global_rng_in_
         for i in range(3):
             torch.random.set_rng_state(state.generator)  # the masks our step draws from its state's generator
             state, metrics = step(state, ids[i], targets[i])
+            assert step._flat.replayed == (i > 0)  # the dropout masks drawn by the record, after the first step
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(twin(ids[i]).reshape(-1, V), targets[i].reshape(-1))
             loss.backward()

@@ -183,6 +183,48 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal
     return o, backward
 
 
+def _project_out_backward(dy: Tensor, o_rows: Tensor, weight: Tensor, heads: int,
+                          bias: bool) -> tuple[Params, Tensor]:
+    """The output projection's pullback, as linear's: ``dWₒᵤₜ = dyᵀ O``, ``dbₒᵤₜ = Σ dy``, ``dO = dy Wₒᵤₜ``;
+    ``(dparams of out_proj, dO (batch, heads, sequence, head_dim))``."""
+    batch, length, embed = dy.shape
+    dy_rows = dy.transpose(0, 1).reshape(length * batch, embed)
+    d_out = {"weight": dy_rows.t().mm(o_rows)}
+    if bias:
+        d_out["bias"] = dy_rows.sum(0, keepdim=True).view(embed)
+    return d_out, dy_rows.mm(weight).view(length, batch, heads, -1).permute(1, 2, 0, 3)
+
+
+def _project_in_backward(dq: Tensor, dk: Tensor, dv: Tensor, rows: Tensor, weight: Tensor, bias: bool,
+                         need_dx: bool) -> tuple[Params, Tensor | None]:
+    """The input projection's pullback: ``dWᵢₙ = d[QKV]ᵀ x``, ``dbᵢₙ = Σ d[QKV]``, ``dx = d[QKV] Wᵢₙ``;
+    ``(dparams of in_proj_weight and in_proj_bias, dx (batch, sequence, E) or None)``."""
+    batch, _, length, _ = dq.shape
+    embed = weight.shape[1]
+    dproj = torch.stack([_heads_to_rows(dq), _heads_to_rows(dk), _heads_to_rows(dv)], dim=2).view(
+        length, batch, 3 * embed)
+    dparams: Params = {"in_proj_weight": dproj.view(-1, 3 * embed).t().mm(rows)}
+    if bias:
+        dparams["in_proj_bias"] = dproj.sum([0, 1], keepdim=True).view(3 * embed)
+    if not need_dx:
+        return dparams, None
+    return dparams, dproj.view(-1, 3 * embed).mm(weight).view(length, batch, embed).transpose(0, 1)
+
+
+def _drawn_params(g: torch.Generator, embed_dim: int, bias: bool, dtype: torch.dtype) -> Params:
+    """The params drawn in torch's order: out_proj, an nn.Linear, draws its weight and bias; then
+    _reset_parameters draws in_proj_weight (xavier-uniform) and zeroes the biases, out_proj's drawn one included."""
+    out_weight = INITIALIZERS["torch_default"](g, (embed_dim, embed_dim), dtype)
+    if bias:
+        bound = 1 / math.sqrt(embed_dim)
+        torch.empty(embed_dim, dtype=dtype).uniform_(-bound, bound, generator=g)  # drawn, then zeroed
+    params: Params = {"in_proj_weight": INITIALIZERS["xavier_uniform"](g, (3 * embed_dim, embed_dim), dtype)}
+    if bias:
+        params["in_proj_bias"] = torch.zeros(3 * embed_dim, dtype=dtype)
+    params["out_proj"] = {"weight": out_weight, **({"bias": torch.zeros(embed_dim, dtype=dtype)} if bias else {})}
+    return params
+
+
 def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False, bias: bool = True,
                          dropout: float = 0.0) -> Layer | StatefulLayer:
     """Multi-head self-attention, batch first: ``torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)``.
@@ -238,17 +280,7 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
              device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
-        # torch's order: out_proj, an nn.Linear, draws its weight and bias; then _reset_parameters draws
-        # in_proj_weight (xavier-uniform) and zeroes the biases, out_proj's drawn one included.
-        out_weight = INITIALIZERS["torch_default"](g, (embed_dim, embed_dim), dtype)
-        if bias:
-            bound = 1 / math.sqrt(embed_dim)
-            torch.empty(embed_dim, dtype=dtype).uniform_(-bound, bound, generator=g)  # drawn, then zeroed
-        params: Params = {"in_proj_weight": INITIALIZERS["xavier_uniform"](g, (3 * embed_dim, embed_dim), dtype)}
-        if bias:
-            params["in_proj_bias"] = torch.zeros(3 * embed_dim, dtype=dtype)
-        params["out_proj"] = {"weight": out_weight, **({"bias": torch.zeros(embed_dim, dtype=dtype)} if bias else {})}
-        return to_device(params, device, f"{name}.init")
+        return to_device(_drawn_params(g, embed_dim, bias, dtype), device, f"{name}.init")
 
     def forward(where: str, params: Params, x: Any, keep: float = 1.0,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Callable[..., Any]]:
@@ -272,25 +304,10 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
         o_rows, y = _project_out(o, out_weight, out_bias)
 
         def backward(dy: Tensor, need_dx: bool) -> tuple[Params, Any]:
-            batch = dy.shape[0]
-            dy_rows = dy.transpose(0, 1).reshape(length * batch, embed_dim)
-            # Output projection, as linear's: dWₒᵤₜ = dyᵀ O, dbₒᵤₜ = Σ dy, dO = dy Wₒᵤₜ
-            d_out = {"weight": dy_rows.t().mm(o_rows)}
-            if bias:
-                d_out["bias"] = dy_rows.sum(0, keepdim=True).view(embed_dim)
-            do = dy_rows.mm(out_weight).view(length, batch, num_heads, -1).permute(1, 2, 0, 3)
-            dq, dk, dv = attention_backward(do)
-            # Input projection: dWᵢₙ = d[QKV]ᵀ x, dbᵢₙ = Σ d[QKV], dx = d[QKV] Wᵢₙ
-            dproj = torch.stack([_heads_to_rows(dq), _heads_to_rows(dk), _heads_to_rows(dv)], dim=2).view(
-                length, batch, 3 * embed_dim)
-            dparams: Params = {"in_proj_weight": dproj.view(-1, 3 * embed_dim).t().mm(rows)}
-            if bias:
-                dparams["in_proj_bias"] = dproj.sum([0, 1], keepdim=True).view(3 * embed_dim)
+            d_out, do = _project_out_backward(dy, o_rows, out_weight, num_heads, bias)
+            dparams, dx = _project_in_backward(*attention_backward(do), rows, weight, bias, need_dx)
             dparams["out_proj"] = d_out
-            if not need_dx:
-                return dparams, None
-            dx = dproj.view(-1, 3 * embed_dim).mm(weight).view(length, batch, embed_dim).transpose(0, 1)
-            return dparams, (dx, None) if mask is not None else dx
+            return dparams, (dx, None) if mask is not None and need_dx else dx
 
         return y, backward
 

@@ -367,7 +367,8 @@ def transformer_block(embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, cau
     compose: params ``{"0": {"0": ln, "1": attention}, "1": {"0": ln, "1": linear, "3": linear}}``, which
     load into the twin of the same nn.Sequential shape (``rdl_functional.apps.torch_baseline.torch_transformer_block``).
     ``dropout`` is the attention's (on its weights), which makes the block a StatefulLayer. Input and output
-    ``(batch, sequence, embed_dim)``.
+    ``(batch, sequence, embed_dim)``: a plain ``x``, with no key-padding mask (the block's layer norms, which
+    come first, take a tensor; only :func:`multi_head_attention` itself takes ``(x, key_padding_mask)``).
 
     >>> import torch, rdl_functional as rf
     >>> block = rf.transformer_block(8, 2)

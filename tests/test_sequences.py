@@ -329,3 +329,9 @@ def test_a_query_whose_every_key_is_masked_gets_the_out_proj_bias_not_nan():
     x, mask = _fully_masked(torch.Generator().manual_seed(3), torch.float32)
     y = layer(params, (x, mask))
     assert torch.equal(y[1], params["out_proj"]["bias"].expand(T, E))
+
+
+def test_a_transformer_block_takes_a_plain_x_and_refuses_a_key_padding_pair_by_name():
+    block = rf.transformer_block(E, H)
+    with pytest.raises(TypeError, match=r"layer 0\.0: layer_norm\(8\)\.apply: x must be a torch.Tensor, got tuple"):
+        block(block.init(0), (torch.zeros(B, T, E), _mask()))

@@ -262,6 +262,14 @@ ERRORS = [  # (the call, error, match)
      ValueError, r"x has shape \(3, 0, 8\), an empty batch or sequence"),
     (lambda: _attention_call(lambda p: p, (torch.zeros(B, T, E), torch.zeros(B, T, dtype=torch.bool, device="meta"))),
      ValueError, r"key_padding_mask is on meta but x is on cpu \(move it: mask.to\(x.device\)\)"),
+    (lambda: _attention_call(lambda p: {**p, "out_proj": torch.zeros(E, E)}),
+     TypeError, r"params\['out_proj'\] must be a dict with \['weight', 'bias'\], got Tensor"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": [0.0] * (3 * E)}),
+     TypeError, r"params\['in_proj_bias'\] must be a torch.Tensor, got list"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": p["in_proj_bias"].to("meta")}),
+     ValueError, r"params\['in_proj_bias'\] is on meta but params\['in_proj_weight'\] is on cpu \(a layer's params "
+                 r"share one device"),
+    (lambda: rf.layer_norm(E, eps=0), ValueError, r"layer_norm: eps must be a finite number > 0 \(it keeps"),
 ]
 
 

@@ -182,3 +182,20 @@ def test_torchs_loss_function_and_a_called_loss_value_say_what_to_pass():
     with pytest.raises(TypeError, match=r"^mse_loss: a Loss is called as loss\(pred, target\), got 0 arguments "
                                         r"\(mse_loss is a Loss already, not a factory: pass it without calling it\)$"):
         rf.mse_loss()
+
+
+@pytest.mark.parametrize(("loss", "reference", "logs"), [
+    (rf.cross_entropy_loss, F.cross_entropy, False),
+    (rf.nll_loss(), F.nll_loss, True),
+    (rf.nll_loss("sum"), lambda p, t: F.nll_loss(p, t, reduction="sum"), True),
+], ids=["cross_entropy", "nll", "nll_sum"])
+def test_the_label_losses_keep_torchs_bits_with_their_own_ignore_index(loss, reference, logs, generator):
+    # The losses pass the nll kernels an ignore_index no label can take, not torch's -100: the bits must not move.
+    pred = torch.randn(7, 5, generator=generator)
+    pred = pred.log_softmax(-1) if logs else pred
+    labels = torch.randint(0, 5, (7,), generator=generator)
+    leaf = pred.clone().requires_grad_()
+    expected = reference(leaf, labels)
+    (grad,) = torch.autograd.grad(expected, leaf)
+    value, pullback = loss.vjp(pred, labels)
+    assert torch.equal(value, expected.detach()) and torch.equal(pullback(torch.tensor(1.0)), grad)

@@ -53,19 +53,6 @@ def check_image(where: str, x: Any, spatial: int | None, channels: int | None = 
                          f"(x is {tuple(x.shape)}, channels first {taken})")
 
 
-def check_same_dtype_and_device(where: str, x: Tensor, tensors: dict[str, Tensor | None]) -> None:
-    """Every tensor of ``tensors`` (a param or state entry by name) in ``x``'s dtype and on ``x``'s device."""
-    for key, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{where}: x is {x.dtype} but {key} is {tensor.dtype} (convert x with "
-                            f"x.to({tensor.dtype}) or init the params with that dtype)")
-        if tensor.device != x.device:
-            raise ValueError(f"{where}: x is on {x.device} but {key} is on {tensor.device} (move them to one device: "
-                             "rf.tree_map(lambda p: p.to(device), params), x.to(device))")
-
-
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool = False) -> int:
     """torch's output length of a conv or pool along one dimension (``pooling_output_shape`` for ``ceil_mode``)."""
     span = dilation * (kernel - 1) + 1
@@ -77,13 +64,32 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 def check_spans(where: str, x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
                 padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool = False) -> None:
-    """Refuse a kernel that spans more than the padded input along a spatial dimension (no output there)."""
+    """Refuse a kernel that leaves no output along a spatial dimension: one that spans more than the padded
+    input, or with ``ceil_mode`` (where torch lets the last window hang over the end) an output length < 1."""
     names = "HW" if len(kernel) == 2 else "L"
     for i, size in enumerate(x.shape[2:]):
         span = dilation[i] * (kernel[i] - 1) + 1
-        if size + 2 * padding[i] < span or output_size(size, kernel[i], stride[i], padding[i], dilation[i],
-                                                       ceil_mode) < 1:
+        out = output_size(size, kernel[i], stride[i], padding[i], dilation[i], ceil_mode)
+        if out < 1 or (not ceil_mode and size + 2 * padding[i] < span):
             raise ValueError(f"{where}: the kernel spans {span} along {names[i]} (dilation·(kernel − 1) + 1) but the "
                              f"padded input is {size + 2 * padding[i]} ({names[i]} = {size} + 2·padding {padding[i]}) "
                              f"for x of shape {tuple(x.shape)}; use a smaller kernel, more padding or a larger input")
 
+
+def check_windows(where: str, x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                  padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool = False) -> None:
+    """For a pool: :func:`check_spans`, and refuse a window that reads no input position (all padding, or
+    dilated over the input), whose max torch's kernel leaves at −∞ with an index out of bounds."""
+    check_spans(where, x, kernel, stride, padding, dilation, ceil_mode)
+    names = "HW" if len(kernel) == 2 else "L"
+    for i, size in enumerate(x.shape[2:]):
+        k, s, p, d = kernel[i], stride[i], padding[i], dilation[i]
+        out = output_size(size, k, s, p, d, ceil_mode)
+        # Only a window starting in the padding can miss the input: the first ⌈p/s⌉ and those from (size + p)/s.
+        starts = [*range(min(out, p // s + 1)), *range(max(p // s + 1, (size + p) // s), out)]
+        for o in starts:
+            if not any(0 <= o * s - p + j * d < size for j in range(k)):
+                raise ValueError(f"{where}: output {o} along {names[i]} has a window that covers no input position "
+                                 f"(it reads {[o * s - p + j * d for j in range(k)]}, x has {size} along "
+                                 f"{names[i]}; kernel {k}, stride {s}, padding {p}, dilation {d}, ceil_mode "
+                                 f"{ceil_mode}); use less padding or dilation, or ceil_mode=False")

@@ -36,12 +36,21 @@ returns the weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._attention_ops import (
+    additive_mask,
+    math_attention,
+    project_in,
+    project_in_backward,
+    project_out,
+    project_out_backward,
+)
+from ._checks import check_params, check_x
 from ._random import as_generator
 from .activations import gelu
 from .combinators import compose, residual
@@ -55,34 +64,20 @@ __all__ = ["multi_head_attention", "transformer_block"]
 _aten = torch.ops.aten
 _flash = _aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-_safe_softmax = _aten._safe_softmax.default
-_softmax_backward_data = _aten._softmax_backward_data.default
 # Where the fused kernel runs (it is the CPU's); elsewhere the math path, the same maths by bmm and softmax.
 _FUSED_DEVICES = ("cpu",)
 
 
-def _check_attention_params(where: str, params: Any, embed_dim: int, bias: bool) -> None:
-    expected = {"in_proj_weight": (3 * embed_dim, embed_dim), "in_proj_bias": (3 * embed_dim,)}
-    out = {"weight": (embed_dim, embed_dim), "bias": (embed_dim,)}
+def _attention_shapes(embed_dim: int, bias: bool) -> dict[str, Any]:
+    """The params' shapes, torch's: ``in_proj_weight``, ``in_proj_bias``, ``out_proj`` (an nn.Linear's)."""
+    shapes: dict[str, Any] = {"in_proj_weight": (3 * embed_dim, embed_dim), "in_proj_bias": (3 * embed_dim,),
+                              "out_proj": {"weight": (embed_dim, embed_dim), "bias": (embed_dim,)}}
     if not bias:
-        del expected["in_proj_bias"], out["bias"]
-    fix = "" if bias else " (the layer was built with bias=False)"
-    if not isinstance(params, Mapping) or not isinstance(params.get("out_proj"), Mapping):
-        raise TypeError(f"{where}: params must be a dict {{{', '.join(map(repr, expected))}, 'out_proj': "
-                        f"{{{', '.join(map(repr, out))}}}}}, got {type(params).__name__}")
-    if sorted(params) != sorted([*expected, "out_proj"]) or sorted(params["out_proj"]) != sorted(out):
-        raise ValueError(f"{where}: params must have the keys {[*expected, 'out_proj']} and out_proj {list(out)}, "
-                         f"got {sorted(params)} and out_proj {sorted(params['out_proj'])}{fix}")
-    tensors = [(key, params[key], shape) for key, shape in expected.items()]
-    tensors += [(f"out_proj.{key}", params["out_proj"][key], shape) for key, shape in out.items()]
-    for key, tensor, shape in tensors:
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape or not tensor.is_floating_point():
-            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{where}: params[{key!r}] must be a floating tensor of shape {shape}, got {got} "
-                             "(are these another layer's params?)")
+        del shapes["in_proj_bias"], shapes["out_proj"]["bias"]
+    return shapes
 
 
-def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def _split_input(where: str, x: Any, embed_dim: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """``x`` or ``(x, key_padding_mask)``, checked: x ``(batch, sequence, E)``, the mask bool ``(batch, sequence)``."""
     mask = None
     if isinstance(x, tuple):
@@ -95,9 +90,10 @@ def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tupl
     if x.dim() != 3 or x.shape[-1] != embed_dim:
         raise ValueError(f"{where}: x must have shape (batch, sequence, {embed_dim}), batch first and features "
                          f"last, got {tuple(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"{where}: x is {x.dtype} but in_proj_weight is {dtype} (convert x with x.to({dtype}) or "
-                        "init the params with that dtype)")
+    if not x.shape[0] or not x.shape[1]:
+        raise ValueError(f"{where}: x has shape {tuple(x.shape)}, an empty batch or sequence; attention needs at "
+                         "least one example of at least one position")
+    check_x(where, x, "in_proj_weight", weight)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
@@ -106,88 +102,24 @@ def _split_input(where: str, x: Any, embed_dim: int, dtype: torch.dtype) -> tupl
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{where}: key_padding_mask must have shape (batch, sequence) = {tuple(x.shape[:2])}, "
                              f"got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"{where}: key_padding_mask is on {mask.device} but x is on {x.device} (move it: "
+                             "mask.to(x.device))")
     return x, mask
 
 
-def _float_mask(mask: Tensor | None, causal: bool, heads: int, length: int, dtype: torch.dtype) -> Tensor | None:
-    """The additive mask torch builds for the kernel: 0 where a query sees a key, −∞ where not, per head;
-    ``None`` where nothing is masked or causality alone is (the kernels' ``is_causal``)."""
-    if mask is None:
-        return None
-    batch = mask.shape[0]
-    padding = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, -math.inf)
-    padding = padding.view(batch, 1, 1, length).expand(-1, heads, -1, -1).reshape(batch * heads, 1, length)
-    if causal:
-        padding = torch.full((length, length), -math.inf, dtype=dtype, device=mask.device).triu(1).unsqueeze(0) + \
-            padding
-    return padding.view(batch, heads, -1, length)
-
-
-def _project_in(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int) -> tuple[Tensor, ...]:
-    """``(rows, q, k, v)``: ``rows`` is ``x`` as sequence-major rows ``(sequence·batch, E)``; q, k, v are
-    ``(batch, heads, sequence, head_dim)`` views of ``rows Wᵢₙᵀ + bᵢₙ``, laid out as torch's."""
-    batch, length, embed = x.shape
-    rows = x.transpose(0, 1).reshape(length * batch, embed)
-    proj = rows.mm(weight.t()).view(length, batch, 3 * embed)
-    if bias is not None:
-        proj = proj + bias
-    qkv = proj.view(length, batch, 3, embed).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    return rows, *(part.view(length, batch * heads, -1).transpose(0, 1).view(batch, heads, length, -1)
-                   for part in qkv)
-
-
-def _project_out(o: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(rows, y)``: the heads ``o`` ``(batch, heads, sequence, head_dim)`` as sequence-major rows, and
-    ``y = rows Wₒᵤₜᵀ + bₒᵤₜ`` back in ``(batch, sequence, E)``."""
-    batch, heads, length, head_dim = o.shape
-    rows = o.permute(2, 0, 1, 3).reshape(length * batch, heads * head_dim)
-    y = torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
-    return rows, y.view(length, batch, -1).transpose(0, 1)
-
-
-def _heads_to_rows(d: Tensor) -> Tensor:
-    """A gradient ``(batch, heads, sequence, head_dim)`` as ``(sequence, batch, E)``."""
-    batch, heads, length, head_dim = d.shape
-    return d.reshape(batch * heads, length, head_dim).transpose(0, 1).reshape(length, batch, heads * head_dim)
-
-
-def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, keep: float,
-                    g: torch.Generator | None) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]]:
-    """scaled_dot_product_attention's math path (with dropout where ``keep < 1``): ``O`` and ``dO -> (dQ, dK, dV)``.
-
-    S = (Q·√s)(Kᵀ·√s) + mask, s = 1/√d, P = safe_softmax(S), P̃ = P ⊙ m, O = P̃ V;
-    dV = P̃ᵀ dO, dP = (dO Vᵀ) ⊙ m, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS K √s·√s, dK = dSᵀ Q √s·√s.
-    """
-    batch, heads, length, head_dim = q.shape
-    root = math.sqrt(1.0 / math.sqrt(head_dim))  # torch scales q and k by √s each
-    q_s = (q * root).view(batch * heads, length, head_dim)
-    k_s = (k.transpose(-2, -1) * root).reshape(batch * heads, head_dim, length)
-    v_flat = v.reshape(batch * heads, length, head_dim)
-    scores = q_s.bmm(k_s).view(batch, heads, length, length)
-    if mask is None and causal:
-        ones = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        mask = torch.where(ones, torch.zeros((), dtype=q.dtype), torch.full((), -math.inf, dtype=q.dtype))
-    if mask is not None:
-        scores = scores + mask
-    p = _safe_softmax(scores, -1)
-    drop = None
-    if keep < 1.0:  # torch's op: empty_like(P).bernoulli_(1 − p).div_(1 − p), drawn where the generator is
-        drop = torch.empty(p.shape, dtype=p.dtype, device=g.device).bernoulli_(keep, generator=g).div_(keep).to(
-            p.device)
-    p_drop = (p if drop is None else p * drop).view(batch * heads, length, length)
-    o = p_drop.bmm(v_flat).view(batch, heads, length, head_dim)
-
-    def backward(do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        do = do.reshape(batch * heads, length, head_dim)
-        dv = p_drop.transpose(1, 2).bmm(do).view(batch, heads, length, head_dim)  # dV = P̃ᵀ dO
-        dp = do.bmm(v_flat.transpose(1, 2)).view(batch, heads, length, length)  # dP = (dO Vᵀ) ⊙ m
-        dp = dp if drop is None else dp * drop
-        ds = _softmax_backward_data(dp, p, -1, p.dtype).view(batch * heads, length, length)
-        dk = (q_s.transpose(1, 2).bmm(ds).view(batch, heads, head_dim, length) * root).transpose(-2, -1)
-        dq = ds.bmm(k_s.transpose(1, 2)).view(batch, heads, length, head_dim) * root
-        return dq, dk, dv
-
-    return o, backward
+def _drawn_params(g: torch.Generator, embed_dim: int, bias: bool, dtype: torch.dtype) -> Params:
+    """The params drawn in torch's order: out_proj, an nn.Linear, draws its weight and bias; then
+    _reset_parameters draws in_proj_weight (xavier-uniform) and zeroes the biases, out_proj's drawn one included."""
+    out_weight = INITIALIZERS["torch_default"](g, (embed_dim, embed_dim), dtype)
+    if bias:
+        bound = 1 / math.sqrt(embed_dim)
+        torch.empty(embed_dim, dtype=dtype).uniform_(-bound, bound, generator=g)  # drawn, then zeroed
+    params: Params = {"in_proj_weight": INITIALIZERS["xavier_uniform"](g, (3 * embed_dim, embed_dim), dtype)}
+    if bias:
+        params["in_proj_bias"] = torch.zeros(3 * embed_dim, dtype=dtype)
+    params["out_proj"] = {"weight": out_weight, **({"bias": torch.zeros(embed_dim, dtype=dtype)} if bias else {})}
+    return params
 
 
 def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False, bias: bool = True,
@@ -239,35 +171,26 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
     dropout = float(dropout)
     options = [f"{embed_dim}, {num_heads}"] + (["causal=True"] if causal else []) + ([] if bias else ["bias=False"])
     name = f"multi_head_attention({', '.join(options + ([f'dropout={dropout!r}'] if dropout else []))})"
+    shapes, fix = _attention_shapes(embed_dim, bias), "" if bias else " (the layer was built with bias=False)"
 
     def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
-        # torch's order: out_proj, an nn.Linear, draws its weight and bias; then _reset_parameters draws
-        # in_proj_weight (xavier-uniform) and zeroes the biases, out_proj's drawn one included.
-        out_weight = INITIALIZERS["torch_default"](g, (embed_dim, embed_dim), dtype)
-        if bias:
-            bound = 1 / math.sqrt(embed_dim)
-            torch.empty(embed_dim, dtype=dtype).uniform_(-bound, bound, generator=g)  # drawn, then zeroed
-        params: Params = {"in_proj_weight": INITIALIZERS["xavier_uniform"](g, (3 * embed_dim, embed_dim), dtype)}
-        if bias:
-            params["in_proj_bias"] = torch.zeros(3 * embed_dim, dtype=dtype)
-        params["out_proj"] = {"weight": out_weight, **({"bias": torch.zeros(embed_dim, dtype=dtype)} if bias else {})}
-        return to_device(params, device, f"{name}.init")
+        return to_device(_drawn_params(g, embed_dim, bias, dtype), device, f"{name}.init")
 
     def forward(where: str, params: Params, x: Any, keep: float = 1.0,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Callable[..., Any]]:
         at = f"{name}.{where}"
-        _check_attention_params(at, params, embed_dim, bias)
+        check_params(at, params, shapes, fix)
         weight, in_bias = params["in_proj_weight"], params.get("in_proj_bias")
         out_weight, out_bias = params["out_proj"]["weight"], params["out_proj"].get("bias")
-        x, mask = _split_input(at, x, embed_dim, weight.dtype)
-        rows, q, k, v = _project_in(x, weight, in_bias, num_heads)
+        x, mask = _split_input(at, x, embed_dim, weight)
+        rows, q, k, v = project_in(x, weight, in_bias, num_heads)
         length = x.shape[1]
-        float_mask = _float_mask(mask, causal, num_heads, length, x.dtype)
+        float_mask = additive_mask(mask, causal, num_heads, length, x.dtype)
         if keep < 1.0 or x.device.type not in _FUSED_DEVICES:
-            o, attention_backward = _math_attention(q, k, v, float_mask, causal, keep, generator)
+            o, attention_backward = math_attention(q, k, v, float_mask, causal, keep, generator)
         else:
             is_causal = causal and float_mask is None
             o, logsumexp = _flash(q, k, v, 0.0, is_causal, attn_mask=float_mask)
@@ -275,28 +198,13 @@ def multi_head_attention(embed_dim: int, num_heads: int, *, causal: bool = False
             def attention_backward(do: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 return _flash_backward(do, q, k, v, o, logsumexp, 0.0, is_causal, attn_mask=float_mask)
 
-        o_rows, y = _project_out(o, out_weight, out_bias)
+        o_rows, y = project_out(o, out_weight, out_bias)
 
         def backward(dy: Tensor, need_dx: bool) -> tuple[Params, Any]:
-            batch = dy.shape[0]
-            dy_rows = dy.transpose(0, 1).reshape(length * batch, embed_dim)
-            # Output projection, as linear's: dWₒᵤₜ = dyᵀ O, dbₒᵤₜ = Σ dy, dO = dy Wₒᵤₜ
-            d_out = {"weight": dy_rows.t().mm(o_rows)}
-            if bias:
-                d_out["bias"] = dy_rows.sum(0, keepdim=True).view(embed_dim)
-            do = dy_rows.mm(out_weight).view(length, batch, num_heads, -1).permute(1, 2, 0, 3)
-            dq, dk, dv = attention_backward(do)
-            # Input projection: dWᵢₙ = d[QKV]ᵀ x, dbᵢₙ = Σ d[QKV], dx = d[QKV] Wᵢₙ
-            dproj = torch.stack([_heads_to_rows(dq), _heads_to_rows(dk), _heads_to_rows(dv)], dim=2).view(
-                length, batch, 3 * embed_dim)
-            dparams: Params = {"in_proj_weight": dproj.view(-1, 3 * embed_dim).t().mm(rows)}
-            if bias:
-                dparams["in_proj_bias"] = dproj.sum([0, 1], keepdim=True).view(3 * embed_dim)
+            d_out, do = project_out_backward(dy, o_rows, out_weight, num_heads, bias)
+            dparams, dx = project_in_backward(*attention_backward(do), rows, weight, bias, need_dx)
             dparams["out_proj"] = d_out
-            if not need_dx:
-                return dparams, None
-            dx = dproj.view(-1, 3 * embed_dim).mm(weight).view(length, batch, embed_dim).transpose(0, 1)
-            return dparams, (dx, None) if mask is not None else dx
+            return dparams, (dx, None) if mask is not None and need_dx else dx
 
         return y, backward
 
@@ -356,7 +264,8 @@ def transformer_block(embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, cau
     compose: params ``{"0": {"0": ln, "1": attention}, "1": {"0": ln, "1": linear, "3": linear}}``, which
     load into the twin of the same nn.Sequential shape (``rdl_functional.apps.torch_baseline.torch_transformer_block``).
     ``dropout`` is the attention's (on its weights), which makes the block a StatefulLayer. Input and output
-    ``(batch, sequence, embed_dim)``.
+    ``(batch, sequence, embed_dim)``: a plain ``x``, with no key-padding mask (the block's layer norms, which
+    come first, take a tensor; only :func:`multi_head_attention` itself takes ``(x, key_padding_mask)``).
 
     >>> import torch, rdl_functional as rf
     >>> block = rf.transformer_block(8, 2)

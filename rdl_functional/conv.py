@@ -9,13 +9,13 @@ the ops torch's autograd runs for a Conv module: the bits are torch.nn's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._images import as_tuple, check_image, check_same_dtype_and_device, check_spans
+from ._checks import check_params, check_x
+from ._images import as_tuple, check_image, check_spans
 from ._random import as_generator
 from .initializers import Initializer
 from .layers import (
@@ -130,7 +130,8 @@ def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_s
         not bias) + init_option
     name = f"{kind}({', '.join([str(in_channels), str(out_channels), repr(kernel_size), *options])})"
     weight_shape = (out_channels, in_channels // groups, *kernel)
-    keys = ("weight", "bias") if bias else ("weight",)
+    shapes = {"weight": weight_shape, **({"bias": (out_channels,)} if bias else {})}
+    fix = "" if bias else " (the layer was built with bias=False)"
     fan_in = math.prod(weight_shape[1:])
     no_output_padding = [0] * spatial
 
@@ -147,10 +148,10 @@ def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_s
     def forward(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, weight, x_padded)``; ``x_padded`` is ``x`` but for 'same' with an odd total padding."""
         at = f"{name}.{where}"
-        _check_params(at, params, keys, weight_shape, out_channels)
+        check_params(at, params, shapes, fix)
         weight, b = params["weight"], params.get("bias")
         check_image(at, x, spatial, in_channels)
-        check_same_dtype_and_device(at, x, {"weight": weight, "bias": b})
+        check_x(at, x, "weight", weight)
         if padding != "same":  # 'same' has an output as large as the input, whatever its size
             check_spans(at, x, kernel, strides, pads, dilations)
         x_padded = _constant_pad_nd(x, extra, 0.0) if extra else x  # torch's _convolution_mode, op for op
@@ -177,22 +178,3 @@ def _conv(spatial: int, kind: str, in_channels: int, out_channels: int, kernel_s
         return y, pullback
 
     return Layer(init=init_params, apply=apply, vjp=vjp, name=name, skips_dx=True)
-
-
-def _check_params(where: str, params: Any, keys: tuple[str, ...], weight_shape: tuple[int, ...],
-                  out_channels: int) -> None:
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{where}: params must be a dict with {list(keys)}, got {type(params).__name__}")
-    if sorted(params) != sorted(keys):
-        raise ValueError(f"{where}: params must have the keys {list(keys)}, got {sorted(params)}"
-                         + (" (the layer was built with bias=False)" if "bias" in params and "bias" not in keys
-                            else ""))
-    for key, shape in (("weight", weight_shape), ("bias", (out_channels,))):
-        if key not in keys:
-            continue
-        tensor = params[key]
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{where}: params[{key!r}] must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.shape != shape:
-            raise ValueError(f"{where}: params[{key!r}] has shape {tuple(tensor.shape)} but the layer was built for "
-                             f"{shape} (are these another layer's params?)")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .layers import autocast_on
-from .trace import is_tracing
+from .trace import reads_values
 
 _aten = torch.ops.aten
 
@@ -175,10 +175,6 @@ For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a�
 # Cross-entropy on logits
 
 
-def _functorch_wrapped(tensor: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-
-
 def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor, ignore_index: int | None = None) -> None:
     _check_pred(where, logits)
     if logits.dim() < 1:
@@ -192,10 +188,8 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor, ignore_inde
             f"{where}: labels must have shape {tuple(logits.shape[:-1])} to match the logits, got {tuple(labels.shape)}"
         )
     classes = logits.shape[-1]
-    # The range is read only where reading a value costs no device sync (the CPU): on a GPU it would stall
-    # every step, and there torch's own kernel refuses an out-of-range label. (The meta device has no values.)
-    # Nor under torch.func's transforms (vmap), where a value read from the data is not allowed.
-    if labels.device.type != "cpu" or _functorch_wrapped(labels) or is_tracing() or not labels.numel():
+    # Read where a read is free and allowed (reads_values); elsewhere torch's kernel refuses a label out of range.
+    if not reads_values(labels) or not labels.numel():
         return
     kept = labels if ignore_index is None else labels[labels != ignore_index]
     if kept.numel() and (kept.min() < 0 or kept.max() >= classes):
@@ -206,11 +200,18 @@ def _check_cross_entropy(where: str, logits: Tensor, labels: Tensor, ignore_inde
         )
 
 
+# The ignore_index passed to torch's nll kernels: one no label can take. torch's default, -100, would make a
+# replayed record skip a label of -100 (a replay skips the range check above); with this one
+# the kernel refuses it as out of range, and the step falls back to the checked path and its message. Where no
+# label is ignored the kernels' bits do not depend on it.
+_NO_IGNORE = torch.iinfo(torch.int64).min
+
+
 def _cross_entropy_forward(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(value, log_p, flat_labels, total_weight)``: F.cross_entropy's kernels on the rows ``(-1, classes)``."""
     log_p = _aten._log_softmax.default(logits.reshape(-1, logits.shape[-1]), 1, False)
     flat_labels = labels.reshape(-1)
-    value, total_weight = _aten.nll_loss_forward.default(log_p, flat_labels, None, 1, -100)  # 1: the mean
+    value, total_weight = _aten.nll_loss_forward.default(log_p, flat_labels, None, 1, _NO_IGNORE)  # 1: the mean
     return value, log_p, flat_labels, total_weight
 
 
@@ -230,7 +231,7 @@ def _cross_entropy_vjp(logits: Tensor, labels: Tensor) -> tuple[Tensor, LossPull
         # dz = (softmax(z) − onehot(y)) g / rows: nll_loss_backward puts −g/rows at each label, and
         # _log_softmax_backward_data maps d(log p) to dz = d − softmax(z) Σ d: the kernels F.cross_entropy's
         # autograd runs, so the bits are torch's.
-        d_log_p = _aten.nll_loss_backward.default(g, log_p, flat_labels, None, 1, -100, total_weight)
+        d_log_p = _aten.nll_loss_backward.default(g, log_p, flat_labels, None, 1, _NO_IGNORE, total_weight)
         return _aten._log_softmax_backward_data.default(d_log_p, log_p, 1, log_p.dtype).view(shape)
 
     return value, pullback

@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._images import check_image, check_same_dtype_and_device
+from ._checks import check_eps, check_params, check_x
+from ._images import check_image
 from ._random import as_generator
 from .layers import Layer, Params, Pullback, _check_cotangent, _check_features, _check_float_dtype, to_device
 from .stateful import StatefulLayer, channel_norm
@@ -20,6 +20,12 @@ __all__ = ["batch_norm2d", "group_norm"]
 
 _native_group_norm = torch.ops.aten.native_group_norm.default
 _native_group_norm_backward = torch.ops.aten.native_group_norm_backward.default
+_suggest_memory_format = torch._prims_common.suggest_memory_format  # C++'s Tensor::suggest_memory_format, in Python
+
+
+def _kernel_layout(x: Tensor) -> torch.memory_format:
+    """The memory format torch's group_norm hands its kernels ``x`` (and ``dy``) in."""
+    return _suggest_memory_format(x) if x.device.type == "cpu" else torch.contiguous_format
 
 
 def batch_norm2d(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -69,14 +75,13 @@ def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bo
     if num_channels % num_groups:
         raise ValueError(f"group_norm: num_groups={num_groups} must divide num_channels={num_channels} (each group "
                          "is num_channels/num_groups consecutive channels)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"group_norm: eps must be a finite number > 0, got {eps!r}")
+    eps = check_eps("group_norm", eps)
     if not isinstance(affine, bool):
         raise TypeError(f"group_norm: affine must be True or False, got {affine!r}")
-    eps = float(eps)
     options = [f"eps={eps!r}"] * (eps != 1e-5) + ["affine=False"] * (not affine)
     name = f"group_norm({', '.join([str(num_groups), str(num_channels), *options])})"
-    keys = ("weight", "bias") if affine else ()
+    shapes = {"weight": (num_channels,), "bias": (num_channels,)} if affine else {}
+    fix = "" if affine else " (the layer was built with affine=False)"
 
     def init(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str | None = None) -> Params:
@@ -87,20 +92,15 @@ def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bo
 
     def forward(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
         at = f"{name}.{where}"
-        if not isinstance(params, Mapping) or sorted(params) != sorted(keys):
-            got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-            raise ValueError(f"{at}: params must have the keys {list(keys)}, got {got}"
-                             + ("" if affine else " (the layer was built with affine=False)"))
-        for key in keys:
-            if not isinstance(params[key], Tensor) or params[key].shape != (num_channels,):
-                got = tuple(params[key].shape) if isinstance(params[key], Tensor) else type(params[key]).__name__
-                raise ValueError(f"{at}: params[{key!r}] must be a tensor of shape ({num_channels},), got {got}")
+        check_params(at, params, shapes, fix)
         check_image(at, x, None, num_channels)
         weight, bias = params.get("weight"), params.get("bias")
-        check_same_dtype_and_device(at, x, {"weight": weight, "bias": bias})
+        check_x(at, x, "weight", weight)
         n, positions = x.shape[0], math.prod(x.shape[2:])
-        # As torch's group_norm: the kernel on a contiguous x, of (N, C, positions) values.
-        y, mean, rstd = _native_group_norm(x.contiguous(), weight, bias, n, num_channels, positions, num_groups, eps)
+        # As torch's group_norm: the kernel on x made contiguous in its own layout (channels-last stays so) on
+        # the CPU, in (N, C, positions) order elsewhere: the kernels' sums run in that order, so the bits follow it.
+        y, mean, rstd = _native_group_norm(x.contiguous(memory_format=_kernel_layout(x)), weight, bias, n,
+                                           num_channels, positions, num_groups, eps)
         return y, weight, mean, rstd, positions
 
     def apply(params: Params, x: Tensor) -> Tensor:
@@ -113,7 +113,9 @@ def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bo
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Any]:
             _check_cotangent(name, dy, shape, dtype)
             # dbias = Σ dy, dweight = Σ dy ⊙ x̂, dx = s/m · (m·g − Σ g − x̂ ⊙ Σ g ⊙ x̂), g = dy ⊙ weight: autograd's kernel
-            dx, dweight, dbias = _native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
+            layout = _kernel_layout(x)  # x's, for dy too: as autograd's formula for native_group_norm
+            dx, dweight, dbias = _native_group_norm_backward(dy.contiguous(memory_format=layout),
+                                                             x.contiguous(memory_format=layout), mean, rstd, weight,
                                                              shape[0], num_channels, positions, num_groups,
                                                              [need_dx, affine, affine])
             return ({"weight": dweight, "bias": dbias} if affine else {}), dx

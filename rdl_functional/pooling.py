@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._images import as_tuple, check_image, check_spans
+from ._checks import check_no_params, check_x
+from ._images import as_tuple, check_image, check_windows
 from .layers import Layer, Params, Pullback, _check_cotangent, _no_params
 
 __all__ = ["avg_pool2d", "global_avg_pool2d", "max_pool2d"]
@@ -31,10 +32,9 @@ def _pool(name: str, forward: Callable[[Tensor], tuple[Tensor, Any]],
     refuses an ``x`` it cannot take."""
 
     def checked(where: str, params: Params, x: Any) -> None:
-        if params:
-            raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
-                             f"{sorted(params)} (are the params of another layer misplaced?)")
+        check_no_params(name, where, params)
         check(f"{name}.{where}", x)
+        check_x(f"{name}.{where}", x)
 
     def apply(params: Params, x: Tensor) -> Tensor:
         checked("apply", params, x)
@@ -95,7 +95,7 @@ def max_pool2d(kernel_size: int | tuple[int, int], stride: int | tuple[int, int]
 
     def check(where: str, x: Any) -> None:
         check_image(where, x, 2)
-        check_spans(where, x, kernel, strides, pads, dilations, ceil_mode)
+        check_windows(where, x, kernel, strides, pads, dilations, ceil_mode)
 
     return _pool(
         name,
@@ -135,7 +135,7 @@ def avg_pool2d(kernel_size: int | tuple[int, int], stride: int | tuple[int, int]
 
     def check(where: str, x: Any) -> None:
         check_image(where, x, 2)
-        check_spans(where, x, kernel, strides, pads, dilations, ceil_mode)
+        check_windows(where, x, kernel, strides, pads, dilations, ceil_mode)
 
     return _pool(
         name,

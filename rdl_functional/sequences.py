@@ -13,16 +13,15 @@ training is bit for bit torch.nn's; the formula is written beside the call.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._checks import check_eps, check_params, check_x
 from ._random import as_generator
 from .layers import Layer, Params, Pullback, _check_cotangent, _check_features, _check_float_dtype, to_device
-from .trace import is_tracing
+from .trace import reads_values
 
 __all__ = ["embedding", "layer_norm", "positional_embedding"]
 
@@ -31,26 +30,6 @@ _native_layer_norm = _aten.native_layer_norm.default
 _native_layer_norm_backward = _aten.native_layer_norm_backward.default
 _embedding = _aten.embedding.default
 _embedding_dense_backward = _aten.embedding_dense_backward.default
-
-
-def _check_params(where: str, params: Any, shapes: dict[str, tuple[int, ...]], fix: str = "") -> None:
-    """``params`` holds exactly ``shapes``' keys, each a floating tensor of its shape, all of one dtype."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{where}: params must be a dict with keys {list(shapes)}, got {type(params).__name__}")
-    if sorted(params) != sorted(shapes):
-        raise ValueError(f"{where}: params must have the keys {list(shapes)}, got {sorted(params)}{fix}")
-    for key, shape in shapes.items():
-        tensor = params[key]
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape or not tensor.is_floating_point():
-            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{where}: params[{key!r}] must be a floating tensor of shape {shape}, got {got} "
-                             "(are these another layer's params?)")
-
-
-def _check_x_dtype(where: str, x: Tensor, weight: Tensor) -> None:
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{where}: x is {x.dtype} but weight is {weight.dtype} (convert x with "
-                        f"x.to({weight.dtype}) or init the params with that dtype)")
 
 
 def _shape_of(name: str, normalized_shape: Any) -> tuple[int, ...]:
@@ -90,11 +69,9 @@ def layer_norm(normalized_shape: int | tuple[int, ...], eps: float = 1e-5, eleme
     tensor([[-1.0000,  1.0000]])
     """
     shape = _shape_of("layer_norm", normalized_shape)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"layer_norm: eps must be a finite number > 0, got {eps!r}")
+    eps = check_eps("layer_norm", eps)
     if not isinstance(elementwise_affine, bool):
         raise TypeError(f"layer_norm: elementwise_affine must be True or False, got {elementwise_affine!r}")
-    eps = float(eps)
     options = [str(shape[0]) if len(shape) == 1 else str(shape)]
     options += [] if eps == 1e-5 else [f"eps={eps!r}"]
     options += [] if elementwise_affine else ["elementwise_affine=False"]
@@ -112,14 +89,13 @@ def layer_norm(normalized_shape: int | tuple[int, ...], eps: float = 1e-5, eleme
 
     def forward(where: str, params: Params, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         at = f"{name}.{where}"
-        _check_params(at, params, keys, fix)
+        check_params(at, params, keys, fix)
         if not isinstance(x, Tensor):
             raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape or not x.is_floating_point():
+        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
             raise ValueError(f"{at}: x must be a floating tensor of shape (..., {', '.join(map(str, shape))}), "
                              f"features last, got {x.dtype} {tuple(x.shape)}")
-        if elementwise_affine:
-            _check_x_dtype(at, x, params["weight"])
+        check_x(at, x, "weight", params.get("weight"))
         return _native_layer_norm(x, shape, params.get("weight"), params.get("bias"), eps)
 
     def apply(params: Params, x: Tensor) -> Tensor:
@@ -152,10 +128,8 @@ def _check_ids(where: str, ids: Any, num_embeddings: int) -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{where}: ids must be int64 (or int32) token ids, got {ids.dtype} (an embedding looks up "
                         "rows by index: pass ids.long(), not features)")
-    # The range is read only where reading a value is free (the CPU), not under make_fx's tracing (a record cannot
-    # repeat a branch on data) nor torch.func's transforms: there torch's own kernel refuses an index out of range.
-    if (ids.device.type == "cpu" and not is_tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(ids)
-            and ids.numel() and (ids.min() < 0 or ids.max() >= num_embeddings)):
+    # Read where a read is free and allowed (reads_values); elsewhere torch's kernel refuses an index out of range.
+    if reads_values(ids) and ids.numel() and (ids.min() < 0 or ids.max() >= num_embeddings):
         raise ValueError(f"{where}: ids must lie in [0, {num_embeddings}) (num_embeddings={num_embeddings}), got "
                          f"values in [{int(ids.min())}, {int(ids.max())}]")
 
@@ -193,7 +167,7 @@ def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
         return to_device({"weight": weight}, device, f"{name}.init")
 
     def forward(where: str, params: Params, ids: Tensor) -> Tensor:
-        _check_params(f"{name}.{where}", params, keys)
+        check_params(f"{name}.{where}", params, keys)
         _check_ids(f"{name}.{where}", ids, num_embeddings)
         return _embedding(params["weight"], ids)
 
@@ -244,7 +218,7 @@ def positional_embedding(max_length: int, embedding_dim: int) -> Layer:
 
     def forward(where: str, params: Params, x: Tensor) -> Tensor:
         at = f"{name}.{where}"
-        _check_params(at, params, keys)
+        check_params(at, params, keys)
         if not isinstance(x, Tensor):
             raise TypeError(f"{at}: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[-1] != embedding_dim:
@@ -254,7 +228,7 @@ def positional_embedding(max_length: int, embedding_dim: int) -> Layer:
             raise ValueError(f"{at}: the sequence has {x.shape[-2]} positions but the layer holds "
                              f"max_length={max_length} (build it as positional_embedding({x.shape[-2]}, ...) or "
                              "cut the sequence)")
-        _check_x_dtype(at, x, params["weight"])
+        check_x(at, x, "weight", params["weight"])
         return x + params["weight"][: x.shape[-2]]
 
     def apply(params: Params, x: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from ._checks import check_eps, check_no_params, check_params
 from ._images import check_image
 from ._random import BatchShard, as_generator
 from .distributed import all_reduce_mean, is_data_parallel
@@ -245,10 +246,7 @@ def dropout(p: float) -> StatefulLayer:
 
 def _check_empty(name: str, where: str, params: Params, state: State) -> None:
     if params or not isinstance(params, Mapping):
-        if not isinstance(params, Mapping):
-            raise TypeError(f"{name}.{where}: params must be {{}}, got {type(params).__name__}")
-        raise ValueError(f"{name}.{where}: {name} has no parameters, so params must be {{}}, got keys "
-                         f"{sorted(params)} (are the params of another layer misplaced?)")
+        check_no_params(name, where, params)
     if state or not isinstance(state, Mapping):
         check_no_state(f"{name}.{where}", name, state)
 
@@ -314,12 +312,9 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 <= momentum <= 1):
         raise ValueError(f"{kind}: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{kind}: eps must be a finite number > 0 (it keeps 1/√(σ² + ε) finite for a feature "
-                         f"whose batch variance is 0; torch refuses eps ≤ 0 too), got {eps!r}")
+    eps = check_eps(kind, eps)
     if not isinstance(affine, bool):
         raise TypeError(f"{kind}: affine must be True or False, got {affine!r}")
-    eps = float(eps)
     options = [] if momentum == 0.1 else [f"momentum={momentum!r}"]
     options += [] if eps == 1e-5 else [f"eps={eps!r}"]
     options += [] if affine else ["affine=False"]
@@ -354,7 +349,8 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
                global_rows: int | None = None) -> tuple[Any, ...]:
         at = f"{name}.{where}"
         check_train(at, train)
-        _check_bn_params(at, params, affine, shape)
+        check_params(at, params, {"weight": shape, "bias": shape} if affine else {},
+                     "" if affine else " (the layer was built with affine=False)")
         _check_bn_state(at, state, shape)
         if spatial is not None:
             check_image(at, x, spatial, features)
@@ -510,20 +506,6 @@ def _synced_forward(x: Tensor, shard: BatchShard, weight: Tensor | None, bias: T
         return sums["dy_x_hat"], sums["dy"], dx
 
     return y.reshape(shape), new_state, backward
-
-
-def _check_bn_params(where: str, params: Any, affine: bool, shape: tuple[int]) -> None:
-    expected = ("weight", "bias") if affine else ()
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{where}: params must be a dict with {expected or 'no keys'}, got {type(params).__name__}")
-    if tuple(params) != expected and sorted(params) != sorted(expected):
-        raise ValueError(f"{where}: params must have the keys {list(expected)}, got {sorted(params)}"
-                         + ("" if affine else " (the layer was built with affine=False)"))
-    for key in expected:
-        tensor = params[key]
-        if not isinstance(tensor, Tensor) or tensor.shape != shape:
-            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{where}: params[{key!r}] must be a tensor of shape {shape}, got {got}")
 
 
 def _check_bn_state(where: str, state: Any, shape: tuple[int]) -> None:

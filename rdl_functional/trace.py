@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Traced", "is_tracing", "trace"]
+__all__ = ["Traced", "is_tracing", "reads_values", "trace"]
 
 _MAX_SIGNATURES = 8
 _LITERALS = (bool, int, float, str, type(None))
@@ -64,6 +64,21 @@ def is_tracing() -> bool:
     False
     """
     return getattr(_tracing, "active", False)
+
+
+def reads_values(tensor: Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values (a label in range): only on the CPU, where a read costs no
+    device sync, and not where a read cannot be made or kept: make_fx recording (a record cannot repeat a branch
+    on data), torch.compile (dynamo cannot trace the read) and torch.func's transforms. Where it is False, torch's
+    own kernel refuses a value out of range.
+
+    >>> reads_values(torch.zeros(2, dtype=torch.int64))
+    True
+    """
+    if torch.compiler.is_compiling():  # first: dynamo reads it as True and skips the rest
+        return False
+    return (tensor.device.type == "cpu" and not is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
 def _walk(tree: Any, leaves: list[Tensor], gens: list[torch.Generator], key: list[Any]) -> None:
@@ -252,10 +267,14 @@ def _record(fn: Callable[..., Any], args: tuple[Any, ...], leaves: list[Tensor],
     # tracing the record shows another overload or other arguments, with all its arguments; then as the overload.
     calls = [node for node in graph.nodes if node.op == "call_function" and node.target is not operator.getitem]
     tiers = dict.fromkeys(calls, 0)
-    while not all(tier == _OVERLOAD for tier in tiers.values()):
+    while True:  # each pass raises a tier or ends: it ends
         # Checked with its tensors' checks in Python: a tensor being traced fails dynamo's C++ guard.
         wrong = _other_calls(_compiled(*_write(graph, args, leaves, shape[0], tiers, own, False)),
                              graph, args, leaves, own, states)
+        if wrong is None:  # the record fails on the very arguments it was traced from
+            if all(tier == _OVERLOAD for tier in tiers.values()):
+                return None  # no record rather than one that raises at every call and falls back to fn
+            wrong = list(range(len(calls)))
         if not wrong or all(tiers[calls[i]] == _OVERLOAD for i in wrong):
             break  # called as recorded; or what differs is not how it is called: the overload is as recorded
         for i in wrong:
@@ -475,15 +494,18 @@ def _full(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[
 
 def _arguments(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], fewest: bool) -> tuple[list[Any],
                                                                                                 dict[str, Any]]:
-    """The arguments to write: all of the schema's (``fewest=False``; a trailing or keyword ``None`` left out,
-    which every binding reads as absent and some refuse), or only those that differ from the schema's defaults."""
+    """The arguments to write: all of the schema's (``fewest=False``; a trailing or keyword ``None`` with a default
+    left out, which every binding reads as absent and some refuse), or only those that differ from the schema's
+    defaults."""
     full, named = _full(op, args, kwargs)
     schema = op._schema.arguments
     defaults = {a.name: a.default_value for a in schema if a.has_default_value()}
 
     def is_default(name: str, value: Any) -> bool:
-        return (value is None or (fewest and name in defaults and not isinstance(value, (Tensor, torch.fx.Node))
-                and type(value) is type(defaults[name]) and value == defaults[name]))
+        # A None is left out only where the schema has a default: avg_pool2d_backward's divisor_override has none.
+        return name in defaults and (value is None or (fewest and not isinstance(value, (Tensor, torch.fx.Node))
+                                                       and type(value) is type(defaults[name])
+                                                       and value == defaults[name]))
 
     while full and is_default(schema[len(full) - 1].name, full[-1]):
         full.pop()
@@ -523,16 +545,16 @@ def _calls(graph: Any) -> list[tuple[Any, ...]]:
 
 
 def _other_calls(run: Callable[..., Any], graph: Any, args: tuple[Any, ...], leaves: list[Tensor],
-                 own: list[torch.Generator], states: list[Tensor]) -> list[int]:
+                 own: list[torch.Generator], states: list[Tensor]) -> list[int] | None:
     """Which of the record's operations ``run`` does not call as recorded (the same overload, the same arguments,
-    in the same order), found by tracing ``run`` as the record was traced; every one, if ``run`` fails."""
+    in the same order), found by tracing ``run`` as the record was traced; ``None`` if ``run`` fails."""
     for mine, state in zip(own, states, strict=True):
         mine.set_state(state)
     recorded = _calls(graph)
     try:
         replayed = _calls(_graph(lambda *tensors: run(*_rebuild(args, iter(tensors), iter(own))), leaves))
     except Exception:  # a binding that refuses the arguments written
-        return list(range(len(recorded)))
+        return None
     if len(replayed) != len(recorded):
         return list(range(len(recorded)))
     return [i for i, (a, b) in enumerate(zip(replayed, recorded, strict=True)) if a != b]

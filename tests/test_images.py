@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -154,12 +154,13 @@ def _storages(tree):
 def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(name, layer, shape, twin, generator):
     params, x = _params(layer, generator, torch.float32), torch.randn(shape, generator=generator)
     state = layer.init_state() if isinstance(layer, rf.StatefulLayer) else None
+    given = {"params": params, "state": state or {}, "x": x}
+    before = rf.tree_map(torch.clone, given)  # cloned before apply and vjp run: they must change nothing either
     call = (lambda f: f(params, state, x, train=True)) if state is not None else (lambda f: f(params, x))
     y, *new_state = (*call(layer.apply),) if state is not None else (call(layer.apply),)
     *_, pullback = call(layer.vjp)
     dy = torch.randn(y.shape, generator=generator)
-    given = {"params": params, "state": state or {}, "x": x, "dy": dy}
-    before = rf.tree_map(torch.clone, given)
+    given["dy"], before["dy"] = dy, dy.clone()
     dparams, dx = pullback(dy)
     assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(given), rf.tree_leaves(before), strict=True))
     assert not _storages({"y": y, "new_state": new_state[0] if new_state else {}, "dparams": dparams, "dx": dx}) & \
@@ -171,6 +172,7 @@ def test_apply_vjp_and_pullback_change_nothing_and_return_new_tensors(name, laye
        size=st.integers(3, 7), kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
        dilation=st.integers(1, 2), seed=st.integers(0, 2**31))
 def test_conv2d_vjp_for_any_shape(batch, channels, groups, size, kernel, stride, padding, dilation, seed):
+    assume(size + 2 * padding >= dilation * (kernel - 1) + 1)  # a kernel wider than the padded input is refused
     generator = torch.Generator().manual_seed(seed)
     layer = rf.conv2d(channels * groups, 2 * groups, kernel, stride, padding, dilation, groups)
     x = torch.randn(batch, channels * groups, size, size + 1, generator=generator, dtype=torch.float64)
@@ -257,8 +259,11 @@ def test_bad_arguments_are_refused_at_construction(build, error, match):
         build()
 
 
-def _call(layer, x, params=None):
-    params = layer.init(0) if params is None else params
+_INIT = object()  # _call's default: the layer's own params (None is a value a test passes)
+
+
+def _call(layer, x, params=_INIT):
+    params = layer.init(0) if params is _INIT else params
     if isinstance(layer, rf.StatefulLayer):
         return layer(params, layer.init_state(), x, train=True)
     return layer(params, x)
@@ -286,10 +291,23 @@ REFUSED_INPUTS = [
      r"the kernel spans 7 along W .* but the padded input is 6 \(W = 4 \+ 2·padding 1\)"),
     (rf.max_pool2d(3), torch.zeros(2, 3, 2, 2), ValueError, r"max_pool2d\(3\)\.apply: the kernel spans 3 along H"),
     (rf.avg_pool2d(4, padding=1), torch.zeros(1, 1, 1, 8), ValueError, r"the kernel spans 4 along H"),
+    (rf.max_pool2d((1, 2), stride=2, padding=(0, 1), dilation=2, ceil_mode=True), torch.zeros(1, 2, 3, 1),
+     ValueError, r"output 0 along W has a window that covers no input position \(it reads \[-1, 1\], x has 1"),
+    (rf.max_pool2d(2, padding=1, dilation=2), torch.zeros(1, 1, 1, 4), ValueError,
+     r"output 0 along H has a window that covers no input position"),
+    (rf.max_pool2d(3, 2, ceil_mode=True), torch.zeros(1, 1, 1, 2), ValueError, r"the kernel spans 3 along H"),
     (rf.conv2d(3, 8, 3), torch.zeros(2, 3, 8, 8, dtype=torch.float64), TypeError,
      r"x is torch.float64 but weight is torch.float32"),
     (rf.conv2d(3, 8, 3), [[1.0]], TypeError, r"conv2d\(3, 8, 3\)\.apply: x must be a torch.Tensor, got list"),
     (rf.batch_norm2d(3), torch.zeros(1, 3, 1, 1), ValueError, r"more than one value per channel \(N·H·W > 1\)"),
+    (rf.max_pool2d(2), torch.zeros(1, 1, 4, 4, dtype=torch.int64), TypeError,
+     r"max_pool2d\(2\)\.apply: a floating x is needed, got torch.int64"),
+    (rf.avg_pool2d(2), torch.zeros(1, 1, 4, 4, dtype=torch.bool), TypeError,
+     r"avg_pool2d\(2\)\.apply: a floating x is needed, got torch.bool"),
+    (rf.global_avg_pool2d, torch.zeros(1, 1, 4, 4, dtype=torch.int64), TypeError,
+     r"global_avg_pool2d\.apply: a floating x is needed, got torch.int64"),
+    (rf.group_norm(2, 4), torch.zeros(1, 4, 2, 2, dtype=torch.int64), TypeError,
+     r"group_norm\(2, 4\)\.apply: a floating x is needed, got torch.int64"),
 ]
 
 
@@ -308,8 +326,17 @@ REFUSED_PARAMS = [
      r"params\['weight'\] has shape \(8, 3, 5, 5\) but the layer was built for \(8, 3, 3, 3\)"),
     (rf.conv2d(3, 8, 3), [1], TypeError, r"params must be a dict with \['weight', 'bias'\], got list"),
     (rf.group_norm(2, 4), {"weight": torch.ones(3), "bias": torch.zeros(4)}, ValueError,
-     r"params\['weight'\] must be a tensor of shape \(4,\), got \(3,\)"),
+     r"params\['weight'\] has shape \(3,\) but the layer was built for \(4,\)"),
     (rf.max_pool2d(2), {"weight": torch.ones(1)}, ValueError, r"max_pool2d\(2\) has no parameters"),
+    (rf.max_pool2d(2), None, TypeError, r"max_pool2d\(2\) has no parameters, so params must be \{\}, got NoneType"),
+    (rf.conv2d(3, 8, 3), {"weight": torch.zeros(8, 3, 3, 3, dtype=torch.int64), "bias": torch.zeros(8)}, TypeError,
+     r"params\['weight'\] is torch.int64, but params must be floating tensors"),
+    # The params disagree among themselves: the message names them, and does not tell the user to convert x.
+    (rf.conv2d(3, 8, 3), {"weight": torch.zeros(8, 3, 3, 3), "bias": torch.zeros(8, dtype=torch.float64)}, TypeError,
+     r"conv2d\(3, 8, 3\)\.apply: params\['bias'\] is torch.float64 but params\['weight'\] is torch.float32 \(a "
+     r"layer's params share one dtype"),
+    (rf.group_norm(2, 4), [1], TypeError,
+     r"group_norm\(2, 4\)\.apply: params must be a dict with \['weight', 'bias'\], got list"),
 ]
 
 
@@ -342,3 +369,30 @@ def test_batch_norm2d_on_a_shard_takes_the_synced_statistics_path_as_batch_norm_
     _assert_equal_trees(dparams, rows_dparams)
     torch.testing.assert_close((y, new_state, pullback(dy)), (alone[0], alone[1], alone[2](dy)), rtol=1e-12,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", [rf.max_pool2d(3, 2, ceil_mode=True), rf.avg_pool2d(3, 2, ceil_mode=True)],
+                         ids=["max", "avg"])
+def test_a_ceil_mode_pool_larger_than_its_input_gives_torchs_one_output(pool, generator):
+    twin = (torch.nn.MaxPool2d if "max" in pool.name else torch.nn.AvgPool2d)(3, 2, ceil_mode=True)
+    x = torch.randn(1, 2, 2, 2, generator=generator)
+    y_ref, dy, _, dx_ref = _torch_vjp(twin, {}, {}, x, lambda y: torch.randn(y.shape, generator=generator))
+    y, pullback = pool.vjp({}, x)
+    assert y.shape == (1, 2, 1, 1) and torch.equal(y, y_ref) and torch.equal(pullback(dy)[1], dx_ref)
+
+
+@pytest.mark.parametrize("make_x", [
+    lambda g: torch.randn(3, 4, 5, 6, generator=g).to(memory_format=torch.channels_last),
+    lambda g: torch.randn(3, 5, 6, 4, generator=g).permute(0, 3, 1, 2),
+], ids=["channels_last", "permuted"])
+def test_group_norm_of_a_channels_last_x_equals_the_torch_module_bit_for_bit(make_x, generator):
+    # The layer made x contiguous in (N, C, H, W) order; torch keeps its layout, and the kernels' sums follow it.
+    layer = rf.group_norm(2, 4)
+    params = _params(layer, generator, torch.float32)
+    x = make_x(generator)
+    y_ref, dy, dparams_ref, dx_ref = _torch_vjp(torch.nn.GroupNorm(2, 4), params, {}, x,
+                                                lambda y: torch.randn(y.shape, generator=generator))
+    y, pullback = layer.vjp(params, x)
+    dparams, dx = pullback(dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    _assert_equal_trees(dparams, dparams_ref)

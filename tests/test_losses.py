@@ -216,3 +216,20 @@ def test_nll_loss_ignore_index_is_refused_unless_an_int_and_other_labels_still_c
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(or be ignore_index=-1\), got values in "
                                          r"\[-2, 0\]$"):
         rf.nll_loss(ignore_index=-1)(torch.zeros(3, 3), torch.tensor([-1, -2, 0]))
+
+
+@pytest.mark.parametrize(("loss", "reference", "logs"), [
+    (rf.cross_entropy_loss, F.cross_entropy, False),
+    (rf.nll_loss(), F.nll_loss, True),
+    (rf.nll_loss("sum"), lambda p, t: F.nll_loss(p, t, reduction="sum"), True),
+], ids=["cross_entropy", "nll", "nll_sum"])
+def test_the_label_losses_keep_torchs_bits_with_their_own_ignore_index(loss, reference, logs, generator):
+    # cross_entropy passes the nll kernels an ignore_index no label can take (nll_loss its own): the bits stay.
+    pred = torch.randn(7, 5, generator=generator)
+    pred = pred.log_softmax(-1) if logs else pred
+    labels = torch.randint(0, 5, (7,), generator=generator)
+    leaf = pred.clone().requires_grad_()
+    expected = reference(leaf, labels)
+    (grad,) = torch.autograd.grad(expected, leaf)
+    value, pullback = loss.vjp(pred, labels)
+    assert torch.equal(value, expected.detach()) and torch.equal(pullback(torch.tensor(1.0)), grad)

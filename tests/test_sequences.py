@@ -37,6 +37,14 @@ def _padded(g, dtype):
     return _floats(g, dtype), _mask()
 
 
+def _fully_masked(g, dtype):
+    """Every key of the second sequence masked, and the first key of the first: with causal, query 0 sees none."""
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1] = True
+    mask[0, 0] = True
+    return _floats(g, dtype), mask
+
+
 def _attention(**options):
     return (lambda: rf.multi_head_attention(E, H, **options),
             lambda: TorchSelfAttention(E, H, **options))
@@ -56,6 +64,9 @@ LAYERS = {
     "attention_no_bias": (*_attention(bias=False), _floats),
     "attention_padded": (*_attention(), _padded),
     "attention_causal_padded_no_bias": (*_attention(causal=True, bias=False), _padded),
+    # A query with no key to attend to gets out_proj.bias in torch, not NaN (the docs said NaN).
+    "attention_fully_masked": (*_attention(), _fully_masked),
+    "attention_causal_fully_masked": (*_attention(causal=True), _fully_masked),
     "attention_dropout": (*_attention(dropout=0.25), _floats),
     "attention_causal_dropout_padded": (*_attention(causal=True, dropout=0.5), _padded),
     "transformer_block": (lambda: rf.transformer_block(E, H), lambda: torch_transformer_block(E, H), _floats),
@@ -189,6 +200,7 @@ def test_a_gpt_with_attention_dropout_trains_as_its_twin_with_the_global_rng_in_
         for i in range(3):
             torch.random.set_rng_state(state.generator)  # the masks our step draws from its state's generator
             state, metrics = step(state, ids[i], targets[i])
+            assert step._flat.replayed == (i > 0)  # the dropout masks drawn by the record, after the first step
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(twin(ids[i]).reshape(-1, V), targets[i].reshape(-1))
             loss.backward()
@@ -232,7 +244,38 @@ ERRORS = [  # (the call, error, match)
     (lambda: rf.multi_head_attention(E, H, bias=False)(rf.multi_head_attention(E, H).init(0), torch.zeros(B, T, E)),
      ValueError, r"params must have the keys \['in_proj_weight', 'out_proj'\].*\(the layer was built with "
                  r"bias=False\)"),
+    (lambda: rf.layer_norm(E)({"weight": torch.ones(E), "bias": torch.zeros(E, dtype=torch.float64)},
+                              torch.zeros(B, T, E)),
+     TypeError, r"layer_norm\(8\).apply: params\['bias'\] is torch.float64 but params\['weight'\] is torch.float32"),
+    (lambda: rf.layer_norm(E)(rf.layer_norm(E).init(0), torch.zeros(B, E, dtype=torch.int64)), TypeError,
+     r"layer_norm\(8\).apply: a floating x is needed, got torch.int64"),
+    (lambda: _attention_call(lambda p: {**p, "out_proj": rf.tree_map(torch.Tensor.double, p["out_proj"])}),
+     TypeError, r"params\['out_proj'\]\['weight'\] is torch.float64 but params\['in_proj_weight'\] is torch.float32"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": p["in_proj_bias"].double()}),
+     TypeError, r"params\['in_proj_bias'\] is torch.float64 but params\['in_proj_weight'\] is torch.float32"),
+    (lambda: _attention_call(lambda p: {key: p[key] for key in ("in_proj_weight", "in_proj_bias")}),
+     ValueError, r"params must have the keys \['in_proj_weight', 'in_proj_bias', 'out_proj'\], got "
+                 r"\['in_proj_bias', 'in_proj_weight'\] \(missing \['out_proj'\]\)"),
+    (lambda: _attention_call(lambda p: p, torch.zeros(0, T, E)),
+     ValueError, r"x has shape \(0, 5, 8\), an empty batch or sequence"),
+    (lambda: _attention_call(lambda p: p, torch.zeros(B, 0, E)),
+     ValueError, r"x has shape \(3, 0, 8\), an empty batch or sequence"),
+    (lambda: _attention_call(lambda p: p, (torch.zeros(B, T, E), torch.zeros(B, T, dtype=torch.bool, device="meta"))),
+     ValueError, r"key_padding_mask is on meta but x is on cpu \(move it: mask.to\(x.device\)\)"),
+    (lambda: _attention_call(lambda p: {**p, "out_proj": torch.zeros(E, E)}),
+     TypeError, r"params\['out_proj'\] must be a dict with \['weight', 'bias'\], got Tensor"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": [0.0] * (3 * E)}),
+     TypeError, r"params\['in_proj_bias'\] must be a torch.Tensor, got list"),
+    (lambda: _attention_call(lambda p: {**p, "in_proj_bias": p["in_proj_bias"].to("meta")}),
+     ValueError, r"params\['in_proj_bias'\] is on meta but params\['in_proj_weight'\] is on cpu \(a layer's params "
+                 r"share one device"),
+    (lambda: rf.layer_norm(E, eps=0), ValueError, r"layer_norm: eps must be a finite number > 0 \(it keeps"),
 ]
+
+
+def _attention_call(change, x=None):
+    layer = rf.multi_head_attention(E, H)
+    return layer(change(layer.init(0)), torch.zeros(B, T, E) if x is None else x)
 
 
 @pytest.mark.parametrize(("call", "error", "match"), ERRORS, ids=[case[2][:40] for case in ERRORS])
@@ -286,3 +329,17 @@ def test_a_replayed_step_still_refuses_ids_out_of_range_by_name():
     assert step._flat.replayed
     with pytest.raises(ValueError, match=r"layer 0: embedding\(11, 8\).vjp: ids must lie in \[0, 11\)"):
         step(state, torch.full((4, T), V), targets)
+
+
+def test_a_query_whose_every_key_is_masked_gets_the_out_proj_bias_not_nan():
+    layer = rf.multi_head_attention(E, H)
+    params = _perturbed(layer.init(0), torch.Generator().manual_seed(2))
+    x, mask = _fully_masked(torch.Generator().manual_seed(3), torch.float32)
+    y = layer(params, (x, mask))
+    assert torch.equal(y[1], params["out_proj"]["bias"].expand(T, E))
+
+
+def test_a_transformer_block_takes_a_plain_x_and_refuses_a_key_padding_pair_by_name():
+    block = rf.transformer_block(E, H)
+    with pytest.raises(TypeError, match=r"layer 0\.0: layer_norm\(8\)\.apply: x must be a torch.Tensor, got tuple"):
+        block(block.init(0), (torch.zeros(B, T, E), _mask()))

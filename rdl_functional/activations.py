@@ -9,6 +9,7 @@ code; ``docs/vjp.md`` derives the ones the seed model uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -30,19 +31,45 @@ def _number(where: str, name: str, value: Any, *, positive: bool = False) -> flo
     return float(value)
 
 
-# Softmax over the last dimension: yᵢ = e^{xᵢ} / Σⱼ e^{xⱼ}; dx = y ⊙ (dy − Σ(dy ⊙ y)).
-softmax = _elementwise(
-    "softmax",
-    lambda x: torch.softmax(x, -1),
-    lambda dy, y: _aten._softmax_backward_data(dy, y, -1, y.dtype),
-)
+@attrs.frozen(repr=False)
+class _OnDim(Layer):
+    """A layer over one dimension that, called with ``dim=`` alone, is the factory of the layer on that dimension:
+    ``rf.softmax`` is the layer on the last dimension, ``rf.softmax(dim=1)`` the layer on dimension 1."""
 
-# log softmax: y = x − log Σ e^{x}; dx = dy − e^{y} Σ dy.
-log_softmax = _elementwise(
-    "log_softmax",
-    lambda x: torch.log_softmax(x, -1),
-    lambda dy, y: _aten._log_softmax_backward_data(dy, y, -1, y.dtype),
-)
+    make: Callable[..., Layer] | None = attrs.field(default=None, repr=False, eq=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and self.make is not None and kwargs.keys() <= {"dim"}:
+            return self.make(**kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _on_dim(kind: str, forward: Callable[..., Tensor], backward: Callable[..., Tensor], dim: Any = -1) -> _OnDim:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{kind}: dim must be an int, got {dim!r}")
+    name = kind if dim == -1 else f"{kind}(dim={dim})"
+
+    def layer(d: int) -> Layer:
+        def checked(x: Tensor) -> Tensor:
+            dims = max(x.dim(), 1)  # a 0-dim x reads as one dimension, as torch reads it
+            if not -dims <= d < dims:
+                raise ValueError(f"{name}: dim={dim} is out of range for an input of shape {tuple(x.shape)}")
+            return forward(x, d)
+
+        return _elementwise(name, checked, lambda dy, y: backward(dy, y, d, y.dtype))
+
+    plain = layer(dim)
+    stacked = layer(dim + 1) if dim >= 0 else plain  # a stack of models: dimensions count after the model's
+    return _OnDim(init=plain.init, apply=plain.apply, vjp=plain.vjp, name=name, stacked=stacked,
+                  make=lambda dim=-1: _on_dim(kind, forward, backward, dim))
+
+
+# Softmax over dimension ``dim`` (the last by default): yᵢ = e^{xᵢ} / Σⱼ e^{xⱼ}; dx = y ⊙ (dy − Σ(dy ⊙ y)).
+# ``rf.softmax`` is the layer on the last dimension; ``rf.softmax(dim=1)`` the layer on dimension 1.
+softmax = _on_dim("softmax", torch.softmax, _aten._softmax_backward_data)
+
+# log softmax over ``dim`` (the last by default): y = x − log Σ e^{x}; dx = dy − e^{y} Σ dy.
+log_softmax = _on_dim("log_softmax", torch.log_softmax, _aten._log_softmax_backward_data)
 
 # SiLU (swish): y = x σ(x); dx = dy σ(x) (1 + x (1 − σ(x))).
 silu = _elementwise("silu", _aten.silu.default, _aten.silu_backward.default, keeps="x")

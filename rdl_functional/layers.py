@@ -375,12 +375,15 @@ def draw_weight_checked(where: str, draw: Initializer, generator: torch.Generato
     return weight
 
 
-def linear(in_features: int, out_features: int, *, init: str | Initializer = "torch_default") -> Layer:
+def linear(in_features: int, out_features: int, bias: bool = True, *,
+           init: str | Initializer = "torch_default") -> Layer:
     """A fully connected layer, ``y = x Wᵀ + b``, with torch.nn.Linear's layout.
 
     Params: ``{"weight": (out_features, in_features), "bias": (out_features,)}``,
     drawn as ``torch.nn.Linear`` draws them (uniform in ``±1/√in_features``;
-    given a generator in the same state, the very same numbers).
+    given a generator in the same state, the very same numbers). With
+    ``bias=False``, ``y = x Wᵀ`` and the params are ``{"weight": ...}`` alone,
+    as ``torch.nn.Linear(..., bias=False)``'s state dict.
 
     ``init`` chooses how the weight is drawn: a name of
     :data:`~rdl_functional.initializers.INITIALIZERS` (``"torch_default"``,
@@ -402,60 +405,74 @@ def linear(in_features: int, out_features: int, *, init: str | Initializer = "to
     {'weight': (2, 3), 'bias': (2,)}
     >>> layer(params, torch.ones(5, 3)).shape
     torch.Size([5, 2])
+    >>> list(linear(3, 2, bias=False).init(0))
+    ['weight']
     >>> linear(3, 2, init="zeros").init(0)["weight"]
     tensor([[0., 0., 0.],
             [0., 0., 0.]])
     """
     _check_features("linear", in_features=in_features, out_features=out_features)
+    if not isinstance(bias, bool):
+        raise TypeError(f"linear: bias must be True or False, got {bias!r}")
     draw_weight, option = weight_initializer("linear", init)
-    name = f"linear({', '.join([str(in_features), str(out_features), *option])})"
+    keys = ("weight", "bias") if bias else ("weight",)
+    name = f"linear({', '.join([str(in_features), str(out_features), *([] if bias else ['bias=False']), *option])})"
     bias_bound = 1 / math.sqrt(in_features)  # torch.nn.Linear's: uniform_(bias, ±1/√fan_in)
 
     def init_params(generator: torch.Generator | int, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> Params:
         g = as_generator(generator, f"{name}.init")
         _check_float_dtype(f"{name}.init", dtype)
-        weight = draw_weight_checked(f"{name}.init", draw_weight, g, (out_features, in_features), dtype)
-        bias = torch.empty(out_features, dtype=dtype).uniform_(-bias_bound, bias_bound, generator=g)
-        return to_device({"weight": weight, "bias": bias}, device, f"{name}.init")
+        params = {"weight": draw_weight_checked(f"{name}.init", draw_weight, g, (out_features, in_features), dtype)}
+        if bias:
+            params["bias"] = torch.empty(out_features, dtype=dtype).uniform_(-bias_bound, bias_bound, generator=g)
+        return to_device(params, device, f"{name}.init")
 
     def apply(params: Params, x: Tensor) -> Tensor:
-        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 2, out_features)
-        return _linear(x, weight, bias)  # y = x Wᵀ + b
+        weight, b = _linear_unpack(name, "apply", params, x, in_features, 2, out_features, keys)
+        return _linear(x, weight, b)  # y = x Wᵀ + b
+
+    def with_bias(dweight: Tensor, dbias: Any) -> Params:
+        return {"weight": dweight, "bias": dbias() if callable(dbias) else dbias} if bias else {"weight": dweight}
 
     def vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 2, out_features)
-        y = _linear(x, weight, bias)
+        weight, b = _linear_unpack(name, "vjp", params, x, in_features, 2, out_features, keys)
+        y = _linear(x, weight, b)
         shape, dtype = y.shape, y.dtype
         mixed = dtype != weight.dtype or x.dtype != weight.dtype  # only under torch.autocast
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(name, dy, shape, dtype)
             if mixed:
-                return _autocast_pullback(dy, x, weight, in_features, out_features, need_dx)
+                dparams, dx = _autocast_pullback(dy, x, weight, in_features, out_features, need_dx)
+                return with_bias(dparams["weight"], dparams["bias"]), dx
             if x.dim() == 2:
                 # dW = dyᵀ x, db = Σ_batch dy, dx = dy W: the products torch's addmm backward forms.
-                return {"weight": dy.t().mm(x), "bias": dy.sum(0)}, dy.mm(weight) if need_dx else None
+                return with_bias(dy.t().mm(x), lambda: dy.sum(0)), dy.mm(weight) if need_dx else None
             # Any other leading dimensions (none: one example, as under vmap): the same sums over all of them.
             flat_dy = dy.reshape(-1, out_features)
             dweight = flat_dy.t().mm(x.reshape(-1, in_features))
-            return {"weight": dweight, "bias": flat_dy.sum(0)}, dy.matmul(weight) if need_dx else None
+            return with_bias(dweight, lambda: flat_dy.sum(0)), dy.matmul(weight) if need_dx else None
 
         return y, pullback
 
+    def stacked_forward(weight: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
+        if b is None:
+            return torch.bmm(x, weight.transpose(1, 2))  # yₘ = xₘ Wₘᵀ
+        return torch.baddbmm(b.unsqueeze(1), x, weight.transpose(1, 2))  # yₘ = xₘ Wₘᵀ + bₘ
+
     def stacked_apply(params: Params, x: Tensor) -> Tensor:
-        weight, bias = _linear_unpack(name, "apply", params, x, in_features, 3, out_features)
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # yₘ = xₘ Wₘᵀ + bₘ
+        return stacked_forward(*_linear_unpack(name, "apply", params, x, in_features, 3, out_features, keys), x)
 
     def stacked_vjp(params: Params, x: Tensor) -> tuple[Tensor, Pullback]:
-        weight, bias = _linear_unpack(name, "vjp", params, x, in_features, 3, out_features)
-        y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        y = stacked_forward(*_linear_unpack(name, "vjp", params, x, in_features, 3, out_features, keys), x)
+        weight = params["weight"]
         shape, dtype = y.shape, y.dtype
 
         def pullback(dy: Tensor, *, need_dx: bool = True) -> tuple[Params, Tensor | None]:
             _check_cotangent(name, dy, shape, dtype)
             # Per model m: dWₘ = dyₘᵀ xₘ, dbₘ = Σ_batch dyₘ, dxₘ = dyₘ Wₘ, one batched product each.
-            return {"weight": dy.transpose(1, 2).bmm(x), "bias": dy.sum(1)}, dy.bmm(weight) if need_dx else None
+            return with_bias(dy.transpose(1, 2).bmm(x), lambda: dy.sum(1)), dy.bmm(weight) if need_dx else None
 
         return y, pullback
 
@@ -474,22 +491,23 @@ def _autocast_pullback(dy: Tensor, x: Tensor, weight: Tensor, in_features: int, 
     return {"weight": dweight, "bias": flat_dy.sum(0).to(weight.dtype)}, dx
 
 
-def _linear_params_error(where: str, params: Any) -> Exception:
+def _linear_params_error(where: str, params: Any, keys: tuple[str, ...]) -> Exception:
+    expected = ", ".join(repr(key) for key in keys)
     if not isinstance(params, Mapping):
-        return TypeError(f"{where}: params must be a dict with 'weight' and 'bias', got {type(params).__name__}")
-    missing = [key for key in ("weight", "bias") if key not in params]
+        return TypeError(f"{where}: params must be a dict with {expected.replace(', ', ' and ')}, "
+                         f"got {type(params).__name__}")
+    missing = [key for key in keys if key not in params]
     if missing:
-        return ValueError(
-            f"{where}: params has no {missing[0]!r} (expected keys 'weight', 'bias'; got {sorted(params)})"
-        )
-    extra = sorted(set(params) - {"weight", "bias"})
-    return ValueError(f"{where}: params has unexpected keys {extra} (expected 'weight', 'bias')")
+        return ValueError(f"{where}: params has no {missing[0]!r} (expected keys {expected}; got {sorted(params)})")
+    extra = sorted(set(params) - set(keys))
+    fix = " (a layer built with bias=False takes no 'bias')" if extra == ["bias"] else ""
+    return ValueError(f"{where}: params has unexpected keys {extra} (expected {expected}){fix}")
 
 
 def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features: int, out_features: int,
                         dims: int) -> Exception | None:
     for key, value in (("weight", weight), ("bias", bias)):
-        if not isinstance(value, Tensor):
+        if not isinstance(value, Tensor) and (key == "weight" or value is not None):
             return TypeError(f"{where}: params[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
     if not isinstance(x, Tensor):
         return TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -507,13 +525,13 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
     if weight.shape[-2:] != (out_features, in_features):
         return ValueError(f"{where}: params['weight'] has shape {tuple(weight.shape)} but the layer was built for "
                           f"{(*models, out_features, in_features)} (out, in) (are these another layer's params?)")
-    if bias.shape != (*models, out_features):
+    if bias is not None and bias.shape != (*models, out_features):
         return ValueError(f"{where}: params['bias'] has shape {tuple(bias.shape)} but the layer was built for "
                           f"{(*models, out_features)} (are these another layer's params?)")
-    if bias.dtype != weight.dtype:
+    if bias is not None and bias.dtype != weight.dtype:
         return TypeError(f"{where}: params['bias'] is {bias.dtype} but params['weight'] is {weight.dtype}")
     for what, tensor in (("params['bias']", bias), ("x", x)):
-        if tensor.device != weight.device:
+        if tensor is not None and tensor.device != weight.device:
             return ValueError(f"{where}: {what} is on {tensor.device} but params['weight'] is on {weight.device} "
                               "(move them to one device: rf.tree_map(lambda p: p.to(device), params), x.to(device))")
     if (x.dim() != weight.dim()) if stacked else x.dim() < 1:
@@ -541,19 +559,25 @@ def _linear_input_error(where: str, x: Any, weight: Any, bias: Any, in_features:
 
 
 def _linear_unpack(
-    name: str, where: str, params: Params, x: Tensor, in_features: int, dims: int, out_features: int = 0
-) -> tuple[Tensor, Tensor]:
-    """``(weight, bias)`` once params and ``x`` (of ``dims`` dimensions, 3 for a stack) fit the layer.
+    name: str, where: str, params: Params, x: Tensor, in_features: int, dims: int, out_features: int = 0,
+    keys: tuple[str, ...] = ("weight", "bias"),
+) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` once params and ``x`` (of ``dims`` dimensions, 3 for a stack) fit the layer; the bias
+    is ``None`` for a layer built with ``bias=False`` (``keys`` is then ``("weight",)``).
 
     Runs on every call, so the happy path is a few cheap comparisons; the
     messages are composed only when something is wrong.
     """
     try:
-        weight, bias = params["weight"], params["bias"]
+        weight, bias = params["weight"], (params["bias"] if len(keys) == 2 else None)
     except (KeyError, TypeError, IndexError):
-        raise _linear_params_error(f"{name}.{where}", params) from None
-    if len(params) != 2:
-        raise _linear_params_error(f"{name}.{where}", params)
+        raise _linear_params_error(f"{name}.{where}", params, keys) from None
+    if len(params) != len(keys):
+        raise _linear_params_error(f"{name}.{where}", params, keys)
+    keep = bias
+    if bias is None:  # a view of the weight's first column stands in for the shape, dtype and device checks below
+        usable = isinstance(weight, Tensor) and weight.dim() >= 1 and weight.size(-1) > 0
+        bias = weight[..., 0] if usable else weight
     if (
         not isinstance(x, Tensor)
         or not isinstance(weight, Tensor)
@@ -570,7 +594,7 @@ def _linear_unpack(
         or bias.device != weight.device
         or (dims == 3 and (x.size(0) != weight.size(0) or bias.size(0) != weight.size(0)))
     ):
-        error = _linear_input_error(f"{name}.{where}", x, weight, bias, in_features, out_features, dims)
+        error = _linear_input_error(f"{name}.{where}", x, weight, keep, in_features, out_features, dims)
         if error is not None:
             raise error
-    return weight, bias
+    return weight, keep

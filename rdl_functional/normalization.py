@@ -29,7 +29,7 @@ def _kernel_layout(x: Tensor) -> torch.memory_format:
 
 
 def batch_norm2d(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True) -> StatefulLayer:
+                 affine: bool = True, track_running_stats: bool = True) -> StatefulLayer:
     """Batch normalization of images ``(N, C, H, W)``, per channel over ``N, H, W``: ``torch.nn.BatchNorm2d``.
 
     :func:`~rdl_functional.batch_norm`'s maths, state and modes (one piece of code serves both), with the
@@ -38,7 +38,8 @@ def batch_norm2d(num_features: int, eps: float = 1e-5, momentum: float | None = 
     ``y = (x − μ) / √(σ² + ε) · weight + bias``, and the running statistics move toward the batch's
     (``running_var`` toward the unbiased variance, ``n = N·H·W``); evaluating, the running statistics stand in.
     Params ``weight`` ``(C,)``, ``bias`` ``(C,)`` (none with ``affine=False``); state ``running_mean``,
-    ``running_var``, ``num_batches_tracked``: torch's names, so both load into BatchNorm2d strictly.
+    ``running_var``, ``num_batches_tracked``: torch's names, so both load into BatchNorm2d strictly
+    (``{}`` with ``track_running_stats=False``: both modes then use the batch's statistics, as torch.nn does).
 
     Backward (``native_batch_norm_backward``), with ``x̂ = (x − μ)·s``, ``s = 1/√(σ² + ε)``, sums over
     ``N, H, W``: ``dbias = Σ dy``, ``dweight = Σ dy ⊙ x̂``; training, ``dx = weight·s/n · (n·dy − Σ dy −
@@ -50,7 +51,8 @@ def batch_norm2d(num_features: int, eps: float = 1e-5, momentum: float | None = 
     >>> y.shape, state["num_batches_tracked"]
     (torch.Size([4, 3, 5, 5]), tensor(1))
     """
-    return channel_norm("batch_norm2d", num_features, momentum, eps, affine, spatial=2)
+    return channel_norm("batch_norm2d", num_features, momentum, eps, affine, spatial=2,
+                        track_running_stats=track_running_stats)
 
 
 def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True) -> Layer:

@@ -257,8 +257,10 @@ def _check_empty(name: str, where: str, params: Params, state: State) -> None:
 _STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> StatefulLayer:
-    """Batch normalization of ``(..., features)`` input: ``torch.nn.BatchNorm1d(features, eps, momentum, affine)``.
+def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True,
+               track_running_stats: bool = True) -> StatefulLayer:
+    """Batch normalization of ``(..., features)`` input: ``torch.nn.BatchNorm1d(features, eps, momentum, affine,
+    track_running_stats)``.
 
     Training, each feature is normalized with the batch's mean μ and biased
     variance σ²: ``y = (x − μ) / √(σ² + ε) · weight + bias``, and the running
@@ -266,11 +268,14 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
     and ``running_var ← (1 − m)·running_var + m·σ²·n/(n − 1)`` (the unbiased
     variance), with ``m = momentum``, or ``1/num_batches_tracked`` (a cumulative
     average) when ``momentum=None``. Evaluating, the running statistics stand
-    in for the batch's, and the state comes back unchanged.
+    in for the batch's, and the state comes back unchanged. With
+    ``track_running_stats=False`` there are no running statistics: the state
+    is ``{}`` and both modes normalize with the batch's, as torch.nn does.
 
     Params (``affine=True``): ``{"weight": ones(features), "bias": zeros(features)}``;
     ``{}`` without. State: ``{"running_mean": zeros, "running_var": ones,
-    "num_batches_tracked": 0}`` (a 0-dim int64 tensor), torch's names and values.
+    "num_batches_tracked": 0}`` (a 0-dim int64 tensor), torch's names and values
+    (``{}`` with ``track_running_stats=False``).
     Input ``x``: ``(batch, features)``, or any leading dimensions ``(..., features)``,
     features last as for :func:`~rdl_functional.linear`, each leading position a
     row of the batch. (BatchNorm1d takes ``(N, C, L)``, channels second: ours
@@ -297,13 +302,15 @@ def batch_norm(features: int, momentum: float | None = 0.1, eps: float = 1e-5, a
 
     Raises:
         ValueError: ``features`` is not a positive int, ``momentum`` is not in
-            [0, 1] or None, ``eps`` is not > 0; in training, a batch of one row.
+            [0, 1] or None, ``eps`` is not > 0 (torch.nn refuses it in training); in training, or in both
+            modes without running statistics, a batch of one row.
     """
-    return channel_norm("batch_norm", features, momentum, eps, affine, spatial=None)
+    return channel_norm("batch_norm", features, momentum, eps, affine, spatial=None,
+                        track_running_stats=track_running_stats)
 
 
 def channel_norm(kind: str, features: int, momentum: float | None, eps: float, affine: bool, *,
-                 spatial: int | None) -> StatefulLayer:
+                 spatial: int | None, track_running_stats: bool = True) -> StatefulLayer:
     """Batch norm over a channel dimension: the last (``spatial=None``, :func:`batch_norm` on ``(..., features)``)
     or the second, of an ``x`` ``(N, C, *spatial)`` with ``spatial`` spatial dimensions
     (:func:`~rdl_functional.batch_norm2d`). One piece of code for both: torch's kernels take the channels at
@@ -313,11 +320,14 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
                                  or not 0 <= momentum <= 1):
         raise ValueError(f"{kind}: momentum must be in [0, 1] or None (a cumulative average), got {momentum!r}")
     eps = check_eps(kind, eps)
-    if not isinstance(affine, bool):
-        raise TypeError(f"{kind}: affine must be True or False, got {affine!r}")
+    for flag, value in (("affine", affine), ("track_running_stats", track_running_stats)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{kind}: {flag} must be True or False, got {value!r}")
+    tracking = track_running_stats
     options = [] if momentum == 0.1 else [f"momentum={momentum!r}"]
     options += [] if eps == 1e-5 else [f"eps={eps!r}"]
     options += [] if affine else ["affine=False"]
+    options += [] if tracking else ["track_running_stats=False"]
     name = f"{kind}({', '.join([str(features), *options])})"
     shape = (features,)
 
@@ -341,6 +351,8 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
 
     def init_state(*, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> State:
         _check_float_dtype(f"{name}.init_state", dtype)
+        if not tracking:
+            return {}
         state = {"running_mean": torch.zeros(shape, dtype=dtype), "running_var": torch.ones(shape, dtype=dtype),
                  "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
         return to_device(state, device, f"{name}.init_state")
@@ -351,7 +363,12 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
         check_train(at, train)
         check_params(at, params, {"weight": shape, "bias": shape} if affine else {},
                      "" if affine else " (the layer was built with affine=False)")
-        _check_bn_state(at, state, shape)
+        if tracking:
+            _check_bn_state(at, state, shape)
+        elif not isinstance(state, Mapping) or state:
+            got = f"keys {sorted(state)}" if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"{at}: the layer was built with track_running_stats=False, so its state is {{}}, got "
+                             f"{got} (is it the state of a batch norm that keeps running statistics?)")
         if spatial is not None:
             check_image(at, x, spatial, features)
         elif not isinstance(x, Tensor):
@@ -359,30 +376,35 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
         elif x.dim() == 0 or x.shape[-1] != features:
             raise ValueError(f"{at}: x must have shape (..., {features}), features last, got {tuple(x.shape)}"
                              + _one_feature_hint(x, features))
-        mean, var = state["running_mean"], state["running_var"]
+        mean, var = (state["running_mean"], state["running_var"]) if tracking else (None, None)
         for what, tensor in (("weight", params.get("weight")), ("bias", params.get("bias")), ("running_mean", mean),
                              ("running_var", var)):
             if tensor is not None and tensor.dtype != x.dtype and not _autocast_mix(x, tensor):
                 raise TypeError(f"{at}: x is {x.dtype} but {what} is {tensor.dtype} (convert x with "
                                 f"x.to({tensor.dtype}), or init the params and state with that dtype)")
         positions = x.numel() if global_rows is None else global_rows * math.prod(x.shape[1:])
-        if train and positions == features:
-            raise ValueError(f"{at}: in training, batch norm normalizes each feature over the batch, which needs "
+        if (train or not tracking) and positions == features:
+            when = "in training" if tracking else "without running statistics"
+            raise ValueError(f"{at}: {when}, batch norm normalizes each feature over the batch, which needs "
                              + (f"more than one row, got a batch of 1{'' if x.dim() == 2 else f' {tuple(x.shape)}'}; "
                                 if spatial is None else f"more than one value per channel (N·H·W > 1), got x of "
                                 f"shape {tuple(x.shape)}; ")
-                             + "train on larger batches, or evaluate (train=False) to use the running statistics")
+                             + ("train on larger batches, or evaluate (train=False) to use the running statistics"
+                                if tracking else "with track_running_stats=False both modes normalize with the "
+                                "batch's statistics: pass larger batches"))
         return params.get("weight"), params.get("bias"), mean, var
 
     def forward(where: str, params: Params, state: State, x: Tensor, train: Any,
                 generator: Any = None) -> tuple[Any, ...]:
-        if train and isinstance(generator, BatchShard):  # data-parallel: this process's rows of the global batch
+        batch_stats = train or not tracking  # without running statistics, both modes use the batch's
+        if batch_stats and isinstance(generator, BatchShard):  # data-parallel: this process's rows of the batch
             weight, bias, mean, var = unpack(where, params, state, x, train, generator.rows)
             generator.check_rows(f"{name}.{where}", x)
             if is_data_parallel():
                 rows = to_rows(x)
                 y, new_state, backward = _synced_forward(rows.reshape(-1, features), generator, weight, bias, mean,
-                                                         var, state["num_batches_tracked"] + 1, momentum, eps,
+                                                         var, state["num_batches_tracked"] + 1 if tracking else None,
+                                                         momentum, eps,
                                                          rows.shape)
                 return from_rows(y), new_state, lambda dy, need_dx: _channels_back(backward(to_rows(dy), need_dx),
                                                                                    from_rows)
@@ -392,10 +414,15 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
                                  "other rows' statistics over")
         weight, bias, mean, var = unpack(where, params, state, x, train)
         if x.numel() == 0:  # torch.nn's rule for an empty batch: an empty output, the running statistics unchanged
+            if not tracking:
+                return x.clone(), {}, None
             count = state["num_batches_tracked"] + 1 if train else state["num_batches_tracked"].clone()
             new_state = {"running_mean": mean.clone(), "running_var": var.clone(), "num_batches_tracked": count}
             return x.clone(), new_state, None
         rows = to_kernel(x)  # (..., features): every leading position a row; (N, C, *spatial): x itself
+        if not tracking:  # the batch's statistics in both modes, and nothing to update
+            y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, None, None, True, 0.0, eps)
+            return y.reshape(x.shape), {}, (weight, None, None, saved_mean, saved_invstd)
         if not train:  # the running statistics stand in for the batch's; nothing is updated
             y, saved_mean, saved_invstd = _native_batch_norm(rows, weight, bias, mean, var, False, 0.0, eps)
             # New tensors, as every result is: writing into the new state never writes into the old.
@@ -442,7 +469,7 @@ def channel_norm(kind: str, features: int, momentum: float | None, eps: float, a
             # evaluating, dx = weight·s_running ⊙ dy. The kernel autograd runs for BatchNorm1d.
             dx, dweight, dbias = _native_batch_norm_backward(  # on rows, as the forward pass; dx in x's shape
                 to_kernel(dy), to_kernel(x), weight, mean, var, saved_mean, saved_invstd,
-                train, eps, [need_dx, affine, affine]
+                train or not tracking, eps, [need_dx, affine, affine]
             )
             dx = dx.reshape(x.shape) if dx is not None else None
             return ({"weight": dweight, "bias": dbias} if affine else {}), dx
@@ -473,7 +500,8 @@ def _one_feature_hint(x: Tensor, features: int) -> str:
 
 
 def _synced_forward(x: Tensor, shard: BatchShard, weight: Tensor | None, bias: Tensor | None,
-                    running_mean: Tensor, running_var: Tensor, count: Tensor, momentum: float | None, eps: float,
+                    running_mean: Tensor | None, running_var: Tensor | None, count: Tensor | None,
+                    momentum: float | None, eps: float,
                     shape: torch.Size) -> tuple[Tensor, State, Callable[[Tensor, bool], tuple[Any, Any, Any]]]:
     """Batch norm in training on a shard, with the global batch's statistics (torch's SyncBatchNorm, on any
     device): the mean, then the centred sum of squares, each summed over the processes by one all-reduce.
@@ -490,10 +518,12 @@ def _synced_forward(x: Tensor, shard: BatchShard, weight: Tensor | None, bias: T
     invstd = torch.rsqrt(var + eps)
     x_hat = centred * invstd
     y = x_hat * weight + bias if weight is not None else x_hat
-    factor = momentum if momentum is not None else 1.0 / float(count)
-    new_state = {"running_mean": running_mean * (1 - factor) + mean * factor,
-                 "running_var": running_var * (1 - factor) + var * (n / (n - 1) * factor),
-                 "num_batches_tracked": count}
+    new_state: State = {}
+    if running_mean is not None:  # track_running_stats=False keeps none
+        factor = momentum if momentum is not None else 1.0 / float(count)
+        new_state = {"running_mean": running_mean * (1 - factor) + mean * factor,
+                     "running_var": running_var * (1 - factor) + var * (n / (n - 1) * factor),
+                     "num_batches_tracked": count}
 
     def backward(dy: Tensor, need_dx: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         dy = dy.reshape(x.shape)

@@ -81,3 +81,18 @@ def test_a_model_whose_checks_read_values_compiles_and_equals_the_eager_step(nam
         torch.testing.assert_close(fast_metrics["loss"], eager_metrics["loss"])
         for a, b in zip(rf.tree_leaves(fast_state.params), rf.tree_leaves(eager_state.params), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_compile_trains_with_maximize_as_its_eager_step_does():
+    """maximize negates the grads inside the rule, so the traced ops rf.compiled runs take it too (issue 19)."""
+    data, params, _ = rf.draw_run(0)
+    x, target = data.x_train[:200], rf.one_hot(data.labels_train[:200], 2)
+    model = rf.seed_model()
+    # One compile (the traced ops of all five rules are checked without compiling in test_optimizers.py).
+    for make in (lambda: rf.adam(1e-3, weight_decay=1e-2, maximize=True),):
+        settings = dict(epochs=1, batch_size=50, generator=3)
+        eager, _ = rf.fit(model, rf.mse_loss, params, x, target, optimizer=make(), **settings)
+        fast, _ = rf.fit(model, rf.mse_loss, params, x, target, optimizer=make(), compile=True, **settings)
+        for a, b in zip(rf.tree_leaves(fast), rf.tree_leaves(eager), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert not all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(eager), rf.tree_leaves(params), strict=True))

@@ -29,6 +29,7 @@ def _sequential_reference(params, x):
 LAYERS = [
     ("linear", rf.linear(3, 4), 3, lambda p, x: F.linear(x, p["weight"], p["bias"])),
     ("linear_1x1", rf.linear(1, 1), 1, lambda p, x: F.linear(x, p["weight"], p["bias"])),
+    ("linear_no_bias", rf.linear(3, 4, bias=False), 3, lambda p, x: F.linear(x, p["weight"])),
     ("relu", rf.relu, 3, lambda p, x: F.relu(x)),
     ("tanh", rf.tanh, 3, lambda p, x: torch.tanh(x)),
     ("sigmoid", rf.sigmoid, 3, lambda p, x: torch.sigmoid(x)),
@@ -37,6 +38,8 @@ LAYERS = [
     ("leaky_relu_0.2", rf.leaky_relu(0.2), 3, lambda p, x: F.leaky_relu(x, 0.2)),
     ("softmax", rf.softmax, 3, lambda p, x: F.softmax(x, dim=-1)),
     ("log_softmax", rf.log_softmax, 3, lambda p, x: F.log_softmax(x, dim=-1)),
+    ("softmax_dim0", rf.softmax(dim=0), 3, lambda p, x: F.softmax(x, dim=0)),
+    ("log_softmax_dim0", rf.log_softmax(dim=0), 3, lambda p, x: F.log_softmax(x, dim=0)),
     ("elu", rf.elu(), 3, lambda p, x: F.elu(x)),
     ("elu_0.5", rf.elu(0.5), 3, lambda p, x: F.elu(x, 0.5)),
     ("gelu", rf.gelu(), 3, lambda p, x: F.gelu(x)),
@@ -351,6 +354,8 @@ STATEFUL = [
     ("batch_norm_cumulative", rf.batch_norm(4, momentum=None), 4, lambda: torch.nn.BatchNorm1d(4, momentum=None)),
     ("batch_norm_plain", rf.batch_norm(4, eps=1e-3, affine=False), 4,
      lambda: torch.nn.BatchNorm1d(4, eps=1e-3, affine=False)),
+    ("batch_norm_no_running_stats", rf.batch_norm(4, track_running_stats=False), 4,
+     lambda: torch.nn.BatchNorm1d(4, track_running_stats=False)),
     ("compose_stateful", rf.compose(rf.linear(3, 4), rf.batch_norm(4), rf.relu, rf.dropout(0.5), rf.linear(4, 2)), 3,
      lambda: torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(),
                                  torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))),
@@ -597,3 +602,104 @@ def test_a_1d_x_is_not_reported_as_one_row_of_n_features():
                                          r"feature pass x\[:, None\] or x.reshape\(-1, 1\)\)$"):
         norm(norm.init(0), norm.init_state(), x, train=True)
     assert rf.linear(3, 2)(rf.linear(3, 2).init(0), torch.zeros(3)).shape == (2,)  # one example still runs
+
+
+# ---------------------------------------------------------------------------
+# Issue 19: torch.nn's options on the layers we have, bit for bit in float32 against the module.
+
+
+def _bits_against_module(ours, module, x, *, state=None, train=True):
+    """Forward and backward of ``ours`` and of ``module`` (its params loaded from ours), torch.equal each."""
+    params = ours.init(0)
+    module.load_state_dict(rf.to_state_dict(params, state) if state is not None else params, strict=True)
+    module.train(train)
+    x_ref = x.clone().requires_grad_()
+    y_ref = module(x_ref)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
+    y_ref.backward(dy)
+    if state is None:
+        y, pullback = ours.vjp(params, x)
+        new_state = None
+    else:
+        y, new_state, pullback = ours.vjp(params, state, x, train=train)
+    dparams, dx = pullback(dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, x_ref.grad)
+    assert dparams.keys() == dict(module.named_parameters()).keys()
+    assert all(torch.equal(dparams[name], p.grad) for name, p in module.named_parameters())
+    return new_state
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 7, 5), (5,)])
+def test_linear_without_bias_is_nn_linear_without_bias_bit_for_bit(shape):
+    layer = rf.linear(5, 3, bias=False)
+    assert list(layer.init(0)) == ["weight"] and repr(layer) == "linear(5, 3, bias=False)"
+    _bits_against_module(layer, torch.nn.Linear(5, 3, bias=False), torch.randn(*shape))
+    assert torch.equal(layer.init(0)["weight"], rf.linear(5, 3).init(0)["weight"])  # the same draw of the weight
+
+
+def test_linear_without_bias_says_which_keys_it_takes():
+    with pytest.raises(ValueError, match=r"linear\(5, 3, bias=False\).apply: params has unexpected keys \['bias'\] "
+                                         r"\(expected 'weight'\) \(a layer built with bias=False takes no 'bias'\)"):
+        rf.linear(5, 3, bias=False)(rf.linear(5, 3).init(0), torch.zeros(2, 5))
+    with pytest.raises(TypeError, match=r"linear: bias must be True or False, got 0"):
+        rf.linear(5, 3, bias=0)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(("ours", "twin", "shape"), [
+    (lambda **k: rf.batch_norm(4, **k), lambda **k: torch.nn.BatchNorm1d(4, **k), (8, 4)),
+    (lambda **k: rf.batch_norm2d(4, **k), lambda **k: torch.nn.BatchNorm2d(4, **k), (3, 4, 5, 5)),
+], ids=["batch_norm", "batch_norm2d"])
+def test_batch_norm_without_running_stats_is_torch_nn_s_bit_for_bit_in_both_modes(ours, twin, shape, affine, train):
+    layer = ours(affine=affine, track_running_stats=False)
+    assert layer.init_state() == {}
+    new_state = _bits_against_module(layer, twin(affine=affine, track_running_stats=False), torch.randn(*shape),
+                                     state={}, train=train)
+    assert new_state == {}
+
+
+def test_batch_norm_without_running_stats_refuses_a_state_and_a_batch_of_one_by_name():
+    layer = rf.batch_norm(3, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"built with track_running_stats=False, so its state is \{\}, got keys "
+                                         r"\['num_batches_tracked', 'running_mean', 'running_var'\]"):
+        layer(layer.init(0), rf.batch_norm(3).init_state(), torch.randn(4, 3), train=True)
+    with pytest.raises(ValueError, match=r"without running statistics, batch norm normalizes each feature over the "
+                                         r"batch, which needs more than one row"):
+        layer(layer.init(0), {}, torch.randn(1, 3), train=False)
+    with pytest.raises(TypeError, match=r"batch_norm: track_running_stats must be True or False, got 1"):
+        rf.batch_norm(3, track_running_stats=1)
+
+
+def test_batch_norm_refuses_eps_torch_refuses_in_training():
+    with pytest.raises(ValueError, match="eps must be positive"):  # torch: at the first training call
+        torch.nn.BatchNorm1d(3, eps=0.0)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"batch_norm: eps must be a finite number > 0"):  # ours: at construction
+        rf.batch_norm(3, eps=0.0)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1, -2, -3])
+@pytest.mark.parametrize(("ours", "twin"), [(rf.softmax, torch.nn.Softmax), (rf.log_softmax, torch.nn.LogSoftmax)],
+                         ids=["softmax", "log_softmax"])
+def test_softmax_on_a_chosen_dim_is_the_torch_module_bit_for_bit(ours, twin, dim):
+    layer = ours(dim=dim)
+    assert repr(layer) == (repr(ours) if dim == -1 else f"{ours!r}(dim={dim})")
+    _bits_against_module(layer, twin(dim=dim), torch.randn(4, 5, 6))
+    rf.check_vjp(layer, {}, torch.randn(4, 5, 6, dtype=torch.float64))
+    assert torch.equal(ours({}, torch.ones(2, 3)), ours()({}, torch.ones(2, 3)))  # ours() is the bare layer
+
+
+def test_softmax_on_a_dim_stacks_counting_after_the_model_dimension():
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(rf.stacked(rf.softmax(dim=1))({}, x), torch.softmax(x, 2))
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [
+    (lambda: rf.softmax(dim=1.0), TypeError, r"softmax: dim must be an int, got 1.0"),
+    (lambda: rf.log_softmax(dim=True), TypeError, r"log_softmax: dim must be an int, got True"),
+    (lambda: rf.log_softmax(dim=3)({}, torch.zeros(2, 3, 4)), ValueError,
+     r"log_softmax\(dim=3\): dim=3 is out of range for an input of shape \(2, 3, 4\)"),
+])
+def test_softmax_refuses_a_bad_dim_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

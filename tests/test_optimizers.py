@@ -34,6 +34,18 @@ OPTIMIZERS = [
     ("adagrad_decay", lambda: rf.adagrad(0.05, lr_decay=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
      lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1,
                                    foreach=True)),
+    # maximize: torch negates the grads first (torch._foreach_neg), then every rule runs as above.
+    ("sgd_maximize", lambda: rf.sgd(0.05, momentum=0.9, weight_decay=1e-3, maximize=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, maximize=True, foreach=True)),
+    ("adam_maximize", lambda: rf.adam(1e-2, weight_decay=1e-2, amsgrad=True, maximize=True),
+     lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True, foreach=True)),
+    ("adamw_maximize", lambda: rf.adamw(1e-2, maximize=True),
+     lambda p: torch.optim.AdamW(p, lr=1e-2, maximize=True, foreach=True)),
+    ("rmsprop_maximize", lambda: rf.rmsprop(1e-3, momentum=0.9, centered=True, weight_decay=1e-3, maximize=True),
+     lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-3, maximize=True,
+                                   foreach=True)),
+    ("adagrad_maximize", lambda: rf.adagrad(0.05, weight_decay=1e-3, maximize=True),
+     lambda p: torch.optim.Adagrad(p, lr=0.05, weight_decay=1e-3, maximize=True, foreach=True)),
 ]
 IDS = [case[0] for case in OPTIMIZERS]
 
@@ -280,6 +292,36 @@ def test_bad_hyperparameters_name_the_optimizer_and_argument(make, message):
         make()
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: rf.adam(torch.tensor(1e-3)), r"adam: lr must be a number or a schedule, got a tensor; pass "
+                                              r"float\(lr\)"),
+        (lambda: rf.sgd(0.1, maximize=1), r"sgd: maximize must be True or False, got 1"),
+        (lambda: rf.rmsprop(0.1, maximize="yes"), r"rmsprop: maximize must be True or False, got 'yes'"),
+    ],
+)
+def test_a_tensor_lr_and_a_maximize_that_is_not_a_bool_are_refused_by_name(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_maximize_through_train_step_equals_the_eager_step(name):
+    """rf.train_step's replayed record and the eager opt.step agree, bit for bit, with maximize."""
+    model, params, x, target = _setup(torch.float32)
+    optimizer = getattr(rf, name)(1e-2, maximize=True)
+    step = rf.train_step(model, rf.mse_loss, optimizer)
+    state = rf.train_state(model, optimizer, params)
+    eager, opt_state = params, optimizer.init(params)
+    grad = rf.value_and_grad(model, rf.mse_loss)
+    for rows in _batches(5):
+        state, _ = step(state, x[rows], target[rows])
+        _, grads = grad(eager, x[rows], target[rows])
+        eager, opt_state = optimizer.step(eager, grads, opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(state.params), rf.tree_leaves(eager), strict=True))
+
+
 def test_a_state_from_another_model_or_optimizer_names_the_difference():
     model, params, x, target = _setup(torch.float32)
     _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:20], target[:20])
@@ -407,3 +449,22 @@ def test_regressions_found_in_review(generator):
     assert history.opt_state is None
     # a growing exponential rate is capped by end_value instead of overflowing
     assert rf.exponential_decay(1e-4, transition_steps=1, decay_rate=1.1, end_value=1.0)(8000) == 1.0
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_maximize_through_the_traced_ops_of_rf_compiled_equals_the_eager_step_to_rounding(name):
+    """rf.compiled runs the rules through base._Traced with the count and the rate as tensors: maximize too."""
+    from rdl_functional.optim.base import _traced_run
+
+    model, params, x, target = _setup(torch.float64)
+    optimizer = getattr(rf, name)(1e-2, momentum=0.9, maximize=True) if name == "sgd" else \
+        getattr(rf, name)(1e-2, maximize=True)
+    _, grads = rf.value_and_grad(model, rf.mse_loss)(params, x[:30], target[:30])
+    state = optimizer.init(params)
+    expected, _ = optimizer.step(params, grads, state)
+    p, g = rf.tree_leaves(params), rf.tree_leaves(grads)
+    buffers = [{n: rf.tree_leaves(state[n]) for n, _ in optimizer.links[0].buffers}]
+    one, rate = torch.tensor(1.0, dtype=torch.float64), torch.tensor(1e-2, dtype=torch.float64)
+    traced, _ = _traced_run(optimizer, p, g, params, buffers, [one], [rate], "test")
+    for a, b in zip(traced, rf.tree_leaves(expected), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -397,6 +397,12 @@ def chain(*optimizers: Optimizer) -> Optimizer:
 
 
 def _lr(lr: float | Schedule, who: str) -> Schedule:
+    if isinstance(lr, Tensor):
+        # torch.optim takes a tensor lr so that a capturable or compiled step reads a rate changed in place;
+        # here the rate is already a graph input (rf.compiled, rf.capture) and a schedule changes it per step,
+        # while a tensor read once would silently ignore a later in-place change.
+        raise TypeError(f"{who}: lr must be a number or a schedule, got a tensor; pass float(lr), or a schedule "
+                        "(a function of the step count) for a rate that changes")
     if callable(lr):
         return lr
     value = _check_lr(lr, who)

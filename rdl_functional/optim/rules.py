@@ -25,6 +25,17 @@ __all__ = ["adagrad", "adam", "adamw", "rmsprop", "sgd", "sgd_step"]
 Buffers = dict[str, Leaves]
 
 
+def _negated(grads: Leaves, maximize: bool) -> Leaves:
+    # maximize: g ← −g, torch's first op (``torch._foreach_neg``), into new tensors.
+    return torch._foreach_neg(grads) if maximize else grads
+
+
+def _flag(who: str, name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: {name} must be True or False, got {value!r}")
+    return value
+
+
 def _weight_decay(grads: Leaves, params: Leaves, weight_decay: float) -> Leaves:
     # g ← g + λ p, into new tensors (the caller's grads are never written).
     return torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
@@ -36,6 +47,7 @@ def sgd(
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    maximize: bool = False,
 ) -> Optimizer:
     """Stochastic gradient descent with optional momentum: ``torch.optim.SGD``, the same defaults and bits.
 
@@ -45,6 +57,8 @@ def sgd(
         b ← g at the first step, else μ b + (1 − τ) g  (momentum μ, dampening τ)
         g ← g + μ b if nesterov, else b
         p ← p − lr · g
+
+    ``maximize=True`` first negates the grads (``g ← −g``, torch's ``_foreach_neg``), for every rule here.
 
     State: ``count``, ``lr``, and ``momentum_buffer`` (a tree like params) when ``momentum > 0``.
 
@@ -62,12 +76,13 @@ def sgd(
     momentum = _at_least(who, "momentum", momentum)
     dampening = _at_least(who, "dampening", dampening)
     weight_decay = _at_least(who, "weight_decay", weight_decay)
+    maximize = _flag(who, "maximize", maximize)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{who}: nesterov needs momentum > 0 and dampening = 0, got momentum={momentum}, "
                          f"dampening={dampening}")
 
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
-        g = _weight_decay(g, p, weight_decay)
+        g = _weight_decay(_negated(g, maximize), p, weight_decay)
         if momentum:
             def later() -> Leaves:
                 b = o.mul(buffers["momentum_buffer"], momentum)
@@ -86,15 +101,17 @@ def sgd(
 
 
 def _adam(who: str, lr: float | Schedule, betas: tuple[float, float], eps: float, weight_decay: float,
-          amsgrad: bool, decoupled: bool) -> Optimizer:
+          amsgrad: bool, decoupled: bool, maximize: bool) -> Optimizer:
     schedule = _lr(lr, who)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{who}: betas must be a pair (beta1, beta2), got {betas!r}")
     beta1, beta2 = _fraction(who, "betas[0]", betas[0]), _fraction(who, "betas[1]", betas[1])
     eps = _at_least(who, "eps", eps, strict=True)
     weight_decay = _at_least(who, "weight_decay", weight_decay)
+    maximize = _flag(who, "maximize", maximize)
 
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
+        g = _negated(g, maximize)
         if decoupled and weight_decay:
             p = o.mul(p, 1 - lr * weight_decay)  # p ← (1 − lr λ) p, AdamW's decoupled decay
         elif weight_decay:
@@ -119,7 +136,7 @@ def _adam(who: str, lr: float | Schedule, betas: tuple[float, float], eps: float
 
 
 def adam(lr: float | Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, amsgrad: bool = False) -> Optimizer:
+         weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False) -> Optimizer:
     """Adam: ``torch.optim.Adam``, the same defaults and bits (its foreach implementation).
 
     ::
@@ -138,20 +155,20 @@ def adam(lr: float | Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
     >>> params["w"]   # the first Adam step moves each weight by lr, against its gradient's sign
     tensor([ 0.9000, -1.9000])
     """
-    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, decoupled=False)
+    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, decoupled=False, maximize=maximize)
 
 
 def adamw(lr: float | Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 1e-2, amsgrad: bool = False) -> Optimizer:
+          weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False) -> Optimizer:
     """AdamW: Adam with decoupled weight decay, ``p ← (1 − lr λ) p`` before the step: ``torch.optim.AdamW``.
 
     State as :func:`adam`'s.
     """
-    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, decoupled=True)
+    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, decoupled=True, maximize=maximize)
 
 
 def rmsprop(lr: float | Schedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-            momentum: float = 0.0, centered: bool = False) -> Optimizer:
+            momentum: float = 0.0, centered: bool = False, maximize: bool = False) -> Optimizer:
     """RMSprop: ``torch.optim.RMSprop``, the same defaults and bits.
 
     ::
@@ -168,10 +185,11 @@ def rmsprop(lr: float | Schedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
     alpha = _at_least(who, "alpha", alpha)
     eps = _at_least(who, "eps", eps, strict=True)
     weight_decay = _at_least(who, "weight_decay", weight_decay)
+    maximize = _flag(who, "maximize", maximize)
     momentum = _at_least(who, "momentum", momentum)
 
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
-        g = _weight_decay(g, p, weight_decay)
+        g = _weight_decay(_negated(g, maximize), p, weight_decay)
         s = o.mul(buffers["square_avg"], alpha)
         torch._foreach_addcmul_(s, g, g, value=1 - alpha)
         new = {"square_avg": s}
@@ -194,7 +212,7 @@ def rmsprop(lr: float | Schedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
 
 
 def adagrad(lr: float | Schedule = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> Optimizer:
+            initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> Optimizer:
     """Adagrad: ``torch.optim.Adagrad``, the same defaults and bits.
 
     ::
@@ -209,11 +227,12 @@ def adagrad(lr: float | Schedule = 1e-2, lr_decay: float = 0.0, weight_decay: fl
     schedule = _lr(lr, who)
     lr_decay = _at_least(who, "lr_decay", lr_decay)
     weight_decay = _at_least(who, "weight_decay", weight_decay)
+    maximize = _flag(who, "maximize", maximize)
     initial = _at_least(who, "initial_accumulator_value", initial_accumulator_value)
     eps = _at_least(who, "eps", eps, strict=True)
 
     def rule(o: Ops, p: Leaves, g: Leaves, buffers: Buffers, count: int, lr: float) -> tuple[Leaves, Buffers]:
-        g = _weight_decay(g, p, weight_decay)
+        g = _weight_decay(_negated(g, maximize), p, weight_decay)
         minus_clr = -lr / (1 + (count - 1) * lr_decay)
         total = o.addcmul(buffers["sum"], g, g, value=1)
         std = torch._foreach_sqrt(total)

@@ -105,26 +105,39 @@ def _nll_loss(reduction: str = "mean", ignore_index: int = -100, *, weight: Tens
     return Loss(apply=apply, vjp=vjp, name=name, options=_nll_loss)
 
 
+def _smoothing_term(log_p: Tensor, flat: Tensor, weight: Tensor | None, mode: int,
+                    ignore_index: int) -> tuple[Tensor, LossPullback]:
+    """Label smoothing's term ``−Σ_c w_c log p_c`` on the kept rows, reduced as nll is (the mean divides by the
+    kept rows, or their weights' sum), and its pullback to ``d(log p)``: F.cross_entropy's composite, op by op."""
+    ignored = flat == ignore_index
+    weights = None if weight is None else weight.view(1, -1)
+    smooth = (-(log_p * weights).sum(1) if weights is not None else -log_p.sum(1)).masked_fill(ignored, 0.0)
+    if mode == 1:
+        kept = weight.gather(0, flat.masked_select(~ignored)).sum() if weight is not None else (~ignored).sum()
+        smooth = smooth.sum() / kept
+    elif mode == 2:
+        smooth = smooth.sum()
+
+    def pullback(d: Tensor) -> Tensor:
+        # d(log p)[n, c] = −d w_c (/ kept for the mean), 0 on ignored rows
+        d = (d / kept if mode == 1 else d).expand(flat.shape) if mode else d
+        d = (-d.masked_fill(ignored, 0)).unsqueeze(1).expand(log_p.shape)
+        return d * weights if weights is not None else d
+
+    return smooth, pullback
+
+
 def _labels(logits: Tensor, labels: Tensor, weight: Tensor | None, mode: int, ignore_index: int,
             smoothing: float) -> tuple[Tensor, LossPullback]:
-    """F.cross_entropy on class labels: its kernels on the rows, and with label smoothing its composite's ops."""
+    """F.cross_entropy on class labels: its kernels on the rows; with label smoothing ε over C classes,
+    ``L = (1 − ε) nll + (ε/C) smooth`` as its composite computes it."""
     classes = logits.shape[-1]
     log_p = _aten._log_softmax.default(logits.reshape(-1, classes), 1, False)
     flat = labels.reshape(-1)
-    nll, total_weight = _aten.nll_loss_forward.default(log_p, flat, weight, mode, ignore_index)
+    value, total_weight = _aten.nll_loss_forward.default(log_p, flat, weight, mode, ignore_index)
     if smoothing:
-        # L = (1 − ε) nll + ε/C · smooth, smooth = −Σ_c w_c log p_c on kept rows, reduced as nll is
-        ignored = flat == ignore_index
-        weights = None if weight is None else weight.view(1, classes)
-        smooth = (-(log_p * weights).sum(1) if weights is not None else -log_p.sum(1)).masked_fill(ignored, 0.0)
-        if mode == 1:
-            kept = weight.gather(0, flat.masked_select(~ignored)).sum() if weight is not None else (~ignored).sum()
-            smooth = smooth.sum() / kept
-        elif mode == 2:
-            smooth = smooth.sum()
-        value = nll * (1 - smoothing) + smooth * (smoothing / classes)
-    else:
-        value = nll
+        smooth, smooth_pullback = _smoothing_term(log_p, flat, weight, mode, ignore_index)
+        value = value * (1 - smoothing) + smooth * (smoothing / classes)
     value = value.reshape(labels.shape) if mode == 0 else value
 
     def pullback(g: Tensor) -> Tensor:
@@ -134,12 +147,8 @@ def _labels(logits: Tensor, labels: Tensor, weight: Tensor | None, mode: int, ig
         if not smoothing:
             d_log_p = _aten.nll_loss_backward.default(g, log_p, flat, weight, mode, ignore_index, total_weight)
         else:
-            d_smooth = g * (smoothing / classes)
-            d_smooth = (d_smooth / kept if mode == 1 else d_smooth).expand(flat.shape) if mode else d_smooth
-            d_smooth = (-d_smooth.masked_fill(ignored, 0)).unsqueeze(1).expand(log_p.shape)
-            d_smooth = d_smooth * weights if weights is not None else d_smooth
-            d_log_p = d_smooth + _aten.nll_loss_backward.default(g * (1 - smoothing), log_p, flat, weight, mode,
-                                                                 ignore_index, total_weight)
+            d_log_p = smooth_pullback(g * (smoothing / classes)) + _aten.nll_loss_backward.default(
+                g * (1 - smoothing), log_p, flat, weight, mode, ignore_index, total_weight)
         return _aten._log_softmax_backward_data.default(d_log_p, log_p, 1, log_p.dtype)
 
     return value, pullback

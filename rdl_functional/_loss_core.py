@@ -47,6 +47,10 @@ class Loss:
             if len(args) != 2:
                 raise TypeError(f"{self.name}: a Loss is called as loss(pred, target), got {len(args)} arguments")
             return self.apply(*args)
+        if any(isinstance(arg, Tensor) for arg in args):
+            shown = ", ".join(f"{key}=..." for key in kwargs)
+            raise TypeError(f"{self.name}: options go to the loss, the tensors to the loss it returns: "
+                            f"{self.name}({shown})(pred, target), not {self.name}(pred, target, {shown})")
         if self.options is None:
             raise TypeError(f"{self.name}: a Loss is called as loss(pred, target), got {len(args)} arguments"
                             + (f" ({self.name} takes no options: pass it without calling it)" if not args else ""))

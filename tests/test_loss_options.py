@@ -224,6 +224,15 @@ def test_options_that_do_not_fit_the_inputs_are_refused_by_name(loss, pred, targ
         loss(pred, target)
 
 
+def test_options_passed_beside_the_tensors_are_told_where_they_go():
+    with pytest.raises(TypeError, match=r"^mse_loss: options go to the loss, the tensors to the loss it returns: "
+                                        r"mse_loss\(reduction=\.\.\.\)\(pred, target\), not "
+                                        r"mse_loss\(pred, target, reduction=\.\.\.\)$"):
+        rf.mse_loss(torch.zeros(2), torch.zeros(2), reduction="sum")
+    with pytest.raises(TypeError, match=r"^l1_loss: a Loss is called as loss\(pred, target\), got 1 arguments$"):
+        rf.l1_loss(torch.zeros(2))
+
+
 def test_a_reduction_none_pullback_takes_a_cotangent_of_the_values_shape():
     loss = rf.cross_entropy_loss(reduction="none")
     _, pullback = loss.vjp(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.int64))

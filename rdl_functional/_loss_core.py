@@ -120,9 +120,14 @@ def check_pred(where: str, pred: object) -> Tensor:
 
 
 def check_same_dtype(where: str, name: str, value: Tensor | None, pred: Tensor) -> None:
-    """An option tensor (a weight) must have pred's dtype, as torch's kernels require."""
-    if value is not None and value.dtype != pred.dtype and not autocast_on(pred.device.type):
+    """An option tensor (a weight) must have pred's dtype and device, as torch's kernels require."""
+    if value is None:
+        return
+    if value.dtype != pred.dtype and not autocast_on(pred.device.type):
         raise TypeError(f"{where}: {name} is {value.dtype} but pred is {pred.dtype} (pass {name}.to({pred.dtype}))")
+    if value.device != pred.device:
+        raise ValueError(f"{where}: {name} is on {value.device} but pred is on {pred.device} "
+                         f"(build the loss with {name}.to({str(pred.device)!r}))")
 
 
 def cotangent(where: str, g: Tensor | float, value: Tensor) -> Tensor:

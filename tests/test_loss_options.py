@@ -285,3 +285,16 @@ def test_ten_training_steps_match_torch_nn_and_torch_optim_bit_for_bit(name, los
     ours = state.params["0"] if logs else state.params
     for key, theirs in torch_model.state_dict().items():
         assert torch.equal(ours[key], theirs), key
+
+
+@pytest.mark.parametrize(FIELDS, CASES, ids=IDS)
+def test_every_option_set_changes_nothing_it_is_given(name, loss, reference, options, make_target, shape, scale):
+    g = torch.Generator().manual_seed(3)
+    pred, target = _inputs(loss, make_target, shape, scale, torch.float32, g)
+    kwargs = options(torch.float32, g)
+    given = {"pred": pred, "target": target, **kwargs}
+    before = {key: value.clone() for key, value in given.items()}
+    value, pullback = loss(**kwargs).vjp(pred, target)
+    pullback(torch.ones_like(value))
+    for key, value in given.items():
+        assert torch.equal(value, before[key]), key

@@ -11,6 +11,8 @@ in the same order, so its value and gradient are torch's bit for bit in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -43,10 +45,46 @@ _mse_loss = torch._C._nn.mse_loss
 _mse_loss_backward = _aten.mse_loss_backward.default
 
 
-def _mse(reduction: str = "mean") -> Loss:
-    mode = reduction_code("mse_loss", reduction)
+def _weighted(name: str, weight: Tensor, mode: int, by_weight: bool,
+              elementwise: Callable[[Tensor, Tensor], Tensor],
+              derivative: Callable[[Tensor, Tensor, Tensor], Tensor],
+              options: Callable[..., Loss]) -> Loss:
+    """F's elementwise losses with a ``weight`` of pred's shape, as their Python code and autograd run them:
+    ``ℓ = e(pred, target) ⊙ w``, reduced by ``Σ ℓ / Σ w`` (mse, l1: ``by_weight``) or ``mean ℓ`` (huber) for the
+    mean; the pullback spreads ``g`` back through the reduction, multiplies by ``w``, then by ``∂e/∂pred``."""
+
+    def check(at: str, pred: Tensor, target: Tensor) -> None:
+        check_like(at, pred, target)
+        check_same_dtype(at, "weight", weight, pred)
+        if weight.shape != pred.shape:
+            raise ValueError(f"{at}: weight must have pred's shape {tuple(pred.shape)} (one weight per element, as "
+                             f"torch requires), got {tuple(weight.shape)}")
+
+    def forward(pred: Tensor, target: Tensor) -> Tensor:
+        weighted = elementwise(pred, target) * weight
+        if mode == 1:
+            return weighted.sum() / weight.sum() if by_weight else weighted.mean()
+        return weighted.sum() if mode == 2 else weighted
+
+    def backward(g: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+        if mode == 1:
+            g = (g / weight.sum()).expand(pred.shape) if by_weight else g.expand(pred.shape) / pred.numel()
+        elif mode == 2:
+            g = g.expand(pred.shape)
+        return derivative(g * weight, pred, target)
+
+    return elementwise_loss(name, forward, backward, options, check)
+
+
+def _mse(reduction: str = "mean", *, weight: Tensor | None = None) -> Loss:
+    mode, weight = reduction_code("mse_loss", reduction), check_weight("mse_loss", "weight", weight)
+    name = options_name("mse_loss", **({} if reduction == "mean" else {"reduction": reduction}),
+                        **({} if weight is None else {"weight": weight}))
+    if weight is not None:  # ℓ = (pred − target)² w; ∂e/∂pred = 2 (pred − target), as autograd's pow backward
+        return _weighted(name, weight, mode, True, lambda pred, target: torch.pow(pred - target, 2),
+                         lambda d, pred, target: d * (torch.pow(pred - target, 1.0) * 2.0), _mse)
     return elementwise_loss(
-        options_name("mse_loss", **({} if reduction == "mean" else {"reduction": reduction})),
+        name,
         lambda pred, target: _mse_loss(pred, target, mode),  # L = mean((pred − target)²)
         lambda g, pred, target: _mse_loss_backward(g, pred, target, mode),  # dpred = (2/N) (pred − target) g
         _mse,
@@ -54,7 +92,8 @@ def _mse(reduction: str = "mean") -> Loss:
 
 
 mse_loss = _mse()
-"""Mean squared error over all elements, exactly ``torch.nn.functional.mse_loss``; options: ``reduction``.
+"""Mean squared error over all elements, exactly ``torch.nn.functional.mse_loss``; options: ``reduction``,
+``weight`` (one per element, of pred's shape, as torch requires; the mean is then ``Σ w (pred − target)² / Σ w``).
 
 For ``(batch, 2)`` predictions this is the seed report's ``1/(2n) Σ‖y − a‖²``.
 
@@ -64,14 +103,19 @@ tensor([1., 4.])
 """
 
 
-def _huber(delta: float = 1.0, reduction: str = "mean") -> Loss:
+def _huber(delta: float = 1.0, reduction: str = "mean", *, weight: Tensor | None = None) -> Loss:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < float("inf"):
         raise ValueError(f"huber_loss: delta must be a finite number > 0, got {delta!r}")
     mode, delta = reduction_code("huber_loss", reduction), float(delta)
     shown = {key: value for key, value, default in [("delta", delta, 1.0), ("reduction", reduction, "mean")]
              if value != default}
+    weight = check_weight("huber_loss", "weight", weight)
+    name = options_name("huber_loss", **shown, **({} if weight is None else {"weight": weight}))
+    if weight is not None:  # ℓ = huber(pred − target) w: the unreduced kernels, then F.huber_loss's reduction
+        return _weighted(name, weight, mode, False, lambda pred, target: _aten.huber_loss(pred, target, 0, delta),
+                         lambda d, pred, target: _aten.huber_loss_backward(d, pred, target, 0, delta), _huber)
     return elementwise_loss(
-        options_name("huber_loss", **shown),
+        name,
         lambda pred, target: _aten.huber_loss(pred, target, mode, delta),
         lambda g, pred, target: _aten.huber_loss_backward(g, pred, target, mode, delta),
         _huber,
@@ -80,7 +124,8 @@ def _huber(delta: float = 1.0, reduction: str = "mean") -> Loss:
 
 huber_loss = _huber()
 """Huber loss: ``½ r²`` where ``|r| ≤ delta``, else ``delta (|r| − ½ delta)``, ``r = pred − target``;
-``torch.nn.functional.huber_loss``, its kernels both ways. Options: ``delta`` (> 0), ``reduction``.
+``torch.nn.functional.huber_loss``, its kernels both ways. Options: ``delta`` (> 0), ``reduction``, ``weight``
+(one per element, of pred's shape, as torch requires: the mean is then ``mean(w ⊙ huber)``).
 
 >>> import torch
 >>> huber_loss(torch.tensor([0.5, 3.0]), torch.tensor([0.0, 0.0]))
@@ -90,8 +135,13 @@ tensor(1.5000)
 """
 
 
-def _l1(reduction: str = "mean") -> Loss:
-    mode = reduction_code("l1_loss", reduction)
+def _l1(reduction: str = "mean", *, weight: Tensor | None = None) -> Loss:
+    mode, weight = reduction_code("l1_loss", reduction), check_weight("l1_loss", "weight", weight)
+    name = options_name("l1_loss", **({} if reduction == "mean" else {"reduction": reduction}),
+                        **({} if weight is None else {"weight": weight}))
+    if weight is not None:  # ℓ = |pred − target| w; ∂e/∂pred = sgn(pred − target)
+        return _weighted(name, weight, mode, True, lambda pred, target: torch.abs(pred - target),
+                         lambda d, pred, target: d * (pred - target).sgn(), _l1)
 
     def forward(pred: Tensor, target: Tensor) -> Tensor:
         return _aten.l1_loss(pred, target, mode)  # L = mean |pred − target| (sub, abs, mean: F.l1_loss's ops)
@@ -104,13 +154,13 @@ def _l1(reduction: str = "mean") -> Loss:
         spread = g.expand(pred.shape)
         return (spread / pred.numel() if mode == 1 else spread) * sign
 
-    return elementwise_loss(options_name("l1_loss", **({} if reduction == "mean" else {"reduction": reduction})),
-                            forward, backward, _l1)
+    return elementwise_loss(name, forward, backward, _l1)
 
 
 l1_loss = _l1()
 """Mean (or sum) absolute error, ``torch.nn.functional.l1_loss``; ``dpred = sgn(pred − target) g`` (/ N).
-Options: ``reduction``.
+Options: ``reduction``, ``weight`` (one per element, of pred's shape, as torch requires; the mean is then
+``Σ w |pred − target| / Σ w``).
 
 >>> import torch
 >>> l1_loss(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 0.0]))

@@ -46,6 +46,11 @@ def _element_weight(dtype, g):
     return torch.rand(CLASSES, generator=g, dtype=dtype) + 0.5
 
 
+def _full_weight(dtype, g):
+    """mse's, l1's and huber's weight: one per element, of pred's shape (6, 4), as torch requires."""
+    return torch.rand(6, CLASSES, generator=g, dtype=dtype) + 0.5
+
+
 def _rows(reference):
     """F's class losses on our layout: the classes last, leading dimensions flattened into rows."""
     def call(pred, target, **options):
@@ -64,7 +69,23 @@ CASES = [
     ("l1", rf.l1_loss, F.l1_loss, lambda d, g: {}, _regression, (6, 4), 1.0),
     ("l1_none", rf.l1_loss, F.l1_loss, lambda d, g: {"reduction": "none"}, _regression, (6, 4), 1.0),
     ("l1_sum", rf.l1_loss, F.l1_loss, lambda d, g: {"reduction": "sum"}, _regression, (6, 4), 1.0),
+    ("mse_weight", rf.mse_loss, F.mse_loss, lambda d, g: {"weight": _full_weight(d, g)}, _regression, (6, 4), 1.0),
+    ("mse_weight_none", rf.mse_loss, F.mse_loss, lambda d, g: {"weight": _full_weight(d, g), "reduction": "none"},
+     _regression, (6, 4), 1.0),
+    ("mse_weight_sum", rf.mse_loss, F.mse_loss, lambda d, g: {"weight": _full_weight(d, g), "reduction": "sum"},
+     _regression, (6, 4), 1.0),
+    ("l1_weight", rf.l1_loss, F.l1_loss, lambda d, g: {"weight": _full_weight(d, g)}, _regression, (6, 4), 1.0),
+    ("l1_weight_none", rf.l1_loss, F.l1_loss, lambda d, g: {"weight": _full_weight(d, g), "reduction": "none"},
+     _regression, (6, 4), 1.0),
+    ("l1_weight_sum", rf.l1_loss, F.l1_loss, lambda d, g: {"weight": _full_weight(d, g), "reduction": "sum"},
+     _regression, (6, 4), 1.0),
     ("huber", rf.huber_loss, F.huber_loss, lambda d, g: {}, _regression, (6, 4), 2.0),
+    ("huber_weight", rf.huber_loss, F.huber_loss, lambda d, g: {"weight": _full_weight(d, g), "delta": 0.5},
+     _regression, (6, 4), 2.0),
+    ("huber_weight_none", rf.huber_loss, F.huber_loss, lambda d, g: {"weight": _full_weight(d, g),
+                                                                     "reduction": "none"}, _regression, (6, 4), 2.0),
+    ("huber_weight_sum", rf.huber_loss, F.huber_loss, lambda d, g: {"weight": _full_weight(d, g),
+                                                                    "reduction": "sum"}, _regression, (6, 4), 2.0),
     ("huber_none_delta", rf.huber_loss, F.huber_loss, lambda d, g: {"reduction": "none", "delta": 0.5},
      _regression, (6, 4), 2.0),
     ("huber_sum_delta", rf.huber_loss, F.huber_loss, lambda d, g: {"reduction": "sum", "delta": 2.5},
@@ -217,6 +238,8 @@ def test_bad_options_are_refused_at_construction(make, error, message):
     (rf.cross_entropy_loss(weight=torch.ones(4)), torch.zeros(2, 4, device="meta"),
      torch.zeros(2, dtype=torch.int64, device="meta"), ValueError,
      r"weight is on cpu but pred is on meta \(build the loss with weight.to\('meta'\)\)$"),
+    (rf.l1_loss(weight=torch.ones(4)), torch.zeros(2, 4), torch.zeros(2, 4), ValueError,
+     r"weight must have pred's shape \(2, 4\) \(one weight per element, as torch requires\), got \(4,\)$"),
     (rf.cross_entropy_loss, torch.zeros(2, 4), torch.zeros(2, 3), ValueError,
      r"probability targets must have the logits' shape \(2, 4\), got \(2, 3\)"),
     (rf.cross_entropy_loss(ignore_index=-1), torch.zeros(2, 4), torch.tensor([-1, -100]), ValueError,
@@ -248,6 +271,8 @@ def test_a_reduction_none_pullback_takes_a_cotangent_of_the_values_shape():
 TRAINING = [
     ("mse", rf.mse_loss(reduction="sum"), lambda y, t: F.mse_loss(y, t, reduction="sum"), _regression),
     ("l1", rf.l1_loss, F.l1_loss, _regression),
+    ("mse_weight", rf.mse_loss(weight=torch.linspace(0.5, 2.0, 8 * CLASSES).reshape(8, CLASSES)),
+     lambda y, t: F.mse_loss(y, t, weight=torch.linspace(0.5, 2.0, 8 * CLASSES).reshape(8, CLASSES)), _regression),
     ("huber", rf.huber_loss(delta=0.5), lambda y, t: F.huber_loss(y, t, delta=0.5), _regression),
     ("bce", rf.bce_with_logits_loss(pos_weight=torch.full((CLASSES,), 2.0)),
      lambda y, t: F.binary_cross_entropy_with_logits(y, t, pos_weight=torch.full((CLASSES,), 2.0)), _probabilities),

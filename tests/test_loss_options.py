@@ -174,10 +174,13 @@ def test_every_option_through_the_shared_vjp_check_in_float64(name, loss, refere
 
 
 @pytest.mark.parametrize(FIELDS, CASES, ids=IDS)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_every_option_gives_torchs_bits_in_float32_value_and_gradient(name, loss, reference, options, make_target,
-                                                                      shape, scale):
+                                                                      shape, scale, strided):
     g = torch.Generator().manual_seed(1)
     pred, target = _inputs(loss, make_target, shape, scale, torch.float32, g)
+    if strided:  # the same values in a transposed layout: a non-contiguous view
+        pred = pred.transpose(0, -1).contiguous().transpose(0, -1)
     kwargs = options(torch.float32, g)
     leaf = pred.clone().requires_grad_()
     expected = reference(leaf, target, **kwargs)

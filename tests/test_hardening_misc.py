@@ -236,15 +236,15 @@ def test_a_1d_x_in_fit_says_its_rows_are_numbers_and_how_to_make_them_rows_of_on
                generator=0)
 
 
-def test_unmade_losses_and_optimizers_are_told_to_be_called_wherever_they_go():
-    """Regression: rf.evaluate(model, rf.l1_loss, ...) gave an AttributeError, and fit(optimizer=rf.adam, lr=0.1)
-    'adam: lr must be a number or a schedule, got dict'."""
+def test_bare_losses_work_and_unmade_optimizers_are_told_to_be_called_wherever_they_go():
+    """Regression: rf.evaluate(model, rf.l1_loss, ...) gave an AttributeError (rf.l1_loss was a factory; every loss
+    is a Loss now, bare or called), and fit(optimizer=rf.adam, lr=0.1) 'adam: lr must be a number or a schedule,
+    got dict'."""
     x, labels = rf.disc_dataset(20, 0)
     target = rf.one_hot(labels, 2)
     model = rf.linear(2, 2)
-    with pytest.raises(TypeError, match=r"evaluate: loss must be a Loss, got function rf.l1_loss: rf.l1_loss is a "
-                                        r"factory: call it, rf.l1_loss\(\)"):
-        rf.evaluate(model, rf.l1_loss, model.init(0), x, target)
+    params = model.init(0)
+    assert rf.evaluate(model, rf.l1_loss, params, x, target) == rf.evaluate(model, rf.l1_loss(), params, x, target)
     with pytest.raises(TypeError, match=r"fit: optimizer rf.adam makes an optimizer: call it, e.g. "
                                         r"optimizer=rf.adam\(...\)"):
         rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=10, optimizer=rf.adam, lr=0.1,

@@ -142,11 +142,11 @@ def test_every_loss_against_torch_func_for_any_dtype_stride_and_magnitude(name, 
     ("loss", "pred", "target", "message"),
     [
         (rf.huber_loss(), torch.zeros(5, 1), torch.zeros(5),
-         r"huber_loss\(delta=1.0, reduction='mean'\)\.apply: target has shape \(5,\) but pred has \(5, 1\) \(the "
+         r"huber_loss\.apply: target has shape \(5,\) but pred has \(5, 1\) \(the "
          r"same 5 values, one per row: pass target.unsqueeze\(-1\), that is target\[\.\.\., None\], to give it "
          r"pred's shape, or compare pred.squeeze\(-1\) with target\)$"),
         (rf.bce_with_logits_loss(), torch.zeros(5), torch.zeros(5, 1),
-         r"bce_with_logits_loss\(reduction='mean'\)\.apply: target has shape \(5, 1\) but pred has \(5,\) \(the "
+         r"bce_with_logits_loss\.apply: target has shape \(5, 1\) but pred has \(5,\) \(the "
          r"same 5 values, one per row: pass target.squeeze\(-1\) to give it pred's shape\)$"),
         (rf.mse_loss, torch.zeros(2, 3), torch.zeros(3, 2),
          r"mse_loss.apply: target has shape \(3, 2\) but pred has \(2, 3\)$"),
@@ -164,31 +164,29 @@ def test_a_column_against_a_vector_suggests_the_reshape_not_one_hot(loss, pred, 
         loss(pred, target)
 
 
-@pytest.mark.parametrize("factory", ["l1_loss", "huber_loss", "bce_with_logits_loss", "nll_loss"])
-def test_a_loss_factory_passed_uncalled_is_told_to_call_it(factory):
-    """rf.l1_loss for rf.l1_loss() said 'loss must be a Loss, got function' and nothing about calling it."""
-    uncalled = getattr(rf, factory)
-    message = (rf"loss must be a Loss, got function rf\.{factory}: rf\.{factory} is a factory: call it, "
-               rf"rf\.{factory}\(\)")
-    model = rf.linear(2, 1)
-    with pytest.raises(TypeError, match=rf"^value_and_grad: {message}$"):
-        rf.value_and_grad(model, uncalled)
-    with pytest.raises(TypeError, match=rf"^fit: {message}$"):
-        rf.fit(model, uncalled, model.init(0), torch.zeros(4, 2), torch.zeros(4, 1), epochs=1, batch_size=2, lr=0.1,
-               generator=0)
-    with pytest.raises(TypeError, match=rf"^check_vjp: expected a Layer, a StatefulLayer or a Loss, got function "
-                                        rf"rf\.{factory}: rf\.{factory} is a factory"):
-        rf.check_vjp(uncalled, torch.zeros(2), torch.zeros(2))
+@pytest.mark.parametrize("name", ["mse_loss", "l1_loss", "huber_loss", "bce_with_logits_loss", "nll_loss",
+                                  "cross_entropy_loss"])
+def test_every_loss_is_a_loss_bare_or_called(name):
+    """rf.l1_loss was a factory (rf.l1_loss for rf.l1_loss() was refused) while rf.mse_loss was a loss: one form now,
+    the bare name is the loss with torch's defaults and calling it with options gives another loss."""
+    bare = getattr(rf, name)
+    assert isinstance(bare, rf.Loss) and isinstance(bare(), rf.Loss) and isinstance(bare(reduction="sum"), rf.Loss)
+    model = rf.linear(2, 3)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2, 1, 0]) if name in ("nll_loss", "cross_entropy_loss") else torch.rand(4, 3)
+    value, _ = rf.value_and_grad(model, bare)(model.init(0), x, target)
+    assert torch.equal(value, rf.value_and_grad(model, bare())(model.init(0), x, target)[0])
 
 
-def test_torchs_loss_function_and_a_called_loss_value_say_what_to_pass():
+def test_torchs_loss_function_and_a_hand_written_loss_called_bare_say_what_to_pass():
     with pytest.raises(TypeError, match=r"^value_and_grad: loss must be a Loss, got function "
                                         r"torch.nn.functional.binary_cross_entropy_with_logits \(a plain function has "
-                                        r"no pullback: use rf.bce_with_logits_loss\(\)\)$"):
+                                        r"no pullback: use rf.bce_with_logits_loss\)$"):
         rf.value_and_grad(rf.linear(2, 1), torch.nn.functional.binary_cross_entropy_with_logits)
-    with pytest.raises(TypeError, match=r"^mse_loss: a Loss is called as loss\(pred, target\), got 0 arguments "
-                                        r"\(mse_loss is a Loss already, not a factory: pass it without calling it\)$"):
-        rf.mse_loss()
+    mine = rf.Loss(apply=rf.mse_loss.apply, vjp=rf.mse_loss.vjp, name="mine")
+    with pytest.raises(TypeError, match=r"^mine: a Loss is called as loss\(pred, target\), got 0 arguments "
+                                        r"\(mine takes no options: pass it without calling it\)$"):
+        mine()
 
 
 def test_log_softmax_then_nll_with_ignore_index_is_torchs_cross_entropy_bit_for_bit(generator):

@@ -135,10 +135,11 @@ def test_an_error_of_a_layer_is_raised_through_the_traced_path_by_name_with_its_
 
 
 @pytest.mark.parametrize(("bad", "shown"), [(7, r"\[0, 7\]"), (-100, r"\[-100, 2\]")], ids=["7", "-100"])
-@pytest.mark.parametrize("loss", [rf.cross_entropy_loss, rf.nll_loss(ignore_index=-1)], ids=["cross_entropy", "nll"])
+@pytest.mark.parametrize("loss", [rf.cross_entropy_loss(ignore_index=-1), rf.nll_loss(ignore_index=-1)],
+                         ids=["cross_entropy", "nll"])
 def test_a_label_out_of_range_in_a_replay_raises_the_losss_own_message(loss, bad, shown):
-    # -100 is torch's ignore_index: the replayed kernel skipped such a label, unchecked, until the losses passed
-    # one no label can take (nll_loss its own ignore_index; the default's case is the test below).
+    # The kernels get the loss's own ignore_index: any other label out of range is refused, replayed or not
+    # (the default's case, -100 left out alike, is the test below).
     model = rf.linear(2, 3)
     fn = rf.value_and_grad(model, loss)
     params = model.init(0)
@@ -150,10 +151,12 @@ def test_a_label_out_of_range_in_a_replay_raises_the_losss_own_message(loss, bad
         fn(params, torch.ones(4, 2), torch.tensor([0, 1, bad, 2]))
 
 
-def test_nll_loss_leaves_out_its_ignore_index_alike_in_a_replay_and_in_the_closures():
-    """nll_loss's default ignore_index is torch's -100: such a row adds nothing, replayed or not."""
-    model = rf.compose(rf.linear(2, 3), rf.log_softmax)
-    fn = rf.value_and_grad(model, rf.nll_loss())
+@pytest.mark.parametrize("loss", [rf.nll_loss, rf.cross_entropy_loss(label_smoothing=0.1)],
+                         ids=["nll", "cross_entropy_smoothing"])
+def test_the_label_losses_leave_out_their_ignore_index_alike_in_a_replay_and_in_the_closures(loss):
+    """The default ignore_index is torch's -100: such a row adds nothing, replayed or not."""
+    model = rf.compose(rf.linear(2, 3), rf.log_softmax) if loss is rf.nll_loss else rf.linear(2, 3)
+    fn = rf.value_and_grad(model, loss)
     params = model.init(0)
     for _ in range(2):
         fn(params, torch.ones(4, 2), torch.tensor([0, 1, 2, 1]))
@@ -166,15 +169,20 @@ def test_nll_loss_leaves_out_its_ignore_index_alike_in_a_replay_and_in_the_closu
     assert all(torch.equal(a, b) for a, b in zip(rf.tree_leaves(grads), rf.tree_leaves(eager_grads), strict=True))
 
 
-def test_a_label_of_minus_100_after_the_step_replays_is_refused_by_name():
+def test_a_label_of_minus_5_after_the_step_replays_is_refused_by_name_and_minus_100_left_out():
+    """cross_entropy_loss passes torch's ignore_index, -100, as F.cross_entropy does: left out, replayed or not."""
     model = rf.linear(2, 3)
     step = rf.train_step(model, rf.cross_entropy_loss, rf.sgd(0.1))
     state = rf.train_state(model, rf.sgd(0.1), model.init(0))
     for _ in range(2):
         state, _ = step(state, torch.ones(4, 2), torch.tensor([0, 1, 2, 1]))
     assert step._flat.replayed
-    with pytest.raises(ValueError, match=r"cross_entropy_loss.vjp: labels must lie in \[0, 3\), got .*\[-100, 2\]"):
-        step(state, torch.ones(4, 2), torch.tensor([0, -100, 2, 1]))
+    with pytest.raises(ValueError, match=r"cross_entropy_loss.vjp: labels must lie in \[0, 3\), got .*\[-5, 2\]"):
+        step(state, torch.ones(4, 2), torch.tensor([0, -5, 2, 1]))
+    _, metrics = step(state, torch.ones(4, 2), torch.tensor([0, -100, 2, 1]))
+    assert step._flat.replayed
+    assert torch.equal(metrics["loss"], rf.cross_entropy_loss(model(state.params, torch.ones(4, 2))[[0, 2, 3]],
+                                                              torch.tensor([0, 2, 1])))
 
 
 def test_dropout_in_a_replay_draws_the_closures_masks_and_advances_the_generator_as_they_do():

@@ -251,8 +251,12 @@ def test_losses_match_torch_nn_in_float64_or_refuse_by_name():
             module = info.module_cls(*case.constructor_input.args, **case.constructor_input.kwargs)
             pred_ref = pred.detach().clone().requires_grad_()
             value_ref = module(pred_ref, target)
+            # torch's class losses take (N, C, d1, ...); ours keep classes last, as every layer's features.
+            moved = name in ("CrossEntropyLoss", "NLLLoss") and pred.dim() >= 3
+            pred_ours = pred.detach().movedim(1, -1) if moved else pred.detach()
+            target_ours = target.movedim(1, -1) if moved and target.shape == pred.shape else target
             try:
-                value, pullback = loss.vjp(pred.detach(), target)
+                value, pullback = loss.vjp(pred_ours, target_ours)
             except (TypeError, ValueError) as error:
                 COUNTS["losses"]["refused"] += 1
                 REFUSED["losses"][f"{name}: input pred {tuple(pred.shape)}, target {target.dtype}"] += 1
@@ -261,7 +265,8 @@ def test_losses_match_torch_nn_in_float64_or_refuse_by_name():
             _close(value, value_ref.detach(), f"{name} value")
             g = torch.randn(value_ref.shape, generator=torch.Generator().manual_seed(1), dtype=value_ref.dtype)
             (want,) = torch.autograd.grad(value_ref, [pred_ref], g)
-            _close(pullback(g), want, f"{name} dpred")
+            dpred = pullback(g)
+            _close(dpred.movedim(-1, 1) if moved else dpred, want, f"{name} dpred")
             COUNTS["losses"]["matched"] += 1
 
 

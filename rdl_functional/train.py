@@ -398,6 +398,10 @@ def fit(
     data, test = _batches_of(x, target, batch_size, drop_last, validation, test, epochs)
     params, g = _detached(params), as_generator(generator, "fit")
     check_loss("fit", loss)
+    if "reduction='none'" in loss.name:  # as the loss names its options; a value per element has no one gradient
+        raise ValueError(f"fit: {loss.name} gives one value per element, and fit trains on one number a batch: "
+                         "use reduction='mean' (or 'sum'), or a loop of rf.value_and_grad for a weighted sum of "
+                         "your own")
     model_state = _model_state_of(model, params, data, model_state, compile)
     if capture:
         _check_capture(model, data, params, compile)

@@ -326,3 +326,10 @@ def test_every_option_set_changes_nothing_it_is_given(name, loss, reference, opt
     pullback(torch.ones_like(value))
     for key, value in given.items():
         assert torch.equal(value, before[key]), key
+
+
+def test_fit_refuses_a_loss_of_one_value_per_element_by_name():
+    model = rf.linear(2, 1)
+    with pytest.raises(ValueError, match=r"^fit: mse_loss\(reduction='none'\) gives one value per element"):
+        rf.fit(model, rf.mse_loss(reduction="none"), model.init(0), torch.ones(8, 2), torch.zeros(8, 1), epochs=1,
+               batch_size=4, optimizer=rf.sgd(0.1), generator=0)

@@ -160,14 +160,36 @@ def test_resume_of_a_digits_checkpoint_refuses_another_setting_by_name(small_dig
     assert "the checkpoint records a run of other settings (--lr 0.5 here, 0.01 in the run)" in capsys.readouterr().err
 
 
-def test_a_missing_scikit_learn_names_the_extra_to_install(small_digits, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import sklearn.datasets now raises ImportError
+def _block_sklearn(monkeypatch) -> None:
+    """Every ``import sklearn...`` raises ImportError from now on, as where scikit-learn is not installed."""
+    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_a_missing_scikit_learn_names_the_extra_to_install(monkeypatch, capsys):
+    _block_sklearn(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main(["--task", "digits", "--epochs", "1", "--quiet"])
     assert exit_info.value.code == 2
-    assert "the digits task needs scikit-learn" in capsys.readouterr().err
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'rdl_functional\[tasks\]'"):
-        digits.load_digits()
+    err = capsys.readouterr().err
+    assert "the digits task needs scikit-learn" in err and "pip install 'rdl_functional[tasks]'" in err
+    assert "No module named" not in err
+    for load in (digits.load_digits, lambda: digits.split(0)):
+        with pytest.raises(ModuleNotFoundError, match=r"pip install 'rdl_functional\[tasks\]'"):
+            load()
+
+
+def test_split_without_scikit_learn_names_the_extra_not_sklearn_model_selection(small_digits, monkeypatch, capsys,
+                                                                                 tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    _block_sklearn(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(checkpoint), "--epochs", "2", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the digits task needs scikit-learn" in err and "No module named" not in err
 
 
 def test_random_shift_moves_each_image_and_its_pullback_moves_the_cotangent_back():

@@ -210,3 +210,24 @@ def test_digits_reaches_its_goal_over_five_seeds(capsys, tmp_path):
     path = tmp_path / "runs.json"
     assert main(["--task", "digits", "--seeds", "0-4", "--quiet", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["summary"]["test_accuracy"]["median"] >= 0.99
+
+
+def test_resume_of_a_disc_checkpoint_with_task_digits_or_adder_names_the_disc_not_key_error(capsys, tmp_path):
+    checkpoint = tmp_path / "disc.ckpt"
+    assert main(["--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    for task in ("digits", "adder"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--resume", str(checkpoint), "--task", task])
+        assert exit_info.value.code == 2
+        assert (f"--resume {checkpoint}: the checkpoint records a run of --task disc; leave out --task"
+                in capsys.readouterr().err)
+
+
+def test_resume_of_a_digits_checkpoint_with_task_adder_is_refused_by_name(small_digits, capsys, tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--resume", str(checkpoint), "--task", "adder"])
+    assert "the checkpoint records a run of --task digits; leave out --task" in capsys.readouterr().err

@@ -1048,14 +1048,16 @@ def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[
         checkpoint = read_checkpoint(args.resume)
     except (OSError, ValueError) as error:
         _fail(f"--resume: {error}")
-    info = checkpoint.settings["info"]
+    info = checkpoint.settings.get("info")
+    info = info if isinstance(info, dict) else {}
+    recorded = info.get("task", "disc")  # a disc checkpoint records no task
+    if "task" in typed and typed["task"] != recorded:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {recorded}; leave out --task")
     caller = info.get("caller")
     if not isinstance(caller, dict) or caller.get("program") != "rdl-train" or not isinstance(info.get("seed"), int):
         _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use the task's run function "
               "with checkpoint=PATH and the same arguments to continue it)")
-    task = _task_named(info["task"])
-    if "task" in typed and typed["task"] != task.name:
-        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {task.name}; leave out --task")
+    task = _task_named(recorded)
     if ("seeds" in typed and typed["seeds"] != [info["seed"]]) or ("seed" in typed and typed["seed"] != info["seed"]):
         _fail(f"--resume {args.resume}: the checkpoint records one run, of seed {info['seed']}; leave out "
               "--seed and --seeds")

@@ -166,6 +166,15 @@ def _block_sklearn(monkeypatch) -> None:
         monkeypatch.setitem(sys.modules, name, None)
 
 
+def test_json_of_one_digits_seed_has_the_summary_of_that_run_not_null(small_digits, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    assert main(["--task", "digits", "--epochs", "1", "--seed", "2", "--quiet", "--json", str(path)]) == 0
+    assert "median" not in capsys.readouterr().out
+    document = json.loads(path.read_text())
+    assert document["summary"]["test_accuracy"]["median"] == pytest.approx(document["runs"][0]["test_accuracy"])
+    assert document["summary"]["test_accuracy"]["std"] == 0.0
+
+
 def test_a_missing_scikit_learn_names_the_extra_to_install(monkeypatch, capsys):
     _block_sklearn(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:

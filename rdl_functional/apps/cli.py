@@ -418,7 +418,7 @@ def _row(label: str, figures: dict[str, float], columns: tuple[Column, ...], per
     return "  ".join(f"{text:>{width}}" for text, width in zip((label, *map(cell, columns)), widths, strict=True))
 
 
-def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None,
+def _print_table(results: list[Any], summary: dict[str, dict[str, float]],
                  columns: tuple[Column, ...] = DISC.columns) -> None:
     """One row per run, and with several, their median, mean, std and worst: the task's columns after "seed"."""
     widths = (6, *(column.width for column in columns))
@@ -426,7 +426,7 @@ def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None
                                                                 strict=True)))
     for result in results:
         print(_row(str(result.seed), result.summary(), columns))
-    if summary is not None:
+    if len(results) > 1:
         print("  ".join("-" * width for width in widths))
         for statistic in ("median", "mean", "std", "worst"):
             print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, columns, 2))
@@ -446,7 +446,7 @@ def _disc_json(settings: DiscSettings) -> dict[str, Any]:
             "n_train": settings.n_train, "n_test": settings.n_test}
 
 
-def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any] | None,
+def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any],
                    task: TrainingTask = DISC) -> None:
     """--save, --plots and --json, after training; a failed write is one line and exit 1."""
     try:
@@ -976,7 +976,7 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
             return 130
         finally:
             close()
-    summary = summarize(results) if len(results) > 1 else None
+    summary = summarize(results)  # of one run too: --json has the same shape for any number of seeds
     _print_table(results, summary)
     _write_outputs(args, results, settings, summary)
     if args.compare_torch:
@@ -1148,7 +1148,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
             return 130
         finally:
             close()
-    summary = task.summarize(results) if len(results) > 1 else None
+    summary = task.summarize(results)  # of one run too: --json has the same shape for any number of seeds
     _print_table(results, summary, task.columns)
     _write_outputs(args, results, settings, summary, task)
     if args.compare_torch:

@@ -994,6 +994,7 @@ _DISC_ONLY = {  # flags of the disc alone, and why another task does not take th
     "schedule": "chooses the disc's rate schedule", "compile": "compiles the disc's step",
     "capture": "captures the disc's step", "init_from": "starts the disc from saved params",
 }
+_NOT_IN_TASK = {"dropout": "its model has no dropout"}  # a setting of some tasks, and why another lacks it
 _ANY_TASK = {"task", "seed", "seeds", "separately", "threads", "quiet", "json", "plots", "save", "checkpoint",
              "checkpoint_every", "resume", "compare_torch", "check_finite", "nproc"}
 
@@ -1031,10 +1032,12 @@ def _refuse_flags(task: TrainingTask, typed: dict[str, Any], actions: dict[str, 
     for dest in typed:
         if dest in _ANY_TASK or dest in task.flags:
             continue
-        flag = actions[dest].option_strings[0]
-        why = _DISC_ONLY.get(dest, "is a setting its runs do not have")
-        _fail(f"{flag} {why}; --task {task.name} does not take it (it takes "
-              f"{', '.join(actions[d].option_strings[0] for d in task.flags)} and the output flags)")
+        flag, takes = actions[dest].option_strings[0], ", ".join(actions[d].option_strings[0] for d in task.flags)
+        if dest in _DISC_ONLY:
+            _fail(f"{flag} {_DISC_ONLY[dest]}; --task {task.name} does not take it (it takes {takes} and the output "
+                  "flags)")
+        why = _NOT_IN_TASK.get(dest, "its runs have no such setting")
+        _fail(f"--task {task.name} does not take {flag} ({why}); it takes {takes} and the output flags")
 
 
 def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]

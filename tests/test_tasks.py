@@ -240,3 +240,35 @@ def test_resume_of_a_digits_checkpoint_with_task_adder_is_refused_by_name(small_
     with pytest.raises(SystemExit):
         main(["--resume", str(checkpoint), "--task", "adder"])
     assert "the checkpoint records a run of --task digits; leave out --task" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_task_is_named_as_that_tasks_not_by_a_settings_key(small_digits, capsys, tmp_path):
+    disc, mine = tmp_path / "disc.ckpt", tmp_path / "digits.ckpt"
+    assert main(["--epochs", "1", "--checkpoint", str(disc), "--quiet"]) == 0
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(mine), "--quiet"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--task", "digits", "--epochs", "1", "--checkpoint", str(disc), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"--checkpoint {disc} is a checkpoint of --task disc, not of this --task digits run" in err
+    assert "info.settings" not in err
+    with pytest.raises(SystemExit):
+        main(["--epochs", "1", "--checkpoint", str(mine), "--quiet"])
+    assert f"--checkpoint {mine} is a checkpoint of --task digits, not of this --task disc run" in \
+        capsys.readouterr().err
+
+
+def test_a_finished_run_extended_by_epochs_is_refused_in_one_line_of_cli_terms(small_digits, capsys, tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    for argv, flag, fix in ((["--task", "digits", "--checkpoint", str(checkpoint)], "--checkpoint", "--epochs 1, or"),
+                            (["--resume", str(checkpoint)], "--resume", "--epochs 1 (or leave it out), or")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--epochs", "2", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"rdl-train: error: {flag} {checkpoint}: the run it records has 1 epochs and --task "
+                              "digits's rate schedule is tied to the run's length, so it cannot be extended to "
+                              "--epochs 2; give ")
+        assert fix in err and "epochs=" not in err and "every step" not in err
+        assert len(err.replace(str(checkpoint), "PATH")) < 250

@@ -618,6 +618,10 @@ def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None
         checkpoint = read_checkpoint(path)
     except (OSError, ValueError):
         return  # fit says what is wrong with it, naming the file
+    task = _task_of(checkpoint)
+    if task != "disc":
+        _fail(f"--checkpoint {path} is a checkpoint of --task {task}, not of this --task disc run; choose another "
+              f"path (or --resume {path} to go on with that run)")
     where = "--resume" if args.resume is not None else "--checkpoint"
     run, actions = _checkpoint_run(path, where, checkpoint), _actions(_parser())
     now = {**_resolved(settings), "seed": args.seed, "init_from": args.init_from.resolve() if args.init_from else None,
@@ -1003,11 +1007,46 @@ def _checkpoint_task(path: Path) -> str:
     """The task whose run the checkpoint at ``path`` records (a checkpoint without one is the disc's, whose path
     says what is wrong with an unreadable file)."""
     try:
-        info = read_checkpoint(path).settings.get("info")
+        task = _task_of(read_checkpoint(path))
     except (OSError, ValueError):
         return "disc"
-    task = info.get("task") if isinstance(info, dict) else None
     return task if task in TASK_NAMES else "disc"
+
+
+def _task_of(checkpoint: Any) -> Any:
+    """The task a checkpoint's run records (a disc checkpoint records none)."""
+    info = checkpoint.settings.get("info")
+    return info.get("task", "disc") if isinstance(info, dict) else "disc"
+
+
+def _recorded_run(path: Path) -> tuple[str, int] | None:
+    """The task and the epochs of the run that the checkpoint at ``path`` records (a checkpoint without a task is
+    the disc's); None where there is no readable checkpoint, which fit itself then explains."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+    return _task_of(checkpoint), checkpoint.settings.get("epochs")
+
+
+def _check_checkpoint_task(args: argparse.Namespace, task: TrainingTask) -> None:
+    """--checkpoint PATH of a file that records a run of another task: say which, before training."""
+    recorded = _recorded_run(args.checkpoint) if args.checkpoint is not None and args.resume is None else None
+    if recorded is not None and recorded[0] != task.name:
+        _fail(f"--checkpoint {args.checkpoint} is a checkpoint of --task {recorded[0]}, not of this --task "
+              f"{task.name} run; choose another path (or --resume {args.checkpoint} to go on with that run)")
+
+
+def _not_extended(args: argparse.Namespace, task: TrainingTask, settings: Any) -> str | None:
+    """fit's refusal to take the checkpoint's run on to another length, in the CLI's terms (None if that is not
+    the case): the task's rate schedule is tied to the run's length."""
+    recorded = _recorded_run(args.checkpoint) if args.checkpoint is not None else None
+    if recorded is None or recorded[0] != task.name or recorded[1] == settings.epochs:
+        return None
+    flag = f"--resume {args.resume}" if args.resume is not None else f"--checkpoint {args.checkpoint}"
+    return (f"{flag}: the run it records has {recorded[1]} epochs and --task {task.name}'s rate schedule is tied to "
+            f"the run's length, so it cannot be extended to --epochs {settings.epochs}; give --epochs {recorded[1]}"
+            f"{' (or leave it out)' if args.resume is not None else ''}, or remove {args.checkpoint} to start afresh")
 
 
 def _task_named(name: str) -> TrainingTask:
@@ -1120,6 +1159,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
             _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
         settings = _task_settings(task, given, f"--task {task.name}")
     _check_task_args(args, task, settings)
+    _check_checkpoint_task(args, task)
     torch.set_num_threads(args.threads)
     print(f"rdl-train {__version__} --task {task.name}: {task.describe(settings)}\n"
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
@@ -1136,7 +1176,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
         except ImportError as error:  # a task's optional dependency: the message names the extra to install
             _fail(str(error))
         except ValueError as error:
-            _fail(str(error))
+            _fail(_not_extended(args, task, settings) or str(error))
         except OSError as error:
             print(f"rdl-train: error: {error}", file=sys.stderr)
             return 1

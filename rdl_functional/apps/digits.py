@@ -174,12 +174,16 @@ def random_shift(shift: int = 1) -> StatefulLayer:
                          init_state=lambda *, dtype=torch.float32, device=None: {}, apply=apply, vjp=vjp, name=name)
 
 
-# One model per settings, the same record each call: fit keeps the step's traced records per model, so the seeds
-# after the first and --compare-torch's run replay them instead of tracing anew (about 0.35 s per batch shape).
-@functools.lru_cache(maxsize=8)
 def digits_model(width: int = 32, dropout: float = 0.4, shift: int = 1) -> StatefulLayer:
     """The CNN, ``(N, 1, 8, 8)`` images to ``(N, 10)`` logits (the module's docstring has its layers); equal
     arguments give the same model, whose traced step fit reuses."""
+    return _digits_model(width, dropout, shift)
+
+
+# One model per settings, the same record each call: fit keeps the step's traced records per model, so the seeds
+# after the first and --compare-torch's run replay them instead of tracing anew.
+@functools.lru_cache(maxsize=8)
+def _digits_model(width: int, dropout: float, shift: int) -> StatefulLayer:
     w = width
 
     def block(fan_in: int, fan_out: int) -> list[Layer | StatefulLayer]:

@@ -14,6 +14,7 @@ import rdl_functional as rf
 from rdl_functional.apps import adder
 from rdl_functional.apps.adder_plots import attention_weights
 from rdl_functional.apps.adder_torch import torch_adder_model, train_adder_torch
+from rdl_functional.apps.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,13 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_whole_run_and_still_plots
     assert resumed.history.test_loss == whole.history.test_loss and resumed.summary()["steps"] == 10
     if importlib.util.find_spec("matplotlib"):
         assert adder.TASK.plots(tmp_path, [resumed], settings) == ["curves.png", "attention.png"]
+
+
+def test_dropout_is_refused_by_saying_the_adder_does_not_take_it_and_why(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--task", "adder", "--dropout", "0.1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("--task adder does not take --dropout (its model has no dropout); it takes --epochs, --batch-size, --lr, "
+            "--weight-decay, --device, --dtype and the output flags") in err
+    assert "a setting its runs do not have" not in err

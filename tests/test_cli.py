@@ -59,6 +59,15 @@ def test_seeds_print_one_row_each_and_the_summary(capsys, tmp_path):
     assert f"test accuracy over 4 seeds: median {median:.2%}" in out
 
 
+def test_json_of_one_seed_has_the_summary_of_that_run_not_null(capsys, tmp_path):
+    assert main([*FAST, "--seed", "4", "--quiet", "--json", str(tmp_path / "run.json")]) == 0
+    assert "median" not in capsys.readouterr().out  # the table's statistics rows are for several seeds
+    document = json.loads((tmp_path / "run.json").read_text())
+    accuracy = document["runs"][0]["test_accuracy"]
+    assert document["summary"]["test_accuracy"] == {"median": pytest.approx(accuracy), "mean": pytest.approx(accuracy),
+                                                    "std": 0.0, "worst": accuracy, "best": accuracy}
+
+
 def test_save_then_init_from_continues_from_the_saved_params(capsys, tmp_path):
     path = tmp_path / "params.safetensors"
     main([*FAST, "--seed", "3", "--save", str(path), "--quiet"])

@@ -160,14 +160,45 @@ def test_resume_of_a_digits_checkpoint_refuses_another_setting_by_name(small_dig
     assert "the checkpoint records a run of other settings (--lr 0.5 here, 0.01 in the run)" in capsys.readouterr().err
 
 
-def test_a_missing_scikit_learn_names_the_extra_to_install(small_digits, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import sklearn.datasets now raises ImportError
+def _block_sklearn(monkeypatch) -> None:
+    """Every ``import sklearn...`` raises ImportError from now on, as where scikit-learn is not installed."""
+    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_json_of_one_digits_seed_has_the_summary_of_that_run_not_null(small_digits, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    assert main(["--task", "digits", "--epochs", "1", "--seed", "2", "--quiet", "--json", str(path)]) == 0
+    assert "median" not in capsys.readouterr().out
+    document = json.loads(path.read_text())
+    assert document["summary"]["test_accuracy"]["median"] == pytest.approx(document["runs"][0]["test_accuracy"])
+    assert document["summary"]["test_accuracy"]["std"] == 0.0
+
+
+def test_a_missing_scikit_learn_names_the_extra_to_install(monkeypatch, capsys):
+    _block_sklearn(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main(["--task", "digits", "--epochs", "1", "--quiet"])
     assert exit_info.value.code == 2
-    assert "the digits task needs scikit-learn" in capsys.readouterr().err
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'rdl_functional\[tasks\]'"):
-        digits.load_digits()
+    err = capsys.readouterr().err
+    assert "the digits task needs scikit-learn" in err and "pip install 'rdl_functional[tasks]'" in err
+    assert "No module named" not in err
+    for load in (digits.load_digits, lambda: digits.split(0)):
+        with pytest.raises(ModuleNotFoundError, match=r"pip install 'rdl_functional\[tasks\]'"):
+            load()
+
+
+def test_split_without_scikit_learn_names_the_extra_not_sklearn_model_selection(small_digits, monkeypatch, capsys,
+                                                                                 tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    _block_sklearn(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(checkpoint), "--epochs", "2", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the digits task needs scikit-learn" in err and "No module named" not in err
 
 
 def test_random_shift_moves_each_image_and_its_pullback_moves_the_cotangent_back():
@@ -188,3 +219,63 @@ def test_digits_reaches_its_goal_over_five_seeds(capsys, tmp_path):
     path = tmp_path / "runs.json"
     assert main(["--task", "digits", "--seeds", "0-4", "--quiet", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["summary"]["test_accuracy"]["median"] >= 0.99
+
+
+def test_resume_of_a_disc_checkpoint_with_task_digits_or_adder_names_the_disc_not_key_error(capsys, tmp_path):
+    checkpoint = tmp_path / "disc.ckpt"
+    assert main(["--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    for task in ("digits", "adder"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--resume", str(checkpoint), "--task", task])
+        assert exit_info.value.code == 2
+        assert (f"--resume {checkpoint}: the checkpoint records a run of --task disc; leave out --task"
+                in capsys.readouterr().err)
+
+
+def test_resume_of_a_digits_checkpoint_with_task_adder_is_refused_by_name(small_digits, capsys, tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--resume", str(checkpoint), "--task", "adder"])
+    assert "the checkpoint records a run of --task digits; leave out --task" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_task_is_named_as_that_tasks_not_by_a_settings_key(small_digits, capsys, tmp_path):
+    disc, mine = tmp_path / "disc.ckpt", tmp_path / "digits.ckpt"
+    assert main(["--epochs", "1", "--checkpoint", str(disc), "--quiet"]) == 0
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(mine), "--quiet"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--task", "digits", "--epochs", "1", "--checkpoint", str(disc), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"--checkpoint {disc} is a checkpoint of --task disc, not of this --task digits run" in err
+    assert "info.settings" not in err
+    with pytest.raises(SystemExit):
+        main(["--epochs", "1", "--checkpoint", str(mine), "--quiet"])
+    assert f"--checkpoint {mine} is a checkpoint of --task digits, not of this --task disc run" in \
+        capsys.readouterr().err
+
+
+def test_a_finished_run_extended_by_epochs_is_refused_in_one_line_of_cli_terms(small_digits, capsys, tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    assert main(["--task", "digits", "--epochs", "1", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    capsys.readouterr()
+    for argv, flag, fix in ((["--task", "digits", "--checkpoint", str(checkpoint)], "--checkpoint", "--epochs 1, or"),
+                            (["--resume", str(checkpoint)], "--resume", "--epochs 1 (or leave it out), or")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--epochs", "2", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"rdl-train: error: {flag} {checkpoint}: the run it records has 1 epochs and --task "
+                              "digits's rate schedule is tied to the run's length, so it cannot be extended to "
+                              "--epochs 2; give ")
+        assert fix in err and "epochs=" not in err and "every step" not in err
+        assert len(err.replace(str(checkpoint), "PATH")) < 250
+
+
+def test_digits_model_of_equal_settings_is_one_model_so_seeds_and_compare_torch_reuse_its_traced_step():
+    # fit keeps a step's traced records per model: a model built anew per seed was traced anew per seed, and
+    # --compare-torch's run of a 2-epoch seed timed mostly tracing (3.2× the twin's time; now about 1×).
+    assert digits.digits_model(4, 0.4, 1) is digits.digits_model(4, 0.4, 1)
+    assert digits.digits_model(4, 0.4, 1) is not digits.digits_model(4, 0.25, 1)

@@ -1,4 +1,4 @@
-"""``rdl-train --task adder``: a small GPT learns two-digit addition (issue 18), minGPT's ``projects/adder``.
+"""``rdl-train --task adder``: a small GPT learns two-digit addition, minGPT's ``projects/adder``.
 
 The problem, as minGPT's ``AdditionDataset`` with ``ndigit=2`` poses it:
 

@@ -418,7 +418,7 @@ def _row(label: str, figures: dict[str, float], columns: tuple[Column, ...], per
     return "  ".join(f"{text:>{width}}" for text, width in zip((label, *map(cell, columns)), widths, strict=True))
 
 
-def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None,
+def _print_table(results: list[Any], summary: dict[str, dict[str, float]],
                  columns: tuple[Column, ...] = DISC.columns) -> None:
     """One row per run, and with several, their median, mean, std and worst: the task's columns after "seed"."""
     widths = (6, *(column.width for column in columns))
@@ -426,7 +426,7 @@ def _print_table(results: list[Any], summary: dict[str, dict[str, float]] | None
                                                                 strict=True)))
     for result in results:
         print(_row(str(result.seed), result.summary(), columns))
-    if summary is not None:
+    if len(results) > 1:
         print("  ".join("-" * width for width in widths))
         for statistic in ("median", "mean", "std", "worst"):
             print(_row(statistic, {name: values[statistic] for name, values in summary.items()}, columns, 2))
@@ -446,7 +446,7 @@ def _disc_json(settings: DiscSettings) -> dict[str, Any]:
             "n_train": settings.n_train, "n_test": settings.n_test}
 
 
-def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any] | None,
+def _write_outputs(args: argparse.Namespace, results: list[Any], settings: Any, summary: dict[str, Any],
                    task: TrainingTask = DISC) -> None:
     """--save, --plots and --json, after training; a failed write is one line and exit 1."""
     try:
@@ -618,6 +618,10 @@ def _accept_checkpoint(args: argparse.Namespace, settings: DiscSettings) -> None
         checkpoint = read_checkpoint(path)
     except (OSError, ValueError):
         return  # fit says what is wrong with it, naming the file
+    task = _task_of(checkpoint)
+    if task != "disc":
+        _fail(f"--checkpoint {path} is a checkpoint of --task {task}, not of this --task disc run; choose another "
+              f"path (or --resume {path} to go on with that run)")
     where = "--resume" if args.resume is not None else "--checkpoint"
     run, actions = _checkpoint_run(path, where, checkpoint), _actions(_parser())
     now = {**_resolved(settings), "seed": args.seed, "init_from": args.init_from.resolve() if args.init_from else None,
@@ -976,7 +980,7 @@ def _train(args: argparse.Namespace, rank: int, size: int) -> int:
             return 130
         finally:
             close()
-    summary = summarize(results) if len(results) > 1 else None
+    summary = summarize(results)  # of one run too: --json has the same shape for any number of seeds
     _print_table(results, summary)
     _write_outputs(args, results, settings, summary)
     if args.compare_torch:
@@ -994,6 +998,7 @@ _DISC_ONLY = {  # flags of the disc alone, and why another task does not take th
     "schedule": "chooses the disc's rate schedule", "compile": "compiles the disc's step",
     "capture": "captures the disc's step", "init_from": "starts the disc from saved params",
 }
+_NOT_IN_TASK = {"dropout": "its model has no dropout"}  # a setting of some tasks, and why another lacks it
 _ANY_TASK = {"task", "seed", "seeds", "separately", "threads", "quiet", "json", "plots", "save", "checkpoint",
              "checkpoint_every", "resume", "compare_torch", "check_finite", "nproc"}
 
@@ -1002,11 +1007,46 @@ def _checkpoint_task(path: Path) -> str:
     """The task whose run the checkpoint at ``path`` records (a checkpoint without one is the disc's, whose path
     says what is wrong with an unreadable file)."""
     try:
-        info = read_checkpoint(path).settings.get("info")
+        task = _task_of(read_checkpoint(path))
     except (OSError, ValueError):
         return "disc"
-    task = info.get("task") if isinstance(info, dict) else None
     return task if task in TASK_NAMES else "disc"
+
+
+def _task_of(checkpoint: Any) -> Any:
+    """The task a checkpoint's run records (a disc checkpoint records none)."""
+    info = checkpoint.settings.get("info")
+    return info.get("task", "disc") if isinstance(info, dict) else "disc"
+
+
+def _recorded_run(path: Path) -> tuple[str, int] | None:
+    """The task and the epochs of the run that the checkpoint at ``path`` records (a checkpoint without a task is
+    the disc's); None where there is no readable checkpoint, which fit itself then explains."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+    return _task_of(checkpoint), checkpoint.settings.get("epochs")
+
+
+def _check_checkpoint_task(args: argparse.Namespace, task: TrainingTask) -> None:
+    """--checkpoint PATH of a file that records a run of another task: say which, before training."""
+    recorded = _recorded_run(args.checkpoint) if args.checkpoint is not None and args.resume is None else None
+    if recorded is not None and recorded[0] != task.name:
+        _fail(f"--checkpoint {args.checkpoint} is a checkpoint of --task {recorded[0]}, not of this --task "
+              f"{task.name} run; choose another path (or --resume {args.checkpoint} to go on with that run)")
+
+
+def _not_extended(args: argparse.Namespace, task: TrainingTask, settings: Any) -> str | None:
+    """fit's refusal to take the checkpoint's run on to another length, in the CLI's terms (None if that is not
+    the case): the task's rate schedule is tied to the run's length."""
+    recorded = _recorded_run(args.checkpoint) if args.checkpoint is not None else None
+    if recorded is None or recorded[0] != task.name or recorded[1] == settings.epochs:
+        return None
+    flag = f"--resume {args.resume}" if args.resume is not None else f"--checkpoint {args.checkpoint}"
+    return (f"{flag}: the run it records has {recorded[1]} epochs and --task {task.name}'s rate schedule is tied to "
+            f"the run's length, so it cannot be extended to --epochs {settings.epochs}; give --epochs {recorded[1]}"
+            f"{' (or leave it out)' if args.resume is not None else ''}, or remove {args.checkpoint} to start afresh")
 
 
 def _task_named(name: str) -> TrainingTask:
@@ -1031,10 +1071,12 @@ def _refuse_flags(task: TrainingTask, typed: dict[str, Any], actions: dict[str, 
     for dest in typed:
         if dest in _ANY_TASK or dest in task.flags:
             continue
-        flag = actions[dest].option_strings[0]
-        why = _DISC_ONLY.get(dest, "is a setting its runs do not have")
-        _fail(f"{flag} {why}; --task {task.name} does not take it (it takes "
-              f"{', '.join(actions[d].option_strings[0] for d in task.flags)} and the output flags)")
+        flag, takes = actions[dest].option_strings[0], ", ".join(actions[d].option_strings[0] for d in task.flags)
+        if dest in _DISC_ONLY:
+            _fail(f"{flag} {_DISC_ONLY[dest]}; --task {task.name} does not take it (it takes {takes} and the output "
+                  "flags)")
+        why = _NOT_IN_TASK.get(dest, "its runs have no such setting")
+        _fail(f"--task {task.name} does not take {flag} ({why}); it takes {takes} and the output flags")
 
 
 def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]
@@ -1048,14 +1090,16 @@ def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[
         checkpoint = read_checkpoint(args.resume)
     except (OSError, ValueError) as error:
         _fail(f"--resume: {error}")
-    info = checkpoint.settings["info"]
+    info = checkpoint.settings.get("info")
+    info = info if isinstance(info, dict) else {}
+    recorded = info.get("task", "disc")  # a disc checkpoint records no task
+    if "task" in typed and typed["task"] != recorded:
+        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {recorded}; leave out --task")
     caller = info.get("caller")
     if not isinstance(caller, dict) or caller.get("program") != "rdl-train" or not isinstance(info.get("seed"), int):
         _fail(f"--resume {args.resume}: the checkpoint was not written by rdl-train (use the task's run function "
               "with checkpoint=PATH and the same arguments to continue it)")
-    task = _task_named(info["task"])
-    if "task" in typed and typed["task"] != task.name:
-        _fail(f"--resume {args.resume}: the checkpoint records a run of --task {task.name}; leave out --task")
+    task = _task_named(recorded)
     if ("seeds" in typed and typed["seeds"] != [info["seed"]]) or ("seed" in typed and typed["seed"] != info["seed"]):
         _fail(f"--resume {args.resume}: the checkpoint records one run, of seed {info['seed']}; leave out "
               "--seed and --seeds")
@@ -1115,6 +1159,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
             _fail("--device cuda: torch sees no CUDA device on this machine (use --device cpu, or auto)")
         settings = _task_settings(task, given, f"--task {task.name}")
     _check_task_args(args, task, settings)
+    _check_checkpoint_task(args, task)
     torch.set_num_threads(args.threads)
     print(f"rdl-train {__version__} --task {task.name}: {task.describe(settings)}\n"
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}\n", flush=True)
@@ -1131,7 +1176,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
         except ImportError as error:  # a task's optional dependency: the message names the extra to install
             _fail(str(error))
         except ValueError as error:
-            _fail(str(error))
+            _fail(_not_extended(args, task, settings) or str(error))
         except OSError as error:
             print(f"rdl-train: error: {error}", file=sys.stderr)
             return 1
@@ -1146,7 +1191,7 @@ def _train_task(args: argparse.Namespace, argv: list[str]) -> int:
             return 130
         finally:
             close()
-    summary = task.summarize(results) if len(results) > 1 else None
+    summary = task.summarize(results)  # of one run too: --json has the same shape for any number of seeds
     _print_table(results, summary, task.columns)
     _write_outputs(args, results, settings, summary, task)
     if args.compare_torch:

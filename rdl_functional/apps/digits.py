@@ -13,6 +13,7 @@ cosine decay to peak/25e4 (``torch.optim.lr_scheduler.OneCycleLR``'s ends, its s
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -69,14 +70,20 @@ class DigitsSettings:
 DEFAULTS = DigitsSettings()
 
 
-def load_digits() -> tuple[Tensor, Tensor]:
-    """The 1,797 images as float32 ``(1797, 1, 8, 8)`` in 0..1, and their digits int64 ``(1797,)``."""
+def _sklearn(module: str) -> Any:
+    """``sklearn.<module>``, imported here alone, so that a missing scikit-learn names the extra to install."""
+    import importlib
+
     try:
-        from sklearn.datasets import load_digits as sklearn_digits
+        return importlib.import_module(f"sklearn.{module}")
     except ImportError:
         raise ModuleNotFoundError(f"the digits task needs scikit-learn, whose 8×8 digits it trains on: {EXTRA}") \
             from None
-    digits = sklearn_digits()
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """The 1,797 images as float32 ``(1797, 1, 8, 8)`` in 0..1, and their digits int64 ``(1797,)``."""
+    digits = _sklearn("datasets").load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
     return images, torch.tensor(digits.target, dtype=torch.int64)
 
@@ -94,8 +101,7 @@ class DigitsData:
 
 def split(seed: int, settings: DigitsSettings = DEFAULTS) -> DigitsData:
     """The stratified split of ``seed`` (scikit-learn's ``train_test_split`` with ``random_state=seed``)."""
-    from sklearn.model_selection import train_test_split
-
+    train_test_split = _sklearn("model_selection").train_test_split
     images, labels = load_digits()
     train, test = train_test_split(torch.arange(len(labels)).numpy(), test_size=settings.test_fraction,
                                    stratify=labels.numpy(), random_state=seed % 2**32)
@@ -169,7 +175,15 @@ def random_shift(shift: int = 1) -> StatefulLayer:
 
 
 def digits_model(width: int = 32, dropout: float = 0.4, shift: int = 1) -> StatefulLayer:
-    """The CNN, ``(N, 1, 8, 8)`` images to ``(N, 10)`` logits (the module's docstring has its layers)."""
+    """The CNN, ``(N, 1, 8, 8)`` images to ``(N, 10)`` logits (the module's docstring has its layers); equal
+    arguments give the same model, whose traced step fit reuses."""
+    return _digits_model(width, dropout, shift)
+
+
+# One model per settings, the same record each call: fit keeps the step's traced records per model, so the seeds
+# after the first and --compare-torch's run replay them instead of tracing anew.
+@functools.lru_cache(maxsize=8)
+def _digits_model(width: int, dropout: float, shift: int) -> StatefulLayer:
     w = width
 
     def block(fan_in: int, fan_out: int) -> list[Layer | StatefulLayer]:

@@ -47,13 +47,17 @@ WORKER = textwrap.dedent("""
         if stop_at and epoch == stop_at:
             os._exit(3)  # every rank stops, as after a crash
     loss = rf.l1_loss("sum") if os.environ.get("LOSS") == "sum" else rf.mse_loss
-    params, history = rf.fit(model, loss, model.init(dist.get_rank(), dtype=dtype), x,
-                             rf.one_hot(labels, 2, dtype=dtype),
-                             epochs=int(os.environ.get("EPOCHS", "5")),
-                             optimizer=rf.sgd(0.1, momentum=0.9) if noisy else rf.adam(1e-2),
-                             generator=0, callback=callback, checkpoint=os.environ.get("CHECKPOINT") or None,
-                             checkpoint_every=int(os.environ["EVERY"]) if "EVERY" in os.environ else None,
-                             batch_size=int(os.environ.get("BATCH", "50")))
+    try:
+        params, history = rf.fit(model, loss, model.init(dist.get_rank(), dtype=dtype), x,
+                                 rf.one_hot(labels, 2, dtype=dtype),
+                                 epochs=int(os.environ.get("EPOCHS", "5")),
+                                 optimizer=rf.sgd(0.1, momentum=0.9) if noisy else rf.adam(1e-2),
+                                 generator=0, callback=callback, checkpoint=os.environ.get("CHECKPOINT") or None,
+                                 checkpoint_every=int(os.environ["EVERY"]) if "EVERY" in os.environ else None,
+                                 batch_size=int(os.environ.get("BATCH", "50")))
+    except Exception:  # the group torn down before the traceback's exit: gloo's threads, left to the
+        dist.destroy_process_group()  # interpreter's teardown, aborted the process now and then (exit -6)
+        raise
     if dist.get_rank() == 0:
         rf.save({"params": params, "state": history.model_state} if noisy else params, sys.argv[1])
         print("ALL_REDUCES", calls["all_reduce"])

@@ -890,11 +890,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.quiet = True
     if size == 1:
         return _train(args, rank, size)
+    code: int | str | None = 1
     try:
-        return _train(args, rank, size)
+        code = _train(args, rank, size)
+    except SystemExit as done:  # a refusal (_fail) has printed its line: this rank ends with its code below
+        code = done.code
     finally:
         # Torn down here, not at the interpreter's exit, where gloo's threads can abort the process.
         torch.distributed.destroy_process_group()
+    # And out at once: the interpreter's teardown still aborted a rank now and then ("terminate called without an
+    # active exception", exit -6) after a run that had ended well. Its files are whole: every write is atomic.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
 def _train(args: argparse.Namespace, rank: int, size: int) -> int:

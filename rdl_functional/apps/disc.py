@@ -474,15 +474,7 @@ def summarize(results: list[DiscResult]) -> dict[str, dict[str, float]]:
     """
     if not results:
         raise ValueError("summarize: no runs to summarize")
-    table: dict[str, dict[str, float]] = {}
-    for name in ("train_accuracy", "test_accuracy", "test_errors", "train_loss", "test_loss", "seconds"):
-        values = torch.tensor([float(result.summary()[name]) for result in results], dtype=torch.float64)
-        higher_is_better = name.endswith("accuracy")
-        table[name] = {
-            "median": values.quantile(0.5).item(),
-            "mean": values.mean().item(),
-            "std": values.std().item() if len(values) > 1 else 0.0,
-            "worst": (values.min() if higher_is_better else values.max()).item(),
-            "best": (values.max() if higher_is_better else values.min()).item(),
-        }
-    return table
+    from .tasks import summarize_runs  # every task's summary, the disc's figures
+
+    return summarize_runs(results, ("train_accuracy", "test_accuracy", "test_errors", "train_loss", "test_loss",
+                                    "seconds"))

@@ -186,10 +186,12 @@ def evaluate(model: Layer | StatefulLayer, loss: Loss, params: Params, x: Tensor
 def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tensor, target: Tensor,
                  test: tuple[Tensor, Tensor] | None, task: str | None, rows: int = 1) -> str:
     """The task the history measures, found and checked before the first step: ``run`` (the model, evaluating) on
-    the first row of the training and the test set, and the loss on the test set's (the training set's meets it at
-    the first step), so that a model, target or test set that the loss or the metrics cannot take fails now, never
-    after an epoch of training. ``rows``: 2 for a stack of models, whose rows are ``x[:, i]``."""
-    first = (slice(None),) * (rows - 1) + (slice(0, 1),)
+    the first two rows of the training and the test set (two: batch norm without running statistics normalizes over
+    the rows it is given, evaluating too), and the loss on the test set's (the training set's meets it at the first
+    step), so that a model, target or test set that the loss or the metrics cannot take fails now, never after an
+    epoch of training. ``rows``: 2 for a stack of models, whose rows are ``x[:, i]``."""
+    # (One row of an x whose rows are numbers, 1-D: a layer then says it reads one example of one feature.)
+    first = (slice(None),) * (rows - 1) + (slice(0, 2 if x.dim() > rows else 1),)
     with torch.no_grad():
         try:
             pred = run(x[first])
@@ -207,7 +209,7 @@ def _task_of_run(who: str, run: Callable[[Tensor], Tensor], loss: Loss, x: Tenso
             try:
                 loss.apply(pred, test[1][first])
             except (TypeError, ValueError) as error:
-                raise type(error)(f"{who}: test: {error} (on the test set's first row)") from None
+                raise type(error)(f"{who}: test: {error} (on the test set's first rows)") from None
     return task
 
 

@@ -177,8 +177,8 @@ def test_fit_refuses_a_test_set_the_loss_cannot_take_before_the_first_step():
         return rf.sgd_step(params, grads, lr)
 
     # Before: an epoch of training, then mse_loss's error from the first evaluation of the test set.
-    with pytest.raises(ValueError, match=r"fit: test: mse_loss.apply: target has shape \(1,\) but pred has \(1, 2\).* "
-                                         r"\(on the test set's first row\)"):
+    with pytest.raises(ValueError, match=r"fit: test: mse_loss.apply: target has shape \(2,\) but pred has \(2, 2\).* "
+                                         r"\(on the test set's first rows\)"):
         rf.fit(model, rf.mse_loss, model.init(0), x, target, epochs=1, batch_size=16, lr=0.1, generator=0,
                optimizer=counting, test=(x_test, labels_test))
     assert steps == []

@@ -431,3 +431,14 @@ def test_a_stateful_model_called_as_a_plain_one_says_how_it_is_called(call, got)
                rf"with state = layer.init_state\(\) to start from; got {got}$")
     with pytest.raises(TypeError, match=message):
         call(model, model.init(0))
+
+
+def test_fit_trains_batch_norm_without_running_statistics():
+    """Regression: fit's check of the task before the first step evaluated the model on one row, which batch norm
+    without running statistics (normalizing over the rows it is given, evaluating too) refuses, as torch does."""
+    model = rf.compose(rf.linear(4, 8), rf.batch_norm(8, track_running_stats=False), rf.relu, rf.linear(8, 3))
+    x, labels = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3
+    _, history = rf.fit(model, rf.cross_entropy_loss, model.init(0), x, labels, epochs=2, batch_size=8,
+                        optimizer=rf.adam(1e-2), generator=0)
+    assert history.task == "classification" and len(history.train_accuracy) == 2
+    assert history.model_state == {"0": {}, "1": {}, "2": {}, "3": {}}  # no running statistics anywhere

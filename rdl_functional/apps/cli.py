@@ -574,13 +574,7 @@ def _resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     A training flag given as well must have the run's value (compared as trained with: ``--lr 0.8`` is SGD's
     default), or it is refused by name; ``--epochs`` may extend the run, which :func:`_accept_checkpoint` checks.
     """
-    if args.checkpoint is not None:
-        _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
-              f"{args.checkpoint}")
-    try:
-        checkpoint = read_checkpoint(args.resume)
-    except (OSError, ValueError) as error:
-        _fail(f"--resume: {error}")
+    checkpoint = _read_resumed(args)
     run = _checkpoint_run(args.resume, "--resume", checkpoint)
     typed, actions = _typed(argv), _actions(parser)
     if "seeds" in typed and typed["seeds"] != [run["seed"]]:
@@ -1087,17 +1081,23 @@ def _refuse_flags(task: TrainingTask, typed: dict[str, Any], actions: dict[str, 
         _fail(f"--task {task.name} does not take {flag} ({why}); it takes {takes} and the output flags")
 
 
-def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]
-                 ) -> tuple[TrainingTask, Any]:
-    """``--resume PATH`` of a task's checkpoint: the task, its settings (``--epochs`` may be given anew) and, into
-    ``args``, the seed and the checkpoint path; a training flag given with another value is refused by name."""
+def _read_resumed(args: argparse.Namespace) -> Any:
+    """The checkpoint ``--resume`` names, read and checked; one line and exit 2 for a file it cannot take, or with
+    ``--checkpoint`` (the run writes to the file it continues)."""
     if args.checkpoint is not None:
         _fail(f"--resume {args.resume} writes to the checkpoint it continues; leave out --checkpoint "
               f"{args.checkpoint}")
     try:
-        checkpoint = read_checkpoint(args.resume)
+        return read_checkpoint(args.resume)
     except (OSError, ValueError) as error:
         _fail(f"--resume: {error}")
+
+
+def _task_resume(args: argparse.Namespace, typed: dict[str, Any], actions: dict[str, argparse.Action]
+                 ) -> tuple[TrainingTask, Any]:
+    """``--resume PATH`` of a task's checkpoint: the task, its settings (``--epochs`` may be given anew) and, into
+    ``args``, the seed and the checkpoint path; a training flag given with another value is refused by name."""
+    checkpoint = _read_resumed(args)
     info = checkpoint.settings.get("info")
     info = info if isinstance(info, dict) else {}
     recorded = info.get("task", "disc")  # a disc checkpoint records no task

@@ -55,15 +55,20 @@ WORKER = textwrap.dedent("""
                                  generator=0, callback=callback, checkpoint=os.environ.get("CHECKPOINT") or None,
                                  checkpoint_every=int(os.environ["EVERY"]) if "EVERY" in os.environ else None,
                                  batch_size=int(os.environ.get("BATCH", "50")))
-    except Exception:  # the group torn down before the traceback's exit: gloo's threads, left to the
-        dist.destroy_process_group()  # interpreter's teardown, aborted the process now and then (exit -6)
-        raise
+    except Exception:  # the group torn down, then out at once: the interpreter's teardown aborted a rank now and
+        import traceback  # then (exit -6, "terminate called without an active exception"), as rdl-train's ranks
+        traceback.print_exc()
+        dist.destroy_process_group()
+        sys.stderr.flush()
+        os._exit(1)
     if dist.get_rank() == 0:
         rf.save({"params": params, "state": history.model_state} if noisy else params, sys.argv[1])
         print("ALL_REDUCES", calls["all_reduce"])
     elif noisy:
         rf.save({"params": params, "state": history.model_state}, sys.argv[1] + ".rank1")
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # not the interpreter's teardown, which aborted a rank now and then (see above)
 """)
 
 
